@@ -1,0 +1,5 @@
+import sys
+
+from tangquant.cli import main
+
+sys.exit(main())

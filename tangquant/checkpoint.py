@@ -1,0 +1,157 @@
+"""Reading and writing Hugging Face model directories without loading a model.
+
+Weights are read through memory-mapped safetensors, one file at a time, and
+written through :class:`ShardWriter`, so no stage ever holds a whole model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+from tangquant.errors import InputError, PickleRefusedError, QuantizedModelError
+from tangquant.files import existing_dir, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def load_config(model_dir: Path) -> dict:
+    model_dir = existing_dir(model_dir, "model directory")
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        raise InputError(f"{model_dir} is a LoRA adapter directory, not a model; "
+                         "merge it into its base first with `tangquant merge`")
+    return read_json(model_dir / "config.json", "model config")
+
+
+def refuse_quantized(config: dict, model_dir: Path, fix: str) -> None:
+    qc = config.get("quantization_config")
+    if qc:
+        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+        raise QuantizedModelError(f"{model_dir} is already quantized ({method}); {fix}")
+
+
+def weight_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
+    """The model's weight files: safetensors shards, or pickles only when allowed."""
+    model_dir = Path(model_dir)
+    index = model_dir / SAFE_INDEX
+    if index.is_file():
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{index} has no weight_map")
+        files = sorted({model_dir / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise InputError(f"{model_dir} is missing shards named in its index: {', '.join(missing)}")
+        return files
+    safes = sorted(model_dir.glob("*.safetensors"))
+    if safes:
+        return safes
+    pickles = sorted(p for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not allow_pickle:
+        raise PickleRefusedError(
+            f"{model_dir} holds only pickle weights ({pickles[0].name}); loading a pickle can run "
+            "arbitrary code: convert it to safetensors, or pass --allow-pickle if you trust it")
+    if pickles:
+        return pickles
+    raise InputError(f"{model_dir} holds no model weights (*.safetensors)")
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, "object"]]:
+    """Yield (name, tensor) from one weight file, memory-mapped where possible."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types
+            if isinstance(exc, GeneratorExit):
+                raise
+            raise InputError(f"cannot read {path}: {exc}") from None
+        return
+    import torch
+
+    # weights_only=True refuses arbitrary objects even when pickles are allowed.
+    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    yield from state.items()
+
+
+def tensor_names(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as exc:
+            raise InputError(f"cannot read {path}: {exc}") from None
+    return [name for name, _ in iter_tensors(path)]
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> bytes (decimal units, as transformers uses)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = str(text).strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
+    return int(s)
+
+
+class ShardWriter:
+    """Write tensors into safetensors shards of bounded size plus an index.
+
+    Tensors are flushed as soon as a shard is full, so memory stays near one
+    shard. Shards get their final ``model-0000i-of-0000N`` names in ``close``.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 4 * 10**9,
+                 metadata: dict | None = None):
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        from safetensors.torch import save_file
+
+        path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, str(path), metadata=self.metadata)
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        self.flush()
+        n = len(self._shards)
+        if n == 1:
+            final = self.out_dir / "model.safetensors"
+            os.replace(self._shards[0][0], final)
+            return [final]
+        weight_map, finals = {}, []
+        for i, (path, names) in enumerate(self._shards, 1):
+            final = self.out_dir / f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(path, final)
+            finals.append(final)
+            weight_map.update({name: final.name for name in names})
+        write_json(self.out_dir / SAFE_INDEX,
+                   {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        return finals

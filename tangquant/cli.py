@@ -1,0 +1,87 @@
+"""Command-line entry point: a thin argparse layer over the stage modules.
+
+Each stage module offers ``HELP``, ``add_arguments(parser)`` and ``run(args)``
+and imports its heavy libraries inside functions, so ``tangquant --help``
+never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from tangquant import __version__
+from tangquant.errors import TangquantError
+
+# (command, module) in the order they appear in --help: the pipeline first.
+COMMANDS = (
+    ("data", "tangquant.data"),
+    ("merge", "tangquant.merge"),
+    ("quantize", "tangquant.quantize"),
+    ("eval", "tangquant.evaluate"),
+    ("export", "tangquant.export"),
+    ("bench", "tangquant.bench"),
+    ("chat", "tangquant.chat"),
+    ("serve", "tangquant.serve"),
+    ("run", "tangquant.pipeline"),
+    ("demo", "tangquant.demo"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tangquant",
+        description="Merge a LoRA fine-tune of a Qwen chat model, quantize it to INT4 "
+        "and ship it to Intel Xeon CPUs through OpenVINO.",
+    )
+    parser.add_argument("--version", action="version", version=f"tangquant {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS:
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip()
+        sp = sub.add_parser(name, help=module.HELP, description=doc,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sp)
+        sp.set_defaults(_run=module.run)
+    return parser
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    # Third-party libraries are chatty at INFO; keep their warnings only.
+    for noisy in ("neural_compressor", "nncf", "transformers", "optimum", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help/--version/usage errors
+        return int(exc.code or 0)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args._run(args) or 0)
+    except TangquantError as exc:
+        print(f"tangquant: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tangquant: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Exceptions raised by tangquant's library code.
+
+``cli.main`` turns any :class:`TangquantError` into a one-line
+``tangquant: error: ...`` message and exit code 2.
+"""
+
+
+class TangquantError(Exception):
+    """Base class of every error tangquant reports to the user."""
+
+
+class InputError(TangquantError):
+    """An input path or file is missing, unreadable or of the wrong kind."""
+
+
+class OutputExistsError(TangquantError):
+    """The output exists and ``--force`` was not given, or it overlaps an input."""
+
+
+class PickleRefusedError(InputError):
+    """Only pickle (``.bin``/``.pt``) weights were found and pickles were not allowed."""
+
+
+class QuantizedModelError(InputError):
+    """A model that is already quantized was given where full precision is needed."""
+
+
+class AdapterError(TangquantError):
+    """The adapter is malformed, unsupported, or does not fit the base model."""
+
+
+class ShapeMismatchError(AdapterError):
+    """An adapter tensor does not fit the base tensor it targets."""
+
+
+class NumericalError(TangquantError):
+    """A computation produced NaN or Inf."""
+
+
+class CalibrationError(TangquantError):
+    """Calibration or evaluation data is empty, malformed or too short."""
+
+
+class RecipeError(TangquantError):
+    """A recipe file is malformed or holds unknown keys."""
+
+
+class QuantizationError(TangquantError):
+    """Quantization settings are invalid for this model or algorithm."""
+
+
+class ExportError(TangquantError):
+    """The OpenVINO export failed or produced a model that does not load."""
+
+
+class BenchError(TangquantError):
+    """A benchmark candidate is malformed or failed."""
+
+
+class ServeError(TangquantError):
+    """The server cannot start with the given settings."""

@@ -1,0 +1,140 @@
+"""The package's shared pieces: CLI contract, safe outputs, recipes, the GPTQ layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tangquant.cli import main
+from tangquant.errors import OutputExistsError, RecipeError, TangquantError
+from tangquant.files import atomic_output_dir, check_output
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import sys; from tangquant.cli import main; rc = main(['--help']); "
+            "assert 'torch' not in sys.modules, 'torch imported by --help'; "
+            "import tangquant.cli as c; c.main(['--version'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "merge" in out.stdout and "quantize" in out.stdout
+    assert "tangquant 0." in out.stdout
+
+
+def test_every_command_has_help():
+    from tangquant.cli import COMMANDS
+
+    for name, _ in COMMANDS:
+        assert main([name, "--help"]) == 0
+
+
+def test_library_error_is_one_line_exit_2(capsys, tmp_path):
+    rc = main(["merge", "--model", str(tmp_path / "nope"), "--adapter", str(tmp_path / "nope2"),
+               "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("tangquant: error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "partial").write_text("x")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_replaces_only_on_success(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "new").write_text("new")
+            raise RuntimeError("boom")
+    assert (out / "old").read_text() == "old"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["new"]
+
+
+def test_check_output_refuses_overlap_and_existing(tmp_path):
+    src = tmp_path / "model"
+    src.mkdir()
+    with pytest.raises(OutputExistsError, match="same as or inside"):
+        check_output(src, [src], force=True)
+    with pytest.raises(OutputExistsError, match="same as or inside"):
+        check_output(src / "sub", [src], force=True)
+    with pytest.raises(OutputExistsError, match="contains the input"):
+        check_output(tmp_path, [src], force=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(OutputExistsError, match="--force"):
+        check_output(other, [src], force=False)
+    assert check_output(other, [src], force=True) == other.resolve()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+    bits: int = 4
+    percdamp: float = 0.01
+    use_sym: bool = True
+    name: str | None = None
+
+
+def test_recipe_rejects_unknown_keys_and_wrong_types(tmp_path):
+    from tangquant import recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text("bits: 4\npercdamp: 0.02\nuse_sym: false\n")
+    r = recipe.load(_Recipe, p, {"bits": 8, "name": None})
+    assert r == _Recipe(bits=8, percdamp=0.02, use_sym=False)
+    p.write_text("bits: 4\ngroupsize: 128\n")
+    with pytest.raises(RecipeError, match="unknown key.*groupsize"):
+        recipe.load(_Recipe, p)
+    p.write_text("percdamp: 1e-2\n")  # YAML 1.1 reads this as a string
+    with pytest.raises(RecipeError, match="0.01"):
+        recipe.load(_Recipe, p)
+    recipe.save(r, tmp_path / "resolved.yaml")
+    assert recipe.load(_Recipe, tmp_path / "resolved.yaml") == r
+
+
+@pytest.mark.parametrize("bits,sym,fmt", [(4, True, 1), (4, False, 2), (8, True, 1), (2, False, 2)])
+def test_gptq_pack_roundtrip(bits, sym, fmt):
+    import torch
+
+    from tangquant.gptq_format import pack_layer, unpack_layer
+
+    out_f, in_f, group = 64, 256, 128
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 2**bits, (out_f, in_f), generator=g)
+    zeros = (torch.full((in_f // group, out_f), 2 ** (bits - 1)) if sym
+             else torch.randint(0, 2**bits, (in_f // group, out_f), generator=g))
+    scales = torch.rand(in_f // group, out_f, generator=g).half()
+    g_idx = torch.arange(in_f) // group
+    t = pack_layer(q, zeros, scales, g_idx, bits, format_version=fmt)
+    assert t["qweight"].dtype == torch.int32 and t["qweight"].shape == (in_f * bits // 32, out_f)
+    assert t["qzeros"].shape == (in_f // group, out_f * bits // 32)
+    back = unpack_layer(t, bits, fmt)
+    assert torch.equal(back.q.long(), q)
+    assert torch.equal(back.zeros.long(), zeros)
+    w = back.dequantize()
+    ref = (q.float() - zeros.float().repeat_interleave(group, 0).t()) * scales.float().repeat_interleave(group, 0).t()
+    assert torch.equal(w, ref)
+
+
+def test_gptq_v1_symmetric_zero_is_stored_as_seven():
+    """Qwen's GPTQ-Int4 releases store zero 8 as 7 (0x77777777)."""
+    import torch
+
+    from tangquant.gptq_format import pack_layer
+
+    t = pack_layer(torch.zeros(8, 128, dtype=torch.long), torch.full((1, 8), 8), torch.ones(1, 8),
+                   torch.zeros(128, dtype=torch.long), 4)
+    assert int(t["qzeros"][0, 0]) == 0x77777777
