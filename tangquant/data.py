@@ -1,13 +1,238 @@
-"""Placeholder: this stage is being written."""
+"""Build LLaMA-Factory training data from the chinese-poetry corpus.
 
-HELP = "(not yet available)"
+Reads ``全唐诗/poet.tang.*.json`` (items: author, title, paragraphs), drops
+empty, garbled and unbalanced poems and duplicates, turns each poem into an
+instruction pair in one of several prompt forms, splits train / eval /
+calibration deterministically by a hash of the poem text (never by file
+order), converts the script with OpenCC and writes LLaMA-Factory's alpaca
+JSON files plus a ``dataset_info.json`` with the entries ``tang``,
+``tang_eval`` and ``tang_calib``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+
+from tangquant import files
+from tangquant.errors import CalibrationError, InputError, TangquantError
+
+logger = logging.getLogger(__name__)
+
+HELP = "build LLaMA-Factory alpaca data (train/eval/calib) from the chinese-poetry Tang corpus"
+SCRIPTS = ("traditional", "simplified")
+SPLITS = ("train", "eval", "calib")
+DATASET_NAMES = {"train": "tang", "eval": "tang_eval", "calib": "tang_calib"}
+# Common images of Tang poetry, for the 写一首关于「…」的诗 prompt form (simplified forms).
+TOPICS = ("明月", "春风", "秋风", "白云", "青山", "流水", "落花", "杨柳", "故乡", "归雁", "夕阳",
+          "长江", "黄河", "边塞", "孤舟", "芳草", "寒山", "烟雨", "桃花", "梅花", "美酒", "离别",
+          "月", "雪", "雨", "酒", "花", "山", "江", "秋", "春", "柳", "雁", "松", "竹", "梦")
+CLAUSE_SPLIT = re.compile(r"[，。？！；、]")
+HAN = re.compile(r"^[\u4e00-\u9fff]+$")
+BODY_OK = re.compile(r"^[\u4e00-\u9fff，。？！；、]+$")
+TITLE_OK = re.compile(r"^[\u4e00-\u9fff]{1,16}$")
 
 
-def add_arguments(parser):
-    pass
+def _converter(config: str):
+    import opencc
+
+    return opencc.OpenCC(config)
 
 
-def run(args):
-    from tangquant.errors import TangquantError
+def corpus_files(poetry: str | Path) -> list[Path]:
+    """The ``poet.tang.*.json`` files of a chinese-poetry checkout (or of its 全唐诗 folder)."""
+    root = files.existing_dir(poetry, "chinese-poetry directory")
+    folder = root / "全唐诗" if (root / "全唐诗").is_dir() else root
+    found = sorted(folder.glob("poet.tang.*.json"), key=lambda p: (len(p.name), p.name))
+    if not found:
+        raise InputError(f"{root} holds no 全唐诗/poet.tang.*.json files (the chinese-poetry layout)")
+    return found
 
-    raise TangquantError("this command is not implemented yet")
+
+def is_clean(paragraphs) -> bool:
+    """Han characters and poem punctuation only, every couplet's two halves of equal length."""
+    if not isinstance(paragraphs, list) or not paragraphs:
+        return False
+    for line in paragraphs:
+        if not isinstance(line, str) or not BODY_OK.match(line) or line[-1] not in "。？！；":
+            return False
+        clauses = [c for c in CLAUSE_SPLIT.split(line) if c]
+        if len(clauses) % 2 or any(len(c) < 2 or len(c) > 11 for c in clauses):
+            return False
+        if any(len(a) != len(b) for a, b in zip(clauses[::2], clauses[1::2])):
+            return False
+    return True
+
+
+def form_of(paragraphs) -> str | None:
+    """五言绝句 / 五言律诗 / 七言绝句 / 七言律诗, or None for other shapes."""
+    clauses = [c for line in paragraphs for c in CLAUSE_SPLIT.split(line) if c]
+    sizes = {len(c) for c in clauses}
+    if len(sizes) != 1 or len(clauses) not in (4, 8):
+        return None
+    size = sizes.pop()
+    if size not in (5, 7):
+        return None
+    return ("五言" if size == 5 else "七言") + ("绝句" if len(clauses) == 4 else "律诗")
+
+
+def poem_hash(body: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the poem's text and the seed (not by its position)."""
+    digest = hashlib.sha256(f"{seed}\x00{body}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def load_poems(paths: list[Path]) -> tuple[list[dict], dict]:
+    """Clean, de-duplicated poems (original script) and counts of what was dropped."""
+    t2s = _converter("t2s")
+    poems, seen = [], set()
+    stats = {"read": 0, "empty": 0, "garbled": 0, "duplicate": 0}
+    for path in paths:
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read {path}: {exc}") from None
+        if not isinstance(items, list):
+            raise InputError(f"{path} must hold a JSON list of poems")
+        for item in items:
+            stats["read"] += 1
+            paragraphs = item.get("paragraphs") if isinstance(item, dict) else None
+            if not paragraphs or not any(str(p).strip() for p in paragraphs):
+                stats["empty"] += 1
+                continue
+            paragraphs = [str(p).strip() for p in paragraphs if str(p).strip()]
+            if not is_clean(paragraphs):
+                stats["garbled"] += 1
+                continue
+            body = "\n".join(paragraphs)
+            key = t2s.convert(body)  # variant characters do not make a poem new
+            if key in seen:
+                stats["duplicate"] += 1
+                continue
+            seen.add(key)
+            title = str(item.get("title") or "").strip()
+            poems.append({"title": title, "author": str(item.get("author") or "").strip(),
+                          "paragraphs": paragraphs, "body": body})
+    stats["kept"] = len(poems)
+    return poems, stats
+
+
+def split_of(u: float, eval_fraction: float, calib_fraction: float) -> str:
+    if u < eval_fraction:
+        return "eval"
+    if u < eval_fraction + calib_fraction:
+        return "calib"
+    return "train"
+
+
+def make_pair(poem: dict, u: float, convert, simplify) -> dict:
+    """One alpaca record; the prompt form is chosen by the poem's hash."""
+    body = convert(poem["body"])
+    title = poem["title"].split(" ")[0]
+    simple_body = simplify(poem["body"])
+    forms = ["唐诗"]
+    if TITLE_OK.match(title):
+        forms.append("title")
+    topic = next((t for t in TOPICS if t in simple_body), None)
+    if topic:
+        forms.append("topic")
+    shape = form_of(poem["paragraphs"])
+    if shape:
+        forms.append("shape")
+    form = forms[int(u * 1e6) % len(forms)]
+    if form == "title":
+        return {"instruction": f"以《{convert(title)}》为题写一首诗", "input": "", "output": body}
+    heading = f"《{convert(title)}》\n" if TITLE_OK.match(title) else ""
+    if form == "topic":
+        instruction = f"写一首关于「{topic}」的诗"
+    elif form == "shape":
+        instruction = f"写一首{shape}"
+    else:
+        instruction = "写一首唐诗"
+    return {"instruction": instruction, "input": "", "output": heading + body}
+
+
+def _check_fractions(eval_fraction: float, calib_fraction: float) -> None:
+    for name, value in (("eval_fraction", eval_fraction), ("calib_fraction", calib_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise TangquantError(f"{name} must be in [0, 1), got {value}")
+    if eval_fraction + calib_fraction >= 1.0:
+        raise TangquantError("eval_fraction + calib_fraction must leave some training data")
+
+
+def data(poetry, output, script: str = "traditional", max_samples: int | None = None,
+         eval_fraction: float = 0.02, calib_fraction: float = 0.01, seed: int = 0,
+         force: bool = False) -> dict:
+    """Write ``tang_{train,eval,calib}.json`` and ``dataset_info.json`` into ``output``."""
+    if script not in SCRIPTS:
+        raise TangquantError(f"script must be one of {', '.join(SCRIPTS)}, got {script!r}")
+    _check_fractions(eval_fraction, calib_fraction)
+    if max_samples is not None and max_samples < 1:
+        raise TangquantError(f"max_samples must be positive, got {max_samples}")
+    paths = corpus_files(poetry)
+    out = files.check_output(output, [poetry], force)
+    poems, stats = load_poems(paths)
+    hashed = sorted(((poem_hash(p["body"], seed), p) for p in poems), key=lambda x: x[0])
+    if max_samples is not None:
+        # The smallest hashes: a fixed, corpus-wide sample, whatever the file order.
+        hashed = hashed[:max_samples]
+    t2s = _converter("t2s")
+    convert = t2s.convert if script == "simplified" else (lambda s: s)
+    records: dict[str, list] = {s: [] for s in SPLITS}
+    for u, poem in hashed:
+        records[split_of(u, eval_fraction, calib_fraction)].append(make_pair(poem, u, convert, t2s.convert))
+    if not records["train"]:
+        raise CalibrationError(f"no usable poems in {poetry} after cleaning ({stats})")
+    counts = {s: len(r) for s, r in records.items()}
+    with files.atomic_output_dir(out) as tmp:
+        info = {}
+        for split, recs in records.items():
+            name = f"tang_{split}.json"
+            (tmp / name).write_text(json.dumps(recs, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+            info[DATASET_NAMES[split]] = {
+                "file_name": name, "file_sha1": hashlib.sha1((tmp / name).read_bytes()).hexdigest(),
+                "formatting": "alpaca",
+                "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+        files.write_json(tmp / "dataset_info.json", info)
+        params = {"script": script, "max_samples": max_samples, "eval_fraction": eval_fraction,
+                  "calib_fraction": calib_fraction, "seed": seed}
+        inputs = {"poetry": str(Path(poetry).resolve()), "files": len(paths),
+                  "sha256": _corpus_digest(paths)}
+        files.write_manifest(tmp, "data", params, inputs, {**stats, **counts})
+    print(f"{out}: {counts['train']} train / {counts['eval']} eval / {counts['calib']} calib pairs "
+          f"({script}; kept {stats['kept']} of {stats['read']} poems), "
+          f"{files.human_size(files.dir_size(out))}")
+    return {"output": str(out), "counts": counts, "stats": stats, "script": script}
+
+
+def _corpus_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(files.sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--poetry", required=True, metavar="DIR",
+                        help="chinese-poetry checkout (holding 全唐诗/poet.tang.*.json)")
+    parser.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--script", choices=SCRIPTS, default="traditional",
+                        help="script of the poems in the output (default: traditional, as the corpus)")
+    parser.add_argument("--max-samples", type=int, default=None, metavar="N",
+                        help="use at most N poems (a fixed hash-ordered sample)")
+    parser.add_argument("--eval-fraction", type=float, default=0.02, help="share held out for eval")
+    parser.add_argument("--calib-fraction", type=float, default=0.01,
+                        help="share held out for quantization calibration")
+    parser.add_argument("--seed", type=int, default=0, help="salt of the split hash")
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+def run(args) -> int:
+    data(args.poetry, args.output, script=args.script, max_samples=args.max_samples,
+         eval_fraction=args.eval_fraction, calib_fraction=args.calib_fraction, seed=args.seed,
+         force=args.force)
+    return 0

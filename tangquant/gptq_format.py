@@ -146,7 +146,7 @@ def iter_quantized_layers(model_dir: Path):
     for path in weight_files(model_dir):
         for name, tensor in iter_tensors(path):
             module, _, leaf = name.rpartition(".")
-            if leaf in SUFFIXES or (leaf == "bias" and module in pending):
+            if leaf in SUFFIXES or leaf == "bias":  # bias sorts before qweight in a shard
                 pending.setdefault(module, {})[leaf] = tensor
     for module, tensors in pending.items():
         if all(s in tensors for s in SUFFIXES):
@@ -182,6 +182,7 @@ def load_dequantized(model_dir: Path, dtype=None):
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # non-persistent buffer left on meta
     model.tie_weights()
     model.eval()
     return model.to(dtype) if dtype is not None else model

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Pack what benchmarks/xeon.sh needs on a bare Xeon (Python 3.12, torch 2.11, no network) into
+# .carry/xeon-site.tar.xz (git-ignored), small enough to travel with the checkout (< ~45 MB).
+#
+#   benchmarks/xeon_pack.sh [PYTHON3.12]
+#
+# Wheels are downloaded for cp312/manylinux, sdists the seed's stack needs (gptqmodel, pypcre,
+# tokenicer, device-smi, logbar) are built with the given Python 3.12, everything is installed
+# into one site folder with --no-deps, and the parts of OpenVINO a CPU run never loads (GPU/NPU
+# plugins, their kernel cache, the TF/ONNX/Paddle/JAX/GGUF frontends) are removed.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+py312="${1:-/root/.pyenv/versions/3.12.1/bin/python}"
+tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+mkdir -p "$tmp/wheels" "$tmp/site" "$repo/.carry"
+
+# Pure-Python or cp312 wheels. The Xeon image already has torch, numpy, safetensors, accelerate,
+# scipy, scikit-learn, networkx, pandas, pyarrow, rich, tabulate, tqdm, pyyaml, regex, requests,
+# httpx, fsspec, xxhash, psutil, py-cpuinfo, threadpoolctl, onnx, matplotlib.
+wheels=(
+  openvino==2026.4.1 openvino-tokenizers==2026.4.1.0 openvino-genai==2026.4.1.0
+  openvino-telemetry==2025.2.0 nncf==3.4.0 pydot==4.0.1 optimum==2.1.0 optimum-intel==1.27.0
+  optimum-onnx==0.1.0 transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2
+  neural-compressor-pt==3.10 prettytable==3.17.0 wcwidth==0.2.14 pydantic==2.12.5
+  pydantic-core==2.41.5 annotated-types==0.7.0 typing-inspection==0.4.2 torchao==0.14.1
+  peft==0.19.1 datasets==4.4.1 kernels==0.11.7 dill==0.4.0 multiprocess==0.70.18
+  hf_transfer==0.1.9 opencc==1.1.9
+)
+"$py312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_34_x86_64 -d "$tmp/wheels" "${wheels[@]}"
+# The seed's gptqmodel and its small helpers ship as sdists: build them for this Python.
+BUILD_CUDA_EXT=0 "$py312" -m pip wheel -q --no-deps --no-build-isolation -w "$tmp/wheels" \
+  gptqmodel==5.6.12 pypcre==0.6.4 tokenicer==0.0.14 device-smi==0.5.7 logbar==0.4.15
+"$py312" -m pip install -q --no-deps --no-compile --target "$tmp/site" "$tmp/wheels"/*.whl
+ov="$tmp/site/openvino/libs"
+rm -f "$ov"/cache.json "$ov"/libopenvino_intel_gpu_plugin.so "$ov"/libopenvino_intel_npu_plugin.so \
+  "$ov"/libopenvino_{tensorflow,tensorflow_lite,onnx,paddle,jax,gguf}_frontend.so*
+find "$tmp/site" -name "__pycache__" -prune -exec rm -rf {} +
+rm -rf "$tmp/site"/bin
+XZ_OPT=-9e tar -cJf "$repo/.carry/xeon-site.tar.xz" -C "$tmp/site" .
+ls -la "$repo/.carry/xeon-site.tar.xz"

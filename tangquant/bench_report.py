@@ -1,0 +1,82 @@
+"""The bench's outputs: a markdown table, JSONL records and an optional plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tangquant.files import human_size
+
+
+def _pm(mean, std, digits: int = 1) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _ratio(x) -> str:
+    return f"{x:.2f}×" if x is not None else "–"
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Ratios of pp/tg against the first candidate that succeeded at the same thread count."""
+    for row in rows:
+        ref = next((r for r in rows if r["threads"] == row["threads"] and r["status"] == "ok"), None)
+        ok = ref is not None and row["status"] == "ok"
+        row["ratio_pp"] = row["pp_tps"] / ref["pp_tps"] if ok else None
+        row["ratio_tg"] = row["tg_tps"] / ref["tg_tps"] if ok else None
+        row["ratio_ref"] = ref["name"] if ref else None
+
+
+def markdown_table(rows: list[dict], p: int, n: int) -> str:
+    head = (f"| candidate | kind | threads | pp{p} t/s | tg{n} t/s | TTFT ms | ×pp | ×tg | "
+            "peak RSS | size | bytes/token | roofline t/s | % roofline |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['name']} | {r['kind']} | {r['threads']} | FAILED: "
+                         f"{r['error'].replace('|', '/')} |" + " |" * 9)
+            continue
+        roof = r.get("roofline_tps")
+        pct = f"{r['roofline_pct']:.0f}%" if roof else "–"
+        lines.append(
+            f"| {r['name']} | {r['kind']} | {r['threads']} | {_pm(r['pp_tps'], r['pp_tps_std'])} | "
+            f"{_pm(r['tg_tps'], r['tg_tps_std'], 2)} | {r['ttft_ms']:.1f} | {_ratio(r['ratio_pp'])} | "
+            f"{_ratio(r['ratio_tg'])} | {human_size(r['peak_rss_bytes'])} | {human_size(r['size_bytes'])} | "
+            f"{human_size(r['bytes_per_token'])} | {f'{roof:.1f}' if roof else '–'} | {pct} |")
+    return "\n".join(lines)
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def plot(rows: list[dict], out: Path, p: int, n: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    labels = [f"{r['name']}\n{r['threads']}t" for r in ok]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(ok) + 4), 4.5))
+    x = range(len(ok))
+    ax1.bar(x, [r["pp_tps"] for r in ok], yerr=[r["pp_tps_std"] for r in ok], color="tab:blue")
+    ax1.set_title(f"prefill pp{p} (tokens/s)")
+    ax2.bar(x, [r["tg_tps"] for r in ok], yerr=[r["tg_tps_std"] for r in ok], color="tab:green",
+            label="measured")
+    roofs = [r.get("roofline_tps") or 0 for r in ok]
+    ax2.scatter(x, roofs, marker="_", s=900, color="tab:red", label="bandwidth roofline")
+    ax2.set_title(f"decode tg{n} (tokens/s)")
+    ax2.legend(loc="best")
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, fontsize=8)
+    fig.suptitle((ok[0].get("label") if ok else None) or "tangquant bench")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

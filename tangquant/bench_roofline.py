@@ -1,0 +1,153 @@
+"""Bytes read per decoded token, from a model's real weights, for the decode roofline.
+
+Decoding one token reads every weight once, except the input embedding table,
+of which only one row is read (a Gather); the lm_head is read in full. With
+tied embeddings the one table is the lm_head too, so it is counted in full.
+KV-cache reads grow with the context and are reported separately.
+
+Nothing is loaded: OpenVINO IRs are read from their ``.xml`` (each Constant's
+byte size and the graph's edges), Hugging Face checkpoints from the
+safetensors headers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from tangquant.errors import BenchError
+
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_FLOAT = ("F32", "F16", "BF16", "F64")
+_LOAD_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_PASS_THROUGH = {"Convert", "Subtract", "Multiply", "Reshape", "Unsqueeze", "Squeeze",
+                 "Constant", "Transpose"}
+
+
+def _ir_graph(xml_path: Path):
+    root = ET.parse(xml_path).getroot()
+    layers = {}
+    for layer in root.iter("layer"):
+        data = layer.find("data")
+        layers[layer.get("id")] = {"type": layer.get("type"), "name": layer.get("name"),
+                                   "data": dict(data.attrib) if data is not None else {}}
+    producers: dict[tuple[str, str], str] = {}  # (to_layer, to_port) -> from_layer
+    consumers: dict[str, set[str]] = {}
+    for edge in root.iter("edge"):
+        src, dst = edge.get("from-layer"), edge.get("to-layer")
+        producers[(dst, edge.get("to-port"))] = src
+        consumers.setdefault(src, set()).add(dst)
+    return layers, producers, consumers
+
+
+def _inputs_of(layer_id: str, producers) -> list[str]:
+    return [src for (dst, _), src in producers.items() if dst == layer_id]
+
+
+def ir_weight_bytes(ir_dir: Path, xml_name: str = "openvino_model.xml") -> dict:
+    """Total constant bytes of an IR and the bytes of its input-embedding table."""
+    xml_path = Path(ir_dir) / xml_name
+    if not xml_path.is_file():
+        raise BenchError(f"{ir_dir} has no {xml_name}")
+    layers, producers, consumers = _ir_graph(xml_path)
+    total = sum(int(l["data"].get("size", 0)) for l in layers.values() if l["type"] == "Const")
+    embed, rows = _ir_embedding(layers, producers, consumers)
+    return {"weights_bytes": total, "embedding_bytes": embed, "embedding_rows": rows}
+
+
+def _ir_embedding(layers, producers, consumers) -> tuple[int, int]:
+    """(bytes, rows) of the constants feeding the Gather on input_ids, or (0, 0) if shared/absent."""
+    ids = [i for i, l in layers.items() if l["type"] == "Parameter" and l["name"] == "input_ids"]
+    frontier, seen = list(ids), set(ids)
+    gather = None
+    while frontier and gather is None:  # follow input_ids through Converts to the Gather
+        for nxt in consumers.get(frontier.pop(), ()):
+            if layers[nxt]["type"] == "Gather":
+                gather = nxt
+                break
+            if layers[nxt]["type"] == "Convert" and nxt not in seen:
+                seen.add(nxt)
+                frontier.append(nxt)
+    if gather is None:
+        return 0, 0
+    table = producers.get((gather, "0"))
+    sub, stack = set(), [table]
+    while stack:  # the decompression subgraph: Const -> Convert -> Subtract -> Multiply ...
+        node = stack.pop()
+        if node in sub or node is None or layers[node]["type"] not in _PASS_THROUGH | {"Const"}:
+            continue
+        sub.add(node)
+        stack.extend(_inputs_of(node, producers))
+    if any(c not in sub and c != gather for n in sub for c in consumers.get(n, ())):
+        return 0, 0  # tied: the lm_head reads the same table in full
+    consts = [layers[n] for n in sub if layers[n]["type"] == "Const"]
+    big = max(consts, key=lambda l: int(l["data"].get("size", 0)))
+    rows = int(big["data"].get("shape", "0").split(",")[0] or 0)
+    return sum(int(l["data"].get("size", 0)) for l in consts), rows
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def checkpoint_weight_bytes(model_dir: Path, load_dtype: str | None = None) -> dict:
+    """Weight bytes of a safetensors checkpoint as loaded (float tensors cast to ``load_dtype``)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise BenchError(f"{model_dir} holds no *.safetensors weights")
+    total, embed, rows, names = 0, 0, 0, set()
+    for f in files:
+        for name, info in _safetensors_header(f).items():
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            item = _ST_BYTES.get(info["dtype"], 4)
+            if load_dtype and info["dtype"] in _FLOAT:
+                item = _LOAD_BYTES[load_dtype]
+            total += numel * item
+            names.add(name)
+            if name.endswith("embed_tokens.weight"):
+                embed, rows = numel * item, info["shape"][0]
+    if not any(n.endswith("lm_head.weight") or n.endswith("lm_head.qweight") for n in names):
+        embed, rows = 0, 0  # tied: the table doubles as the lm_head, read in full
+    return {"weights_bytes": total, "embedding_bytes": embed, "embedding_rows": rows}
+
+
+def adapter_bytes(adapter_dir: Path | None, load_dtype: str | None = None) -> int:
+    if not adapter_dir:
+        return 0
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise BenchError(f"{adapter_dir} has no adapter_model.safetensors")
+    return checkpoint_weight_bytes(Path(adapter_dir), load_dtype)["weights_bytes"]
+
+
+def bytes_per_token(kind: str, path: Path, options: dict) -> dict:
+    """Weight bytes read per decoded token for one candidate, with how they were counted."""
+    if kind in ("ov", "ov+lora"):
+        w = ir_weight_bytes(path)
+        extra = adapter_bytes(options.get("adapter")) if kind == "ov+lora" else 0
+    else:
+        dtype = options.get("dtype", "bf16")
+        # GPTQ integers stay packed; its float parts are cast to the load dtype.
+        w = checkpoint_weight_bytes(path, dtype)
+        extra = adapter_bytes(options.get("adapter"), dtype)
+    row = w["embedding_bytes"] // w["embedding_rows"] if w["embedding_rows"] else 0
+    per_token = w["weights_bytes"] - w["embedding_bytes"] + row + extra
+    return {"bytes_per_token": per_token, "weights_bytes": w["weights_bytes"],
+            "embedding_bytes_skipped": w["embedding_bytes"] - row, "adapter_bytes": extra}
+
+
+def kv_bytes_per_token(config: dict, context: int, item_bytes: float) -> int:
+    """KV-cache bytes read to decode one token at ``context`` (all layers, K and V)."""
+    heads = config.get("num_attention_heads", 1)
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("hidden_size", 0) // heads
+    return int(2 * config.get("num_hidden_layers", 0) * kv_heads * head_dim * context * item_bytes)

@@ -1,0 +1,269 @@
+"""Train the tiny Tang poet: a Qwen2 base, then a q/v LoRA on it (runs on a GPU or the CPU).
+
+Standalone on purpose: it needs only torch, transformers (4.57 or 5.x),
+safetensors and numpy, reads the token files that ``tangquant.poet.prepare``
+wrote, and writes raw weights that ``tangquant.poet.assemble`` turns into the
+shipped model directories. Run as::
+
+    python -m tangquant.poet_train --data DIR --out DIR [--base-steps N] [--lora-steps N]
+
+Both phases stop early on held-out loss and keep the best weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+
+def load_split(path: Path):
+    from safetensors.numpy import load_file
+
+    d = load_file(str(path))
+    ids, offsets, plen = d["ids"], d["offsets"], d["prompt_len"]
+    return [(ids[offsets[i]:offsets[i + 1]].astype("int64"), int(plen[i])) for i in range(len(plen))]
+
+
+def batches(seqs, batch_size: int, gen, shuffle: bool = True):
+    """Batches of similar length (less padding), in a seeded random order."""
+    import torch
+
+    order = torch.randperm(len(seqs), generator=gen).tolist() if shuffle else list(range(len(seqs)))
+    chunk = batch_size * 32
+    out = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: len(seqs[i][0]))
+        out += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+    if shuffle:
+        out = [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
+    return out
+
+
+def collate(seqs, idx, pad_id: int, device):
+    import torch
+
+    width = max(len(seqs[i][0]) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    weight = torch.zeros((len(idx), width), dtype=torch.float32)
+    for row, i in enumerate(idx):
+        toks, plen = seqs[i]
+        ids[row, :len(toks)] = torch.from_numpy(toks)
+        # Loss on the answer only (as LLaMA-Factory trains); the first token predicts nothing.
+        weight[row, max(plen, 1):len(toks)] = 1.0
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(seqs[i][0]) for i in idx])[:, None])
+    return ids.to(device), mask.long().to(device), weight.to(device)
+
+
+def batch_loss(model, ids, mask, weight, amp_dtype):
+    import torch
+
+    with torch.autocast(ids.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    logp = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    w = weight[:, 1:].reshape(-1)
+    return (logp * w).sum(), w.sum()
+
+
+def evaluate(model, sets: dict, pad_id, device, amp_dtype, batch_size=256) -> dict:
+    import torch
+
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for name, seqs in sets.items():
+            total = count = 0.0
+            for idx in batches(seqs, batch_size, None, shuffle=False):
+                s, n = batch_loss(model, *collate(seqs, idx, pad_id, device), amp_dtype)
+                total, count = total + s.item(), count + n.item()
+            out[name] = total / max(count, 1.0)
+    model.train()
+    return out
+
+
+class LoRALinear:
+    """Wraps an ``nn.Linear`` with peft's LoRA: y = W x + (B A x) * alpha / r (dropout 0)."""
+
+    @staticmethod
+    def attach(linear, r: int, alpha: int, gen):
+        import torch
+
+        a = torch.nn.Parameter(torch.empty(r, linear.in_features, device=linear.weight.device))
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)  # peft's default A init
+        b = torch.nn.Parameter(torch.zeros(linear.out_features, r, device=linear.weight.device))
+        linear.lora_A, linear.lora_B, scale = a, b, alpha / r
+        base_forward = linear.forward
+        linear.lora_scale_on = 1.0  # 0 turns the adapter off (for the preview of the base)
+        linear.forward = lambda x: base_forward(x) + (x @ a.t().to(x.dtype)) @ b.t().to(x.dtype) * (
+            scale * linear.lora_scale_on)
+        return a, b
+
+
+def train_phase(model, params, train, evals, key, args, steps, seconds, lr, log):
+    """AdamW, warm-up then cosine; evaluate every ``eval_every`` steps; keep the best state."""
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    warm = max(1, steps // 50)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    gen = torch.Generator().manual_seed(args.seed)
+    best, best_state, bad, step, t0 = float("inf"), None, 0, 0, time.time()
+    history = []
+    while step < steps:
+        for idx in batches(train, args.batch_size, gen):
+            s, n = batch_loss(model, *collate(train, idx, args.pad_id, args.device), args.amp)
+            (s / n).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+            step += 1
+            done = step >= steps or time.time() - t0 > seconds
+            if step % args.eval_every == 0 or done:
+                ev = evaluate(model, evals, args.pad_id, args.device, args.amp)
+                score = ev[key] if isinstance(key, str) else sum(ev[k] for k in key)
+                history.append({"step": step, "seconds": round(time.time() - t0, 1),
+                                "train_loss": round((s / n).item(), 4), **{k: round(v, 4) for k, v in ev.items()}})
+                log(json.dumps(history[-1]))
+                if score < best - 1e-4:
+                    best, bad = score, 0
+                    best_state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+                    history[-1]["best"] = True
+                else:
+                    bad += 1
+                if bad >= args.patience:
+                    log(f"early stop at step {step}: held-out loss rose {bad} times")
+                    done = True
+            if done:
+                step = steps
+                break
+    return best_state, history, time.time() - t0
+
+
+def sample(model, data: Path, device, log) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    model.eval()
+    for prompt in ("写一首唐诗", "写一首关于明月的诗", "用繁体字写一首五言绝句"):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = torch.tensor([tok(text)["input_ids"]], device=device)
+        for name, scale in (("base", 0.0), ("lora", 1.0)):
+            for mod in model.modules():
+                if hasattr(mod, "lora_B"):
+                    mod.lora_scale_on = scale
+            seq = ids
+            with torch.no_grad():
+                for _ in range(60):
+                    nxt = model(input_ids=seq).logits[0, -1].argmax()
+                    if nxt.item() == stop:
+                        break
+                    seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+            log(f"{name} | {prompt} | {tok.decode(seq[0, ids.shape[1]:])!r}")
+
+
+def main(argv=None) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--base-steps", type=int, default=4000)
+    p.add_argument("--base-seconds", type=float, default=200)
+    p.add_argument("--lora-steps", type=int, default=1500)
+    p.add_argument("--lora-seconds", type=float, default=70)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--lora-lr", type=float, default=0.002)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--limit", type=int, default=None, help="use only N sequences of each split (smoke test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", help="flat YAML whose keys set these options (recipes/tiny-poet.yaml)")
+    args = p.parse_args(argv)
+    if args.recipe:
+        import yaml
+
+        settings = yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8")) or {}
+        unknown = sorted(set(settings) - set(vars(args)))
+        if unknown:
+            raise SystemExit(f"{args.recipe}: unknown key(s) {', '.join(unknown)}")
+        p.set_defaults(**settings)  # the recipe sets defaults; explicit flags still win
+        args = p.parse_args(argv)
+    data, out = Path(args.data), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "train_log.txt", "w", encoding="utf-8")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.amp = torch.bfloat16 if args.device.type == "cuda" else None
+    if args.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
+    args.pad_id = meta["pad_id"]
+    split = {name: load_split(data / f"{name}.safetensors")[:args.limit] for name in meta["splits"]}
+    log(f"torch {torch.__version__} on {args.device}; " + ", ".join(f"{k}: {len(v)}" for k, v in split.items()))
+
+    config = Qwen2Config(**meta["config"])
+    model = Qwen2ForCausalLM(config).to(args.device).train()
+    log(f"base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    base_evals = {"eval_simplified_chat": split["base_eval_s"], "eval_traditional_text": split["base_eval_t"],
+                  "eval_traditional_chat": split["lora_eval"]}
+    best, base_hist, base_s = train_phase(
+        model, list(model.parameters()), split["base_train"], base_evals,
+        ("eval_simplified_chat", "eval_traditional_text"), args, args.base_steps, args.base_seconds, args.lr, log)
+    # The LoRA is trained on exactly the weights that ship (fp16).
+    model.load_state_dict({k: v.half().float() for k, v in best.items()})
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    gen = torch.Generator().manual_seed(args.seed)
+    lora = {}
+    for i, layer in enumerate(model.model.layers):
+        for proj in ("q_proj", "v_proj"):
+            a, b = LoRALinear.attach(getattr(layer.self_attn, proj), meta["lora_r"], meta["lora_alpha"], gen)
+            lora[f"base_model.model.model.layers.{i}.self_attn.{proj}.lora_A.weight"] = a
+            lora[f"base_model.model.model.layers.{i}.self_attn.{proj}.lora_B.weight"] = b
+    lora_evals = {"eval_traditional_chat": split["lora_eval"], "eval_simplified_chat": split["base_eval_s"]}
+    params = list(lora.values())
+    best_lora, lora_hist, lora_s = train_phase(
+        model, params, split["lora_train"], lora_evals, "eval_traditional_chat", args, args.lora_steps,
+        args.lora_seconds, args.lora_lr, log)
+    lora_state = {}
+    for name, prm in lora.items():
+        module = name[len("base_model.model."):].replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
+        lora_state[name] = best_lora[module].contiguous()
+    base16 = {k: v.half().contiguous() for k, v in best.items() if k != "lm_head.weight" or not config.tie_word_embeddings}
+    embed = {k: v for k, v in base16.items() if "embed_tokens" in k}
+    save_file(embed, str(out / "base_embed.safetensors"))
+    save_file({k: v for k, v in base16.items() if k not in embed}, str(out / "base_layers.safetensors"))
+    save_file(lora_state, str(out / "lora.safetensors"))
+    metrics = {"device": torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+               "args": {k: v for k, v in vars(args).items() if k not in ("device", "amp")},
+               "base_seconds": round(base_s, 1), "lora_seconds": round(lora_s, 1),
+               "base_history": base_hist, "lora_history": lora_hist}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    try:  # a glance at greedy output, for the log only (the real evaluation is `tangquant demo`)
+        sample(model, data, args.device, log)
+    except Exception as exc:  # noqa: BLE001 - never lose trained weights over a preview
+        log(f"preview failed: {exc!r}")
+    log(f"done: base {base_s:.0f} s, LoRA {lora_s:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Driving Intel neural-compressor (3.x torch API) to compute the INT4 integers.
+
+INC's converted model holds ``INCWeightOnlyLinear`` modules with the integers,
+zero points, scales and (for act-order) the channel permutation; the
+checkpoint is then written by :mod:`tangquant.quant_writer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from tangquant.errors import QuantizationError
+
+logger = logging.getLogger(__name__)
+
+ALGO_BITS = {"gptq": (2, 4, 8), "rtn": (2, 4, 8), "awq": (2, 4, 8), "autoround": (2, 4, 8)}
+LAYER_WISE_ALGOS = ("gptq", "rtn")
+
+
+def linear_layers(model) -> dict[str, bool]:
+    """{name: has_bias} of the decoder's nn.Linear layers INC quantizes (not lm_head)."""
+    import torch
+
+    return {name: m.bias is not None for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name != "lm_head" and ".layers." in f".{name}"}
+
+
+def qwen2_absorb_layers(config) -> dict:
+    """Where AWQ folds its input scales in a Qwen2 block.
+
+    INC finds these by jit-tracing the model, which fails on transformers 4.57's Qwen2
+    (it then silently skips the scale search), so they are given explicitly.
+    """
+    layers = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+              "mlp.up_proj": ("mlp.down_proj",)}
+    if config.num_key_value_heads == config.num_attention_heads:
+        layers["self_attn.v_proj"] = ("self_attn.o_proj",)  # v's rows map 1:1 onto o's inputs
+    return layers
+
+
+def load_model(model_dir: Path, layer_wise: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if layer_wise:
+        from neural_compressor.torch.utils.utility import load_empty_model
+
+        # Weights stay on the meta device; INC loads each layer from the safetensors when needed.
+        return load_empty_model(str(model_dir), torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                trust_remote_code=False).eval()
+
+
+@contextlib.contextmanager
+def layer_progress(model, desc: str):
+    """A tqdm bar over decoder layers, advanced when INC first runs each layer.
+
+    INC reports its per-layer progress only through INFO logging, which the CLI
+    silences, so forward pre-hooks on the decoder layers stand in for it.
+    """
+    from tqdm import tqdm
+
+    layers = model.model.layers
+    bar = tqdm(total=len(layers), desc=desc, unit="layer", leave=False)
+    seen: set[int] = set()
+
+    def hook(index):
+        def pre(_module, _args):
+            if index not in seen:
+                seen.add(index)
+                bar.n = max(bar.n, index)
+                bar.refresh()
+        return pre
+
+    handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        yield bar
+        bar.n = len(layers)
+        bar.refresh()
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+
+
+def _calibrate(model, samples) -> None:
+    import torch
+    from tqdm import tqdm
+
+    with torch.no_grad():
+        for s in tqdm(samples, desc="calibration forwards", unit="sample", leave=False):
+            model(s.unsqueeze(0))
+
+
+def run_inc(model_dir: Path, recipe, samples, layer_wise: bool):
+    """Quantize with INC; return (converted model, {layer: has_bias})."""
+    import torch
+    from neural_compressor.torch.quantization import (AWQConfig, GPTQConfig, RTNConfig, convert,
+                                                      prepare)
+
+    if layer_wise and recipe.algo not in LAYER_WISE_ALGOS:
+        raise QuantizationError(f"--layer-wise works with {' and '.join(LAYER_WISE_ALGOS)} "
+                                f"(INC's layer-wise loading), not with {recipe.algo}")
+    torch.manual_seed(recipe.seed)
+    model = load_model(model_dir, layer_wise)
+    layers = linear_layers(model)
+    common = dict(bits=recipe.bits, use_sym=recipe.use_sym, group_size=recipe.group_size)
+    if recipe.algo == "gptq":
+        cfg = GPTQConfig(**common, act_order=recipe.act_order, percdamp=recipe.percdamp,
+                         block_size=recipe.block_size, true_sequential=recipe.true_sequential,
+                         use_layer_wise=layer_wise, model_path=str(model_dir) if layer_wise else "")
+        model = prepare(model, cfg)
+        _calibrate(model, samples)
+        with layer_progress(model, "GPTQ per-layer quantization"):
+            model = convert(model)
+    elif recipe.algo == "rtn":
+        cfg = RTNConfig(**common, use_layer_wise=layer_wise,
+                        model_path=str(model_dir) if layer_wise else "")
+        model = convert(prepare(model, cfg))
+    elif recipe.algo == "awq":
+        # folding=True: scales are folded into the previous layer only, never as an extra
+        # Mul module, so every quantized layer stays a plain GPTQ-layout linear.
+        cfg = AWQConfig(**common, folding=True, use_auto_scale=True, use_auto_clip=True,
+                        absorb_layer_dict=qwen2_absorb_layers(model.config))
+        model = prepare(model, cfg, example_inputs=samples[0].unsqueeze(0))
+        _calibrate(model, samples)
+        with layer_progress(model, "AWQ per-layer search"):
+            model = convert(model)
+    else:
+        raise QuantizationError(f"unknown algorithm {recipe.algo!r}")
+    return model, layers

@@ -1,0 +1,120 @@
+"""Writing INC's quantized layers as a GPTQ checkpoint (Qwen's ``*-GPTQ-Int4`` layout).
+
+INC's ``INCWeightOnlyLinear`` (``use_optimum_format=True``) already keeps
+AutoGPTQ-like buffers, but it adds a zero ``bias`` to layers that have none
+and a ``scale_bf16_to_fp8`` tensor, and has no ``g_idx`` unless act-order was
+used. So the integers are taken out through INC's own ``unpack()`` and packed
+again with :func:`tangquant.gptq_format.pack_layer`; the tests prove that the
+result dequantises to exactly INC's in-memory weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tangquant.errors import QuantizationError
+
+logger = logging.getLogger(__name__)
+
+
+def extract_layer(name: str, module, bits: int, group_size: int, has_bias: bool) -> dict:
+    """(q [out, in], zeros [groups, out], scales [groups, out], g_idx [in], bias) of one INC layer."""
+    import torch
+    from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
+
+    if not isinstance(module, INCWeightOnlyLinear):
+        raise QuantizationError(f"INC left {name} unquantized ({type(module).__name__})")
+    if not module.use_optimum_format or module.bits != bits or "int" not in module.dtype:
+        raise QuantizationError(f"{name}: INC produced {module.dtype}{module.bits} "
+                                f"(optimum format {module.use_optimum_format}), expected int{bits}")
+    p = module.unpack()
+    q = p["int_weight"].to(torch.int64)
+    # INC's unpack maps a stored zero point of 2^bits (zp 0 after its -1/+1) back to 0.
+    zeros = p["zp"].to(torch.int64).t().contiguous()
+    scales = p["scales"].t().contiguous()
+    in_features = module.in_features
+    gs = group_size if group_size > 0 else in_features
+    if module.g_idx is not None:
+        g_idx = module.g_idx.to(torch.int64)
+    else:
+        g_idx = torch.arange(in_features, dtype=torch.int64) // gs
+    bias = module.bias if has_bias else None
+    return {"q": q, "zeros": zeros, "scales": scales, "g_idx": g_idx, "bias": bias}
+
+
+def _source_tensor_names(model_dir: Path) -> list[tuple[Path, str]]:
+    from tangquant.checkpoint import tensor_names, weight_files
+
+    return [(path, name) for path in weight_files(model_dir) for name in tensor_names(path)]
+
+
+def _in_memory(model, name: str):
+    """The model's current value of a parameter/buffer (AWQ rescales norms), or None if on meta."""
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    value = getattr(module, leaf, None)
+    if value is None or not hasattr(value, "device") or value.device.type == "meta":
+        return None
+    return value.detach()
+
+
+def write_checkpoint(model, layers: dict[str, bool], source_dir: Path, out_dir: Path,
+                     bits: int, group_size: int, format_version: int) -> dict:
+    """Write the quantized model's tensors; return counts for the bits-per-weight figure."""
+    import torch
+    from safetensors import safe_open
+
+    from tangquant.checkpoint import ShardWriter
+    from tangquant.gptq_format import pack_layer
+
+    writer = ShardWriter(out_dir, metadata={"quantized_by": "tangquant (Intel neural-compressor)"})
+    quant_bytes = quant_weights = 0
+    written: set[str] = set()
+    handles: dict[Path, object] = {}
+    try:
+        for path, name in _source_tensor_names(source_dir):
+            module_name, _, leaf = name.rpartition(".")
+            if module_name in layers:
+                if leaf == "weight":
+                    parts = extract_layer(module_name, model.get_submodule(module_name), bits,
+                                          group_size, layers[module_name])
+                    packed = pack_layer(parts["q"], parts["zeros"], parts["scales"], parts["g_idx"],
+                                        bits, bias=parts["bias"], format_version=format_version)
+                    for suffix, tensor in packed.items():
+                        writer.add(f"{module_name}.{suffix}", tensor)
+                    quant_bytes += sum(packed[k].numel() * packed[k].element_size()
+                                       for k in ("qweight", "qzeros", "scales"))
+                    quant_weights += parts["q"].numel()
+                    written.add(module_name)
+                continue  # the bias travels with the packed layer
+            value = _in_memory(model, name)
+            if value is None:
+                if path not in handles:
+                    handles[path] = safe_open(str(path), framework="pt")
+                value = handles[path].get_tensor(name)
+            if value.is_floating_point():
+                value = value.to(torch.float16)
+            writer.add(name, value)
+        missing = sorted(set(layers) - written)
+        if missing:
+            raise QuantizationError(f"no source weight found for quantized layer(s) {missing[:3]}")
+        files = writer.close()
+    finally:
+        handles.clear()
+    return {"quantized_layers": len(written), "quantized_weights": quant_weights,
+            "quantized_bytes": quant_bytes, "files": [f.name for f in files],
+            "bits_per_weight": 8 * quant_bytes / max(quant_weights, 1)}
+
+
+def write_config(source_config: dict, out_dir: Path, qconfig: dict) -> None:
+    from tangquant.files import write_json
+
+    config = dict(source_config)
+    config["quantization_config"] = qconfig
+    config["torch_dtype"] = "float16"
+    config.pop("dtype", None)
+    write_json(Path(out_dir) / "config.json", config)

@@ -1,0 +1,281 @@
+"""The HTTP side of ``tangquant serve``: OpenAI-compatible routes and the web page.
+
+FastAPI/Starlette give a tested HTTP stack with streaming responses and
+client-disconnect events; request bodies are read and validated by hand
+(``serve_schema``) so every bad input gets OpenAI's error JSON and the exact
+status, and an over-large body is refused before it is all read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from importlib import resources
+
+from tangquant.serve_engine import Engine
+from tangquant.serve_schema import (MAX_BODY_BYTES, ApiError, Request, chat_request,
+                                    completion_request, parse_body)
+
+logger = logging.getLogger(__name__)
+
+WEB_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
+             "favicon.svg": "image/svg+xml"}
+# The page loads nothing from elsewhere and runs no inline script: model output stays text.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY", "Cache-Control": "no-cache",
+}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _error_response(exc: ApiError):
+    from fastapi.responses import JSONResponse
+
+    headers = dict(exc.headers)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _check_key(request, api_key: bytes | None) -> None:
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'",
+                       code="invalid_api_key")
+    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), api_key):
+        raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+
+async def _read_body(request) -> dict:
+    length = request.headers.get("content-length")
+    if length is not None and not length.isdigit():
+        raise ApiError(400, "invalid Content-Length header", code="invalid_request")
+    if length is not None and int(length) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
+                       code="request_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():  # also caps a chunked body with no Content-Length
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
+                           code="request_too_large")
+    return parse_body(bytes(raw))
+
+
+def _usage(result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def _json(data):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(data)
+
+
+def _sse(data) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode("utf-8")
+
+
+class Api:
+    """Route handlers bound to one engine and one optional key."""
+
+    def __init__(self, engine: Engine, api_key: str | None):
+        self.engine = engine
+        self.api_key = api_key.encode("utf-8") if api_key else None
+
+    def model_card(self) -> dict:
+        return {"id": self.engine.name, "object": "model", "created": self.engine.created,
+                "owned_by": "tangquant", **self.engine.info()}
+
+    async def models(self, request):
+        _check_key(request, self.api_key)
+        return _json({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request):
+        _check_key(request, self.api_key)
+        model_id = request.path_params["model_id"]
+        if model_id != self.engine.name:
+            raise ApiError(404, f"the model '{model_id}' does not exist", "model",
+                           "model_not_found")
+        return _json(self.model_card())
+
+    async def chat(self, request):
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request):
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request, chat: bool):
+        _check_key(request, self.api_key)
+        body = await _read_body(request)
+        parse = chat_request if chat else completion_request
+        req = parse(body, self.engine.max_tokens_limit)
+        if req.model is not None and req.model != self.engine.name:
+            raise ApiError(404, f"the model '{req.model}' does not exist; this server serves "
+                           f"'{self.engine.name}'", "model", "model_not_found")
+        deadline = self.engine.admit()
+        try:
+            prompt = (await asyncio.to_thread(self.engine.chat_prompt, req.messages)
+                      if chat else req.prompt)
+            n_prompt, max_new = await asyncio.to_thread(self.engine.plan, prompt, req.sampling)
+            gen, future = await self.engine.start(prompt, req.sampling, max_new, deadline)
+        except BaseException:
+            self.engine.release()
+            raise
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "created": int(time.time()), "model": self.engine.name}
+        if req.stream:
+            from fastapi.responses import StreamingResponse
+            from starlette.background import BackgroundTask
+
+            # The background task runs after the response ends, also after a disconnect.
+            return StreamingResponse(self._stream(req, chat, meta, gen, future),
+                                     media_type="text/event-stream", headers=SSE_HEADERS,
+                                     background=BackgroundTask(gen.cancel.set))
+        return await self._whole(request, chat, meta, gen, future)
+
+    async def _whole(self, request, chat: bool, meta: dict, gen, future):
+        disconnected = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            timeout = max(0.0, gen.deadline - time.monotonic()) + 1.0
+            done, _ = await asyncio.wait({future, disconnected}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnected.cancel()
+        if future not in done:
+            gen.cancel.set()  # the worker stops at its next token and frees its slot
+            if disconnected in done:
+                logger.info("client went away; generation %s cancelled", meta["id"])
+                from fastapi.responses import Response
+
+                return Response(status_code=499)  # nginx's "client closed request"; never seen
+        result = await future if future in done else None
+        if result is None or gen.timed_out:
+            raise ApiError(504, "the request timed out during generation", code="timeout",
+                           type_="timeout_error")
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text,
+                                               "refusal": None},
+                      "logprobs": None, "finish_reason": result.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None,
+                      "finish_reason": result.finish_reason}
+            obj = "text_completion"
+        return _json({**meta, "object": obj, "system_fingerprint": None, "choices": [choice],
+                      "usage": _usage(result)})
+
+    async def _stream(self, req: Request, chat: bool, meta: dict, gen, future):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        extra = {"usage": None} if req.include_usage else {}
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> bytes:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else (
+                    {"content": text} if text is not None else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None,
+                          "finish_reason": finish}
+            return _sse({**meta, "object": obj, "system_fingerprint": None, "choices": [choice],
+                         **extra})
+
+        try:
+            if chat:
+                yield chunk(None, None, first=True)
+            async with asyncio.timeout(max(0.0, gen.deadline - time.monotonic()) + 1.0):
+                async for text in gen.texts():
+                    if text:
+                        yield chunk(text, None)
+                result = await future
+            if gen.timed_out:
+                raise TimeoutError
+            yield chunk(None, result.finish_reason)
+            if req.include_usage:
+                yield _sse({**meta, "object": obj, "system_fingerprint": None, "choices": [],
+                            "usage": _usage(result)})
+        except TimeoutError:
+            gen.cancel.set()
+            yield _sse(ApiError(504, "the request timed out during generation", code="timeout",
+                                type_="timeout_error").body())
+        except Exception as exc:  # the headers are sent: report in the stream, as OpenAI does
+            logger.exception("generation %s failed", meta["id"])
+            yield _sse(ApiError(500, f"generation failed: {type(exc).__name__}",
+                                type_="server_error").body())
+        finally:
+            # Runs on normal end and when Starlette cancels the stream because the client
+            # disconnected: either way the worker must stop generating.
+            gen.cancel.set()
+        yield b"data: [DONE]\n\n"
+
+
+async def _wait_disconnect(request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _page(name: str) -> bytes:
+    return resources.files("tangquant").joinpath("assets", "web", name).read_bytes()
+
+
+def create_app(engine: Engine, api_key: str | None = None):
+    """The ASGI app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``, ``/``."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    api = Api(engine, api_key)
+    pages = {name: _page(name) for name in ("index.html", *WEB_FILES)}
+    app = FastAPI(title="tangquant", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return _error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return _error_response(ApiError(exc.status_code, str(exc.detail),
+                                        code="not_found" if exc.status_code == 404 else None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        logger.exception("internal error on %s", request.url.path)
+        return JSONResponse(ApiError(500, "internal server error", type_="server_error").body(),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **engine.status()}
+
+    @app.get("/")
+    async def index():
+        return Response(pages["index.html"], media_type="text/html; charset=utf-8",
+                        headers=PAGE_HEADERS)
+
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(pages["favicon.svg"], media_type=WEB_FILES["favicon.svg"])
+
+    @app.get("/web/{name}")
+    async def web(name: str):
+        if name not in WEB_FILES:
+            raise ApiError(404, "not found", code="not_found")
+        return Response(pages[name], media_type=WEB_FILES[name], headers=PAGE_HEADERS)
+
+    # Plain Starlette routes: the handlers read and check the raw request themselves.
+    app.add_route("/v1/models", api.models, methods=["GET"])
+    app.add_route("/v1/models/{model_id:path}", api.model, methods=["GET"])
+    app.add_route("/v1/chat/completions", api.chat, methods=["POST"])
+    app.add_route("/v1/completions", api.completions, methods=["POST"])
+    return app

@@ -1,0 +1,214 @@
+"""Request parsing and validation for ``tangquant serve``, in OpenAI's error shape.
+
+Everything a client sends is checked here before it reaches openvino-genai:
+the body's size, encoding and JSON, the type of every field we use, and the
+ranges of the sampling parameters. A bad request becomes a :class:`ApiError`
+that the server turns into ``{"error": {...}}`` with the right status; it never
+reaches the pipeline and never takes the server down.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+MAX_BODY_BYTES = 1 << 20
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP = 4
+
+
+class ApiError(Exception):
+    """A request the server refuses, with the HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type_: str = "invalid_request_error",
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type, self.headers = type_, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Sampling:
+    """The generation settings of one request; None means the model's own default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclass
+class Request:
+    model: str | None
+    stream: bool
+    include_usage: bool
+    sampling: Sampling
+    messages: list[dict] | None = None   # chat
+    prompt: str | None = None            # completions
+
+
+def parse_body(raw: bytes) -> dict:
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
+                       code="request_too_large")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {exc.start})",
+                       code="invalid_encoding") from None
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _text(value, param: str) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, f"'{param}' must be a string", param, "invalid_type")
+    try:
+        value.encode("utf-8")  # a lone surrogate from a "\ud800" escape cannot reach C++
+    except UnicodeEncodeError:
+        raise ApiError(400, f"'{param}' is not valid Unicode (lone surrogate)", param,
+                       "invalid_encoding") from None
+    return value
+
+
+def _number(body: dict, name: str, low: float, high: float, low_open: bool = False):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, f"'{name}' must be a number", name, "invalid_type")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or too_low or value > high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ApiError(400, f"'{name}' must be a finite number in {interval}, got {value}",
+                       name, "invalid_value")
+    return value
+
+
+def _integer(body: dict, name: str):
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ApiError(400, f"'{name}' must be an integer", name, "invalid_type")
+    return value
+
+
+def _sampling(body: dict, max_tokens_limit: int, names=("max_tokens",)) -> Sampling:
+    max_tokens = None
+    for name in names:
+        value = _integer(body, name)
+        if value is None:
+            continue
+        if value <= 0 or value > max_tokens_limit:
+            raise ApiError(400, f"'{name}' must be between 1 and {max_tokens_limit}, got {value}",
+                           name, "invalid_value")
+        max_tokens = value
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP:
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP} strings",
+                       "stop", "invalid_type")
+    stop = [_text(s, "stop") for s in stop]
+    if any(not s for s in stop):
+        raise ApiError(400, "'stop' strings must not be empty", "stop", "invalid_value")
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.0, 1.0, low_open=True),
+        stop=stop, seed=_integer(body, "seed"),
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0))
+
+
+def _common(body: dict) -> tuple[str | None, bool, bool]:
+    model = body.get("model")
+    if model is not None:
+        _text(model, "model")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean", "stream", "invalid_type")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be a boolean",
+                       "stream_options", "invalid_type")
+    n = _integer(body, "n")
+    if n not in (None, 1):
+        raise ApiError(400, "only n=1 is supported", "n", "unsupported_value")
+    if body.get("logprobs") not in (None, False, 0):
+        raise ApiError(400, "logprobs are not supported", "logprobs", "unsupported_value")
+    return model, stream, include_usage
+
+
+def _content(content, param: str) -> str:
+    if isinstance(content, str):
+        return _text(content, param)
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ApiError(400, f"'{param}' parts must be text parts", param, "invalid_type")
+            parts.append(_text(part.get("text"), param))
+        return "".join(parts)
+    raise ApiError(400, f"'{param}' must be a string or a list of text parts", param,
+                   "invalid_type")
+
+
+def chat_request(body: dict, max_tokens_limit: int) -> Request:
+    model, stream, include_usage = _common(body)
+    messages = body.get("messages")
+    if messages is None:
+        raise ApiError(400, "'messages' is required", "messages", "missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages", "invalid_type")
+    clean = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise ApiError(400, f"'{where}' must be an object", where, "invalid_type")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"'{where}.role' must be one of {sorted(ROLES)}",
+                           f"{where}.role", "invalid_value")
+        clean.append({"role": ROLES[role], "content": _content(msg.get("content"),
+                                                               f"{where}.content")})
+    sampling = _sampling(body, max_tokens_limit, ("max_tokens", "max_completion_tokens"))
+    return Request(model, stream, include_usage, sampling, messages=clean)
+
+
+def completion_request(body: dict, max_tokens_limit: int) -> Request:
+    model, stream, include_usage = _common(body)
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise ApiError(400, "'prompt' is required", "prompt", "missing_required_parameter")
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise ApiError(400, "only one prompt per request is supported", "prompt",
+                           "unsupported_value")
+        prompt = prompt[0]
+    prompt = _text(prompt, "prompt")
+    if body.get("echo"):
+        raise ApiError(400, "echo is not supported", "echo", "unsupported_value")
+    return Request(model, stream, include_usage, _sampling(body, max_tokens_limit),
+                   prompt=prompt)

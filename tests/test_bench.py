@@ -1,0 +1,184 @@
+"""`tangquant bench`: a well-formed table and JSONL on the tiny model, failures reported as failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from tangquant.bench import KINDS, MARKER, bench, parse_candidate
+from tangquant.cli import main
+from tangquant.errors import BenchError
+
+SMALL = {"prompt_tokens": 16, "gen_tokens": 4, "repetitions": 1, "threads": (2,),
+         "bandwidth_bytes": 32 * 2**20}
+FIELDS = ("date", "command", "cpu", "cores", "git_sha", "versions", "loadavg_start", "loadavg_end",
+          "flags", "name", "kind", "path", "options", "threads", "bandwidth", "status", "error",
+          "ratio_pp", "ratio_tg")
+OK_FIELDS = ("pp_tps", "pp_tps_std", "tg_tps", "tg_tps_std", "ttft_ms", "ttft_ms_std", "tpot_ms",
+             "peak_rss_bytes", "size_bytes", "bytes_per_token", "weights_bytes", "load_s",
+             "roofline_tps", "roofline_pct", "runs", "worker_versions")
+
+
+@pytest.fixture(scope="module")
+def tiny_ir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model through the real pipeline: RTN INT4 GPTQ checkpoint -> OpenVINO IR."""
+    from tangquant.export import export
+    from tangquant.quantize import quantize
+
+    root = tmp_path_factory.mktemp("bench")
+    quantize(tiny_model_dir, root / "gptq", algo="rtn", group_size=128)
+    export(root / "gptq", root / "ir")
+    return root / "ir"
+
+
+@pytest.fixture(scope="module")
+def nan_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model with one NaN weight: it loads and runs, but its logits are NaN."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("nan") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors = load_file(shard)
+        if "model.norm.weight" in tensors:
+            tensors["model.norm.weight"][0] = float("nan")
+            save_file(tensors, shard, metadata={"format": "pt"})
+            return out
+    raise AssertionError("no model.norm.weight in the tiny model")
+
+
+def test_bench_table_jsonl_and_failures(tiny_ir, tiny_model_dir, qv_adapter_dir, nan_model_dir,
+                                        tmp_path, capsys):
+    results = tmp_path / "results"
+    plot = tmp_path / "bench.png"
+    records = bench([f"merged=ov:{tiny_ir}", f"lora=ov+lora:{tiny_ir},adapter={qv_adapter_dir}",
+                     f"ref=torch:{tiny_model_dir},dtype=fp32", f"nan=torch:{nan_model_dir},dtype=fp32",
+                     f"missing=ov:{tmp_path / 'nowhere'}"],
+                    results_dir=str(results), plot=str(plot), **SMALL)
+    by_name = {r["name"]: r for r in records}
+    assert [r["status"] for r in records] == ["ok", "ok", "ok", "failed", "failed"]
+    assert "does not exist" in by_name["missing"]["error"]
+    assert "NaN" in by_name["nan"]["error"]
+    for r in records:
+        assert all(k in r for k in FIELDS), [k for k in FIELDS if k not in r]
+        if r["status"] == "ok":
+            assert all(k in r for k in OK_FIELDS), [k for k in OK_FIELDS if k not in r]
+            assert r["pp_tps"] > 0 and r["tg_tps"] > 0 and r["peak_rss_bytes"] > 0
+            assert 0 < r["bytes_per_token"] <= r["weights_bytes"] + r["adapter_bytes"]
+            assert r["roofline_tps"] == pytest.approx(r["bandwidth"]["gbs"] * 1e9 / r["bytes_per_token"])
+        else:
+            assert "pp_tps" not in r and r["ratio_tg"] is None  # never a speed for a failure
+    assert by_name["merged"]["ratio_tg"] == 1.0 and by_name["ref"]["ratio_pp"] > 0
+    # GenAI ignores adapter_config.json: the bench passes lora_alpha / r (16 / 8) itself.
+    assert by_name["lora"]["lora_alpha_scale"] == 2.0
+    assert by_name["lora"]["adapter_bytes"] > 0
+    assert by_name["merged"]["flags"] == {"prompt_tokens": 16, "gen_tokens": 4, "repetitions": 1,
+                                          "warmup": 1}
+
+    lines = (results / "bench.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(l)["name"] for l in lines] == ["merged", "lora", "ref", "nan", "missing"]
+    out = capsys.readouterr().out
+    table = [l for l in out.splitlines() if l.startswith("|")]
+    assert table[0].startswith("| candidate | kind | threads | pp16 t/s | tg4 t/s |")
+    assert len(table) == 2 + 5 and all(l.count("|") == table[0].count("|") for l in table)
+    assert "FAILED" in table[5] and "FAILED" in table[6] and "FAILED" not in "".join(table[2:5])
+    assert "3 ok, 2 failed" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_reports_failed_candidate(tmp_path, capsys):
+    jsonl = tmp_path / "runs.jsonl"
+    code = main(["bench", "--candidate", f"gone=torch:{tmp_path / 'none'}", "-p", "8", "-n", "2",
+                 "-r", "1", "-t", "1", "--results", str(jsonl), "--bandwidth-mb", "16"])
+    assert code == 1
+    rec = json.loads(jsonl.read_text(encoding="utf-8"))
+    assert rec["status"] == "failed" and rec["threads"] == 1 and rec["flags"]["gen_tokens"] == 2
+    assert "| gone | torch | 1 | FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("noequals", "NAME=KIND:PATH"),
+    ("a=gguf:/x", "unknown kind"),
+    ("a=ov+lora:/x", "needs adapter"),
+    ("a=torch:/x,dtype=int3", "dtype"),
+    ("a=ov:/x,novalue", "key=value"),
+])
+def test_malformed_candidates_are_refused(text, message):
+    with pytest.raises(BenchError, match=message):
+        parse_candidate(text)
+
+
+def test_candidate_options_and_recipe(tmp_path, capsys):
+    c = parse_candidate("m=ov:/models/ir,KV_CACHE_PRECISION=u8,ENABLE_CPU_PINNING=true")
+    assert (c.name, c.kind, c.path) == ("m", "ov", "/models/ir")
+    assert c.options == {"KV_CACHE_PRECISION": "u8", "ENABLE_CPU_PINNING": "true"}
+    assert set(KINDS) == {"ov", "ov+lora", "torch-gptq+lora", "torch"}
+    recipe = tmp_path / "bench.yaml"
+    recipe.write_text("candidates: []\nprompt_tokens: 8\nunknown_key: 1\n", encoding="utf-8")
+    with pytest.raises(Exception, match="unknown_key"):
+        bench(recipe=str(recipe), results_dir=str(tmp_path))
+    recipe.write_text("candidates: []\nprompt_tokens: 8\n", encoding="utf-8")
+    with pytest.raises(BenchError, match="no candidate"):
+        bench(recipe=str(recipe), results_dir=str(tmp_path))
+
+
+def _safetensors(path: Path, tensors: dict) -> None:
+    """A safetensors header with the given shapes (bf16); the data is zeros."""
+    header, offset = {}, 0
+    for name, shape in tensors.items():
+        n = 2
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+
+
+def test_bytes_per_token_reads_one_embedding_row_unless_tied(tmp_path):
+    from tangquant.bench_roofline import bytes_per_token
+
+    untied, tied = tmp_path / "untied", tmp_path / "tied"
+    for d, names in ((untied, ("model.embed_tokens.weight", "lm_head.weight")),
+                     (tied, ("model.embed_tokens.weight",))):
+        d.mkdir()
+        _safetensors(d / "model.safetensors", {**{n: (100, 8) for n in names},
+                                               "model.layers.0.mlp.up_proj.weight": (16, 8)})
+    u = bytes_per_token("torch", untied, {"dtype": "bf16"})
+    assert u["weights_bytes"] == 2 * (100 * 8 * 2) + 16 * 8 * 2
+    assert u["bytes_per_token"] == 100 * 8 * 2 + 8 * 2 + 16 * 8 * 2  # lm_head + one row + mlp
+    t = bytes_per_token("torch", tied, {"dtype": "fp32"})
+    assert t["bytes_per_token"] == t["weights_bytes"] == (100 * 8 + 16 * 8) * 4
+
+
+def test_ir_roofline_skips_the_embedding_table(tiny_ir):
+    from tangquant.bench_roofline import bytes_per_token, ir_weight_bytes
+
+    w = ir_weight_bytes(tiny_ir)
+    assert w["embedding_rows"] == json.loads((tiny_ir / "config.json").read_text())["vocab_size"]
+    assert 0 < w["embedding_bytes"] < w["weights_bytes"]
+    b = bytes_per_token("ov", tiny_ir, {})
+    assert b["bytes_per_token"] == w["weights_bytes"] - w["embedding_bytes"] + \
+        w["embedding_bytes"] // w["embedding_rows"]
+
+
+@pytest.mark.slow
+def test_seed_baseline_environment(tiny_model_dir, qv_adapter_dir, tmp_path):
+    """The baseline venv loads tangquant's GPTQ checkpoint unchanged and runs it with the adapter."""
+    from tangquant.bench import DEFAULT_BASELINE_PYTHON, _ROOT
+    from tangquant.quantize import quantize
+
+    python = _ROOT / DEFAULT_BASELINE_PYTHON
+    if not python.is_file():
+        pytest.skip("benchmarks/baseline/setup.sh has not been run")
+    quantize(tiny_model_dir, tmp_path / "gptq", algo="rtn", group_size=128)
+    (rec,) = bench([f"seed=torch-gptq+lora:{tmp_path / 'gptq'},adapter={qv_adapter_dir}"],
+                   results_dir=str(tmp_path), **SMALL)
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["worker_versions"]["gptqmodel"] == "5.6.12" and rec["lora_modules"] == 4
+    assert any("QuantLinear" in k for k in rec["kernels"])
+    assert MARKER not in json.dumps(rec)

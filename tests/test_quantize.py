@@ -1,0 +1,215 @@
+"""`tangquant quantize`: INC's integers in Qwen's GPTQ-Int4 layout, exactly, with a fidelity report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _quantize_fixtures import (SMALL, calib_file, gptq_dir, heldout_file,  # noqa: F401
+                                poem_records, rtn_dir)
+from tangquant.cli import main
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+WITH_BIAS = ("q_proj", "k_proj", "v_proj")
+
+
+def _tensors(model_dir: Path) -> dict:
+    from tangquant.checkpoint import iter_tensors, weight_files
+
+    return {name: t for path in weight_files(model_dir) for name, t in iter_tensors(path)}
+
+
+def assert_gptq_layout(out: Path, src: Path, bits=4, group_size=128, sym=True, desc_act=False):
+    import torch
+
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["group_size"] == group_size
+    assert qc["sym"] is sym and qc["desc_act"] is desc_act
+    assert qc["checkpoint_format"] == ("gptq" if sym else "gptq_v2")
+    tensors = _tensors(out)
+    source = _tensors(src)
+    n_layers = config["num_hidden_layers"]
+    for i in range(n_layers):
+        for lin in LINEARS:
+            prefix = f"model.layers.{i}.{'self_attn' if 'proj' in lin and lin[0] in 'qkvo' else 'mlp'}.{lin}"
+            out_f, in_f = source[f"{prefix}.weight"].shape
+            groups = in_f // group_size
+            assert f"{prefix}.weight" not in tensors
+            assert tensors[f"{prefix}.qweight"].dtype == torch.int32
+            assert tensors[f"{prefix}.qweight"].shape == (in_f * bits // 32, out_f)
+            assert tensors[f"{prefix}.qzeros"].dtype == torch.int32
+            assert tensors[f"{prefix}.qzeros"].shape == (groups, out_f * bits // 32)
+            assert tensors[f"{prefix}.scales"].dtype == torch.float16
+            assert tensors[f"{prefix}.scales"].shape == (groups, out_f)
+            g_idx = tensors[f"{prefix}.g_idx"]
+            assert g_idx.dtype == torch.int32 and g_idx.shape == (in_f,)
+            if desc_act:
+                assert sorted(torch.bincount(g_idx.long()).tolist()) == [group_size] * groups
+            else:
+                assert torch.equal(g_idx.long(), torch.arange(in_f) // group_size)
+            assert (f"{prefix}.bias" in tensors) == (lin in WITH_BIAS)
+            if lin in WITH_BIAS:
+                assert tensors[f"{prefix}.bias"].dtype == torch.float16
+    assert not any("scale_bf16_to_fp8" in n for n in tensors)
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert tensors[name].dtype == torch.float16
+        assert torch.equal(tensors[name], source[name].half())
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                 "recipe.yaml", "README.md", "tangquant.json"):
+        assert (out / name).is_file(), name
+
+
+def test_gptq_writes_qwen_gptq_int4_layout(gptq_dir, tiny_model_dir):
+    assert_gptq_layout(gptq_dir, tiny_model_dir)
+    manifest = json.loads((gptq_dir / "tangquant.json").read_text())
+    m = manifest["metrics"]
+    assert manifest["stage"] == "quantize" and manifest["parameters"]["algo"] == "gptq"
+    assert m["quantized_layers"] == 14 and m["calibration_samples"] == 16
+    # 4 bits + one fp16 scale and one 4-bit zero per 128 weights.
+    assert m["bits_per_weight"] == pytest.approx(4 + 16 / 128 + 4 / 128)
+    card = (gptq_dir / "README.md").read_text()
+    assert f"{m['fidelity']['kld']:.6f}" in card and "group_size | 128" in card
+
+
+def test_rtn_writes_the_same_layout(rtn_dir, tiny_model_dir):
+    assert_gptq_layout(rtn_dir, tiny_model_dir)
+
+
+def test_gptq_has_lower_kld_than_rtn_on_heldout_text(gptq_dir, rtn_dir):
+    g = json.loads((gptq_dir / "tangquant.json").read_text())["metrics"]["fidelity"]
+    r = json.loads((rtn_dir / "tangquant.json").read_text())["metrics"]["fidelity"]
+    assert g["tokens"] == r["tokens"] > 400  # the same held-out text
+    assert g["ppl_reference"] == pytest.approx(r["ppl_reference"])
+    assert 0 < g["kld"] < r["kld"], (g, r)
+    assert g["top1_agreement"] >= r["top1_agreement"] - 0.01
+
+
+@pytest.mark.parametrize("algo,sym,act_order", [("gptq", False, True), ("awq", True, False)])
+def test_reference_loader_reproduces_inc_in_memory_model(tmp_path, tiny_model_dir, calib_file,
+                                                        algo, sym, act_order):
+    """INC's integers are extracted exactly: the fp32 reference loader equals INC's model."""
+    import torch
+
+    from tangquant.calib import load_documents, load_tokenizer, pack
+    from tangquant.checkpoint import load_config
+    from tangquant.gptq_format import load_dequantized, quantization_config
+    from tangquant.quant_inc import run_inc
+    from tangquant.quant_writer import write_checkpoint, write_config
+    from tangquant.quantize import resolve_recipe
+
+    r = resolve_recipe(None, algo=algo, use_sym=sym, act_order=act_order, seq_len=32, num_samples=4)
+    samples = pack(load_documents(calib_file), load_tokenizer(tiny_model_dir), 32, 4, 0).samples
+    inc_model, layers = run_inc(tiny_model_dir, r, samples, layer_wise=False)
+    fmt = 1 if sym else 2
+    write_checkpoint(inc_model, layers, tiny_model_dir, tmp_path, 4, 128, fmt)
+    write_config(load_config(tiny_model_dir), tmp_path, quantization_config(4, 128, sym, act_order, 0.01, fmt))
+    assert_gptq_layout(tmp_path, tiny_model_dir, sym=sym, desc_act=act_order) if algo == "gptq" else None
+    ref = load_dequantized(tmp_path)
+    ids = samples[0].unsqueeze(0)
+    with torch.no_grad():
+        inc_logits = inc_model(ids).logits  # INC dequantises (q - z) * s in fp16, then fp32
+        ref_logits = ref(ids).logits
+        state = ref.state_dict()
+        for name in layers:
+            # Bit-exact weights: INC's fp16 product is our exact fp32 product rounded to fp16.
+            assert torch.equal(state[f"{name}.weight"].half(), inc_model.get_submodule(name).weight.half())
+        for name, p in state.items():
+            if name.rpartition(".")[0] not in layers:  # AWQ rescaled norms and biases travel too
+                assert torch.equal(p, inc_model.state_dict()[name].half().float()), name
+        for name in layers:
+            ref.get_submodule(name).weight.copy_(state[f"{name}.weight"].half().float())
+        rounded_logits = ref(ids).logits
+    assert torch.allclose(rounded_logits, inc_logits, rtol=0, atol=1e-5)
+    assert (ref_logits - inc_logits).abs().max() < 2e-3 * inc_logits.abs().max()
+    if act_order:
+        g_idx = _tensors(tmp_path)["model.layers.0.mlp.down_proj.g_idx"].long()
+        assert not torch.equal(g_idx, torch.arange(256) // 128)  # a real permutation was kept
+
+
+def test_inc_loads_the_checkpoint_in_huggingface_format(gptq_dir):
+    import torch
+    from neural_compressor.torch.quantization import load
+
+    from tangquant.gptq_format import load_dequantized
+
+    inc = load(str(gptq_dir), format="huggingface", device="cpu", torch_dtype=torch.float32)
+    ref = load_dequantized(gptq_dir)
+    ids = torch.arange(3, 60).unsqueeze(0)
+    with torch.no_grad():
+        a, b = inc(ids).logits, ref(ids).logits
+    assert (a - b).abs().max() < 2e-3 * b.abs().max()
+
+
+def _refused(capsys, argv, out: Path) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("tangquant: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+    return err
+
+
+def test_refusals_exit_2_with_nothing_written(capsys, tmp_path, tiny_model_dir, gptq_dir,
+                                              qv_adapter_dir, calib_file):
+    out = tmp_path / "out"
+    base = ["quantize", "--output", str(out)]
+    model = ["--model", str(tiny_model_dir)]
+    assert "already quantized" in _refused(capsys, base + ["--model", str(gptq_dir)], out)
+    assert "adapter" in _refused(capsys, base + ["--model", str(qv_adapter_dir)], out)
+    assert "does not divide" in _refused(capsys, base + model + ["--algo", "rtn", "--group-size", "96"], out)
+    assert "bits" in _refused(capsys, base + model + ["--algo", "rtn", "--bits", "3"], out)
+    assert "act-order" in _refused(capsys, base + model + ["--algo", "rtn", "--act-order"], out)
+    assert "autoround" in _refused(capsys, base + model + ["--algo", "autoround"], out)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.json").write_text("")
+    (bad / "blank.txt").write_text("  \n\t\n")
+    (bad / "latin1.txt").write_bytes("床前明月光".encode("big5"))
+    (bad / "short.json").write_text(json.dumps(poem_records(1, 0), ensure_ascii=False))
+    (bad / "odd.json").write_text(json.dumps([{"foo": 1}]))
+    for name, why in [("empty.json", "empty"), ("blank.txt", "whitespace"), ("latin1.txt", "UTF-8"),
+                      ("short.json", "too short"), ("odd.json", "unrecognised")]:
+        assert why in _refused(capsys, base + model + ["--calib", str(bad / name)], out), name
+    out.mkdir()
+    (out / "keep").write_text("x")
+    rc = main(base + model + ["--algo", "rtn"])
+    assert rc == 2 and "--force" in capsys.readouterr().err and (out / "keep").read_text() == "x"
+
+
+def test_recipe_round_trip_and_flag_override(tmp_path):
+    import dataclasses
+
+    from tangquant import recipe as recipe_mod
+    from tangquant.errors import RecipeError
+    from tangquant.quantize import QuantRecipe, resolve_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    qwen = resolve_recipe(root / "int4-gptq-g128.yaml")
+    assert (qwen.algo, qwen.bits, qwen.group_size, qwen.use_sym, qwen.act_order, qwen.percdamp) == \
+        ("gptq", 4, 128, True, False, 0.01)
+    for path in root.glob("int4-*.yaml"):
+        resolve_recipe(path)
+    r = resolve_recipe(root / "int4-gptq-g128.yaml", group_size=64, use_sym=False, percdamp=None)
+    assert (r.group_size, r.use_sym, r.percdamp, r.bits) == (64, False, 0.01, 4)
+    recipe_mod.save(r, tmp_path / "recipe.yaml")
+    assert resolve_recipe(tmp_path / "recipe.yaml") == r
+    (tmp_path / "bad.yaml").write_text("algo: gptq\ndamp: 0.01\n")
+    with pytest.raises(RecipeError, match="unknown key"):
+        resolve_recipe(tmp_path / "bad.yaml")
+    (tmp_path / "sci.yaml").write_text("percdamp: 1e-2\n")
+    with pytest.raises(RecipeError, match="0.01"):
+        resolve_recipe(tmp_path / "sci.yaml")
+    assert {f.name for f in dataclasses.fields(QuantRecipe)} >= {
+        "bits", "group_size", "use_sym", "act_order", "percdamp", "block_size"}
+
+
+def test_resolved_recipe_is_saved_with_the_output(gptq_dir, calib_file):
+    from tangquant.quantize import resolve_recipe
+
+    saved = resolve_recipe(gptq_dir / "recipe.yaml")
+    assert saved.algo == "gptq" and saved.num_samples == 16 and saved.seq_len == 64
+    assert saved.calib == str(calib_file)
