@@ -42,17 +42,41 @@ AutoTokenizer.from_pretrained(base).save_pretrained(out)
 """
 
 
-def _run_child(cmd: list[str]) -> dict:
-    """Run one child; return its wall time, exit code and own peak RSS (ru_maxrss, KiB on Linux)."""
+def _available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def _run_child(cmd: list[str], min_available: int = 0) -> dict:
+    """Run one child; return its wall time, exit code and own peak RSS (ru_maxrss, KiB on Linux).
+
+    The machine is shared: if the host's available memory falls below
+    ``min_available`` the child is killed (and the record says so) rather than
+    pushing other people's work into the OOM killer.
+    """
+    import tempfile
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    start = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out_text = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    start, guarded = time.time(), False
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if min_available and not guarded and _available_bytes() < min_available:
+                proc.kill()
+                guarded = True
+            time.sleep(0.2)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        tail = log.read()[-600:]
     return {"rc": proc.returncode, "wall_s": round(time.time() - start, 1),
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "output_tail": out_text[-600:]}
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "killed_by_memory_guard": guarded,
+            "output_tail": tail}
 
 
 def _compare(a: Path, b: Path) -> dict:
@@ -92,7 +116,7 @@ def _environment() -> dict:
                     "engineers' parallel work, so wall times were taken under load"}
 
 
-def bench_shape(shape: str, work: Path, skip_peft: bool) -> dict:
+def bench_shape(shape: str, work: Path, skip_peft: bool, min_available: int = 0) -> dict:
     base, adapter = work / f"base-{shape}", work / f"lora-{shape}"
     record = {"shape": f"Qwen1.5-{shape.upper()}-Chat", "benchmark": "merge_memory", **_environment()}
     t = time.time()
@@ -103,12 +127,12 @@ def bench_shape(shape: str, work: Path, skip_peft: bool) -> dict:
     record.update(base_bytes=sum(sizes), largest_shard_bytes=max(sizes), shards=len(sizes))
     record["goal_peak_rss_bytes"] = max(sizes) + 2 * 10**9
     cli = [sys.executable, "-m", "tangquant", "merge", "--model", str(base), "--adapter", str(adapter)]
-    record["tangquant"] = _run_child(cli + ["--output", str(work / "tq")])
+    record["tangquant"] = _run_child(cli + ["--output", str(work / "tq")], min_available)
     record["goal_met"] = (record["tangquant"]["rc"] == 0
                           and record["tangquant"]["peak_rss_bytes"] <= record["goal_peak_rss_bytes"])
     if not skip_peft:
         record["peft"] = _run_child([sys.executable, "-c", PEFT_MERGE, str(base), str(adapter),
-                                     str(work / "peft")])
+                                     str(work / "peft")], min_available)
         if record["peft"]["rc"] == 0 and record["tangquant"]["rc"] == 0:
             record["tangquant_vs_peft"] = _compare(work / "tq", work / "peft")
     record["loadavg_end"] = os.getloadavg()
@@ -123,7 +147,8 @@ def _table(rec: dict) -> str:
     for key, label in (("tangquant", "tangquant merge"), ("peft", "peft merge_and_unload")):
         if key in rec:
             r = rec[key]
-            rows.append(f"{label:<26}{r['peak_rss_bytes'] / gb:>9.2f} GB{r['wall_s']:>8.1f} s{r['rc']:>5}")
+            note = "  (killed: host memory ran low)" if r.get("killed_by_memory_guard") else ""
+            rows.append(f"{label:<26}{r['peak_rss_bytes'] / gb:>9.2f} GB{r['wall_s']:>8.1f} s{r['rc']:>5}{note}")
     if "tangquant_vs_peft" in rec:
         c = rec["tangquant_vs_peft"]
         rows.append(f"outputs: {c['tensors_bitwise_equal']}/{c['tensors_compared']} tensors bitwise equal, "
@@ -137,6 +162,8 @@ def main(argv=None) -> int:
                         help="shape(s) to run (default 1.8b); repeat for several")
     parser.add_argument("--workdir", default="/tmp/tangquant-merge-memory")
     parser.add_argument("--skip-peft", action="store_true", help="only tangquant (e.g. 7B on 24 GB)")
+    parser.add_argument("--min-available-gb", type=float, default=1.5,
+                        help="kill a child when the host's available memory falls below this")
     parser.add_argument("--keep", action="store_true", help="keep the built models and outputs")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -146,7 +173,7 @@ def main(argv=None) -> int:
             shutil.rmtree(work)
         work.mkdir(parents=True)
         try:
-            rec = bench_shape(shape, work, args.skip_peft)
+            rec = bench_shape(shape, work, args.skip_peft, int(args.min_available_gb * 1e9))
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)

@@ -2,15 +2,17 @@
 # Pack what benchmarks/xeon.sh needs on a bare Xeon (Python 3.12, torch 2.11, no network) into
 # .carry/xeon-site.tar.xz (git-ignored), small enough to travel with the checkout (< ~45 MB).
 #
-#   benchmarks/xeon_pack.sh [PYTHON3.12]
+#   benchmarks/xeon_pack.sh [PYTHON3.12] [BASELINE_PYTHON]
 #
-# Wheels are downloaded for cp312/manylinux, sdists the seed's stack needs (gptqmodel, pypcre,
-# tokenicer, device-smi, logbar) are built with the given Python 3.12, everything is installed
+# Wheels are downloaded for cp312/manylinux; the sdists of the seed's stack are built: gptqmodel,
+# tokenicer, device-smi and logbar as pure-Python wheels with the baseline venv's python (it has
+# torch, which gptqmodel's setup.py imports), pypcre (C) with Python 3.12; everything is installed
 # into one site folder with --no-deps, and the parts of OpenVINO a CPU run never loads (GPU/NPU
 # plugins, their kernel cache, the TF/ONNX/Paddle/JAX/GGUF frontends) are removed.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 py312="${1:-/root/.pyenv/versions/3.12.1/bin/python}"
+basepy="${2:-$repo/benchmarks/baseline/.venv/bin/python}"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/wheels" "$tmp/site" "$repo/.carry"
 
@@ -29,9 +31,9 @@ wheels=(
 "$py312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux_2_34_x86_64 -d "$tmp/wheels" "${wheels[@]}"
-# The seed's gptqmodel and its small helpers ship as sdists: build them for this Python.
-BUILD_CUDA_EXT=0 "$py312" -m pip wheel -q --no-deps --no-build-isolation -w "$tmp/wheels" \
-  gptqmodel==5.6.12 pypcre==0.6.4 tokenicer==0.0.14 device-smi==0.5.7 logbar==0.4.15
+BUILD_CUDA_EXT=0 "$basepy" -m pip wheel -q --no-deps --no-build-isolation -w "$tmp/wheels" \
+  gptqmodel==5.6.12 tokenicer==0.0.14 device-smi==0.5.7 logbar==0.4.15
+"$py312" -m pip wheel -q --no-deps -w "$tmp/wheels" pypcre==0.6.4
 "$py312" -m pip install -q --no-deps --no-compile --target "$tmp/site" "$tmp/wheels"/*.whl
 ov="$tmp/site/openvino/libs"
 rm -f "$ov"/cache.json "$ov"/libopenvino_intel_gpu_plugin.so "$ov"/libopenvino_intel_npu_plugin.so \

@@ -47,11 +47,11 @@ _ROOT = Path(__file__).resolve().parent.parent  # put on PYTHONPATH for the base
 
 @dataclasses.dataclass(frozen=True)
 class BenchRecipe:
-    candidates: tuple = ()
+    candidates: tuple[str, ...] = ()
     prompt_tokens: int = 512
     gen_tokens: int = 128
     repetitions: int = 5
-    threads: tuple = ()
+    threads: tuple[int, ...] = ()
     warmup: int = 1
     baseline_python: str = DEFAULT_BASELINE_PYTHON
     timeout_s: int = 3600

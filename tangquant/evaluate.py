@@ -50,6 +50,17 @@ def format_report(m: dict) -> list[str]:
             f"in {m['samples']} samples"]
 
 
+def check_model_dir(path: str | Path) -> Path:
+    """The directory of an OpenVINO IR or a Hugging Face model (refusing adapters), or an error."""
+    from tangquant.checkpoint import load_config
+    from tangquant.files import existing_dir
+
+    path = existing_dir(path, "model directory")
+    if not (path / "openvino_model.xml").is_file():
+        load_config(path)
+    return path
+
+
 def load_causal_lm(path: str | Path):
     """A model whose ``model(input_ids=...).logits`` works: HF fp32, GPTQ (exact fp32) or OpenVINO."""
     import torch
@@ -135,6 +146,9 @@ def evaluate(model, reference, data, num_samples: int = 8, seq_len: int = 512, s
 
     from tangquant.calib import load_tokenizer
 
+    for m in (model, reference):
+        if isinstance(m, (str, Path)):
+            check_model_dir(m)  # refuse a wrong path before any heavy work
     if tokenizer is None:
         src = reference if isinstance(reference, (str, Path)) else model
         if not isinstance(src, (str, Path)):

@@ -90,6 +90,9 @@ def write_openvino_ir(gptq_dir: Path, out_dir: Path, embeddings: str = "int8") -
         raise InputError(f"--embeddings must be one of {', '.join(EMBEDDINGS)}, not {embeddings!r}")
     gptq_dir, out_dir = Path(gptq_dir).resolve(), Path(out_dir)
     _, group_size, _ = gptq_config(gptq_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir} is not empty; the IR is written into an empty directory")
     start = time.perf_counter()
     staging = out_dir / ".staging"
     bar = tqdm(total=len(PHASES), desc="export", unit="phase", leave=False)

@@ -4,9 +4,9 @@ The base is streamed one shard at a time: every targeted weight gets its LoRA
 delta added in fp32 (scale = lora_alpha/r, or alpha/sqrt(r) with rsLoRA, with
 peft's own rank_pattern/alpha_pattern matching), DoRA magnitudes applied,
 modules_to_save and saved embedding layers copied over, and each output shard
-is written tensor by tensor, so peak memory is about one shard plus the
-adapter. Everything is checked before anything is written; the output appears
-only when complete.
+(same names as the input's) is written tensor by tensor, so peak memory stays
+near the largest tensor plus the adapter, never the whole model. Everything is
+checked before anything is written; the output appears only when complete.
 
 example:
   tangquant merge --model Qwen1.5-7B-Chat --adapter tang-lora --output tang-7b --verify 4
@@ -48,8 +48,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                         help="output dtype (default: the base's torch_dtype)")
     parser.add_argument("--verify", type=int, default=0, metavar="N",
-                        help="compare logits of N prompts: peft base+adapter vs merged (fp32; needs "
-                             "about 2x the model in fp32 of RAM)")
+                        help="compare the logits of N Tang-poem prompts through peft base+adapter "
+                             "and the merged model (fp32: needs 4 bytes of RAM per parameter)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept .bin (pickle) weights, loaded with torch.load(weights_only=True)")
@@ -63,7 +63,11 @@ def run(args) -> int:
 
 def merge(model, adapter, output, dtype: str = "auto", verify: int = 0, force: bool = False,
           allow_pickle: bool = False) -> dict:
-    """Merge ``adapter`` into ``model`` and write ``output``; return the summary metrics."""
+    """Merge ``adapter`` into ``model`` and write ``output``; return the summary metrics.
+
+    Keys: output, tensors_merged, output_bytes, seconds, peak_rss_bytes and, with
+    ``verify``, max_abs_logit_delta (peft base+adapter vs merged, fp32).
+    """
     import torch
 
     start = time.time()
@@ -103,7 +107,7 @@ def merge(model, adapter, output, dtype: str = "auto", verify: int = 0, force: b
     if verify:
         line += f", max |Δlogit| {metrics['max_abs_logit_delta']:.2e} over {verify} prompts"
     print(f"{line}, {metrics['seconds']:.1f} s, peak RSS {files.human_size(metrics['peak_rss_bytes'])}")
-    return metrics
+    return {"output": str(out), **metrics}
 
 
 def _adapter_config(adir: Path):
@@ -189,7 +193,8 @@ def _plan(config: dict, lcfg, tensors: dict, shapes: dict):
             full[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = t
     if not modules and not full:
         raise AdapterError(f"the adapter holds no LoRA weights {where}")
-    tied = "lm_head.weight" not in shapes and config.get("tie_word_embeddings", True)
+    # transformers re-ties at load time whenever the config says so, whatever the checkpoint holds.
+    tied = config.get("tie_word_embeddings", "lm_head.weight" not in shapes)
     if tied and any(n.endswith(("embed_tokens", "lm_head", "embed_tokens.weight", "lm_head.weight"))
                     for n in [*modules, *full]):
         raise AdapterError("the base ties lm_head to embed_tokens, so changing either would also "

@@ -62,9 +62,14 @@ def _source_constant(node, skip: object):
 
 def find_int4_weights(ov_model) -> dict[str, IRWeight]:
     """Map module name -> its u4/i4 weight, scale and zero-point constants."""
+    return find_compressed_weights(ov_model, ("u4", "i4"))
+
+
+def find_compressed_weights(ov_model, types: tuple[str, ...]) -> dict[str, IRWeight]:
+    """Map module name -> the constants of its weight compressed to one of ``types``."""
     found: dict[str, IRWeight] = {}
     for op in ov_model.get_ops():
-        if op.get_type_name() != "Constant" or op.get_element_type().get_type_name() not in ("u4", "i4"):
+        if op.get_type_name() != "Constant" or op.get_element_type().get_type_name() not in types:
             continue
         convert = _single_consumer(op)
         if convert is None or convert.get_type_name() != "Convert":
@@ -83,12 +88,12 @@ def find_int4_weights(ov_model) -> dict[str, IRWeight]:
 
 
 def _module_name(multiply, weight) -> str | None:
-    """The PyTorch module a decompressed weight feeds: from its MatMul, else the constant's name."""
+    """The PyTorch module a decompressed weight feeds: from its MatMul/Gather, else the constant's name."""
     node = _single_consumer(multiply)
     while node is not None and node.get_type_name() in ("Reshape", "Convert"):
         node = _single_consumer(node)
     match = None
-    if node is not None and node.get_type_name() == "MatMul":
+    if node is not None and node.get_type_name() in ("MatMul", "Gather"):
         match = _MATMUL_NAME.match(node.get_friendly_name())
     match = match or _WEIGHT_NAME.match(weight.get_friendly_name())
     return match.group("module") if match else None

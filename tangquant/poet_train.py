@@ -91,8 +91,9 @@ class LoRALinear:
     def attach(linear, r: int, alpha: int, gen):
         import torch
 
-        a = torch.nn.Parameter(torch.empty(r, linear.in_features, device=linear.weight.device))
-        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)  # peft's default A init
+        a = torch.empty(r, linear.in_features)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)  # peft's default A init (on CPU: seeded)
+        a = torch.nn.Parameter(a.to(linear.weight.device))
         b = torch.nn.Parameter(torch.zeros(linear.out_features, r, device=linear.weight.device))
         linear.lora_A, linear.lora_B, scale = a, b, alpha / r
         base_forward = linear.forward
@@ -227,6 +228,10 @@ def main(argv=None) -> None:
     best, base_hist, base_s = train_phase(
         model, list(model.parameters()), split["base_train"], base_evals,
         ("eval_simplified_chat", "eval_traditional_text"), args, args.base_steps, args.base_seconds, args.lr, log)
+    base16 = {k: v.half().contiguous() for k, v in best.items() if k != "lm_head.weight" or not config.tie_word_embeddings}
+    embed = {k: v for k, v in base16.items() if "embed_tokens" in k}
+    save_file(embed, str(out / "base_embed.safetensors"))
+    save_file({k: v for k, v in base16.items() if k not in embed}, str(out / "base_layers.safetensors"))
     # The LoRA is trained on exactly the weights that ship (fp16).
     model.load_state_dict({k: v.half().float() for k, v in best.items()})
     for prm in model.parameters():
@@ -247,10 +252,6 @@ def main(argv=None) -> None:
     for name, prm in lora.items():
         module = name[len("base_model.model."):].replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
         lora_state[name] = best_lora[module].contiguous()
-    base16 = {k: v.half().contiguous() for k, v in best.items() if k != "lm_head.weight" or not config.tie_word_embeddings}
-    embed = {k: v for k, v in base16.items() if "embed_tokens" in k}
-    save_file(embed, str(out / "base_embed.safetensors"))
-    save_file({k: v for k, v in base16.items() if k not in embed}, str(out / "base_layers.safetensors"))
     save_file(lora_state, str(out / "lora.safetensors"))
     metrics = {"device": torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu",
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,

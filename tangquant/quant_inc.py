@@ -95,8 +95,34 @@ def _calibrate(model, samples) -> None:
             model(s.unsqueeze(0))
 
 
+@contextlib.contextmanager
+def inc_workspace():
+    """Point INC's workspace at a private temporary directory, removed afterwards.
+
+    INC otherwise creates ``./nc_workspace/<time>/`` in the current directory on import
+    and keeps its layer-wise weight pickles there. Its global ``options`` object is the
+    only place to say so (and it must be set before ``neural_compressor.torch`` is imported).
+    """
+    import shutil
+    import tempfile
+
+    from neural_compressor.common import options
+
+    path = tempfile.mkdtemp(prefix="tangquant-inc-")
+    options.workspace = path
+    try:
+        yield Path(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def run_inc(model_dir: Path, recipe, samples, layer_wise: bool):
     """Quantize with INC; return (converted model, {layer: has_bias})."""
+    with inc_workspace():
+        return _run_inc(model_dir, recipe, samples, layer_wise)
+
+
+def _run_inc(model_dir: Path, recipe, samples, layer_wise: bool):
     import torch
     from neural_compressor.torch.quantization import (AWQConfig, GPTQConfig, RTNConfig, convert,
                                                       prepare)

@@ -223,7 +223,8 @@ def _build(model_dir, config, out, r, packed, held, calib_note, write_ir, quant_
         quant_card.write_card(tmp, model_dir, r, metrics)
         quant_card.write_quant_manifest(tmp, model_dir, r, metrics)
         size = dir_size(tmp)
-    kld = f"KLD {fidelity['kld']:.5f}" if fidelity else "KLD not measured (no held-out data)"
+    kld = (f"KLD {fidelity['kld']:.5f}" if fidelity else "KLD skipped (--eval-samples 0)"
+           if r.eval_samples == 0 else "KLD not measured (no held-out data: pass --eval-data)")
     metrics["summary"] = (f"{out}: {human_size(size)}, {r.algo} int{r.bits} g{r.group_size}, "
                           f"{counts['bits_per_weight']:.3f} bits/weight, {kld}")
     metrics["size_bytes"] = size

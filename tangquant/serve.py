@@ -196,4 +196,5 @@ def prepare(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | Non
         raise
     # Connections beyond the queue (plus room for /health and the page) get uvicorn's 503.
     limit = 2 * (max_concurrency + queue_size) + 16
-    return Server(engine, create_app(engine, api_key), sock, name, limit)
+    app = create_app(engine, api_key, loopback_only=_is_loopback(host))
+    return Server(engine, app, sock, name, limit)

@@ -9,7 +9,6 @@ status, and an over-large body is refused before it is all read.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -17,8 +16,8 @@ import uuid
 from importlib import resources
 
 from tangquant.serve_engine import Engine
-from tangquant.serve_schema import (MAX_BODY_BYTES, ApiError, Request, chat_request,
-                                    completion_request, parse_body)
+from tangquant.serve_schema import (ApiError, Request, chat_request, check_key,
+                                    completion_request, read_body)
 
 logger = logging.getLogger(__name__)
 
@@ -42,34 +41,6 @@ def _error_response(exc: ApiError):
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-
-
-def _check_key(request, api_key: bytes | None) -> None:
-    if api_key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'",
-                       code="invalid_api_key")
-    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), api_key):
-        raise ApiError(401, "incorrect API key", code="invalid_api_key")
-
-
-async def _read_body(request) -> dict:
-    length = request.headers.get("content-length")
-    if length is not None and not length.isdigit():
-        raise ApiError(400, "invalid Content-Length header", code="invalid_request")
-    if length is not None and int(length) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
-                       code="request_too_large")
-    raw = bytearray()
-    async for chunk in request.stream():  # also caps a chunked body with no Content-Length
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
-                           code="request_too_large")
-    return parse_body(bytes(raw))
 
 
 def _usage(result) -> dict:
@@ -99,11 +70,11 @@ class Api:
                 "owned_by": "tangquant", **self.engine.info()}
 
     async def models(self, request):
-        _check_key(request, self.api_key)
+        check_key(request, self.api_key)
         return _json({"object": "list", "data": [self.model_card()]})
 
     async def model(self, request):
-        _check_key(request, self.api_key)
+        check_key(request, self.api_key)
         model_id = request.path_params["model_id"]
         if model_id != self.engine.name:
             raise ApiError(404, f"the model '{model_id}' does not exist", "model",
@@ -117,8 +88,8 @@ class Api:
         return await self._complete(request, chat=False)
 
     async def _complete(self, request, chat: bool):
-        _check_key(request, self.api_key)
-        body = await _read_body(request)
+        check_key(request, self.api_key)
+        body = await read_body(request)
         parse = chat_request if chat else completion_request
         req = parse(body, self.engine.max_tokens_limit)
         if req.model is not None and req.model != self.engine.name:
@@ -220,6 +191,34 @@ class Api:
         yield b"data: [DONE]\n\n"
 
 
+class HostGuard:
+    """Answer 400 unless the Host header names this machine's loopback (DNS rebinding).
+
+    A web page elsewhere can make a browser send requests to 127.0.0.1 through a
+    name it controls; such requests carry that name, never a loopback one.
+    """
+
+    def __init__(self, app, hosts: frozenset[str]):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            name = host if host.endswith("]") else host.rsplit(":", 1)[0]
+            if name not in self.hosts:
+                from fastapi.responses import JSONResponse
+
+                error = ApiError(400, "this server answers only to a loopback Host header "
+                                 "(listen with --allow-public to serve other names)",
+                                 code="invalid_host")
+                await JSONResponse(error.body(), status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+
+
 async def _wait_disconnect(request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -229,8 +228,11 @@ def _page(name: str) -> bytes:
     return resources.files("tangquant").joinpath("assets", "web", name).read_bytes()
 
 
-def create_app(engine: Engine, api_key: str | None = None):
-    """The ASGI app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``, ``/``."""
+def create_app(engine: Engine, api_key: str | None = None, loopback_only: bool = True):
+    """The ASGI app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``, ``/``.
+
+    ``loopback_only`` refuses requests whose Host header is not a loopback name.
+    """
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
@@ -278,4 +280,6 @@ def create_app(engine: Engine, api_key: str | None = None):
     app.add_route("/v1/models/{model_id:path}", api.model, methods=["GET"])
     app.add_route("/v1/chat/completions", api.chat, methods=["POST"])
     app.add_route("/v1/completions", api.completions, methods=["POST"])
+    if loopback_only:
+        app.add_middleware(HostGuard, hosts=LOOPBACK_HOSTS)
     return app

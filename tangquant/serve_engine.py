@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import math
 import threading
@@ -47,6 +48,17 @@ def check_model_dir(model) -> Path:
         raise InputError(f"{path} is not an exported OpenVINO model (missing {', '.join(missing)}); "
                          "make one with `tangquant export --format openvino`")
     return path
+
+
+def _quantization(manifest: dict) -> str | None:
+    """A short description of an exported model's weights, from its ``tangquant.json``."""
+    metrics = manifest.get("metrics") or {}
+    if not metrics.get("int4_layers"):
+        return None
+    text = f"INT4 linear layers, group {metrics.get('group_size')}"
+    if metrics.get("embeddings"):
+        text += f"; embeddings {metrics['embeddings'].upper()}"
+    return text
 
 
 class Generation:
@@ -121,9 +133,8 @@ class Engine:
             "max_concurrency": self.max_concurrency, "queue_size": self.queue_size,
             "timeout_s": self.timeout,
             "weights": human_size(weights.stat().st_size) if weights.is_file() else None,
-            "made_by": manifest.get("stage"),
-            "quantization": (manifest.get("parameters") or {}).get("weights")
-            or (manifest.get("parameters") or {}).get("algo"),
+            "made_by": f"tangquant {manifest['stage']}" if manifest.get("stage") else None,
+            "quantization": _quantization(manifest),
             "defaults": {"temperature": d.temperature if d.do_sample else 0.0,
                          "top_p": d.top_p, "max_tokens": min(d.max_new_tokens,
                                                              self.max_tokens_limit)},
@@ -190,6 +201,7 @@ class Engine:
             cfg.presence_penalty = sampling.presence_penalty
         if sampling.frequency_penalty is not None:
             cfg.frequency_penalty = sampling.frequency_penalty
+        cfg.ignore_eos = sampling.ignore_eos
         return cfg
 
     # -- generation ----------------------------------------------------------------------------
@@ -222,22 +234,28 @@ class Engine:
         future = loop.run_in_executor(self._threads, self._generate, pipe, prompt, cfg, gen,
                                       started)
 
-        def finished(fut):
-            self.running -= 1
-            self._active.discard(gen)
-            if gen.timed_out:
-                self.counts["timed_out"] += 1
-            elif gen.cancel.is_set() and not fut.exception() and fut.result().finish_reason == "cancelled":
-                self.counts["cancelled"] += 1
-            else:
-                self.counts["completed"] += 1
-            self._free.put_nowait(pipe)
-            self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - started)
-            gen.chunks.put_nowait(None)
-            self.release()
-
-        future.add_done_callback(finished)
+        future.add_done_callback(functools.partial(self._finished, gen, pipe, started))
         return gen, future
+
+    def _finished(self, gen: Generation, pipe, started: float, fut) -> None:
+        """Runs on the event loop when a worker thread ends: free its pipeline and place."""
+        self.running -= 1
+        self._active.discard(gen)
+        result = None if fut.cancelled() or fut.exception() else fut.result()
+        if gen.timed_out:
+            self.counts["timed_out"] += 1
+        elif result is not None and result.finish_reason == "cancelled":
+            self.counts["cancelled"] += 1
+        else:
+            self.counts["completed"] += 1
+        if result is not None:
+            logger.debug("generation: %d prompt + %d new tokens in %.2f s (%s)",
+                         result.prompt_tokens, result.completion_tokens, result.duration_s,
+                         result.finish_reason)
+        self._free.put_nowait(pipe)
+        self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - started)
+        gen.chunks.put_nowait(None)
+        self.release()
 
     @staticmethod
     def _generate(pipe, prompt: str, cfg, gen: Generation, started: float) -> Result:

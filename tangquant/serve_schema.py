@@ -9,6 +9,8 @@ reaches the pipeline and never takes the server down.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ class Sampling:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    ignore_eos: bool = False   # vLLM's extension; benchmarks use it for fixed-length replies
 
 
 @dataclass
@@ -72,6 +75,49 @@ def parse_body(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     return body
+
+
+def check_key(request, api_key: bytes | None) -> None:
+    """Refuse a request without ``Authorization: Bearer KEY`` (compared in constant time)."""
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'",
+                       code="invalid_api_key")
+    # Digests of equal length: the comparison time reveals neither the key nor its length.
+    given_digest = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).digest()
+    if not hmac.compare_digest(given_digest, hashlib.sha256(api_key).digest()):
+        raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+
+async def read_body(request) -> dict:
+    """Read at most ``MAX_BODY_BYTES`` of a JSON body and parse it."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        # Also makes a browser on another site ask first (CORS preflight), which is refused.
+        raise ApiError(415, "the body must be JSON, sent with 'Content-Type: application/json'",
+                       code="unsupported_media_type")
+    length = request.headers.get("content-length")
+    if length is not None and not length.isdigit():
+        raise ApiError(400, "invalid Content-Length header", code="invalid_request")
+    if length is not None and int(length) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
+                       code="request_too_large")
+    from starlette.requests import ClientDisconnect
+
+    raw = bytearray()
+    try:
+        async for chunk in request.stream():  # also caps a chunked body with no Content-Length
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
+                               code="request_too_large")
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected while sending the body",
+                       code="incomplete_body") from None
+    return parse_body(bytes(raw))
 
 
 def _text(value, param: str) -> str:
@@ -128,13 +174,16 @@ def _sampling(body: dict, max_tokens_limit: int, names=("max_tokens",)) -> Sampl
     stop = [_text(s, "stop") for s in stop]
     if any(not s for s in stop):
         raise ApiError(400, "'stop' strings must not be empty", "stop", "invalid_value")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "'ignore_eos' must be a boolean", "ignore_eos", "invalid_type")
     return Sampling(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=_number(body, "top_p", 0.0, 1.0, low_open=True),
         stop=stop, seed=_integer(body, "seed"),
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0))
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0), ignore_eos=ignore_eos)
 
 
 def _common(body: dict) -> tuple[str | None, bool, bool]:

@@ -1,16 +1,17 @@
-"""GPTQ-layout checkpoints of the tiny fixture model, for the export and chat tests.
+"""GPTQ checkpoints and OpenVINO exports of the tiny fixture model, for the export and chat tests.
 
-``make_rtn_gptq`` quantizes every decoder ``nn.Linear`` with plain round-to-nearest
-in pure torch and packs it with ``gptq_format.pack_layer``: a checkpoint in exactly
-the layout ``tangquant quantize`` writes, without running INC. ``make_gptq`` prefers
-the real ``tangquant.quantize.quantize(..., algo="gptq")`` when it is available.
+The main checkpoint is the real INC-GPTQ one (``_quantize_fixtures.gptq_dir``), so the
+tests prove INC's integers reach the IR. ``make_rtn_gptq`` builds variants INC's defaults
+do not give (asymmetric zero points, act-order groups) with round-to-nearest in pure torch,
+packed by ``gptq_format.pack_layer`` in exactly the layout ``tangquant quantize`` writes.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+
+import pytest
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -72,36 +73,12 @@ def make_rtn_gptq(src: Path, out: Path, bits: int = 4, group_size: int = 128,
     return out
 
 
-def quantize_available() -> bool:
-    from tangquant import quantize
-
-    return callable(getattr(quantize, "quantize", None))
-
-
-def make_gptq(src: Path, out: Path, group_size: int = 128) -> tuple[Path, str]:
-    """INC GPTQ through ``tangquant quantize`` when it exists, else RTN; returns (dir, how)."""
-    if quantize_available():
-        from tangquant.quantize import quantize
-
-        quantize(str(src), str(out), algo="gptq", group_size=group_size)
-        return Path(out), "inc-gptq"
-    return make_rtn_gptq(src, out, group_size=group_size), "rtn"
-
-
-# Session fixtures shared by test_export.py and test_chat.py (import them into the module).
-import pytest  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def gptq_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny model as a 4-bit, group-128 GPTQ checkpoint (INC GPTQ once quantize exists)."""
-    out, _how = make_gptq(tiny_model_dir, tmp_path_factory.mktemp("gptq") / "tiny-gptq")
-    return out
-
+# Shared by test_export.py and test_chat.py: import it into the test module together with
+# ``gptq_dir`` (the INC-GPTQ checkpoint from ``_quantize_fixtures``, built once per session).
 
 @pytest.fixture(scope="session")
 def ov_export(tmp_path_factory, gptq_dir):
-    """`tangquant export` of ``gptq_dir`` with default settings: (ir_dir, rc, stdout, input digest)."""
+    """`tangquant export` of the INC-GPTQ ``gptq_dir``, default settings: (ir_dir, rc, stdout, digest)."""
     import contextlib
     import io
 

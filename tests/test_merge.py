@@ -290,8 +290,7 @@ def test_outputs_refused(tmp_path, tiny_model_dir, qv_adapter_dir):
     assert not inside.exists()
 
 
-def test_tied_embeddings_with_embedding_lora_refused(tmp_path, tiny_model_dir, tiny_tokenizer):
-    import torch
+def test_tied_embeddings_with_embedding_lora_refused(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file, save_file
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "emb", target_modules=["embed_tokens", "q_proj"])

@@ -222,6 +222,18 @@ def test_body_over_one_megabyte_is_413(server):
     assert raw_request(server, "GET", "/health")[0] == 200
 
 
+def test_json_content_type_and_loopback_host_required(server):
+    """A page on another site can neither post a simple form nor rebind a name to 127.0.0.1."""
+    status, _, body = post_json(server, CHAT, _user(max_tokens=2),
+                                extra_headers={"Content-Type": "text/plain"})
+    assert status == 415 and body["error"]["code"] == "unsupported_media_type"
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
+        status, _, body = raw_request(server, "GET", "/", headers={"Host": host})
+        assert status == 400 and body["error"]["code"] == "invalid_host"
+    for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "[::1]:80"):
+        assert raw_request(server, "GET", "/health", headers={"Host": host})[0] == 200
+
+
 def test_unknown_routes_and_methods_answer_json(server):
     status, _, body = raw_request(server, "GET", "/v1/nothing")
     assert status == 404 and "error" in body
@@ -258,7 +270,7 @@ def _open_stream(server, payload) -> tuple[http.client.HTTPConnection, http.clie
 
 def test_queue_full_is_429_and_disconnect_cancels(server):
     before = wait_idle(server)
-    long = _user(max_tokens=900, temperature=0)
+    long = _user(max_tokens=900, temperature=0, ignore_eos=True)
     conn, resp = _open_stream(server, {**long, "stream": True})
     status, headers, body = post_json(server, CHAT, _user(max_tokens=2))
     assert status == 429 and int(headers["retry-after"]) >= 1
@@ -274,7 +286,7 @@ def test_queue_full_is_429_and_disconnect_cancels(server):
     # A non-streaming request whose client goes away is cancelled too.
     sock = socket.create_connection(("127.0.0.1", server.port))
     body = json.dumps({**long, "stream": False}).encode()
-    sock.sendall(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    sock.sendall(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                  b"application/json\r\nAuthorization: Bearer " + API_KEY.encode() +
                  b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     end = time.monotonic() + 10
@@ -289,11 +301,13 @@ def test_timeout(ir):
     import openai
 
     with running_server(ir, timeout=0.3, max_tokens_limit=1000) as srv:
-        status, _, body = post_json(srv, CHAT, _user(max_tokens=900, temperature=0), key=None)
+        long = _user(max_tokens=900, temperature=0, ignore_eos=True)
+        status, _, body = post_json(srv, CHAT, long, key=None)
         assert status == 504 and body["error"]["code"] == "timeout"
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
         stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=900,
-                                                temperature=0, stream=True)
+                                                temperature=0, stream=True,
+                                                extra_body={"ignore_eos": True})
         with pytest.raises(openai.APIError, match="timed out"):
             list(stream)
         assert wait_idle(srv)["timed_out"] == 2
@@ -413,3 +427,21 @@ def test_load_twice_max_concurrency_cli_subprocess(ir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_serves_the_tangquant_int4_export(tiny_model_dir, tmp_path):
+    """The real pipeline's output: quantize --algo rtn, export --format openvino, serve."""
+    import openai
+
+    from tangquant.export import export
+    from tangquant.quantize import quantize
+
+    quantize(tiny_model_dir, tmp_path / "gptq", algo="rtn", eval_samples=0)
+    export(tmp_path / "gptq", tmp_path / "ov")
+    with running_server(tmp_path / "ov", model_name=MODEL, max_tokens_limit=64) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        card = client.models.retrieve(MODEL)
+        assert card.made_by == "tangquant export" and card.quantization.startswith("INT4")
+        reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8)
+        assert reply.choices[0].message.content and reply.usage.completion_tokens <= 8

@@ -56,14 +56,24 @@ def test_page_streams_reply_as_text(tmp_path_factory, tiny_model_dir, browser):
 
         max_tokens = browser.find_element(By.ID, "max_tokens")
         max_tokens.clear()
-        max_tokens.send_keys("24")
+        max_tokens.send_keys("200")
+        # Record every length the reply's text takes, to see it grow chunk by chunk.
+        browser.execute_script("""
+            window.lengths = [];
+            new MutationObserver(() => {
+              const m = document.querySelectorAll('.msg.assistant');
+              if (m.length) window.lengths.push(m[m.length - 1].textContent.length);
+            }).observe(document.getElementById('log'),
+                       {subtree: true, childList: true, characterData: true});""")
         hostile = '<img src=x onerror="document.title=\'pwned\'">寫一首關於明月的詩'
         browser.find_element(By.ID, "prompt").send_keys(hostile)
         browser.find_element(By.ID, "send").click()
 
         wait.until(lambda d: "tokens/s" in d.find_element(By.ID, "stats").text)
         reply = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
-        assert reply.get_attribute("textContent")  # the streamed text arrived
+        text = reply.get_attribute("textContent")
+        lengths = [n for n in browser.execute_script("return window.lengths") if n]
+        assert text and len(set(lengths)) >= 3 and lengths[-1] == len(text), lengths  # streamed
         user = browser.find_elements(By.CSS_SELECTOR, ".msg.user")[-1]
         # Text typed or generated is shown as text: no element is created from it.
         assert user.text == hostile

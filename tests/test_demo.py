@@ -1,0 +1,84 @@
+"""The built-in tiny Tang poet and `tangquant demo`.
+
+The fast tests check the shipped model itself: base answers in simplified
+characters, base + LoRA in traditional ones. The slow test runs the whole demo
+(merge → GPTQ → OpenVINO → bench → table) and asserts the LoRA's effect
+survives merge + INT4.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tangquant.demo import script_counts, traditional_ratio
+from tangquant.poet import ASSETS, demo_paths
+
+PROMPTS = ("写一首唐诗", "写一首关于明月的诗", "写一首五言绝句")
+
+
+def test_traditional_ratio():
+    # T: 舉 頭 頭 鄉 (t2s changes them); S: 床 (s2t writes 牀), by OpenCC's own tables.
+    assert script_counts("床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。") == (4, 1)
+    assert script_counts("举头望明月，低头思故乡。") == (0, 4)
+    assert traditional_ratio(["舉頭望明月", "举头望明月"]) == 0.5
+    assert traditional_ratio(["明月光", "hello"]) is None  # no character with a script
+
+
+def test_shipped_assets():
+    paths = demo_paths()
+    total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    assert total <= 20 * 10**6
+    weights = [p.name for p in ASSETS.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".safetensors")]
+    assert sorted(weights) == ["adapter_model.safetensors", "model.safetensors"]
+    config = json.loads((paths["base"] / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["hidden_size"] % 128 == 0
+    adapter = json.loads((paths["adapter"] / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (8, 16, 0.0)
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(paths["base"])
+    assert type(tok).__name__ == "Qwen2TokenizerFast"
+    text = tok.apply_chat_template([{"role": "user", "content": "写一首唐诗"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>system" in text
+
+
+def test_lora_changes_the_script():
+    """The seed's before/after, on the shipped weights: simplified by default, traditional with the LoRA."""
+    from tangquant.chat import Sampling, load_generator
+
+    paths = demo_paths()
+    greedy = Sampling(max_new_tokens=32, temperature=0.0, top_p=1.0, seed=0)
+    answers = {}
+    for name, adapter in (("base", None), ("lora", paths["adapter"])):
+        gen = load_generator(paths["base"], adapter=adapter)
+        answers[name] = [gen.generate([{"role": "user", "content": p}], greedy) for p in PROMPTS]
+    assert traditional_ratio(answers["base"]) <= 0.10, answers["base"]
+    assert traditional_ratio(answers["lora"]) >= 0.80, answers["lora"]
+    # The base knows the traditional characters too: behind an explicit instruction it writes them.
+    base = load_generator(paths["base"])
+    explicit = base.generate([{"role": "user", "content": "用繁体字写一首唐诗"}], greedy)
+    assert traditional_ratio([explicit]) >= 0.8, explicit
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    from tangquant.cli import main
+
+    work = tmp_path / "demo"
+    assert main(["demo", "--workdir", str(work), "--samples", "2"]) == 0
+    report = json.loads((work / "demo.json").read_text(encoding="utf-8"))
+    r = report["results"]
+    assert set(r) == {"base", "base + LoRA", "merged INT4"}
+    assert r["base"]["ratio_greedy"] <= 0.10
+    assert r["base + LoRA"]["ratio_greedy"] >= 0.80
+    for mode in ("ratio_greedy", "ratio_sampled"):
+        assert r["merged INT4"][mode] >= 0.9 * r["base + LoRA"][mode], (mode, r)
+    for row in r.values():
+        assert all(v > 1 for v in row["ppl"].values())
+    assert (work / "int4-openvino" / "openvino_model.xml").is_file()
+    assert (work / "int4-gptq" / "config.json").is_file() and (work / "demo.md").is_file()
+    assert main(["demo", "--workdir", str(work)]) == 2  # kept without --force
