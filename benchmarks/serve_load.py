@@ -7,9 +7,13 @@ concurrency level a fresh ``tangquant serve`` process is started with
 ``--max-concurrency`` equal to the level; that many clients send streaming chat
 requests (``ignore_eos`` so every reply has ``--max-tokens`` tokens) and time them:
 
-- TTFT: request sent -> first content chunk (includes queueing and prefill);
-- TPOT: (last chunk - first chunk) / (tokens - 1), per request;
-- throughput: all completion tokens / wall time of the level.
+- TTFT: the server's queue wait + openvino-genai's time to first token (the reply's
+  ``timings``: a random-weight model's tokens mostly decode to no text, so the client
+  cannot see its first token); the client-side time to the first text chunk is kept too
+  when there is one;
+- TPOT: openvino-genai's mean time per output token after the first, per request;
+- latency: request sent -> last byte, seen by the client;
+- throughput: all completion tokens / wall time of the level, seen by the client.
 
 Usage::
 
@@ -104,23 +108,23 @@ def one_request(port: int, max_tokens: int) -> dict:
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"status {resp.status}: {resp.read()[:200]!r}")
-    first = last = None
-    usage = None
+    first = None
+    usage = timings = None
     for raw in resp:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         event = json.loads(line[6:])
-        if event.get("usage"):
-            usage = event["usage"]
-        for choice in event.get("choices", []):
-            if choice["delta"].get("content"):
-                last = time.perf_counter()
-                first = first or last
+        usage = event.get("usage") or usage
+        timings = event.get("timings") or timings
+        if first is None and any(c["delta"].get("content") for c in event.get("choices", [])):
+            first = time.perf_counter()
+    done = time.perf_counter()
     conn.close()
-    tokens = usage["completion_tokens"]
-    return {"ttft_s": first - t0, "tpot_s": (last - first) / max(1, tokens - 1),
-            "tokens": tokens, "prompt_tokens": usage["prompt_tokens"], "total_s": last - t0}
+    return {"ttft_s": (timings["queue_ms"] + timings["ttft_ms"]) / 1000,
+            "tpot_s": timings["tpot_ms"] / 1000, "client_ttft_s": first and first - t0,
+            "latency_s": done - t0, "tokens": usage["completion_tokens"],
+            "prompt_tokens": usage["prompt_tokens"]}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -158,6 +162,8 @@ def run_level(ir: Path, level: int, requests: int, max_tokens: int) -> dict:
         wall = time.perf_counter() - t0
         ttft = [r["ttft_s"] for r in results]
         tpot = [r["tpot_s"] for r in results]
+        latency = [r["latency_s"] for r in results]
+        client_ttft = [r["client_ttft_s"] for r in results if r["client_ttft_s"] is not None]
         tokens = sum(r["tokens"] for r in results)
         return {
             "concurrency": level, "server_max_concurrency": level, "requests": len(results),
@@ -169,6 +175,9 @@ def run_level(ir: Path, level: int, requests: int, max_tokens: int) -> dict:
             "tpot_ms": {"p50": round(1000 * pct(tpot, 0.5), 1),
                         "p95": round(1000 * pct(tpot, 0.95), 1)},
             "per_request_decode_tok_s_p50": round(1 / pct(tpot, 0.5), 2),
+            "latency_s": {"p50": round(pct(latency, 0.5), 3), "p95": round(pct(latency, 0.95), 3)},
+            "client_ttft_s": {"p50": round(pct(client_ttft, 0.5), 3),
+                              "p95": round(pct(client_ttft, 0.95), 3)} if client_ttft else None,
             "server_rss_mib": {"start": rss[0] >> 20 if rss else None,
                                "max": max(rss) >> 20 if rss else None},
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
@@ -217,6 +226,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--output", default=str(HERE / "results" / "serve_load.json"))
     parser.add_argument("--screenshot", help="also save a PNG of the chat page here")
+    parser.add_argument("--screenshot-ir", help="the IR the page serves for the screenshot "
+                        "(default: the benchmark's)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="build the model and its IR under --work, then stop")
     args = parser.parse_args()
@@ -232,7 +243,7 @@ def main() -> None:
     if args.prepare_only:
         return
     levels = [run_level(ir, int(n), args.requests, args.max_tokens)
-              for n in args.levels.split(",")]
+              for n in args.levels.split(",") if n]
     for lv in levels:
         print(f"concurrency {lv['concurrency']}: {lv['throughput_tok_s']} tok/s, TTFT p50 "
               f"{lv['ttft_s']['p50']} s p95 {lv['ttft_s']['p95']} s, TPOT p50 "
@@ -250,12 +261,13 @@ def main() -> None:
         "note": "shared 2-core machine: other engineers' jobs ran at the same time (see loadavg)",
         "versions": package_versions(), "levels": levels,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {out}")
+    if levels:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {out}")
     if args.screenshot:
-        screenshot(ir, Path(args.screenshot))
+        screenshot(Path(args.screenshot_ir) if args.screenshot_ir else ir, Path(args.screenshot))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The Xeon measurement: a bare machine with Python 3.12 and torch but no network.
 #
-#   benchmarks/xeon.sh OUT_DIR [SHAPE] [THREADS] [REPETITIONS]
+#   benchmarks/xeon.sh OUT_DIR [SHAPE] [THREADS] [REPETITIONS] [SET]
+#
+# SET is "all" (default) or "ov" (only the OpenVINO candidates and knobs, for a short lease).
 #
 # 1. installs the carried packages (.carry/xeon-site.tar.xz, made by benchmarks/xeon_pack.sh)
 #    into /tmp/tq-site: openvino (CPU plugin only) + genai + tokenizers, transformers 4.57.6,
@@ -18,7 +20,7 @@
 # (the adapter is applied on top at run time exactly as it would be on the real base).
 # Every step logs to OUT_DIR/xeon.log; results go to OUT_DIR/xeon-*.jsonl and xeon-*.png.
 set -uo pipefail
-out="$(mkdir -p "$1" && cd "$1" && pwd)"; shape="${2:-1.8b}"; threads="${3:-16}"; reps="${4:-3}"
+out="$(mkdir -p "$1" && cd "$1" && pwd)"; shape="${2:-1.8b}"; threads="${3:-16}"; reps="${4:-3}"; set_="${5:-all}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"; work="${TQ_WORK:-/tmp/tq-work}"; site=/tmp/tq-site
 log="$out/xeon.log"
 exec > >(tee -a "$log") 2>&1
@@ -38,6 +40,17 @@ tq() { "$py" -m tangquant.cli "$@"; }
 { lscpu | grep -E "Model name|^CPU\(s\)|Thread|Socket|NUMA node|L3"; free -g | head -2; df -h /tmp | tail -1
   "$py" -c "import torch, transformers, openvino, openvino_genai; print('torch', torch.__version__, 'transformers', transformers.__version__, 'openvino', openvino.__version__)"
 } || { stamp "environment check failed"; exit 4; }
+"$py" - <<'PY' || stamp "WARNING: part of the stack does not import (see above)"
+import importlib, importlib.metadata as md
+for mod, dist in [("neural_compressor", "neural-compressor-pt"), ("optimum.intel", "optimum-intel"),
+                  ("nncf", "nncf"), ("openvino_tokenizers", "openvino-tokenizers"), ("peft", "peft"),
+                  ("gptqmodel", "gptqmodel"), ("optimum", "optimum"), ("torchao", "torchao")]:
+    try:
+        importlib.import_module(mod)
+        print("ok", dist, md.version(dist))
+    except Exception as exc:
+        print("FAILED", mod, type(exc).__name__, str(exc)[:300])
+PY
 
 mkdir -p "$work"; cd "$work" || exit 5
 run_step() {  # name, command...: skip a step whose output exists (resumable between calls)
@@ -59,21 +72,19 @@ rm -rf "$work/merged-staging" 2>/dev/null
 basepy="${TQ_BASEPY:-$(command -v "$py")}"
 
 b=(tq bench -p 512 -n 128 -r "$reps" -t "$threads" --baseline-python "$basepy")
+main=(--candidate merged-int4=ov:ir --candidate ov+lora=ov+lora:ir,adapter=lora)
+[ "$set_" = all ] && main+=(--candidate seed-gptq+lora=torch-gptq+lora:gptq,adapter=lora
+                            --candidate torch-bf16=torch:base,dtype=bf16)
 stamp "bench: main candidates"
-"${b[@]}" --candidate merged-int4=ov:ir \
-    --candidate ov+lora=ov+lora:ir,adapter=lora \
-    --candidate seed-gptq+lora=torch-gptq+lora:gptq,adapter=lora \
-    --candidate torch-bf16=torch:base,dtype=bf16 \
-    --results "$out/xeon-bench.jsonl" --plot "$out/xeon-bench.png" | tee "$out/xeon-table.md"
+"${b[@]}" "${main[@]}" --results "$out/xeon-bench.jsonl" --plot "$out/xeon-bench.png" \
+  | tee "$out/xeon-table.md"
 stamp "bench: OpenVINO knobs"
-"${b[@]}" -r 2 --candidate merged-int4=ov:ir \
-    --candidate kv-u8=ov:ir,KV_CACHE_PRECISION=u8 \
-    --candidate kv-f16=ov:ir,KV_CACHE_PRECISION=f16 \
+"${b[@]}" -r 2 --candidate merged-int4=ov:ir --candidate kv-u8=ov:ir,KV_CACHE_PRECISION=u8 \
     --candidate dq-off=ov:ir,DYNAMIC_QUANTIZATION_GROUP_SIZE=0 \
-    --candidate dq-128=ov:ir,DYNAMIC_QUANTIZATION_GROUP_SIZE=128 \
     --candidate pinned=ov:ir,ENABLE_CPU_PINNING=true \
-    --candidate lora-dynamic=ov+lora:ir,adapter=lora,lora_mode=dynamic \
+    --candidate lora-kv-u8=ov+lora:ir,adapter=lora,KV_CACHE_PRECISION=u8 \
     --results "$out/xeon-knobs.jsonl" | tee "$out/xeon-knobs.md"
+[ "$set_" = all ] || { stamp "all done"; exit 0; }
 stamp "bench: thread sweep"
 "${b[@]}" -r 2 -t 8,12 --candidate merged-int4=ov:ir \
     --results "$out/xeon-threads.jsonl" | tee "$out/xeon-threads.md"

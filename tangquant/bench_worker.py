@@ -34,11 +34,15 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _prompt(vocab: int, n: int) -> list[int]:
-    """Fixed pseudo-random token ids (tokenization is excluded, as in llama-bench)."""
+def _prompt(vocab: int, n: int, run: int) -> list[int]:
+    """Pseudo-random token ids, different for every run (tokenization is excluded, as in llama-bench).
+
+    A new prompt each run matters: openvino-genai's default pipeline caches prefixes, and a
+    repeated prompt would be served from that cache, measuring one token instead of a prefill.
+    """
     import random
 
-    rng = random.Random(1234)
+    rng = random.Random(1234 + run)
     return [rng.randrange(3, max(4, vocab)) for _ in range(n)]
 
 
@@ -102,11 +106,11 @@ def run_ov(spec: dict) -> dict:
     load_s = time.perf_counter() - start
     rss_loaded = _peak_rss()
     p, n = spec["prompt_tokens"], spec["gen_tokens"]
-    ids = [_prompt(spec["vocab"], p)]
     import numpy as np
 
-    arr = np.array(ids, dtype=np.int64)
-    inputs = genai.TokenizedInputs(ov.Tensor(arr), ov.Tensor(np.ones_like(arr)))
+    def inputs(run: int):
+        arr = np.array([_prompt(spec["vocab"], p, run)], dtype=np.int64)
+        return genai.TokenizedInputs(ov.Tensor(arr), ov.Tensor(np.ones_like(arr)))
 
     def config(logprobs: int):
         cfg = genai.GenerationConfig()
@@ -115,14 +119,15 @@ def run_ov(spec: dict) -> dict:
         return cfg
 
     # The uncounted warm-up also checks the output: with logprobs the score is NaN if the logits are.
-    for _ in range(max(1, spec["warmup"])):
-        res = pipe.generate(inputs, config(1))
+    warm = max(1, spec["warmup"])
+    for w in range(warm):
+        res = pipe.generate(inputs(w), config(1))
         _check_tokens(res.tokens[0], n)
         if not all(math.isfinite(s) for s in res.scores):
             raise RuntimeError(f"non-finite output scores {list(res.scores)} (NaN/Inf logits)")
     runs = []
     for i in range(spec["repetitions"]):
-        res = pipe.generate(inputs, config(0))
+        res = pipe.generate(inputs(warm + i), config(0))
         _check_tokens(res.tokens[0], n)
         pm = res.perf_metrics
         total = pm.get_generate_duration().mean
@@ -201,11 +206,11 @@ def run_torch(spec: dict) -> dict:
     load_s = time.perf_counter() - start
     rss_loaded = _peak_rss()
     p, n = spec["prompt_tokens"], spec["gen_tokens"]
-    ids = torch.tensor([_prompt(spec["vocab"], p)], dtype=torch.long)
     gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
                            pad_token_id=0, eos_token_id=None, bos_token_id=None)
 
-    def once(check: bool) -> dict:
+    def once(run: int, check: bool) -> dict:
+        ids = torch.tensor([_prompt(spec["vocab"], p, run)], dtype=torch.long)
         clock, procs = _Clock(), LogitsProcessorList([_finite_check()] if check else [])
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -217,11 +222,12 @@ def run_torch(spec: dict) -> dict:
         first, last = clock.calls[1], clock.calls[-1]
         return {"ttft_ms": (first - t0) * 1000, "tpot_ms": (last - first) * 1000 / max(1, n - 1)}
 
-    for _ in range(max(1, spec["warmup"])):
-        once(check=True)
+    warm = max(1, spec["warmup"])
+    for w in range(warm):
+        once(w, check=True)
     runs = []
     for i in range(spec["repetitions"]):
-        runs.append(once(check=False))
+        runs.append(once(warm + i, check=False))
         _log(f"rep {i + 1}: ttft {runs[-1]['ttft_ms']:.1f} ms, tpot {runs[-1]['tpot_ms']:.2f} ms")
     return {"load_s": load_s, "rss_loaded_bytes": rss_loaded, "runs": runs, **_summary(runs, p),
             "kernels": _kernel_names(model),

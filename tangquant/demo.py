@@ -29,8 +29,7 @@ from tangquant.poet import ASSETS, demo_paths
 logger = logging.getLogger(__name__)
 
 HELP = "the whole pipeline on the built-in tiny Tang poet, with a before/after table"
-PROMPTS = ("写一首唐诗", "写一首关于明月的诗", "以《春晓》为题写一首诗", "写一首五言绝句", "写一首七言绝句",
-           "写一首关于秋风的诗")
+PROMPTS = ("写一首唐诗", "写一首关于明月的诗", "以《春晓》为题写一首诗", "写一首七言绝句")
 TEMPERATURE, TOP_P = 0.8, 0.9
 MODELS = ("base", "base + LoRA", "merged INT4")
 
@@ -65,19 +64,25 @@ def traditional_ratio(texts) -> float | None:
     return t / (t + s) if t + s else None
 
 
-def perplexity(model, tokenizer, texts: list[str]) -> float:
-    """Token perplexity of plain texts (each after an <|endoftext|>, as the poet saw plain text)."""
+def perplexity(model, tokenizer, texts: list[str], chat: bool) -> float:
+    """Perplexity of held-out poems: as the answer to 写一首唐诗 (``chat``), or as plain text.
+
+    Only the poem's tokens (and the closing token) are scored, never the prompt.
+    """
     import torch
 
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>") if chat else eot
+    prompt = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": "写一首唐诗"}], tokenize=False,
+                                                     add_generation_prompt=True))["input_ids"] if chat else [eot]
     nll = count = 0.0
     with torch.no_grad():
         for text in texts:
-            ids = torch.tensor([[eot] + tokenizer(text)["input_ids"] + [eot]])
+            ids = torch.tensor([prompt + tokenizer(text)["input_ids"] + [end]])
             logits = torch.as_tensor(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
-            logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
-            nll -= float(logp.gather(1, ids[0, 1:, None]).sum())
-            count += ids.shape[1] - 1
+            logp = torch.log_softmax(logits[0, len(prompt) - 1:-1].float(), dim=-1)
+            nll -= float(logp.gather(1, ids[0, len(prompt):, None]).sum())
+            count += ids.shape[1] - len(prompt)
     return math.exp(nll / count)
 
 
@@ -117,7 +122,8 @@ def measure(models: dict, tokenizer, prompts, samples: int, max_new_tokens: int,
         t0 = time.time()
         row = generations(make_generator(), prompts, samples, max_new_tokens)
         lm = make_lm()
-        row["ppl"] = {script: perplexity(lm, tokenizer, t) for script, t in texts.items()}
+        row["ppl"] = {f"{form} {script}": perplexity(lm, tokenizer, t, chat=form == "chat")
+                      for form in ("chat", "text") for script, t in texts.items()}
         row["seconds"] = round(time.time() - t0, 1)
         out[name] = row
         logger.info("%s: traditional ratio greedy %.2f, sampled %.2f", name,
@@ -130,11 +136,12 @@ def _pct(x) -> str:
 
 
 def table(results: dict, prompts) -> str:
+    kinds = list(next(iter(results.values()))["ppl"])
     lines = ["| model | traditional ratio, greedy | traditional ratio, sampled | "
-             "perplexity, simplified | perplexity, traditional |", "|---|---|---|---|---|"]
+             + " | ".join(f"perplexity, {k}" for k in kinds) + " |", "|---" * (3 + len(kinds)) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | {_pct(r['ratio_greedy'])} | {_pct(r['ratio_sampled'])} | "
-                     f"{r['ppl']['simplified']:.1f} | {r['ppl']['traditional']:.1f} |")
+                     + " | ".join(f"{r['ppl'][k]:.1f}" for k in kinds) + " |")
     lines += ["", "| prompt | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
     for i, prompt in enumerate(prompts):
         cells = [r["greedy"][i].strip().replace("\n", " ") for r in results.values()]
@@ -179,9 +186,8 @@ def build(tmp: Path, base: Path, adapter: Path, calib: Path, bench: bool) -> dic
     stages = {}
     t0 = time.time()
     stages["merge"] = merge(base, adapter, tmp / "merged", dtype="fp32")
-    stages["quantize"] = quantize(tmp / "merged", tmp / "int4-gptq", algo="gptq", bits=4, group_size=128,
-                                  use_sym=True, act_order=False, percdamp=0.01, block_size=128,
-                                  calib=str(calib), num_samples=32, seq_len=256, seed=42, eval_samples=4)
+    stages["quantize"] = quantize(tmp / "merged", tmp / "int4-gptq", recipe=calib.parent / "int4-gptq-g128.yaml",
+                                  calib=str(calib))
     stages["export"] = export(tmp / "int4-gptq", tmp / "int4-openvino")
     if bench:
         from tangquant.bench import bench as run_bench

@@ -103,7 +103,7 @@ def write_model_card(out_dir: Path, source: Path, metrics: dict, embeddings: str
 
 Exported by `tangquant export --format openvino` from the GPTQ checkpoint `{source.name}`.
 
-- Linear layers: INT4 ({mode}), group size {metrics['group_size']}; the {metrics['int4_layers']} layers'
+- Linear layers: INT4, {mode}, group size {metrics['group_size']}; the {metrics['int4_layers']} layers'
   integers, fp16 scales and zero points are the checkpoint's own (checked on export:
   {metrics['int4_constants_checked']} constants equal).
 - Embeddings and lm_head: {"INT8 (asymmetric, per channel)" if embeddings == "int8" else "fp16"}.
@@ -114,12 +114,12 @@ Exported by `tangquant export --format openvino` from the GPTQ checkpoint `{sour
 
 ```python
 import openvino_genai
-pipe = openvino_genai.LLMPipeline("{out_dir.name}", "CPU")
+pipe = openvino_genai.LLMPipeline("MODEL_DIR", "CPU")  # this directory
 print(pipe.generate("写一首唐诗", max_new_tokens=64))
 ```
 
-or `OVModelForCausalLM.from_pretrained("{out_dir.name}")` (optimum-intel), or
-`tangquant chat --model {out_dir.name}`.
+or `OVModelForCausalLM.from_pretrained("MODEL_DIR")` (optimum-intel), or
+`tangquant chat --model MODEL_DIR`.
 
 ## Exactness
 

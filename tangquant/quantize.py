@@ -16,7 +16,6 @@ unless --eval-data is given.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -116,6 +115,9 @@ def check_recipe(r: QuantRecipe, config: dict) -> None:
         raise QuantizationError("--act-order is a GPTQ option")
     if r.num_samples < 1 or r.seq_len < 2 or r.eval_samples < 0 or r.block_size < 1:
         raise QuantizationError("num_samples, seq_len and block_size must be positive, eval_samples >= 0")
+    max_pos = config.get("max_position_embeddings")
+    if isinstance(max_pos, int) and r.seq_len > max_pos:
+        raise QuantizationError(f"--seq-len {r.seq_len} is longer than the model's context ({max_pos})")
     if r.algo == "autoround":
         raise QuantizationError("--algo autoround needs the auto-round package (auto-round==0.16.1), "
                                 "which is not part of tangquant's install; use gptq, rtn or awq")
@@ -159,7 +161,6 @@ def quantize(model, output, algo=None, recipe=None, bits=None, group_size=None, 
              seq_len=None, layer_wise=None, seed=None, eval_data=None, eval_samples=None,
              export=None, force=False) -> dict:
     """Quantize ``model`` into a GPTQ checkpoint at ``output``; return the manifest metrics."""
-    from tangquant import quant_card
     from tangquant.calib import load_tokenizer
     from tangquant.checkpoint import load_config, refuse_quantized, weight_files
     from tangquant.files import check_output, existing_dir
@@ -178,12 +179,13 @@ def quantize(model, output, algo=None, recipe=None, bits=None, group_size=None, 
     tokenizer = load_tokenizer(model_dir)
     packed, held, calib_note = _calibration(r, tokenizer)
     logger.info("calibration: %s", calib_note)
-    return _build(model_dir, config, out, r, packed, held, calib_note, write_ir, quant_card)
+    return _build(model_dir, config, out, r, packed, held, calib_note, write_ir)
 
 
-def _build(model_dir, config, out, r, packed, held, calib_note, write_ir, quant_card) -> dict:
+def _build(model_dir, config, out, r, packed, held, calib_note, write_ir) -> dict:
     import gc
 
+    from tangquant import quant_card
     from tangquant import recipe as recipe_mod
     from tangquant.evaluate import evaluate
     from tangquant.files import atomic_output_dir, copy_aux_files, dir_size, human_size, peak_rss_bytes
@@ -229,7 +231,3 @@ def _build(model_dir, config, out, r, packed, held, calib_note, write_ir, quant_
                           f"{counts['bits_per_weight']:.3f} bits/weight, {kld}")
     metrics["size_bytes"] = size
     return metrics
-
-
-def recipe_dict(r: QuantRecipe) -> dict:
-    return dataclasses.asdict(r)

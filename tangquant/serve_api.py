@@ -48,6 +48,13 @@ def _usage(result) -> dict:
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
+def _timings(result) -> dict:
+    """Server-side timings (an extension, like llama.cpp's): they need no decodable text."""
+    return {"queue_ms": round(1000 * result.queue_s, 1), "ttft_ms": round(1000 * result.ttft_s, 1),
+            "tpot_ms": round(1000 * result.tpot_s, 2),
+            "decode_tokens_per_s": round(1 / result.tpot_s, 2) if result.tpot_s > 0 else None}
+
+
 def _json(data):
     from fastapi.responses import JSONResponse
 
@@ -145,7 +152,7 @@ class Api:
                       "finish_reason": result.finish_reason}
             obj = "text_completion"
         return _json({**meta, "object": obj, "system_fingerprint": None, "choices": [choice],
-                      "usage": _usage(result)})
+                      "usage": _usage(result), "timings": _timings(result)})
 
     async def _stream(self, req: Request, chat: bool, meta: dict, gen, future):
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -175,7 +182,7 @@ class Api:
             yield chunk(None, result.finish_reason)
             if req.include_usage:
                 yield _sse({**meta, "object": obj, "system_fingerprint": None, "choices": [],
-                            "usage": _usage(result)})
+                            "usage": _usage(result), "timings": _timings(result)})
         except TimeoutError:
             gen.cancel.set()
             yield _sse(ApiError(504, "the request timed out during generation", code="timeout",

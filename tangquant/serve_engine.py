@@ -37,7 +37,9 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str          # "stop", "length", or "cancelled"
-    ttft_s: float | None
+    queue_s: float              # admitted -> a worker took it
+    ttft_s: float               # openvino-genai's: generate() called -> first token
+    tpot_s: float               # openvino-genai's mean time per further token
     duration_s: float
 
 
@@ -70,14 +72,11 @@ class Generation:
         self.deadline = deadline
         self.timed_out = False
         self._loop = loop
-        self.first_token_at: float | None = None
 
     def on_text(self, text: str):
         """The streamer callback, called in the worker thread."""
         import openvino_genai
 
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
         self._loop.call_soon_threadsafe(self.chunks.put_nowait, text)
         if time.monotonic() > self.deadline:
             self.timed_out = True
@@ -231,8 +230,9 @@ class Engine:
         self.running += 1
         self._active.add(gen)
         started = time.monotonic()
+        queue_s = started - (deadline - self.timeout)
         future = loop.run_in_executor(self._threads, self._generate, pipe, prompt, cfg, gen,
-                                      started)
+                                      queue_s)
 
         future.add_done_callback(functools.partial(self._finished, gen, pipe, started))
         return gen, future
@@ -258,15 +258,16 @@ class Engine:
         self.release()
 
     @staticmethod
-    def _generate(pipe, prompt: str, cfg, gen: Generation, started: float) -> Result:
+    def _generate(pipe, prompt: str, cfg, gen: Generation, queue_s: float) -> Result:
+        started = time.monotonic()
         out = pipe.generate([prompt], cfg, gen.on_text)
         metrics = out.perf_metrics
         reason = FINISH.get(out.finish_reasons[0].name, "cancelled") if out.finish_reasons else "stop"
         if gen.cancel.is_set() or gen.timed_out:
             reason = "cancelled"
-        ttft = None if gen.first_token_at is None else gen.first_token_at - started
         return Result(out.texts[0], int(metrics.get_num_input_tokens()),
-                      int(metrics.get_num_generated_tokens()), reason, ttft,
+                      int(metrics.get_num_generated_tokens()), reason, queue_s,
+                      metrics.get_ttft().mean / 1000, metrics.get_tpot().mean / 1000,
                       time.monotonic() - started)
 
     def close(self) -> None:

@@ -73,8 +73,8 @@ def make_rtn_gptq(src: Path, out: Path, bits: int = 4, group_size: int = 128,
     return out
 
 
-# Shared by test_export.py and test_chat.py: import it into the test module together with
-# ``gptq_dir`` (the INC-GPTQ checkpoint from ``_quantize_fixtures``, built once per session).
+# Shared by test_export.py and test_chat.py, which load this module with `pytest_plugins`
+# (with ``_quantize_fixtures``, whose ``gptq_dir`` is the INC-GPTQ checkpoint), so it runs once.
 
 @pytest.fixture(scope="session")
 def ov_export(tmp_path_factory, gptq_dir):

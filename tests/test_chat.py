@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 
 import pytest
-from _gptq_fixtures import ov_export  # noqa: F401  (fixture)
-from _quantize_fixtures import calib_file, gptq_dir, heldout_file  # noqa: F401  (fixtures)
 
 from tangquant.chat import Sampling, chat_loop, load_generator
 from tangquant.cli import main
 from tangquant.errors import InputError
+
+# Plugins, not imported names: the session fixtures are then built once per run.
+pytest_plugins = ["_quantize_fixtures", "_gptq_fixtures"]
 
 GREEDY = Sampling(max_new_tokens=6, temperature=0.0)
 

@@ -7,12 +7,15 @@ import shutil
 
 import numpy as np
 import pytest
-from _gptq_fixtures import make_rtn_gptq, ov_export  # noqa: F401  (fixture)
-from _quantize_fixtures import calib_file, gptq_dir, heldout_file  # noqa: F401  (fixtures)
+from _gptq_fixtures import make_rtn_gptq
 from conftest import tree_digest
 
 from tangquant.cli import main
 from tangquant.errors import ExportError
+
+# Registered as plugins (not imported names) so the session fixtures gptq_dir and ov_export
+# are built once for the whole run, not once per test module.
+pytest_plugins = ["_quantize_fixtures", "_gptq_fixtures"]
 
 N_LAYERS = 2 * 7  # tiny model: 2 decoder layers of 7 linears
 

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from _quantize_fixtures import (SMALL, calib_file, gptq_dir, heldout_file,  # noqa: F401
-                                poem_records, rtn_dir)
+pytest.register_assert_rewrite("_quantize_fixtures")
+from _quantize_fixtures import SMALL, poem_records
 from tangquant.cli import main
+
+# One registration, so the session fixtures (a GPTQ and an RTN run) are shared with test_eval.py.
+pytest_plugins = ["_quantize_fixtures"]
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WITH_BIAS = ("q_proj", "k_proj", "v_proj")
@@ -88,7 +91,10 @@ def test_gptq_has_lower_kld_than_rtn_on_heldout_text(gptq_dir, rtn_dir):
     assert g["top1_agreement"] >= r["top1_agreement"] - 0.01
 
 
-@pytest.mark.parametrize("algo,sym,act_order", [("gptq", False, True), ("awq", True, False)])
+@pytest.mark.parametrize("algo,sym,act_order", [
+    ("gptq", False, True),
+    # AWQ's scale and clip grid searches take about a minute on 2 shared cores.
+    pytest.param("awq", True, False, marks=pytest.mark.slow)])
 def test_reference_loader_reproduces_inc_in_memory_model(tmp_path, tiny_model_dir, calib_file,
                                                         algo, sym, act_order):
     """INC's integers are extracted exactly: the fp32 reference loader equals INC's model."""

@@ -59,6 +59,7 @@ def test_openai_client_chat_stream_models_completions(client, tiny_tokenizer, ir
     assert reply.usage.prompt_tokens == len(ids)
     assert 1 <= reply.usage.completion_tokens <= 12
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.model_extra["timings"]["ttft_ms"] > 0  # the server's own timings (extension)
 
     # Greedy output is what the pipeline itself makes from that prompt: nothing lost or added.
     prompt = tiny_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True,

@@ -78,7 +78,7 @@ async function send(ev) {
   $("send").disabled = true; $("stop").disabled = false;
   $("stats").textContent = "…";
   const t0 = performance.now();
-  let tFirst = null, tLast = null, reply = "", usage = null, finish = null;
+  let tFirst = null, tLast = null, reply = "", usage = null, finish = null, timings = null;
   try {
     const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(),
       body: JSON.stringify(body), signal: controller.signal });
@@ -102,6 +102,7 @@ async function send(ev) {
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
         if (chunk.usage) usage = chunk.usage;
+        if (chunk.timings) timings = chunk.timings;
         for (const c of chunk.choices || []) {
           if (c.delta && c.delta.content) {
             if (tFirst === null) tFirst = performance.now();
@@ -115,7 +116,7 @@ async function send(ev) {
       }
     }
     history.push({ role: "user", content: text }, { role: "assistant", content: reply });
-    showStats(t0, tFirst, tLast, usage, finish);
+    showStats(t0, tFirst, tLast, usage, finish, timings);
   } catch (e) {
     if (e.name === "AbortError") {
       $("stats").textContent = "stopped";
@@ -130,14 +131,18 @@ async function send(ev) {
   }
 }
 
-function showStats(t0, tFirst, tLast, usage, finish) {
+// Speeds come from the server's own timings when it sends them (they count every token,
+// also those that decode to no visible text); otherwise from when the chunks arrived.
+function showStats(t0, tFirst, tLast, usage, finish, timings) {
   const parts = [];
   if (tFirst !== null) parts.push("first token " + ((tFirst - t0) / 1000).toFixed(2) + " s");
+  else if (timings) parts.push("first token " + ((timings.queue_ms + timings.ttft_ms) / 1000).toFixed(2) + " s");
   if (usage) {
-    const secs = (tLast - tFirst) / 1000;
-    const decode = usage.completion_tokens > 1 && secs > 0 ? (usage.completion_tokens - 1) / secs : null;
     parts.push(usage.completion_tokens + " tokens");
-    if (decode !== null) parts.push(decode.toFixed(1) + " tokens/s");
+    let decode = timings ? timings.decode_tokens_per_s : null;
+    const secs = tFirst !== null ? (tLast - tFirst) / 1000 : 0;
+    if (decode === null && usage.completion_tokens > 1 && secs > 0) decode = (usage.completion_tokens - 1) / secs;
+    if (decode !== null && decode !== undefined) parts.push(decode.toFixed(1) + " tokens/s");
   }
   if (finish) parts.push(finish);
   $("stats").textContent = parts.join(" · ");
