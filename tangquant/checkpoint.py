@@ -93,6 +93,22 @@ def tensor_names(path: Path) -> list[str]:
             raise InputError(f"cannot read {path}: {exc}") from None
     return [name for name, _ in iter_tensors(path)]
 
+def tensor_shapes(shards: list[Path]) -> dict:
+    """name -> (shape, dtype, shard) from safetensors headers, without loading any tensor."""
+    shapes = {}
+    for path in shards:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    shapes[name] = (tuple(sl.get_shape()), sl.get_dtype(), path)
+        else:
+            for name, t in iter_tensors(path):
+                shapes[name] = (tuple(t.shape), t.dtype, path)
+    return shapes
+
 
 def parse_size(text: str) -> int:
     """'5GB' -> bytes (decimal units, as transformers uses)."""
@@ -155,3 +171,41 @@ class ShardWriter:
         write_json(self.out_dir / SAFE_INDEX,
                    {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
         return finals
+
+
+def safetensors_dtypes() -> dict:
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+            "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_tensors_unmapped(path: Path):
+    """Yield (name, tensor) of one shard through plain reads, one tensor at a time.
+
+    A memory map would leave every page of the shard resident (and counted in
+    RSS) until the file is closed; reading each tensor into its own buffer keeps
+    the merge's footprint near its largest tensor instead of its largest shard.
+    """
+    if path.suffix != ".safetensors":
+        yield from iter_tensors(path)
+        return
+    import json
+    import struct
+
+    import torch
+
+    st = safetensors_dtypes()
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for name in tensor_names(path):  # the order _base_shapes used
+            info = header[name]
+            start, end = info["data_offsets"]
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            f.seek(8 + size + start)
+            if f.readinto(buf.numpy()) != end - start:
+                raise InputError(f"{path} is truncated at tensor {name}")
+            yield name, buf.view(st[info["dtype"]]).reshape(info["shape"])
