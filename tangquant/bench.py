@@ -171,9 +171,10 @@ def _environment(rec: BenchRecipe) -> dict:
 
     try:
         sha = subprocess.run(["git", "-C", str(_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip() or None
+                             text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        sha = None
+        sha = ""
+    sha = sha if len(sha) == 40 and all(c in "0123456789abcdef" for c in sha) else None
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv), "cpu": cpu_model(), "cores": os.cpu_count(),
             "git_sha": sha, "versions": package_versions(), "loadavg_start": list(os.getloadavg()),

@@ -46,7 +46,8 @@ class Sampling:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="OpenVINO IR directory or Hugging Face model directory")
+    parser.add_argument("--model", required=True,
+                        help="OpenVINO IR directory or Hugging Face model directory")
     parser.add_argument("--adapter", help="LoRA adapter to apply (Hugging Face models only)")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
     parser.add_argument("--system", help="system message (default: the chat template's)")

@@ -184,8 +184,9 @@ def _trace(hf_dir: Path, ir_dir: Path) -> None:
     # which would leave nothing for the INT4 compression.
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the summary line
-            main_export(str(hf_dir), ir_dir, task="text-generation-with-past", ov_config=OVConfig(dtype="fp16"),
-                        stateful=True, convert_tokenizer=False, local_files_only=True)
+            main_export(str(hf_dir), ir_dir, task="text-generation-with-past",
+                        ov_config=OVConfig(dtype="fp16"), stateful=True, convert_tokenizer=False,
+                        local_files_only=True)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ExportError(f"optimum-intel could not export the model: {exc}") from None
 
