@@ -182,6 +182,37 @@ def _environment(rec: BenchRecipe) -> dict:
                       "repetitions": rec.repetitions, "warmup": rec.warmup}}
 
 
+def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) -> list[dict]:
+    """Every candidate at every thread count, bandwidth first; failures become failed rows."""
+    from tqdm import tqdm
+
+    from tangquant.errors import TangquantError
+
+    rows = []
+    bar = tqdm(total=len(parsed) * len(thread_list), desc="bench", file=sys.stderr, unit="run")
+    for t in thread_list:
+        bar.set_postfix_str(f"bandwidth, {t} threads")
+        bw = _bandwidth(t, rec.bandwidth_bytes, rec.timeout_s)
+        logger.info("bandwidth at %d threads: copy %.1f GB/s, triad %.1f GB/s",
+                    t, bw["copy_gbs"], bw["triad_gbs"])
+        for c in parsed:
+            bar.set_postfix_str(f"{c.name}, {t} threads")
+            row = {"name": c.name, "kind": c.kind, "path": c.path, "options": c.options,
+                   "threads": t, "bandwidth": {k: bw[k] for k in ("copy_gbs", "triad_gbs", "gbs",
+                                                                   "array_bytes")}}
+            try:
+                row.update(_measure(c, t, rec), status="ok", error=None)
+                row["roofline_tps"] = bw["gbs"] * 1e9 / row["bytes_per_token"]
+                row["roofline_pct"] = 100 * row["tg_tps"] / row["roofline_tps"]
+            except (TangquantError, OSError) as exc:
+                row.update(status="failed", error=str(exc))
+                logger.warning("candidate %s failed: %s", c.name, exc)
+            rows.append(row)
+            bar.update(1)
+    bar.close()
+    return rows
+
+
 def bench(candidates=(), prompt_tokens: int | None = None, gen_tokens: int | None = None,
           repetitions: int | None = None, threads=(), warmup: int | None = None,
           plot: str | None = None,
@@ -192,8 +223,6 @@ def bench(candidates=(), prompt_tokens: int | None = None, gen_tokens: int | Non
     Settings left as None come from ``recipe`` or the defaults (-p 512 -n 128 -r 5, one warm-up,
     all cores); a failed candidate is a record with ``status: "failed"`` and its ``error``.
     """
-    from tqdm import tqdm
-
     from tangquant import recipe as recipes
     from tangquant.bench_report import add_ratios, append_jsonl, markdown_table
     from tangquant.bench_report import plot as draw
@@ -211,28 +240,7 @@ def bench(candidates=(), prompt_tokens: int | None = None, gen_tokens: int | Non
         raise BenchError("-p, -n and -r must be at least 1 and the warm-up at least 0")
     thread_list = [int(t) for t in (rec.threads or (os.cpu_count() or 1,))]
     env = _environment(rec)
-    rows = []
-    bar = tqdm(total=len(parsed) * len(thread_list), desc="bench", file=sys.stderr, unit="run")
-    for t in thread_list:
-        bar.set_postfix_str(f"bandwidth, {t} threads")
-        bw = _bandwidth(t, rec.bandwidth_bytes, rec.timeout_s)
-        logger.info("bandwidth at %d threads: copy %.1f GB/s, triad %.1f GB/s",
-                    t, bw["copy_gbs"], bw["triad_gbs"])
-        for c in parsed:
-            bar.set_postfix_str(f"{c.name}, {t} threads")
-            row = {"name": c.name, "kind": c.kind, "path": c.path, "options": c.options,
-                   "threads": t, "bandwidth": {k: bw[k] for k in ("copy_gbs", "triad_gbs", "gbs",
-                                                                   "array_bytes")}}
-            try:
-                row.update(_measure(c, t, rec), status="ok", error=None)
-                row["roofline_tps"] = bw["gbs"] * 1e9 / row["bytes_per_token"]
-                row["roofline_pct"] = 100 * row["tg_tps"] / row["roofline_tps"]
-            except BenchError as exc:
-                row.update(status="failed", error=str(exc))
-                logger.warning("candidate %s failed: %s", c.name, exc)
-            rows.append(row)
-            bar.update(1)
-    bar.close()
+    rows = _sweep(parsed, thread_list, rec)
     add_ratios(rows)
     env["loadavg_end"] = list(os.getloadavg())
     records = [{**env, **row} for row in rows]
@@ -255,7 +263,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("-n", "--gen-tokens", type=int, help="decoded tokens (default 128)")
     parser.add_argument("-r", "--repetitions", type=int, help="timed repetitions (default 5)")
     parser.add_argument("-t", "--threads", help="thread count, or a comma list to sweep (default: all cores)")
-    parser.add_argument("--warmup", type=int, help="uncounted warm-up runs (default 1)")
+    parser.add_argument("--warmup", type=int,
+                        help="uncounted warm-up runs (default 1; at least one runs: it checks the output)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the results")
     parser.add_argument("--recipe", metavar="FILE", help="a bench recipe (YAML); flags override it")
     parser.add_argument("--results", default="benchmarks/results", metavar="DIR|FILE.jsonl",

@@ -89,24 +89,19 @@ def _ov_adapter(options: dict):
 
 
 def run_ov(spec: dict) -> dict:
+    import numpy as np
     import openvino as ov
     import openvino_genai as genai
 
-    options, t = dict(spec.get("options") or {}), spec["threads"]
+    options, p, n = dict(spec.get("options") or {}), spec["prompt_tokens"], spec["gen_tokens"]
     props = {k: _ov_value(v) for k, v in options.items() if k not in OV_OWN_KEYS}
-    props.setdefault("INFERENCE_NUM_THREADS", t)
-    extra = {}
+    props.setdefault("INFERENCE_NUM_THREADS", spec["threads"])
+    out = {}
     if spec["kind"] == "ov+lora":
-        extra["adapters"], extra["alpha"] = _ov_adapter(options)
+        props["adapters"], out["lora_alpha_scale"] = _ov_adapter(options)
     start = time.perf_counter()
-    pipe_kwargs = dict(props)
-    if "adapters" in extra:
-        pipe_kwargs["adapters"] = extra["adapters"]
-    pipe = genai.LLMPipeline(spec["path"], options.get("device", "CPU"), **pipe_kwargs)
-    load_s = time.perf_counter() - start
-    rss_loaded = _peak_rss()
-    p, n = spec["prompt_tokens"], spec["gen_tokens"]
-    import numpy as np
+    pipe = genai.LLMPipeline(spec["path"], options.get("device", "CPU"), **props)
+    out.update(load_s=time.perf_counter() - start, rss_loaded_bytes=_peak_rss())
 
     def inputs(run: int):
         arr = np.array([_prompt(spec["vocab"], p, run)], dtype=np.int64)
@@ -125,20 +120,17 @@ def run_ov(spec: dict) -> dict:
         _check_tokens(res.tokens[0], n)
         if not all(math.isfinite(s) for s in res.scores):
             raise RuntimeError(f"non-finite output scores {list(res.scores)} (NaN/Inf logits)")
+    out["warmup_tokens"] = list(res.tokens[0][:16])  # greedy: shows whether an adapter acts
     runs = []
     for i in range(spec["repetitions"]):
         res = pipe.generate(inputs(warm + i), config(0))
         _check_tokens(res.tokens[0], n)
         pm = res.perf_metrics
-        total = pm.get_generate_duration().mean
-        ttft = pm.get_ttft().mean
+        total, ttft = pm.get_generate_duration().mean, pm.get_ttft().mean
         runs.append({"ttft_ms": ttft, "tpot_ms": (total - ttft) / max(1, n - 1),
                      "genai_tpot_ms": pm.get_tpot().mean})
         _log(f"rep {i + 1}: ttft {ttft:.1f} ms, tpot {runs[-1]['tpot_ms']:.2f} ms")
-    out = {"load_s": load_s, "rss_loaded_bytes": rss_loaded, "runs": runs, **_summary(runs, p)}
-    if "alpha" in extra:
-        out["lora_alpha_scale"] = extra["alpha"]
-    return out
+    return {**out, "runs": runs, **_summary(runs, p)}
 
 
 # --- PyTorch / transformers ------------------------------------------------------------------
@@ -208,6 +200,10 @@ def run_torch(spec: dict) -> dict:
     p, n = spec["prompt_tokens"], spec["gen_tokens"]
     gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
                            pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    # transformers replaces every setting left at its global default with the model's own
+    # (Qwen's sampling: top-k 20, top-p 0.8, repetition penalty): make greedy the model's default.
+    for m in {id(x): x for x in (model, getattr(model, "get_base_model", lambda: model)())}.values():
+        m.generation_config = gen
 
     def once(run: int, check: bool) -> dict:
         ids = torch.tensor([_prompt(spec["vocab"], p, run)], dtype=torch.long)
@@ -216,21 +212,24 @@ def run_torch(spec: dict) -> dict:
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  generation_config=gen, logits_processor=procs, streamer=clock)
-        _check_tokens(out[0, p:].tolist(), n)
+        tokens = out[0, p:].tolist()
+        _check_tokens(tokens, n)
         if check and procs[0].bad:
             raise RuntimeError(f"NaN/+Inf logits at {procs[0].bad} of {n} steps")
         first, last = clock.calls[1], clock.calls[-1]
-        return {"ttft_ms": (first - t0) * 1000, "tpot_ms": (last - first) * 1000 / max(1, n - 1)}
+        return {"ttft_ms": (first - t0) * 1000, "tpot_ms": (last - first) * 1000 / max(1, n - 1),
+                "tokens": tokens[:16]}
 
     warm = max(1, spec["warmup"])
     for w in range(warm):
-        once(w, check=True)
+        checked = once(w, check=True)
     runs = []
     for i in range(spec["repetitions"]):
         runs.append(once(warm + i, check=False))
+        runs[-1].pop("tokens")
         _log(f"rep {i + 1}: ttft {runs[-1]['ttft_ms']:.1f} ms, tpot {runs[-1]['tpot_ms']:.2f} ms")
     return {"load_s": load_s, "rss_loaded_bytes": rss_loaded, "runs": runs, **_summary(runs, p),
-            "kernels": _kernel_names(model),
+            "kernels": _kernel_names(model), "warmup_tokens": checked["tokens"],
             "lora_modules": sum(n.endswith(".lora_A") for n, _ in model.named_modules())}
 
 

@@ -95,11 +95,13 @@ def up_to_date(stage: str, out: Path, key: str, stamps: dict) -> bool:
 
 def plan(r: PipelineRecipe) -> list[tuple[str, Path, dict, dict]]:
     """(stage, output, parameters, inputs) for every stage the recipe asks for."""
-    from tangquant.quantize import recipe_dict, resolve_recipe
+    import dataclasses
+
+    from tangquant.quantize import resolve_recipe
 
     work = Path(r.workdir)
     merged, gptq, ir = work / "merged", work / "int4-gptq", work / "int4-openvino"
-    qr = recipe_dict(resolve_recipe(r.quant_recipe, calib=r.calib))
+    qr = dataclasses.asdict(resolve_recipe(r.quant_recipe, calib=r.calib))
     stages = [("merge", merged, {"dtype": r.merge_dtype, "verify": r.merge_verify},
                {"base": r.base, "adapter": r.adapter}),
               ("quantize", gptq, qr, {"model": merged, "calib": r.calib}),

@@ -148,6 +148,8 @@ def _calibration(r: QuantRecipe, tokenizer):
 def _export_fn(export):
     if export is None:
         return None
+    if export != "openvino":
+        raise QuantizationError(f"unknown export format {export!r}; the only one is openvino")
     try:
         from tangquant.export import write_openvino_ir
     except ImportError:

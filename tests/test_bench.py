@@ -76,6 +76,9 @@ def test_bench_table_jsonl_and_failures(tiny_ir, tiny_model_dir, qv_adapter_dir,
     # GenAI ignores adapter_config.json: the bench passes lora_alpha / r (16 / 8) itself.
     assert by_name["lora"]["lora_alpha_scale"] == 2.0
     assert by_name["lora"]["adapter_bytes"] > 0
+    # Same base IR, greedy decoding: the runtime adapter must change what the model writes.
+    assert len(by_name["merged"]["warmup_tokens"]) == 4
+    assert by_name["lora"]["warmup_tokens"] != by_name["merged"]["warmup_tokens"]
     assert by_name["merged"]["flags"] == {"prompt_tokens": 16, "gen_tokens": 4, "repetitions": 1,
                                           "warmup": 1}
 
