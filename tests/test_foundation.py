@@ -138,3 +138,24 @@ def test_gptq_v1_symmetric_zero_is_stored_as_seven():
     t = pack_layer(torch.zeros(8, 128, dtype=torch.long), torch.full((1, 8), 8), torch.ones(1, 8),
                    torch.zeros(128, dtype=torch.long), 4)
     assert int(t["qzeros"][0, 0]) == 0x77777777
+
+
+def test_sigterm_leaves_no_partial_output(tmp_path):
+    """A killed run (SIGTERM, as from `timeout` or a scheduler) cleans up its temporary output."""
+    import signal
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from tangquant import cli, files\n"
+        "cli._interrupt_on_sigterm()\n"
+        "try:\n"
+        f"    with files.atomic_output_dir(__import__('pathlib').Path({str(tmp_path / 'out')!r})) as t:\n"
+        "        (t / 'partial').write_text('x'); print('ready', flush=True); time.sleep(30)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 130
+    assert list(tmp_path.iterdir()) == []
