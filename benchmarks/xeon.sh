@@ -19,6 +19,10 @@
 # ov+lora and the seed baseline reuse the merged INT4 IR / GPTQ checkpoint as their "base"
 # (the adapter is applied on top at run time exactly as it would be on the real base).
 # Every step logs to OUT_DIR/xeon.log; results go to OUT_DIR/xeon-*.jsonl and xeon-*.png.
+# Steps whose output exists in TQ_WORK (default /tmp/tq-work) are skipped, so a second call to a
+# still-warm machine resumes. On the lent device (carry [".carry/xeon-site.tar.xz"]), 2026-11-28:
+#   mkdir -p /tmp/xo; timeout 445 bash benchmarks/xeon.sh /tmp/xo 1.8b 16 3 ov; cp /tmp/xo/xeon* $OUT/
+# At 1.8B the pipeline took ~5 min there (quantize ~100 s, export ~145 s); 7B is 4.3x the weights.
 set -uo pipefail
 out="$(mkdir -p "$1" && cd "$1" && pwd)"; shape="${2:-1.8b}"; threads="${3:-16}"; reps="${4:-3}"; set_="${5:-all}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"; work="${TQ_WORK:-/tmp/tq-work}"; site=/tmp/tq-site

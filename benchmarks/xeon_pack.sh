@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Pack what benchmarks/xeon.sh needs on a bare Xeon (Python 3.12, torch 2.11, no network) into
-# .carry/xeon-site.tar.xz (git-ignored), small enough to travel with the checkout (< ~45 MB).
+# .carry/xeon-site.tar.xz (git-ignored, ~39 MB), small enough to travel with the checkout.
 #
 #   benchmarks/xeon_pack.sh [PYTHON3.12] [BASELINE_PYTHON]
 #
@@ -8,7 +8,8 @@
 # tokenicer, device-smi and logbar as pure-Python wheels with the baseline venv's python (it has
 # torch, which gptqmodel's setup.py imports), pypcre (C) with Python 3.12; everything is installed
 # into one site folder with --no-deps, and the parts of OpenVINO a CPU run never loads (GPU/NPU
-# plugins, their kernel cache, the TF/ONNX/Paddle/JAX/GGUF frontends) are removed.
+# plugins, their kernel cache, the TF/ONNX/Paddle/JAX/GGUF frontends) and torchao's CUDA-only
+# kernels are removed. gptqmodel's hf_transfer need is left out: it is only used for downloads.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 py312="${1:-/root/.pyenv/versions/3.12.1/bin/python}"
@@ -26,7 +27,6 @@ wheels=(
   neural-compressor-pt==3.10 prettytable==3.17.0 wcwidth==0.2.14 pydantic==2.12.5
   pydantic-core==2.41.5 annotated-types==0.7.0 typing-inspection==0.4.2 torchao==0.14.1
   peft==0.19.1 datasets==4.4.1 kernels==0.11.7 dill==0.4.0 multiprocess==0.70.18
-  hf_transfer==0.1.9 opencc==1.1.9
 )
 "$py312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -37,8 +37,9 @@ BUILD_CUDA_EXT=0 "$basepy" -m pip wheel -q --no-deps --no-build-isolation -w "$t
 "$py312" -m pip install -q --no-deps --no-compile --target "$tmp/site" "$tmp/wheels"/*.whl
 ov="$tmp/site/openvino/libs"
 rm -f "$ov"/cache.json "$ov"/libopenvino_intel_gpu_plugin.so "$ov"/libopenvino_intel_npu_plugin.so \
-  "$ov"/libopenvino_{tensorflow,tensorflow_lite,onnx,paddle,jax,gguf}_frontend.so*
+  "$ov"/libopenvino_{tensorflow,tensorflow_lite,onnx,paddle,jax,gguf}_frontend.so* \
+  "$tmp/site"/torchao/_C_cutlass_*
 find "$tmp/site" -name "__pycache__" -prune -exec rm -rf {} +
 rm -rf "$tmp/site"/bin
-XZ_OPT=-9e tar -cJf "$repo/.carry/xeon-site.tar.xz" -C "$tmp/site" .
+tar -cf - -C "$tmp/site" . | xz -6 -T2 > "$repo/.carry/xeon-site.tar.xz"  # ~39 MB
 ls -la "$repo/.carry/xeon-site.tar.xz"

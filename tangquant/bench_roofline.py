@@ -3,7 +3,7 @@
 Decoding one token reads every weight once, except the input embedding table,
 of which only one row is read (a Gather); the lm_head is read in full. With
 tied embeddings the one table is the lm_head too, so it is counted in full.
-KV-cache reads grow with the context and are reported separately.
+KV-cache reads (they grow with the context) are not counted.
 
 Nothing is loaded: OpenVINO IRs are read from their ``.xml`` (each Constant's
 byte size and the graph's edges), Hugging Face checkpoints from the
@@ -144,10 +144,3 @@ def bytes_per_token(kind: str, path: Path, options: dict) -> dict:
     return {"bytes_per_token": per_token, "weights_bytes": w["weights_bytes"],
             "embedding_bytes_skipped": w["embedding_bytes"] - row, "adapter_bytes": extra}
 
-
-def kv_bytes_per_token(config: dict, context: int, item_bytes: float) -> int:
-    """KV-cache bytes read to decode one token at ``context`` (all layers, K and V)."""
-    heads = config.get("num_attention_heads", 1)
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("hidden_size", 0) // heads
-    return int(2 * config.get("num_hidden_layers", 0) * kv_heads * head_dim * context * item_bytes)
