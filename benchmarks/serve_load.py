@@ -85,11 +85,11 @@ def make_ir(work: Path) -> tuple[Path, str]:
     return ir, "optimum-intel INT4 export (sym, group 128, ratio 1.0)"
 
 
-def start_server(ir: Path, concurrency: int) -> tuple[subprocess.Popen, int]:
+def start_server(ir: Path, concurrency: int, name: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tangquant", "-q", "serve", "--model", str(ir), "--port", "0",
-         "--max-concurrency", str(concurrency), "--queue-size", str(concurrency),
-         "--max-tokens-limit", "1024", "--timeout", "900", "--model-name", "qwen1.5-0.5b-int4"],
+         "--max-concurrency", str(concurrency), "--queue-size", "8",
+         "--max-tokens-limit", "1024", "--timeout", "900", "--model-name", name],
         stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if "serving" not in line:
@@ -134,12 +134,19 @@ def pct(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def run_level(ir: Path, level: int, requests: int, max_tokens: int) -> dict:
+def run_level(ir: Path, level: int, requests: int, max_tokens: int,
+              workers: int | None = None) -> dict:
     import psutil
 
-    proc, port = start_server(ir, level)
+    workers = workers or level
+    proc, port = start_server(ir, workers, "qwen1.5-0.5b-int4-random")
     try:
-        one_request(port, 8)  # warm-up: compile, first allocations
+        # Warm-up: every pipeline's first inference (compilation, first allocations).
+        warm = [threading.Thread(target=one_request, args=(port, 8)) for _ in range(workers)]
+        for t in warm:
+            t.start()
+        for t in warm:
+            t.join()
         server = psutil.Process(proc.pid)
         per_client = max(1, requests // level)
         results, errors, rss = [], [], []
@@ -166,7 +173,7 @@ def run_level(ir: Path, level: int, requests: int, max_tokens: int) -> dict:
         client_ttft = [r["client_ttft_s"] for r in results if r["client_ttft_s"] is not None]
         tokens = sum(r["tokens"] for r in results)
         return {
-            "concurrency": level, "server_max_concurrency": level, "requests": len(results),
+            "concurrency": level, "server_max_concurrency": workers, "requests": len(results),
             "errors": errors, "max_tokens": max_tokens,
             "prompt_tokens": results[0]["prompt_tokens"] if results else None,
             "completion_tokens": tokens, "wall_s": round(wall, 2),
@@ -195,7 +202,7 @@ def screenshot(ir: Path, path: Path) -> None:
 
     import tempfile
 
-    proc, port = start_server(ir, 1)
+    proc, port = start_server(ir, 1, ir.name)
     with tempfile.TemporaryDirectory() as profile:
         driver = chromium(profile)
         try:
@@ -223,6 +230,7 @@ def main() -> None:
     parser.add_argument("--ir", help="use this IR instead of building the 0.5B shape")
     parser.add_argument("--levels", default="1,2,4")
     parser.add_argument("--requests", type=int, default=12, help="requests per level")
+    parser.add_argument("--workers", type=int, help="server --max-concurrency (default: the level)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--output", default=str(HERE / "results" / "serve_load.json"))
     parser.add_argument("--screenshot", help="also save a PNG of the chat page here")
@@ -242,7 +250,7 @@ def main() -> None:
     print(f"IR: {ir} ({how}, {build_s:.0f} s)")
     if args.prepare_only:
         return
-    levels = [run_level(ir, int(n), args.requests, args.max_tokens)
+    levels = [run_level(ir, int(n), args.requests, args.max_tokens, args.workers)
               for n in args.levels.split(",") if n]
     for lv in levels:
         print(f"concurrency {lv['concurrency']}: {lv['throughput_tok_s']} tok/s, TTFT p50 "

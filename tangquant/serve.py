@@ -83,7 +83,11 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None 
                      allow_public=allow_public, model_name=model_name, device=device)
     print(f"serving {server.model_name} at {server.url} ({max_concurrency} worker(s), queue "
           f"{queue_size}, API key {'required' if api_key else 'not required'})", flush=True)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn has already shut down gracefully, then re-raised Ctrl-C / SIGTERM
+    logger.info("server stopped")
 
 
 def _is_loopback(host: str) -> bool:

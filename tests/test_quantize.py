@@ -91,10 +91,7 @@ def test_gptq_has_lower_kld_than_rtn_on_heldout_text(gptq_dir, rtn_dir):
     assert g["top1_agreement"] >= r["top1_agreement"] - 0.01
 
 
-@pytest.mark.parametrize("algo,sym,act_order", [
-    ("gptq", False, True),
-    # AWQ's scale and clip grid searches take about a minute on 2 shared cores.
-    pytest.param("awq", True, False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("algo,sym,act_order", [("gptq", False, True), ("awq", True, False)])
 def test_reference_loader_reproduces_inc_in_memory_model(tmp_path, tiny_model_dir, calib_file,
                                                         algo, sym, act_order):
     """INC's integers are extracted exactly: the fp32 reference loader equals INC's model."""

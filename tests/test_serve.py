@@ -421,9 +421,8 @@ def test_load_twice_max_concurrency_cli_subprocess(ir, tmp_path):
         assert max(rss[3 * q:]) - max(rss[q:2 * q]) < 24 << 20, [r >> 20 for r in rss]
         print(f"statuses {dict(collections.Counter(statuses))}, RSS MiB {[r >> 20 for r in rss]}")
         proc.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells why.
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
-        assert "Finished server process" in proc.stderr.read()
+        assert proc.wait(timeout=30) == 0  # a graceful shutdown
+        assert "server stopped" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
