@@ -111,6 +111,14 @@ def atomic_output_dir(output: Path) -> Iterator[Path]:
         raise
 
 
+def final_name(path: Path) -> str:
+    """The name a directory will have once ``atomic_output_dir`` renames it into place."""
+    name = Path(path).name
+    if name.startswith(".") and ".tmp-" in name:
+        return name[1:].rsplit(".tmp-", 1)[0]
+    return name
+
+
 def _replace_dir(tmp: Path, output: Path) -> None:
     if output.exists():
         old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"

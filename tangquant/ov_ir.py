@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from tangquant.errors import InputError, TangquantError
+from tangquant import files
 from tangquant.files import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -99,9 +100,10 @@ def smoke_generate(model_dir: Path, prompt: str = "写一首唐诗", max_new_tok
 
 def write_model_card(out_dir: Path, source: Path, metrics: dict, embeddings: str) -> None:
     mode = metrics["int4_mode"]
-    text = f"""# {source.name} — OpenVINO INT4 (exact GPTQ integers)
+    name = files.final_name(source)
+    text = f"""# {name} — OpenVINO INT4 (exact GPTQ integers)
 
-Exported by `tangquant export --format openvino` from the GPTQ checkpoint `{source.name}`.
+Exported by `tangquant export --format openvino` from the GPTQ checkpoint `{name}`.
 
 - Linear layers: INT4, {mode}, group size {metrics['group_size']}; the {metrics['int4_layers']} layers'
   integers, fp16 scales and zero points are the checkpoint's own (checked on export:

@@ -159,3 +159,11 @@ def test_sigterm_leaves_no_partial_output(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_final_name_of_a_temporary_output(tmp_path):
+    from tangquant.files import final_name
+
+    with atomic_output_dir(tmp_path / "int4-gptq") as tmp:
+        assert final_name(tmp) == "int4-gptq"
+        assert final_name(tmp / "openvino") == "openvino"
