@@ -110,16 +110,6 @@ def tensor_shapes(shards: list[Path]) -> dict:
     return shapes
 
 
-def parse_size(text: str) -> int:
-    """'5GB' -> bytes (decimal units, as transformers uses)."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    s = str(text).strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * factor)
-    return int(s)
-
-
 class ShardWriter:
     """Write tensors into safetensors shards of bounded size plus an index.
 

@@ -15,12 +15,12 @@ import logging
 import math
 from pathlib import Path
 
+from tangquant import ov_ir
 from tangquant.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 HELP = "fidelity of a (quantized) model against its reference: perplexity, KL divergence, top-1"
-OV_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
 
 
 def add_arguments(parser) -> None:
@@ -56,7 +56,7 @@ def check_model_dir(path: str | Path) -> Path:
     from tangquant.files import existing_dir
 
     path = existing_dir(path, "model directory")
-    if not (path / "openvino_model.xml").is_file():
+    if not ov_ir.is_ir_dir(path):
         load_config(path)
     return path
 
@@ -69,10 +69,11 @@ def load_causal_lm(path: str | Path):
     from tangquant.files import existing_dir
 
     path = existing_dir(path, "model directory")
-    if (path / "openvino_model.xml").is_file():
+    if ov_ir.is_ir_dir(path):
         from optimum.intel import OVModelForCausalLM
 
-        return OVModelForCausalLM.from_pretrained(str(path), ov_config=OV_CONFIG, compile=True,
+        ov_ir.check_ir_files(path)  # a truncated .bin gets a clear error, not OpenVINO's
+        return OVModelForCausalLM.from_pretrained(str(path), ov_config=ov_ir.EXACT_CONFIG, compile=True,
                                                   trust_remote_code=False)
     config = load_config(path)
     qc = config.get("quantization_config")
@@ -114,8 +115,6 @@ def _samples(data, tokenizer, num_samples: int, seq_len: int, seed: int):
 
 
 def compare(model_lp: list, ref_lp: list, samples: list) -> dict:
-    import torch
-
     nll_m = nll_r = kld_sum = kld_max = 0.0
     agree = n = 0
     for lm, lr, s in zip(model_lp, ref_lp, samples):

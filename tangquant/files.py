@@ -48,13 +48,6 @@ def existing_dir(path: str | os.PathLike, what: str) -> Path:
     return p.resolve()
 
 
-def existing_file(path: str | os.PathLike, what: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{what} {p} does not exist or is not a file")
-    return p.resolve()
-
-
 def read_json(path: Path, what: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:

@@ -38,8 +38,6 @@ class QuantizedLinear:
     bits: int
 
     def dequantize(self):
-        import torch
-
         g = self.g_idx.long()
         scales = self.scales.float()[g]            # [in, out]
         zeros = self.zeros.float()[g]              # [in, out]
@@ -96,12 +94,14 @@ def pack_layer(q, zeros, scales, g_idx, bits: int, bias=None, format_version: in
 
 
 def unpack_layer(tensors: dict, bits: int, format_version: int = 1) -> QuantizedLinear:
+    import torch
+
     q = _unpack(tensors["qweight"], bits, dim=0).t().contiguous()
     zeros = _unpack(tensors["qzeros"], bits, dim=1)
     if format_version == 1:
-        # v1 stores zero-1 modulo 2^bits; AutoGPTQ and gptqmodel add the one back.
-        zeros = (zeros + 1) & ((1 << bits) - 1) if bits == 8 else zeros + 1
-    return QuantizedLinear(q=q.to(dtype=__import__("torch").uint8),
+        # v1 stores zero-1 modulo 2^bits; AutoGPTQ and gptqmodel add the one back unmasked.
+        zeros = zeros + 1
+    return QuantizedLinear(q=q.to(dtype=torch.uint8),
                            zeros=zeros, scales=tensors["scales"], g_idx=tensors["g_idx"], bits=bits)
 
 

@@ -21,13 +21,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tangquant import ov_ir
 from tangquant.errors import InputError
 from tangquant.files import existing_dir, human_size, read_json, read_manifest
 from tangquant.serve_schema import ApiError, Sampling
 
 logger = logging.getLogger(__name__)
 
-IR_FILES = ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
+IR_FILES = (ov_ir.MODEL_XML, ov_ir.TOKENIZER_XML, ov_ir.DETOKENIZER_XML)
 FINISH = {"STOP": "stop", "LENGTH": "length"}
 
 
@@ -49,6 +50,7 @@ def check_model_dir(model) -> Path:
     if missing:
         raise InputError(f"{path} is not an exported OpenVINO model (missing {', '.join(missing)}); "
                          "make one with `tangquant export --format openvino`")
+    ov_ir.check_ir_files(path)  # a missing or truncated .bin, before OpenVINO reads it
     return path
 
 

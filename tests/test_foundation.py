@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tangquant.cli import main
-from tangquant.errors import OutputExistsError, RecipeError, TangquantError
+from tangquant.errors import OutputExistsError, RecipeError
 from tangquant.files import atomic_output_dir, check_output
 
 
@@ -143,7 +142,6 @@ def test_gptq_v1_symmetric_zero_is_stored_as_seven():
 def test_sigterm_leaves_no_partial_output(tmp_path):
     """A killed run (SIGTERM, as from `timeout` or a scheduler) cleans up its temporary output."""
     import signal
-    import time
 
     code = (
         "import sys, time\n"

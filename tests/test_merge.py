@@ -179,7 +179,6 @@ def _refused(args, tmp_path, message, inputs, capsys=None, output=None):
 
 
 def _copy_adapter(src, dst, edit_tensors=None, edit_config=None):
-    import torch
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
