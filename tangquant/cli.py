@@ -53,9 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    # Third-party libraries are chatty at INFO; keep their warnings only.
+    # Third-party libraries are chatty at INFO; keep their warnings only. INC sets its
+    # logger's level again when it is first imported (later, inside a stage), so a
+    # filter holds the threshold; the previous call's filter is replaced.
+    floor = logging.DEBUG if verbose else logging.WARNING
     for noisy in ("neural_compressor", "nncf", "transformers", "optimum", "urllib3", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+        lg = logging.getLogger(noisy)
+        lg.setLevel(floor)
+        for f in [f for f in lg.filters if isinstance(f, _Floor)]:
+            lg.removeFilter(f)
+        lg.addFilter(_Floor(floor))
+
+
+class _Floor(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record) -> bool:
+        return record.levelno >= self.level
 
 
 def _raise_interrupt(signum, frame):

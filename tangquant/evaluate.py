@@ -106,7 +106,7 @@ def _logprobs(model, samples, desc: str):
     return out
 
 
-def _samples(data, tokenizer, num_samples: int, seq_len: int, seed: int):
+def tokenize_samples(data, tokenizer, num_samples: int, seq_len: int, seed: int):
     from tangquant.calib import load_documents, pack
 
     docs = load_documents(data) if isinstance(data, (str, Path)) else list(data)
@@ -153,7 +153,7 @@ def evaluate(model, reference, data, num_samples: int = 8, seq_len: int = 512, s
         if not isinstance(src, (str, Path)):
             raise InputError("evaluate needs a tokenizer when neither model is given as a path")
         tokenizer = load_tokenizer(Path(src))
-    samples = _samples(data, tokenizer, num_samples, seq_len, seed)
+    samples = tokenize_samples(data, tokenizer, num_samples, seq_len, seed)
     ref = load_causal_lm(reference) if isinstance(reference, (str, Path)) else reference
     ref_lp = _logprobs(ref, samples, "eval reference")
     del ref

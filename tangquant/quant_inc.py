@@ -41,15 +41,10 @@ def qwen2_absorb_layers(config) -> dict:
     return layers
 
 
-def load_model(model_dir: Path, layer_wise: bool):
+def load_model(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    if layer_wise:
-        from neural_compressor.torch.utils.utility import load_empty_model
-
-        # Weights stay on the meta device; INC loads each layer from the safetensors when needed.
-        return load_empty_model(str(model_dir), torch_dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
                                                 trust_remote_code=False).eval()
 
@@ -116,35 +111,30 @@ def inc_workspace():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_inc(model_dir: Path, recipe, samples, layer_wise: bool):
-    """Quantize with INC; return (converted model, {layer: has_bias})."""
+def run_inc(model_dir: Path, recipe, samples):
+    """Quantize the whole model with INC; return (converted model, {layer: has_bias})."""
     with inc_workspace():
-        return _run_inc(model_dir, recipe, samples, layer_wise)
+        return _run_inc(model_dir, recipe, samples)
 
 
-def _run_inc(model_dir: Path, recipe, samples, layer_wise: bool):
+def _run_inc(model_dir: Path, recipe, samples):
     import torch
     from neural_compressor.torch.quantization import (AWQConfig, GPTQConfig, RTNConfig, convert,
                                                       prepare)
 
-    if layer_wise and recipe.algo not in LAYER_WISE_ALGOS:
-        raise QuantizationError(f"--layer-wise works with {' and '.join(LAYER_WISE_ALGOS)} "
-                                f"(INC's layer-wise loading), not with {recipe.algo}")
     torch.manual_seed(recipe.seed)
-    model = load_model(model_dir, layer_wise)
+    model = load_model(model_dir)
     layers = linear_layers(model)
     common = dict(bits=recipe.bits, use_sym=recipe.use_sym, group_size=recipe.group_size)
     if recipe.algo == "gptq":
         cfg = GPTQConfig(**common, act_order=recipe.act_order, percdamp=recipe.percdamp,
-                         block_size=recipe.block_size, true_sequential=recipe.true_sequential,
-                         use_layer_wise=layer_wise, model_path=str(model_dir) if layer_wise else "")
+                         block_size=recipe.block_size, true_sequential=recipe.true_sequential)
         model = prepare(model, cfg)
         _calibrate(model, samples)
         with layer_progress(model, "GPTQ per-layer quantization"):
             model = convert(model)
     elif recipe.algo == "rtn":
-        cfg = RTNConfig(**common, use_layer_wise=layer_wise,
-                        model_path=str(model_dir) if layer_wise else "")
+        cfg = RTNConfig(**common)
         model = convert(prepare(model, cfg))
     elif recipe.algo == "awq":
         # folding=True: scales are folded into the previous layer only, never as an extra

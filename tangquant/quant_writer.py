@@ -43,6 +43,21 @@ def extract_layer(name: str, module, bits: int, group_size: int, has_bias: bool)
     return {"q": q, "zeros": zeros, "scales": scales, "g_idx": g_idx, "bias": bias}
 
 
+def pack_module(name: str, module, bits: int, group_size: int, has_bias: bool,
+                format_version: int) -> tuple[dict, int]:
+    """(GPTQ tensors {qweight, qzeros, scales, g_idx[, bias]}, weight count) of one INC layer."""
+    from tangquant.gptq_format import pack_layer
+
+    parts = extract_layer(name, module, bits, group_size, has_bias)
+    packed = pack_layer(parts["q"], parts["zeros"], parts["scales"], parts["g_idx"], bits,
+                        bias=parts["bias"], format_version=format_version)
+    return packed, parts["q"].numel()
+
+
+def packed_bytes(packed: dict) -> int:
+    return sum(packed[k].numel() * packed[k].element_size() for k in ("qweight", "qzeros", "scales"))
+
+
 def _source_tensor_names(model_dir: Path) -> list[tuple[Path, str]]:
     from tangquant.checkpoint import tensor_names, weight_files
 
@@ -69,7 +84,6 @@ def write_checkpoint(model, layers: dict[str, bool], source_dir: Path, out_dir: 
     from safetensors import safe_open
 
     from tangquant.checkpoint import ShardWriter
-    from tangquant.gptq_format import pack_layer
 
     writer = ShardWriter(out_dir, metadata={"quantized_by": "tangquant (Intel neural-compressor)"})
     quant_bytes = quant_weights = 0
@@ -80,15 +94,13 @@ def write_checkpoint(model, layers: dict[str, bool], source_dir: Path, out_dir: 
             module_name, _, leaf = name.rpartition(".")
             if module_name in layers:
                 if leaf == "weight":
-                    parts = extract_layer(module_name, model.get_submodule(module_name), bits,
-                                          group_size, layers[module_name])
-                    packed = pack_layer(parts["q"], parts["zeros"], parts["scales"], parts["g_idx"],
-                                        bits, bias=parts["bias"], format_version=format_version)
+                    packed, n_weights = pack_module(module_name, model.get_submodule(module_name),
+                                                    bits, group_size, layers[module_name],
+                                                    format_version)
                     for suffix, tensor in packed.items():
                         writer.add(f"{module_name}.{suffix}", tensor)
-                    quant_bytes += sum(packed[k].numel() * packed[k].element_size()
-                                       for k in ("qweight", "qzeros", "scales"))
-                    quant_weights += parts["q"].numel()
+                    quant_bytes += packed_bytes(packed)
+                    quant_weights += n_weights
                     written.add(module_name)
                 continue  # the bias travels with the packed layer
             value = _in_memory(model, name)

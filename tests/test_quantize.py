@@ -108,7 +108,7 @@ def test_reference_loader_reproduces_inc_in_memory_model(tmp_path, tiny_model_di
     r = resolve_recipe(None, algo=algo, use_sym=sym, act_order=act_order, seq_len=32, num_samples=n,
                        true_sequential=False)
     samples = pack(load_documents(calib_file), load_tokenizer(tiny_model_dir), 32, n, 0).samples
-    inc_model, layers = run_inc(tiny_model_dir, r, samples, layer_wise=False)
+    inc_model, layers = run_inc(tiny_model_dir, r, samples)
     fmt = 1 if sym else 2
     write_checkpoint(inc_model, layers, tiny_model_dir, tmp_path, 4, 128, fmt)
     write_config(load_config(tiny_model_dir), tmp_path, quantization_config(4, 128, sym, act_order, 0.01, fmt))
@@ -226,7 +226,7 @@ def test_resolved_recipe_is_saved_with_the_output(gptq_dir, calib_file):
 
 
 def test_layer_wise_rtn_writes_the_same_checkpoint(tmp_path, tiny_model_dir, rtn_dir):
-    """INC's layer-wise loading (one layer's weights at a time) changes nothing in the result."""
+    """RTN one decoder layer at a time writes exactly what INC writes on the whole model."""
     import torch
 
     out = tmp_path / "lw"
@@ -234,7 +234,65 @@ def test_layer_wise_rtn_writes_the_same_checkpoint(tmp_path, tiny_model_dir, rtn
                  "--layer-wise", "--eval-samples", "0"]) == 0
     a, b = _tensors(out), _tensors(rtn_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((out / "tangquant.json").read_text())["parameters"]["layer_wise"] is True
+    manifest = json.loads((out / "tangquant.json").read_text())
+    assert manifest["parameters"]["layer_wise"] is True
+    assert manifest["metrics"]["driver"] == "tangquant layer by layer"
+
+
+def _gptq(tiny_model_dir, out, calib_file, heldout_file, *extra) -> dict:
+    from _quantize_fixtures import run_quantize
+
+    run_quantize(tiny_model_dir, out, calib_file, heldout_file, "--algo", "gptq", *extra)
+    return _tensors(out)
+
+
+LAYER0 = [f"model.layers.0.{m}.{lin}" for m, lin in
+          [("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+           ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")]]
+
+
+def test_layer_by_layer_gptq_reproduces_inc_and_does_true_sequential_right(
+        tmp_path, tiny_model_dir, calib_file, heldout_file):
+    """The layer driver feeds INC the same hidden states as INC's whole-model run, and
+    true-sequential calibrates o/gate/up/down on the block with the earlier groups quantized."""
+    import torch
+
+    whole = _gptq(tiny_model_dir, tmp_path / "whole", calib_file, heldout_file, "--no-true-sequential")
+    flat = _gptq(tiny_model_dir, tmp_path / "flat", calib_file, heldout_file, "--no-true-sequential",
+                 "--layer-wise")
+    seq = _gptq(tiny_model_dir, tmp_path / "seq", calib_file, heldout_file, "--true-sequential")
+    for name in LAYER0:  # layer 0 sees the embeddings in both runs: the same integers
+        for leaf in ("qweight", "qzeros", "scales"):
+            assert torch.equal(whole[f"{name}.{leaf}"], flat[f"{name}.{leaf}"]), name
+    for name in LAYER0[:3]:  # q/k/v are the first group: nothing quantized before them
+        assert torch.equal(seq[f"{name}.qweight"], flat[f"{name}.qweight"]), name
+    assert not torch.equal(seq[f"{LAYER0[3]}.qweight"], flat[f"{LAYER0[3]}.qweight"])
+    metrics = json.loads((tmp_path / "seq" / "tangquant.json").read_text())["metrics"]
+    assert metrics["driver"] == "tangquant layer by layer"
+    whole_m = json.loads((tmp_path / "whole" / "tangquant.json").read_text())["metrics"]
+    assert whole_m["driver"] == "INC whole model"
+
+
+def test_layer_by_layer_fidelity_equals_eval_of_the_written_checkpoint(
+        tmp_path, tiny_model_dir, calib_file, heldout_file):
+    """The fidelity measured in the layer-wise pass (two hidden-state streams) is what
+    `tangquant eval` measures on the written checkpoint against the source."""
+    from tangquant.evaluate import evaluate
+
+    out = tmp_path / "lw"
+    _gptq(tiny_model_dir, out, calib_file, heldout_file, "--layer-wise")
+    inline = json.loads((out / "tangquant.json").read_text())["metrics"]["fidelity"]
+    again = evaluate(out, tiny_model_dir, heldout_file, num_samples=8, seq_len=64, seed=42)
+    assert inline["tokens"] == again["tokens"] and inline["kld"] > 0
+    for key in ("kld", "ppl_model", "ppl_reference", "top1_agreement"):
+        assert inline[key] == pytest.approx(again[key], rel=1e-3, abs=1e-7), key
+
+
+def test_layer_wise_refuses_awq(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    err = _refused(capsys, ["quantize", "--model", str(tiny_model_dir), "--output", str(out),
+                            "--algo", "awq", "--layer-wise"], out)
+    assert "--layer-wise" in err
 
 
 @pytest.mark.slow

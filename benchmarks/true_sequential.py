@@ -1,0 +1,111 @@
+"""GPTQ fidelity on the trained demo poet: INC's whole-model run against tangquant's layer driver.
+
+Merges the built-in demo adapter into its base, then quantizes it four ways
+with the demo's GPTQ recipe (4 bits, group 128, 16×256 calibration tokens of
+the poet's own chat data): INC on the whole model with and without INC's
+``true_sequential``, and tangquant's layer-by-layer driver with and without
+true-sequential groups. Each run reports KLD, perplexity and top-1 agreement
+against the merged model on the demo's held-out data (8 samples). INC's
+whole-model ``true_sequential`` is reached by calling ``quant_inc.run_inc``
+directly, because ``tangquant quantize`` routes true-sequential GPTQ to the
+layer driver. Results go to ``benchmarks/results/true_sequential_demo.json``.
+
+    python benchmarks/true_sequential.py [--work /tmp/tseq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def inc_whole_model_true_seq(merged: Path, out: Path, recipe_path: Path, calib: Path,
+                             heldout: Path) -> dict:
+    """INC's own whole-model GPTQ with true_sequential=True, written and evaluated like quantize."""
+    from tangquant.calib import load_documents, load_tokenizer, pack
+    from tangquant.checkpoint import load_config
+    from tangquant.evaluate import evaluate
+    from tangquant.files import copy_aux_files
+    from tangquant.gptq_format import quantization_config
+    from tangquant.quant_inc import run_inc
+    from tangquant.quant_writer import write_checkpoint, write_config
+    from tangquant.quantize import resolve_recipe
+
+    r = resolve_recipe(recipe_path, true_sequential=True)
+    # the same documents quantize calibrates on when --eval-data is given (all of --calib)
+    docs = load_documents(calib)
+    samples = pack(docs, load_tokenizer(merged), r.seq_len, r.num_samples, r.seed).samples
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    model, layers = run_inc(merged, r, samples)
+    write_checkpoint(model, layers, merged, out, r.bits, r.group_size, 1)
+    seconds = time.perf_counter() - t
+    write_config(load_config(merged), out, quantization_config(r.bits, r.group_size, True, False,
+                                                                r.percdamp, 1))
+    copy_aux_files(merged, out)
+    fid = evaluate(out, merged, heldout, num_samples=8, seq_len=r.seq_len, seed=r.seed)
+    return {"seconds_quantize": round(seconds, 2), "fidelity": fid}
+
+
+def via_cli(merged: Path, out: Path, recipe_path: Path, calib: Path, heldout: Path, *flags) -> dict:
+    from tangquant.cli import main
+
+    argv = ["-q", "quantize", "--model", str(merged), "--output", str(out), "--recipe", str(recipe_path),
+            "--calib", str(calib), "--eval-data", str(heldout), "--eval-samples", "8", "--force", *flags]
+    if main(argv) != 0:
+        raise SystemExit(f"tangquant {' '.join(argv)} failed")
+    m = json.loads((out / "tangquant.json").read_text())["metrics"]
+    return {"seconds_quantize": m["seconds_quantize"], "fidelity": m["fidelity"], "driver": m["driver"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/true_sequential"))
+    parser.add_argument("--results", type=Path, default=HERE / "results" / "true_sequential_demo.json")
+    args = parser.parse_args()
+
+    import torch
+
+    from tangquant.cli import main as cli
+    from tangquant.poet import ASSETS as DEMO_DIR
+    from tangquant.files import cpu_model, package_versions
+
+    merged = args.work / "merged"
+    if cli(["-q", "merge", "--model", str(DEMO_DIR / "base"), "--adapter", str(DEMO_DIR / "adapter"),
+            "--output", str(merged), "--force"]) != 0:
+        raise SystemExit("merge failed")
+    recipe = DEMO_DIR / "int4-gptq-g128.yaml"
+    calib, heldout = DEMO_DIR / "calib.json", DEMO_DIR / "heldout.json"
+    runs = {
+        "inc_whole_model": via_cli(merged, args.work / "whole", recipe, calib, heldout,
+                                   "--no-true-sequential"),
+        "inc_whole_model_true_sequential": inc_whole_model_true_seq(
+            merged, args.work / "whole-ts", recipe, calib, heldout),
+        "layer_wise": via_cli(merged, args.work / "lw", recipe, calib, heldout, "--layer-wise",
+                              "--no-true-sequential"),
+        "layer_wise_true_sequential": via_cli(merged, args.work / "lw-ts", recipe, calib, heldout,
+                                              "--layer-wise", "--true-sequential"),
+    }
+    record = {"benchmark": "true_sequential_demo", "model": "tangquant demo poet (trained, merged)",
+              "recipe": str(recipe.relative_to(HERE.parent)), "heldout_samples": 8,
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+              "loadavg": os.getloadavg(), "versions": package_versions(),
+              "command": "python benchmarks/true_sequential.py", "runs": runs}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    for name, run in runs.items():
+        f = run["fidelity"]
+        print(f"{name:34s} KLD {f['kld']:.5f}  top-1 {f['top1_agreement']:.3f}  {run['seconds_quantize']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

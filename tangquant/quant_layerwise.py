@@ -1,0 +1,389 @@
+"""Layer-by-layer GPTQ and RTN in bounded memory (``tangquant quantize --layer-wise``).
+
+INC 3.10's own ``use_layer_wise`` saved no memory on the Qwen shapes (0.5B:
+3.8 GB peak against 3.5 GB without it; ``benchmarks/results/quantize_cost.jsonl``),
+so tangquant drives INC one decoder layer at a time instead: the layer's
+weights are read from the safetensors, wrapped in a one-layer model whose
+``model.layers`` INC's GPTQ recognises as the transformer stack, quantized on
+the cached hidden states, written to the output shard by shard, and run to give
+the next layer its inputs (through the quantized weights, as GPTQ prescribes).
+Only one layer, the hidden states of the samples and, at the end, the LM head
+are ever in memory.
+
+True-sequential GPTQ quantizes a layer in groups of linears that share an
+input (q/k/v, o, gate/up, down), each calibrated with the earlier groups
+already quantized. INC 3.10 also replaces the block's *input* hidden states
+with its output after every group (step 2.5 of
+``RAWGPTQuantizer.execute_quantization`` sits inside the loop over groups), so
+here each group is a separate INC call on the layer's own cached inputs.
+
+The fidelity report is computed in the same pass: held-out samples flow
+through the source layers and through the quantized layers side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from tangquant.errors import QuantizationError
+
+logger = logging.getLogger(__name__)
+
+
+class LayerSource:
+    """Tensors of a model directory by name, read from its safetensors on demand.
+
+    Each read opens and closes the file: a handle kept open keeps every page it
+    has touched mapped, and the peak RSS would grow to the size of the model.
+    """
+
+    def __init__(self, model_dir: Path):
+        from tangquant.checkpoint import tensor_shapes, weight_files
+
+        self.where = {name: path for name, (_, _, path) in tensor_shapes(weight_files(model_dir)).items()}
+
+    def get(self, name: str):
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.where if n.startswith(prefix)]
+
+
+@contextlib.contextmanager
+def _inc_errors_only():
+    """INC warns on every call that it skips lm_head and resets its lm_head configs:
+    here that is once per layer and group, so below --verbose only its errors pass."""
+    inc = logging.getLogger("neural_compressor")
+
+    def errors(record):
+        return record.levelno >= logging.ERROR or logger.isEnabledFor(logging.DEBUG)
+
+    inc.addFilter(errors)
+    try:
+        yield
+    finally:
+        inc.removeFilter(errors)
+
+
+def _skeleton(model_dir: Path):
+    """The model on the meta device (no memory) and a real rotary embedding."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    rotary = type(model.model.rotary_emb)(config=config)
+    return model, rotary
+
+
+def _one_layer_model(layer):
+    import torch
+
+    class OneLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([layer])
+
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None):
+            out = self.model.layers[0](hidden_states, position_embeddings=position_embeddings,
+                                       attention_mask=attention_mask)
+            return out[0] if isinstance(out, tuple) else out
+
+    return OneLayer().eval()
+
+
+class _Context:
+    """Rotary embeddings and causal masks per sequence length, built once."""
+
+    def __init__(self, rotary):
+        self.rotary = rotary
+        self._cache: dict[int, dict] = {}
+
+    def kwargs(self, hidden) -> dict:
+        import torch
+
+        n = hidden.shape[1]
+        if n not in self._cache:
+            pos = torch.arange(n).unsqueeze(0)
+            # An explicit additive mask is causal under both sdpa and eager attention.
+            mask = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)[None, None]
+            self._cache[n] = {"position_embeddings": self.rotary(hidden, pos), "attention_mask": mask}
+        return self._cache[n]
+
+
+def _load_layer(skeleton, source: LayerSource, index: int):
+    prefix = f"model.layers.{index}."
+    state = {name[len(prefix):]: source.get(name).float() for name in source.names(prefix)}
+    layer = skeleton.model.layers[index]
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer
+
+
+def _linears(module) -> list[str]:
+    import torch
+
+    return [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def sequential_groups(block, hidden, ctx: _Context) -> list[list[str]]:
+    """The block's linears grouped by shared input, in call order (q,k,v | o | gate,up | down)."""
+    import torch
+
+    calls: list[tuple[str, int]] = []
+    handles = [block.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: calls.append((n, args[0].data_ptr()))) for n in _linears(block)]
+    try:
+        with torch.no_grad():
+            short = hidden[:, :8]
+            block(short, **ctx.kwargs(short))
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last = None
+    for name, ptr in calls:
+        if groups and ptr == last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = ptr
+    return groups
+
+
+def _inc_config(recipe, model_dir: Path):
+    from neural_compressor.torch.quantization import GPTQConfig, RTNConfig
+
+    common = dict(bits=recipe.bits, use_sym=recipe.use_sym, group_size=recipe.group_size)
+    if recipe.algo == "rtn":
+        return RTNConfig(**common)
+    # true_sequential is done here group by group, so INC sees one group per call;
+    # model_path only has to be a local directory (INC otherwise asks the Hub for "").
+    return GPTQConfig(**common, act_order=recipe.act_order, percdamp=recipe.percdamp,
+                      block_size=recipe.block_size, true_sequential=False, model_path=str(model_dir))
+
+
+def _frozen(linear):
+    """A stand-in for a linear that INC must leave alone in this call.
+
+    INC's GPTQ quantizes every ``nn.Linear`` of the block whatever the per-layer
+    config says (a ``dtype="fp32"`` local config is ignored), so linears outside
+    the current group are hidden behind a module that is not one, and holds the
+    real layer outside its children.
+    """
+    import torch
+
+    class Frozen(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden = [linear]
+
+        def forward(self, x):
+            return self.hidden[0](x)
+
+    return Frozen()
+
+
+def _swap(block, modules: dict) -> dict:
+    """Set ``block``'s submodules by name; return the ones replaced."""
+    old = {}
+    for name, module in modules.items():
+        parent, _, leaf = name.rpartition(".")
+        old[name] = getattr(block.get_submodule(parent), leaf)
+        setattr(block.get_submodule(parent), leaf, module)
+    return old
+
+
+def quantize_block(block, recipe, hidden: list, ctx: _Context, model_dir: Path):
+    """Quantize every linear of a one-layer model with INC; return the converted model."""
+    import torch
+    from neural_compressor.torch.quantization import convert, prepare
+
+    if recipe.algo == "rtn":
+        return convert(prepare(block, _inc_config(recipe, model_dir)))
+    groups = (sequential_groups(block, hidden[0], ctx) if recipe.true_sequential
+              else [_linears(block)])
+    for group in groups:
+        others = {n: _frozen(block.get_submodule(n)) for n in _linears(block) if n not in group}
+        hidden_away = _swap(block, others)
+        block = prepare(block, _inc_config(recipe, model_dir))
+        with torch.no_grad():
+            for h in hidden:
+                block(h, **ctx.kwargs(h))
+        block = convert(block)
+        _swap(block, hidden_away)
+    left = _linears(block)
+    if left:
+        raise QuantizationError(f"INC left {left[:3]} unquantized")
+    return block
+
+
+def _advance(block, hidden: list, ctx: _Context) -> None:
+    """Replace each sample's hidden state by the block's output, one at a time (bounded memory)."""
+    import torch
+
+    with torch.no_grad():
+        for i, h in enumerate(hidden):
+            hidden[i] = block(h, **ctx.kwargs(h))
+
+
+def _embed(source: LayerSource, samples, as_written: bool = False) -> list:
+    """Input hidden states; ``as_written`` rounds the embeddings to the checkpoint's fp16."""
+    import torch
+
+    weight = source.get("model.embed_tokens.weight")
+    if as_written:
+        weight = weight.to(torch.float16)
+    out = [weight[s].float().unsqueeze(0) for s in samples]
+    del weight
+    return out
+
+
+def _dequantized_block(block, packed_by_name: dict, recipe, fmt: int):
+    """The block as the checkpoint holds it: dequantized linears, fp16-rounded norms."""
+    import torch
+
+    from tangquant.gptq_format import unpack_layer
+
+    for param in block.parameters():
+        param.data = param.data.to(torch.float16).float()
+
+    for name, packed in packed_by_name.items():
+        ql = unpack_layer(packed, recipe.bits, fmt)
+        weight = ql.dequantize()
+        bias = packed.get("bias")
+        lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                              device="meta")
+        lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            lin.bias = torch.nn.Parameter(bias.float(), requires_grad=False)
+        parent, _, leaf = name.rpartition(".")
+        setattr(block.get_submodule(parent), leaf, lin)
+    return block
+
+
+def _write_layer(writer, block, index: int, source: LayerSource, recipe, fmt: int) -> dict:
+    """Write one quantized layer (packed linears, fp16 norms); return {wrapper name: packed}."""
+    import torch
+    from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
+
+    from tangquant.quant_writer import pack_module, packed_bytes
+
+    prefix = f"model.layers.{index}."
+    wrapped = "model.layers.0."
+    packed_by_name, stats = {}, {"weights": 0, "bytes": 0}
+    quantized = set()
+    for name, module in block.named_modules():
+        if name.startswith(wrapped) and isinstance(module, INCWeightOnlyLinear):
+            real = prefix + name[len(wrapped):]
+            packed, n = pack_module(real, module, recipe.bits, recipe.group_size,
+                                    f"{real}.bias" in source.where, fmt)
+            for suffix, tensor in packed.items():
+                writer.add(f"{real}.{suffix}", tensor)
+            packed_by_name[name] = packed
+            quantized.add(real)
+            stats["weights"] += n
+            stats["bytes"] += packed_bytes(packed)
+    for name in source.names(prefix):
+        if name.rpartition(".")[0] not in quantized:
+            value = source.get(name)
+            writer.add(name, value.to(torch.float16) if value.is_floating_point() else value)
+    return {"packed": packed_by_name, **stats, "layers": len(quantized)}
+
+
+def run_layer_wise(model_dir: Path, out_dir: Path, recipe, samples: list, held: list,
+                   fmt: int) -> tuple[dict, dict | None]:
+    """Quantize and write ``model_dir`` layer by layer; return (counts, fidelity or None)."""
+    import torch
+    from tqdm import tqdm
+
+    from tangquant.checkpoint import ShardWriter
+    from tangquant.quant_inc import inc_workspace
+
+    torch.manual_seed(recipe.seed)
+    source = LayerSource(Path(model_dir))
+    skeleton, rotary = _skeleton(Path(model_dir))
+    ctx = _Context(rotary)
+    calib = _embed(source, samples) if recipe.algo != "rtn" else []
+    ref = _embed(source, held)
+    quant = _embed(source, held, as_written=True)
+    # 2 GB shards: the writer holds a shard's tensors until it is full, and memory is the point.
+    writer = ShardWriter(out_dir, max_shard_bytes=2 * 10**9,
+                         metadata={"quantized_by": "tangquant (Intel neural-compressor)"})
+    totals = {"weights": 0, "bytes": 0, "layers": 0}
+    n_layers = len(skeleton.model.layers)
+    with inc_workspace(), _inc_errors_only():
+        for i in tqdm(range(n_layers), desc=f"{recipe.algo} layer by layer", unit="layer"):
+            block = _one_layer_model(_load_layer(skeleton, source, i))
+            _advance(block, ref, ctx)  # the source model's stream, before quantization
+            block = quantize_block(block, recipe, calib, ctx, Path(model_dir))
+            written = _write_layer(writer, block, i, source, recipe, fmt)
+            for k in totals:
+                totals[k] += written[k]
+            block = _dequantized_block(block, written["packed"], recipe, fmt)
+            _advance(block, calib, ctx)
+            _advance(block, quant, ctx)
+            skeleton.model.layers[i] = torch.nn.Identity()  # drop the layer's weights
+            del block, written
+    for name in source.names():
+        if not name.startswith("model.layers."):
+            value = source.get(name)
+            writer.add(name, value.to(torch.float16) if value.is_floating_point() else value)
+    files = writer.close()
+    calib.clear()
+    fidelity = _fidelity(source, skeleton, ref, quant, held) if held else None
+    counts = {"quantized_layers": totals["layers"], "quantized_weights": totals["weights"],
+              "quantized_bytes": totals["bytes"], "files": [f.name for f in files],
+              "bits_per_weight": 8 * totals["bytes"] / max(totals["weights"], 1)}
+    return counts, fidelity
+
+
+def _head(source: LayerSource, skeleton, as_written: bool):
+    """(final norm, LM head weight) in fp32; ``as_written`` rounds them to fp16 first."""
+    import torch
+
+    def load(name):
+        t = source.get(name)
+        return (t.to(torch.float16) if as_written else t).float()
+
+    norm = type(skeleton.model.norm)(skeleton.config.hidden_size, eps=skeleton.config.rms_norm_eps)
+    norm.weight.data = load("model.norm.weight")
+    head = "lm_head.weight" if "lm_head.weight" in source.where else "model.embed_tokens.weight"
+    return norm, load(head)
+
+
+def _fidelity(source: LayerSource, skeleton, ref: list, quant: list, held: list,
+              chunk: int = 128) -> dict:
+    """evaluate.compare's metrics, ``chunk`` positions at a time (a 7B vocabulary's logits are large)."""
+    import math
+
+    import torch
+
+    from tangquant.evaluate import compare
+
+    parts = []
+    with torch.no_grad():
+        heads = [_head(source, skeleton, as_written=False), _head(source, skeleton, as_written=True)]
+        for r, q, ids in zip(ref, quant, held):
+            for a in range(0, len(ids) - 1, chunk):
+                b = min(a + chunk, len(ids) - 1)
+                lps = [torch.log_softmax(norm(h[:, a:b])[0] @ w.t(), dim=-1)
+                       for (norm, w), h in zip(heads, (r, q))]
+                parts.append(compare([lps[1]], [lps[0]], [ids[a:b + 1]]))
+    n = sum(p["tokens"] for p in parts)
+
+    def weighted(key):
+        return sum(p[key] * p["tokens"] for p in parts) / n
+
+    return {"samples": len(held), "tokens": n,
+            "ppl_model": math.exp(sum(math.log(p["ppl_model"]) * p["tokens"] for p in parts) / n),
+            "ppl_reference": math.exp(sum(math.log(p["ppl_reference"]) * p["tokens"] for p in parts) / n),
+            "kld": weighted("kld"), "kld_max": max(p["kld_max"] for p in parts),
+            "top1_agreement": weighted("top1_agreement")}
