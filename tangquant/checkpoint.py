@@ -199,3 +199,23 @@ def read_tensors_unmapped(path: Path):
             if f.readinto(buf.numpy()) != end - start:
                 raise InputError(f"{path} is truncated at tensor {name}")
             yield name, buf.view(st[info["dtype"]]).reshape(info["shape"])
+
+
+class TensorReader:
+    """Tensors of a model directory by name, read from its safetensors on demand.
+
+    Each read opens and closes the file: a handle kept open keeps every page it
+    has touched mapped, and the peak RSS would grow to the size of the model.
+    """
+
+    def __init__(self, model_dir: Path):
+        self.where = {name: path for name, (_, _, path) in tensor_shapes(weight_files(model_dir)).items()}
+
+    def get(self, name: str):
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.where if n.startswith(prefix)]

@@ -57,7 +57,7 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     # logger's level again when it is first imported (later, inside a stage), so a
     # filter holds the threshold; the previous call's filter is replaced.
     floor = logging.DEBUG if verbose else logging.WARNING
-    for noisy in ("neural_compressor", "nncf", "transformers", "optimum", "urllib3", "httpx"):
+    for noisy in ("neural_compressor", "autoround", "nncf", "transformers", "optimum", "urllib3", "httpx"):
         lg = logging.getLogger(noisy)
         lg.setLevel(floor)
         for f in [f for f in lg.filters if isinstance(f, _Floor)]:

@@ -161,3 +161,51 @@ def evaluate(model, reference, data, num_samples: int = 8, seq_len: int = 512, s
     mod = load_causal_lm(model) if isinstance(model, (str, Path)) else model
     model_lp = _logprobs(mod, samples, "eval model")
     return compare(model_lp, ref_lp, samples)
+
+
+def _head(source, skeleton, as_written: bool):
+    """(final norm, LM head weight) in fp32; ``as_written`` rounds them to fp16 first."""
+    import torch
+
+    def load(name):
+        t = source.get(name)
+        return (t.to(torch.float16) if as_written else t).float()
+
+    norm = type(skeleton.model.norm)(skeleton.config.hidden_size, eps=skeleton.config.rms_norm_eps)
+    norm.weight.data = load("model.norm.weight")
+    head = "lm_head.weight" if "lm_head.weight" in source.where else "model.embed_tokens.weight"
+    return norm, load(head)
+
+
+def streamed_fidelity(source, skeleton, ref: list, quant: list, held: list, chunk: int = 128) -> dict:
+    """:func:`compare`'s metrics from final hidden states, ``chunk`` positions at a time.
+
+    For tangquant's layer-by-layer quantization, which runs the held-out samples
+    through the source layers (``ref``) and the quantized ones (``quant``) as it
+    goes: only the final norm and LM head (read from ``source``, a
+    :class:`tangquant.checkpoint.TensorReader`) are applied here, and a 7B
+    vocabulary's logits are never held for a whole sample.
+    """
+    import math
+
+    import torch
+
+    parts = []
+    with torch.no_grad():
+        heads = [_head(source, skeleton, as_written=False), _head(source, skeleton, as_written=True)]
+        for r, q, ids in zip(ref, quant, held):
+            for a in range(0, len(ids) - 1, chunk):
+                b = min(a + chunk, len(ids) - 1)
+                lps = [torch.log_softmax(norm(h[:, a:b])[0] @ w.t(), dim=-1)
+                       for (norm, w), h in zip(heads, (r, q))]
+                parts.append(compare([lps[1]], [lps[0]], [ids[a:b + 1]]))
+    n = sum(p["tokens"] for p in parts)
+
+    def weighted(key):
+        return sum(p[key] * p["tokens"] for p in parts) / n
+
+    return {"samples": len(held), "tokens": n,
+            "ppl_model": math.exp(sum(math.log(p["ppl_model"]) * p["tokens"] for p in parts) / n),
+            "ppl_reference": math.exp(sum(math.log(p["ppl_reference"]) * p["tokens"] for p in parts) / n),
+            "kld": weighted("kld"), "kld_max": max(p["kld_max"] for p in parts),
+            "top1_agreement": weighted("top1_agreement")}

@@ -35,7 +35,7 @@ AUX_FILES = (
 )
 VERSIONED_PACKAGES = (
     "torch", "transformers", "peft", "safetensors", "neural-compressor-pt",
-    "openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "nncf",
+    "openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "nncf", "auto-round",
 )
 
 

@@ -25,7 +25,8 @@ def write_card(out_dir: Path, source: Path, r, m: dict) -> None:
     lines = [
         f"# {source.name} — INT{r.bits} {r.algo.upper()} (GPTQ layout)", "",
         f"Weight-only INT{r.bits} quantization of `{source}` made with tangquant using Intel "
-        f"neural-compressor {package_versions().get('neural-compressor-pt', '?')} ({r.algo}).",
+        f"neural-compressor {package_versions().get('neural-compressor-pt', '?')} ({r.algo}; "
+        f"driver: {m.get('driver', 'INC whole model')}).",
         f"Checkpoint layout: AutoGPTQ `{m['checkpoint_format']}` (qweight/qzeros/scales/g_idx, "
         "fp16 scales), as Qwen's own `*-GPTQ-Int4` releases; embeddings and lm_head in fp16.", "",
         "## Parameters", "", "| key | value |", "|---|---|",

@@ -32,28 +32,6 @@ from tangquant.errors import QuantizationError
 logger = logging.getLogger(__name__)
 
 
-class LayerSource:
-    """Tensors of a model directory by name, read from its safetensors on demand.
-
-    Each read opens and closes the file: a handle kept open keeps every page it
-    has touched mapped, and the peak RSS would grow to the size of the model.
-    """
-
-    def __init__(self, model_dir: Path):
-        from tangquant.checkpoint import tensor_shapes, weight_files
-
-        self.where = {name: path for name, (_, _, path) in tensor_shapes(weight_files(model_dir)).items()}
-
-    def get(self, name: str):
-        from safetensors import safe_open
-
-        with safe_open(str(self.where[name]), framework="pt") as f:
-            return f.get_tensor(name)
-
-    def names(self, prefix: str = "") -> list[str]:
-        return [n for n in self.where if n.startswith(prefix)]
-
-
 @contextlib.contextmanager
 def _inc_errors_only():
     """INC warns on every call that it skips lm_head and resets its lm_head configs:
@@ -119,7 +97,7 @@ class _Context:
         return self._cache[n]
 
 
-def _load_layer(skeleton, source: LayerSource, index: int):
+def _load_layer(skeleton, source, index: int):
     prefix = f"model.layers.{index}."
     state = {name[len(prefix):]: source.get(name).float() for name in source.names(prefix)}
     layer = skeleton.model.layers[index]
@@ -234,7 +212,7 @@ def _advance(block, hidden: list, ctx: _Context) -> None:
             hidden[i] = block(h, **ctx.kwargs(h))
 
 
-def _embed(source: LayerSource, samples, as_written: bool = False) -> list:
+def _embed(source, samples, as_written: bool = False) -> list:
     """Input hidden states; ``as_written`` rounds the embeddings to the checkpoint's fp16."""
     import torch
 
@@ -269,7 +247,7 @@ def _dequantized_block(block, packed_by_name: dict, recipe, fmt: int):
     return block
 
 
-def _write_layer(writer, block, index: int, source: LayerSource, recipe, fmt: int) -> dict:
+def _write_layer(writer, block, index: int, source, recipe, fmt: int) -> dict:
     """Write one quantized layer (packed linears, fp16 norms); return {wrapper name: packed}."""
     import torch
     from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
@@ -304,11 +282,12 @@ def run_layer_wise(model_dir: Path, out_dir: Path, recipe, samples: list, held: 
     import torch
     from tqdm import tqdm
 
-    from tangquant.checkpoint import ShardWriter
+    from tangquant.checkpoint import ShardWriter, TensorReader
+    from tangquant.evaluate import streamed_fidelity
     from tangquant.quant_inc import inc_workspace
 
     torch.manual_seed(recipe.seed)
-    source = LayerSource(Path(model_dir))
+    source = TensorReader(Path(model_dir))
     skeleton, rotary = _skeleton(Path(model_dir))
     ctx = _Context(rotary)
     calib = _embed(source, samples) if recipe.algo != "rtn" else []
@@ -338,52 +317,8 @@ def run_layer_wise(model_dir: Path, out_dir: Path, recipe, samples: list, held: 
             writer.add(name, value.to(torch.float16) if value.is_floating_point() else value)
     files = writer.close()
     calib.clear()
-    fidelity = _fidelity(source, skeleton, ref, quant, held) if held else None
+    fidelity = streamed_fidelity(source, skeleton, ref, quant, held) if held else None
     counts = {"quantized_layers": totals["layers"], "quantized_weights": totals["weights"],
               "quantized_bytes": totals["bytes"], "files": [f.name for f in files],
               "bits_per_weight": 8 * totals["bytes"] / max(totals["weights"], 1)}
     return counts, fidelity
-
-
-def _head(source: LayerSource, skeleton, as_written: bool):
-    """(final norm, LM head weight) in fp32; ``as_written`` rounds them to fp16 first."""
-    import torch
-
-    def load(name):
-        t = source.get(name)
-        return (t.to(torch.float16) if as_written else t).float()
-
-    norm = type(skeleton.model.norm)(skeleton.config.hidden_size, eps=skeleton.config.rms_norm_eps)
-    norm.weight.data = load("model.norm.weight")
-    head = "lm_head.weight" if "lm_head.weight" in source.where else "model.embed_tokens.weight"
-    return norm, load(head)
-
-
-def _fidelity(source: LayerSource, skeleton, ref: list, quant: list, held: list,
-              chunk: int = 128) -> dict:
-    """evaluate.compare's metrics, ``chunk`` positions at a time (a 7B vocabulary's logits are large)."""
-    import math
-
-    import torch
-
-    from tangquant.evaluate import compare
-
-    parts = []
-    with torch.no_grad():
-        heads = [_head(source, skeleton, as_written=False), _head(source, skeleton, as_written=True)]
-        for r, q, ids in zip(ref, quant, held):
-            for a in range(0, len(ids) - 1, chunk):
-                b = min(a + chunk, len(ids) - 1)
-                lps = [torch.log_softmax(norm(h[:, a:b])[0] @ w.t(), dim=-1)
-                       for (norm, w), h in zip(heads, (r, q))]
-                parts.append(compare([lps[1]], [lps[0]], [ids[a:b + 1]]))
-    n = sum(p["tokens"] for p in parts)
-
-    def weighted(key):
-        return sum(p[key] * p["tokens"] for p in parts) / n
-
-    return {"samples": len(held), "tokens": n,
-            "ppl_model": math.exp(sum(math.log(p["ppl_model"]) * p["tokens"] for p in parts) / n),
-            "ppl_reference": math.exp(sum(math.log(p["ppl_reference"]) * p["tokens"] for p in parts) / n),
-            "kld": weighted("kld"), "kld_max": max(p["kld_max"] for p in parts),
-            "top1_agreement": weighted("top1_agreement")}

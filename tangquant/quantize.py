@@ -41,6 +41,7 @@ class QuantRecipe:
     percdamp: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
+    iters: int = 200
     calib: str | None = None
     num_samples: int = 128
     seq_len: int = 512
@@ -66,6 +67,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                         help="GPTQ: calibrate each group of linears (q/k/v, o, gate/up, down) with "
                         "the earlier groups already quantized (default on with --layer-wise)")
+    parser.add_argument("--iters", type=int, help="AutoRound: tuning steps per block (default 200)")
     parser.add_argument("--calib", help="calibration data (alpaca/ShareGPT/chinese-poetry JSON, JSONL, .txt)")
     parser.add_argument("--num-samples", type=int, help="calibration samples (default 128)")
     parser.add_argument("--seq-len", type=int, help="tokens per calibration sample (default 512)")
@@ -83,7 +85,7 @@ def run(args) -> int:
     result = quantize(args.model, args.output, algo=args.algo, recipe=args.recipe, bits=args.bits,
                       group_size=args.group_size, use_sym=args.use_sym, act_order=args.act_order,
                       percdamp=args.percdamp, block_size=args.block_size,
-                      true_sequential=args.true_sequential, calib=args.calib,
+                      true_sequential=args.true_sequential, iters=args.iters, calib=args.calib,
                       num_samples=args.num_samples, seq_len=args.seq_len, layer_wise=args.layer_wise,
                       seed=args.seed, eval_data=args.eval_data, eval_samples=args.eval_samples,
                       export=args.export, force=args.force)
@@ -125,9 +127,15 @@ def check_recipe(r: QuantRecipe, config: dict) -> None:
     if r.layer_wise and r.algo not in LAYER_WISE_ALGOS:
         raise QuantizationError(f"--layer-wise works with {' and '.join(LAYER_WISE_ALGOS)}, "
                                 f"not with {r.algo}")
+    if r.iters < 0:
+        raise QuantizationError(f"iters must be >= 0, got {r.iters}")
     if r.algo == "autoround":
-        raise QuantizationError("--algo autoround needs the auto-round package (auto-round==0.16.1), "
-                                "which is not part of tangquant's install; use gptq, rtn or awq")
+        from tangquant.quant_autoround import check_available
+
+        if not r.use_sym:
+            raise QuantizationError("--algo autoround writes AutoGPTQ v1, which cannot hold an "
+                                    "asymmetric zero point of 0; use --sym")
+        check_available()
 
 
 def _calibration(r: QuantRecipe, tokenizer):
@@ -166,8 +174,8 @@ def _export_fn(export):
 
 
 def quantize(model, output, algo=None, recipe=None, bits=None, group_size=None, use_sym=None,
-             act_order=None, percdamp=None, block_size=None, true_sequential=None, calib=None,
-             num_samples=None, seq_len=None, layer_wise=None, seed=None, eval_data=None,
+             act_order=None, percdamp=None, block_size=None, true_sequential=None, iters=None,
+             calib=None, num_samples=None, seq_len=None, layer_wise=None, seed=None, eval_data=None,
              eval_samples=None, export=None, force=False) -> dict:
     """Quantize ``model`` into a GPTQ checkpoint at ``output``; return the manifest metrics."""
     from tangquant.calib import load_tokenizer
@@ -179,7 +187,7 @@ def quantize(model, output, algo=None, recipe=None, bits=None, group_size=None, 
     refuse_quantized(config, model_dir, "quantize its full-precision (merged) model instead")
     r = resolve_recipe(recipe, algo=algo, bits=bits, group_size=group_size, use_sym=use_sym,
                        act_order=act_order, percdamp=percdamp, block_size=block_size,
-                       true_sequential=true_sequential, calib=calib,
+                       true_sequential=true_sequential, iters=iters, calib=calib,
                        num_samples=num_samples, seq_len=seq_len, layer_wise=layer_wise, seed=seed,
                        eval_data=eval_data, eval_samples=eval_samples)
     check_recipe(r, config)
@@ -201,6 +209,12 @@ def layer_by_layer(r: QuantRecipe) -> bool:
     without true_sequential, and 0.00270 with it done layer by layer).
     """
     return r.layer_wise or (r.algo == "gptq" and r.true_sequential)
+
+
+def driver_name(r: QuantRecipe) -> str:
+    if layer_by_layer(r):
+        return "tangquant layer by layer"
+    return "auto-round (through INC)" if r.algo == "autoround" else "INC whole model"
 
 
 def _quantize_and_write(model_dir, tmp, r, packed, held, fmt, tokenizer):
@@ -225,10 +239,15 @@ def _quantize_and_write(model_dir, tmp, r, packed, held, fmt, tokenizer):
         counts, fidelity = run_layer_wise(model_dir, tmp, r, samples, held_ids, fmt)
         return counts, fidelity, time.perf_counter() - t0
     t0 = time.perf_counter()
-    qmodel, layers = run_inc(model_dir, r, samples)
-    counts = write_checkpoint(qmodel, layers, model_dir, tmp, r.bits, r.group_size, fmt)
+    if r.algo == "autoround":
+        from tangquant.quant_autoround import run_autoround
+
+        counts = run_autoround(model_dir, tmp, r, samples, fmt)
+    else:
+        qmodel, layers = run_inc(model_dir, r, samples)
+        counts = write_checkpoint(qmodel, layers, model_dir, tmp, r.bits, r.group_size, fmt)
+        del qmodel
     seconds = time.perf_counter() - t0
-    del qmodel
     gc.collect()
     fidelity = (evaluate(tmp, model_dir, held, num_samples=r.eval_samples, seq_len=r.seq_len,
                          seed=r.seed) if want_eval else None)
@@ -260,7 +279,7 @@ def _build(model_dir, config, out, r, packed, held, calib_note, write_ir, tokeni
                    "calibration_samples": len(packed.samples) if packed else 0,
                    "calibration_tokens": packed.tokens if packed else 0,
                    "checkpoint_format": qc["checkpoint_format"],
-                   "driver": "tangquant layer by layer" if layer_by_layer(r) else "INC whole model",
+                   "driver": driver_name(r),
                    **{k: v for k, v in counts.items() if k != "files"}, "fidelity": fidelity,
                    "fidelity_data": (r.eval_data or "every 10th document of --calib (held out)")
                    if fidelity else None}

@@ -173,7 +173,8 @@ def test_refusals_exit_2_with_nothing_written(capsys, tmp_path, tiny_model_dir, 
     assert "does not divide" in _refused(capsys, base + model + ["--algo", "rtn", "--group-size", "96"], out)
     assert "bits" in _refused(capsys, base + model + ["--algo", "rtn", "--bits", "3"], out)
     assert "act-order" in _refused(capsys, base + model + ["--algo", "rtn", "--act-order"], out)
-    assert "autoround" in _refused(capsys, base + model + ["--algo", "autoround"], out)
+    assert "--sym" in _refused(capsys, base + model + ["--algo", "autoround", "--asym"], out)
+    assert "iters" in _refused(capsys, base + model + ["--algo", "autoround", "--iters", "-1"], out)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "empty.json").write_text("")
@@ -286,6 +287,45 @@ def test_layer_by_layer_fidelity_equals_eval_of_the_written_checkpoint(
     assert inline["tokens"] == again["tokens"] and inline["kld"] > 0
     for key in ("kld", "ppl_model", "ppl_reference", "top1_agreement"):
         assert inline[key] == pytest.approx(again[key], rel=1e-3, abs=1e-7), key
+
+
+def test_autoround_writes_its_integers_in_the_gptq_layout(tmp_path, tiny_model_dir, calib_file):
+    """auto-round (through INC) tunes the rounding; tangquant rewrites auto-round's own
+    checkpoint into its layout without changing one integer or scale."""
+    import torch
+
+    from tangquant.calib import load_documents, load_tokenizer, pack
+    from tangquant.gptq_format import iter_quantized_layers
+    from tangquant.quant_autoround import _autoround_checkpoint, rewrite
+    from tangquant.quantize import resolve_recipe
+
+    r = resolve_recipe(None, algo="autoround", iters=2, seq_len=32, num_samples=4)
+    samples = pack(load_documents(calib_file), load_tokenizer(tiny_model_dir), 32, 4, 0).samples
+    theirs = _autoround_checkpoint(tiny_model_dir, r, samples, tmp_path / "work")
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    counts = rewrite(theirs, tiny_model_dir, ours, 4, 1)
+    from tangquant.checkpoint import load_config
+    from tangquant.gptq_format import quantization_config
+    from tangquant.quant_writer import write_config
+
+    write_config(load_config(tiny_model_dir), ours, quantization_config(4, 128, True, False, 0.01, 1))
+    assert_gptq_layout(ours, tiny_model_dir, complete=False)
+    a = {m: ql for m, ql, _ in iter_quantized_layers(theirs)}
+    b = {m: ql for m, ql, _ in iter_quantized_layers(ours)}
+    assert a.keys() == b.keys() and counts["quantized_layers"] == len(a) == 14
+    for m in a:
+        assert torch.equal(a[m].dequantize(), b[m].dequantize()), m
+
+
+def test_autoround_via_the_cli_reports_fidelity(tmp_path, tiny_model_dir, calib_file, heldout_file):
+    from _quantize_fixtures import run_quantize
+
+    out = run_quantize(tiny_model_dir, tmp_path / "ar", calib_file, heldout_file, "--algo", "autoround",
+                       "--iters", "2")
+    m = json.loads((out / "tangquant.json").read_text())["metrics"]
+    assert m["driver"] == "auto-round (through INC)" and m["fidelity"]["kld"] > 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".autoround")]
 
 
 def test_layer_wise_refuses_awq(capsys, tmp_path, tiny_model_dir):

@@ -1,16 +1,18 @@
-"""GPTQ fidelity on the trained demo poet: INC's whole-model run against tangquant's layer driver.
+"""Fidelity of each quantization path on the trained demo poet (quality, not speed).
 
-Merges the built-in demo adapter into its base, then quantizes it four ways
-with the demo's GPTQ recipe (4 bits, group 128, 16×256 calibration tokens of
-the poet's own chat data): INC on the whole model with and without INC's
-``true_sequential``, and tangquant's layer-by-layer driver with and without
-true-sequential groups. Each run reports KLD, perplexity and top-1 agreement
-against the merged model on the demo's held-out data (8 samples). INC's
-whole-model ``true_sequential`` is reached by calling ``quant_inc.run_inc``
-directly, because ``tangquant quantize`` routes true-sequential GPTQ to the
-layer driver. Results go to ``benchmarks/results/true_sequential_demo.json``.
+Merges the built-in demo adapter into its base, then quantizes it with the
+demo's recipe (4 bits, group 128, symmetric, 16×256 calibration tokens of the
+poet's own chat data) in six ways: GPTQ by INC on the whole model with and
+without INC's ``true_sequential``, GPTQ by tangquant's layer-by-layer driver
+with and without true-sequential groups, RTN, and AutoRound with 20 iterations
+(the default 200 is too slow for this machine). Each run reports KLD,
+perplexity and top-1 agreement against the merged model on the demo's
+held-out data (8 samples). INC's whole-model ``true_sequential`` is reached by
+calling ``quant_inc.run_inc`` directly, because ``tangquant quantize`` routes
+true-sequential GPTQ to the layer driver. Results go to
+``benchmarks/results/demo_fidelity.json``.
 
-    python benchmarks/true_sequential.py [--work /tmp/tseq]
+    python benchmarks/demo_fidelity.py [--work /tmp/demo_fidelity]
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ def via_cli(merged: Path, out: Path, recipe_path: Path, calib: Path, heldout: Pa
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/true_sequential"))
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "true_sequential_demo.json")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/demo_fidelity"))
+    parser.add_argument("--results", type=Path, default=HERE / "results" / "demo_fidelity.json")
     args = parser.parse_args()
 
     import torch
@@ -92,13 +94,16 @@ def main() -> int:
                               "--no-true-sequential"),
         "layer_wise_true_sequential": via_cli(merged, args.work / "lw-ts", recipe, calib, heldout,
                                               "--layer-wise", "--true-sequential"),
+        "rtn": via_cli(merged, args.work / "rtn", recipe, calib, heldout, "--algo", "rtn"),
+        "autoround_iters20": via_cli(merged, args.work / "autoround", recipe, calib, heldout,
+                                     "--algo", "autoround", "--iters", "20"),
     }
-    record = {"benchmark": "true_sequential_demo", "model": "tangquant demo poet (trained, merged)",
+    record = {"benchmark": "demo_fidelity", "model": "tangquant demo poet (trained, merged)",
               "recipe": str(recipe.relative_to(HERE.parent)), "heldout_samples": 8,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "loadavg": os.getloadavg(), "versions": package_versions(),
-              "command": "python benchmarks/true_sequential.py", "runs": runs}
+              "command": "python benchmarks/demo_fidelity.py", "runs": runs}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for name, run in runs.items():

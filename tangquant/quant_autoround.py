@@ -1,0 +1,102 @@
+"""AutoRound through INC (``tangquant quantize --algo autoround``).
+
+INC 3.10's ``AutoRoundConfig`` hands the model to auto-round, which tunes each
+block's rounding and min/max with signed gradient descent on the calibration
+samples and saves its own AutoGPTQ-format checkpoint (``export_format="auto_gptq"``).
+tangquant reads the integers back from that checkpoint and writes them in the
+same layout as every other algorithm (fp16 embeddings and norms from the
+source, ``g_idx``, no extra tensors), so export, eval and bench see no difference.
+auto-round is an optional dependency: ``pip install 'tangquant[autoround]'``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import tempfile
+from pathlib import Path
+
+from tangquant.errors import QuantizationError
+
+logger = logging.getLogger(__name__)
+
+
+def check_available() -> None:
+    if importlib.util.find_spec("auto_round") is None:
+        raise QuantizationError("--algo autoround needs the auto-round package: "
+                                "pip install 'tangquant[autoround]' (auto-round==0.16.1)")
+
+
+def _autoround_checkpoint(model_dir: Path, recipe, samples, work: Path) -> Path:
+    """Run INC's AutoRound; return the directory auto-round saved its GPTQ checkpoint in."""
+    import torch
+    from neural_compressor.torch.quantization import AutoRoundConfig, convert, prepare
+
+    from tangquant.quant_inc import load_model
+
+    torch.manual_seed(recipe.seed)
+    model = load_model(model_dir)
+    cfg = AutoRoundConfig(bits=recipe.bits, group_size=recipe.group_size, use_sym=recipe.use_sym,
+                          iters=recipe.iters, nsamples=len(samples), seqlen=recipe.seq_len,
+                          batch_size=min(8, len(samples)), seed=recipe.seed, amp=False,
+                          device_map="cpu", export_format="auto_gptq", output_dir=str(work))
+    prepared = prepare(model, cfg)
+    with torch.no_grad():
+        for s in samples:  # captured by INC and replayed to auto-round as its dataloader
+            prepared(s.unsqueeze(0))
+    convert(prepared)
+    saved = sorted(p.parent for p in work.rglob("config.json"))
+    if not saved:
+        raise QuantizationError(f"auto-round wrote no checkpoint under {work}")
+    return saved[0]
+
+
+def run_autoround(model_dir: Path, out_dir: Path, recipe, samples, fmt: int) -> dict:
+    """Quantize with AutoRound and write tangquant's GPTQ layout; return the counts."""
+    check_available()
+    with tempfile.TemporaryDirectory(prefix=".autoround-", dir=out_dir) as work:
+        saved = _autoround_checkpoint(Path(model_dir), recipe, samples, Path(work))
+        return rewrite(saved, Path(model_dir), out_dir, recipe.bits, fmt)
+
+
+def rewrite(saved: Path, source_dir: Path, out_dir: Path, bits: int, fmt: int) -> dict:
+    """auto-round's integers, in tangquant's layout, with every other tensor from the source."""
+    import torch
+
+    from tangquant.checkpoint import ShardWriter, iter_tensors, weight_files
+    from tangquant.gptq_format import iter_quantized_layers, pack_layer
+    from tangquant.quant_writer import packed_bytes
+
+    layers = {name: ql for name, ql, _ in iter_quantized_layers(saved)}
+    if not layers:
+        raise QuantizationError(f"auto-round's checkpoint {saved} holds no quantized layers")
+    # Biases come from the source (auto-round does not tune them here, and its export
+    # gives every layer one); they are small, so they are read up front.
+    biases = {name.rpartition(".")[0]: value for path in weight_files(source_dir)
+              for name, value in iter_tensors(path)
+              if name.endswith(".bias") and name.rpartition(".")[0] in layers}
+    writer = ShardWriter(out_dir, metadata={"quantized_by": "tangquant (Intel neural-compressor autoround)"})
+    quant_bytes = quant_weights = 0
+    written = set()
+    for path in weight_files(source_dir):
+        for name, value in iter_tensors(path):
+            module, _, leaf = name.rpartition(".")
+            if module in layers:
+                if leaf == "weight":
+                    ql = layers[module]
+                    packed = pack_layer(ql.q, ql.zeros, ql.scales, ql.g_idx, bits,
+                                        bias=biases.get(module), format_version=fmt)
+                    for suffix, tensor in packed.items():
+                        writer.add(f"{module}.{suffix}", tensor)
+                    quant_bytes += packed_bytes(packed)
+                    quant_weights += ql.q.numel()
+                    written.add(module)
+                continue
+            writer.add(name, value.to(torch.float16) if value.is_floating_point() else value)
+    missing = sorted(set(layers) - written)
+    if missing:
+        raise QuantizationError(f"auto-round quantized layers the source does not have: {missing[:3]}")
+    files = writer.close()
+    return {"quantized_layers": len(written), "quantized_weights": quant_weights,
+            "quantized_bytes": quant_bytes, "files": [f.name for f in files],
+            "bits_per_weight": 8 * quant_bytes / max(quant_weights, 1)}
