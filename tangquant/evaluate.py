@@ -164,17 +164,26 @@ def evaluate(model, reference, data, num_samples: int = 8, seq_len: int = 512, s
 
 
 def _head(source, skeleton, as_written: bool):
-    """(final norm, LM head weight) in fp32; ``as_written`` rounds them to fp16 first."""
+    """(final norm, LM head weight as stored or, ``as_written``, rounded to fp16)."""
     import torch
 
     def load(name):
         t = source.get(name)
-        return (t.to(torch.float16) if as_written else t).float()
+        return t.to(torch.float16) if as_written else t
 
     norm = type(skeleton.model.norm)(skeleton.config.hidden_size, eps=skeleton.config.rms_norm_eps)
-    norm.weight.data = load("model.norm.weight")
+    norm.weight.data = load("model.norm.weight").float()
     head = "lm_head.weight" if "lm_head.weight" in source.where else "model.embed_tokens.weight"
     return norm, load(head)
+
+
+def _logits(hidden, weight, rows: int = 16384):
+    """``hidden @ weight.T`` in fp32, upcasting ``rows`` vocabulary rows at a time: a 7B
+    head in fp32 is 2.5 GB, in its stored 16 bits half that."""
+    import torch
+
+    return torch.cat([hidden @ weight[v:v + rows].float().t() for v in range(0, weight.shape[0], rows)],
+                     dim=-1)
 
 
 def streamed_fidelity(source, skeleton, ref: list, quant: list, held: list, chunk: int = 128) -> dict:
@@ -196,7 +205,7 @@ def streamed_fidelity(source, skeleton, ref: list, quant: list, held: list, chun
         for r, q, ids in zip(ref, quant, held):
             for a in range(0, len(ids) - 1, chunk):
                 b = min(a + chunk, len(ids) - 1)
-                lps = [torch.log_softmax(norm(h[:, a:b])[0] @ w.t(), dim=-1)
+                lps = [torch.log_softmax(_logits(norm(h[:, a:b])[0], w), dim=-1)
                        for (norm, w), h in zip(heads, (r, q))]
                 parts.append(compare([lps[1]], [lps[0]], [ids[a:b + 1]]))
     n = sum(p["tokens"] for p in parts)

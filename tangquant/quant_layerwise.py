@@ -293,8 +293,8 @@ def run_layer_wise(model_dir: Path, out_dir: Path, recipe, samples: list, held: 
     calib = _embed(source, samples) if recipe.algo != "rtn" else []
     ref = _embed(source, held)
     quant = _embed(source, held, as_written=True)
-    # 2 GB shards: the writer holds a shard's tensors until it is full, and memory is the point.
-    writer = ShardWriter(out_dir, max_shard_bytes=2 * 10**9,
+    # 1 GB shards: the writer holds a shard's tensors until it is full, and memory is the point.
+    writer = ShardWriter(out_dir, max_shard_bytes=10**9,
                          metadata={"quantized_by": "tangquant (Intel neural-compressor)"})
     totals = {"weights": 0, "bytes": 0, "layers": 0}
     n_layers = len(skeleton.model.layers)
