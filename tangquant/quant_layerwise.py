@@ -7,8 +7,8 @@ weights are read from the safetensors, wrapped in a one-layer model whose
 ``model.layers`` INC's GPTQ recognises as the transformer stack, quantized on
 the cached hidden states, written to the output shard by shard, and run to give
 the next layer its inputs (through the quantized weights, as GPTQ prescribes).
-Only one layer, the hidden states of the samples and, at the end, the LM head
-are ever in memory.
+Only one layer, the hidden states of the samples, the output shard being
+filled (at most 1 GB) and, at the end, the LM head are ever in memory.
 
 True-sequential GPTQ quantizes a layer in groups of linears that share an
 input (q/k/v, o, gate/up, down), each calibrated with the earlier groups
