@@ -163,18 +163,18 @@ def evaluate(model, reference, data, num_samples: int = 8, seq_len: int = 512, s
     return compare(model_lp, ref_lp, samples)
 
 
-def _head(source, skeleton, as_written: bool):
-    """(final norm, LM head weight as stored or, ``as_written``, rounded to fp16)."""
+def _heads(source, skeleton) -> list:
+    """[(final norm, LM head)] as stored in the source, then rounded to fp16 as the checkpoint holds them."""
     import torch
 
-    def load(name):
-        t = source.get(name)
-        return t.to(torch.float16) if as_written else t
+    def norm(weight):
+        n = type(skeleton.model.norm)(skeleton.config.hidden_size, eps=skeleton.config.rms_norm_eps)
+        n.weight.data = weight.float()
+        return n
 
-    norm = type(skeleton.model.norm)(skeleton.config.hidden_size, eps=skeleton.config.rms_norm_eps)
-    norm.weight.data = load("model.norm.weight").float()
-    head = "lm_head.weight" if "lm_head.weight" in source.where else "model.embed_tokens.weight"
-    return norm, load(head)
+    w_norm = source.get("model.norm.weight")
+    head = source.get("lm_head.weight" if "lm_head.weight" in source.where else "model.embed_tokens.weight")
+    return [(norm(w_norm), head), (norm(w_norm.to(torch.float16)), head.to(torch.float16))]
 
 
 def _logits(hidden, weight, rows: int = 16384):
@@ -201,7 +201,7 @@ def streamed_fidelity(source, skeleton, ref: list, quant: list, held: list, chun
 
     parts = []
     with torch.no_grad():
-        heads = [_head(source, skeleton, as_written=False), _head(source, skeleton, as_written=True)]
+        heads = _heads(source, skeleton)
         for r, q, ids in zip(ref, quant, held):
             for a in range(0, len(ids) - 1, chunk):
                 b = min(a + chunk, len(ids) - 1)

@@ -61,11 +61,9 @@ def run_autoround(model_dir: Path, out_dir: Path, recipe, samples, fmt: int) -> 
 
 def rewrite(saved: Path, source_dir: Path, out_dir: Path, bits: int, fmt: int) -> dict:
     """auto-round's integers, in tangquant's layout, with every other tensor from the source."""
-    import torch
-
-    from tangquant.checkpoint import ShardWriter, iter_tensors, weight_files
+    from tangquant.checkpoint import iter_tensors, weight_files
     from tangquant.gptq_format import iter_quantized_layers, pack_layer
-    from tangquant.quant_writer import packed_bytes
+    from tangquant.quant_writer import write_packed
 
     layers = {name: ql for name, ql, _ in iter_quantized_layers(saved)}
     if not layers:
@@ -75,28 +73,11 @@ def rewrite(saved: Path, source_dir: Path, out_dir: Path, bits: int, fmt: int) -
     biases = {name.rpartition(".")[0]: value for path in weight_files(source_dir)
               for name, value in iter_tensors(path)
               if name.endswith(".bias") and name.rpartition(".")[0] in layers}
-    writer = ShardWriter(out_dir, metadata={"quantized_by": "tangquant (Intel neural-compressor autoround)"})
-    quant_bytes = quant_weights = 0
-    written = set()
-    for path in weight_files(source_dir):
-        for name, value in iter_tensors(path):
-            module, _, leaf = name.rpartition(".")
-            if module in layers:
-                if leaf == "weight":
-                    ql = layers[module]
-                    packed = pack_layer(ql.q, ql.zeros, ql.scales, ql.g_idx, bits,
-                                        bias=biases.get(module), format_version=fmt)
-                    for suffix, tensor in packed.items():
-                        writer.add(f"{module}.{suffix}", tensor)
-                    quant_bytes += packed_bytes(packed)
-                    quant_weights += ql.q.numel()
-                    written.add(module)
-                continue
-            writer.add(name, value.to(torch.float16) if value.is_floating_point() else value)
-    missing = sorted(set(layers) - written)
-    if missing:
-        raise QuantizationError(f"auto-round quantized layers the source does not have: {missing[:3]}")
-    files = writer.close()
-    return {"quantized_layers": len(written), "quantized_weights": quant_weights,
-            "quantized_bytes": quant_bytes, "files": [f.name for f in files],
-            "bits_per_weight": 8 * quant_bytes / max(quant_weights, 1)}
+
+    def pack(name):
+        ql = layers[name]
+        return (pack_layer(ql.q, ql.zeros, ql.scales, ql.g_idx, bits, bias=biases.get(name),
+                           format_version=fmt), ql.q.numel())
+
+    return write_packed(source_dir, out_dir, pack, layers,
+                        metadata="tangquant (Intel neural-compressor autoround)")

@@ -249,10 +249,9 @@ def _dequantized_block(block, packed_by_name: dict, recipe, fmt: int):
 
 def _write_layer(writer, block, index: int, source, recipe, fmt: int) -> dict:
     """Write one quantized layer (packed linears, fp16 norms); return {wrapper name: packed}."""
-    import torch
     from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
 
-    from tangquant.quant_writer import pack_module, packed_bytes
+    from tangquant.quant_writer import as_written, pack_module, packed_bytes
 
     prefix = f"model.layers.{index}."
     wrapped = "model.layers.0."
@@ -271,8 +270,7 @@ def _write_layer(writer, block, index: int, source, recipe, fmt: int) -> dict:
             stats["bytes"] += packed_bytes(packed)
     for name in source.names(prefix):
         if name.rpartition(".")[0] not in quantized:
-            value = source.get(name)
-            writer.add(name, value.to(torch.float16) if value.is_floating_point() else value)
+            writer.add(name, as_written(source.get(name)))
     return {"packed": packed_by_name, **stats, "layers": len(quantized)}
 
 
@@ -285,6 +283,7 @@ def run_layer_wise(model_dir: Path, out_dir: Path, recipe, samples: list, held: 
     from tangquant.checkpoint import ShardWriter, TensorReader
     from tangquant.evaluate import streamed_fidelity
     from tangquant.quant_inc import inc_workspace
+    from tangquant.quant_writer import as_written, counts
 
     torch.manual_seed(recipe.seed)
     source = TensorReader(Path(model_dir))
@@ -313,12 +312,8 @@ def run_layer_wise(model_dir: Path, out_dir: Path, recipe, samples: list, held: 
             del block, written
     for name in source.names():
         if not name.startswith("model.layers."):
-            value = source.get(name)
-            writer.add(name, value.to(torch.float16) if value.is_floating_point() else value)
+            writer.add(name, as_written(source.get(name)))
     files = writer.close()
     calib.clear()
     fidelity = streamed_fidelity(source, skeleton, ref, quant, held) if held else None
-    counts = {"quantized_layers": totals["layers"], "quantized_weights": totals["weights"],
-              "quantized_bytes": totals["bytes"], "files": [f.name for f in files],
-              "bits_per_weight": 8 * totals["bytes"] / max(totals["weights"], 1)}
-    return counts, fidelity
+    return counts(totals["layers"], totals["weights"], totals["bytes"], files), fidelity

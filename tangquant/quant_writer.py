@@ -77,15 +77,32 @@ def _in_memory(model, name: str):
     return value.detach()
 
 
-def write_checkpoint(model, layers: dict[str, bool], source_dir: Path, out_dir: Path,
-                     bits: int, group_size: int, format_version: int) -> dict:
-    """Write the quantized model's tensors; return counts for the bits-per-weight figure."""
+def as_written(value):
+    """A non-quantized tensor as the checkpoint stores it: floating point in fp16."""
     import torch
+
+    return value.to(torch.float16) if value.is_floating_point() else value
+
+
+def counts(layers: int, weights: int, quant_bytes: int, files) -> dict:
+    """The manifest's counts; bits per weight counts qweight + qzeros + scales bytes."""
+    return {"quantized_layers": layers, "quantized_weights": weights, "quantized_bytes": quant_bytes,
+            "files": [f.name for f in files], "bits_per_weight": 8 * quant_bytes / max(weights, 1)}
+
+
+def write_packed(source_dir: Path, out_dir: Path, pack, layers, value_for=None,
+                 metadata: str = "tangquant (Intel neural-compressor)") -> dict:
+    """Walk the source checkpoint and write it quantized; return the counts.
+
+    ``pack(module_name)`` gives (GPTQ tensors, weight count) for each module in
+    ``layers`` (its source ``weight`` and ``bias`` are replaced by them);
+    ``value_for(name)`` may give a tensor's in-memory value instead of the source's.
+    """
     from safetensors import safe_open
 
     from tangquant.checkpoint import ShardWriter
 
-    writer = ShardWriter(out_dir, metadata={"quantized_by": "tangquant (Intel neural-compressor)"})
+    writer = ShardWriter(out_dir, metadata={"quantized_by": metadata})
     quant_bytes = quant_weights = 0
     written: set[str] = set()
     handles: dict[Path, object] = {}
@@ -94,32 +111,36 @@ def write_checkpoint(model, layers: dict[str, bool], source_dir: Path, out_dir: 
             module_name, _, leaf = name.rpartition(".")
             if module_name in layers:
                 if leaf == "weight":
-                    packed, n_weights = pack_module(module_name, model.get_submodule(module_name),
-                                                    bits, group_size, layers[module_name],
-                                                    format_version)
+                    packed, n_weights = pack(module_name)
                     for suffix, tensor in packed.items():
                         writer.add(f"{module_name}.{suffix}", tensor)
                     quant_bytes += packed_bytes(packed)
                     quant_weights += n_weights
                     written.add(module_name)
                 continue  # the bias travels with the packed layer
-            value = _in_memory(model, name)
+            value = value_for(name) if value_for else None
             if value is None:
                 if path not in handles:
                     handles[path] = safe_open(str(path), framework="pt")
                 value = handles[path].get_tensor(name)
-            if value.is_floating_point():
-                value = value.to(torch.float16)
-            writer.add(name, value)
+            writer.add(name, as_written(value))
         missing = sorted(set(layers) - written)
         if missing:
             raise QuantizationError(f"no source weight found for quantized layer(s) {missing[:3]}")
         files = writer.close()
     finally:
         handles.clear()
-    return {"quantized_layers": len(written), "quantized_weights": quant_weights,
-            "quantized_bytes": quant_bytes, "files": [f.name for f in files],
-            "bits_per_weight": 8 * quant_bytes / max(quant_weights, 1)}
+    return counts(len(written), quant_weights, quant_bytes, files)
+
+
+def write_checkpoint(model, layers: dict[str, bool], source_dir: Path, out_dir: Path,
+                     bits: int, group_size: int, format_version: int) -> dict:
+    """Write INC's quantized model (whole-model run); return counts for the bits-per-weight figure."""
+    def pack(name):
+        return pack_module(name, model.get_submodule(name), bits, group_size, layers[name],
+                           format_version)
+
+    return write_packed(source_dir, out_dir, pack, layers, value_for=lambda name: _in_memory(model, name))
 
 
 def write_config(source_config: dict, out_dir: Path, qconfig: dict) -> None:

@@ -66,7 +66,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--block-size", type=int, help="GPTQ block size (default 128)")
     parser.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                         help="GPTQ: calibrate each group of linears (q/k/v, o, gate/up, down) with "
-                        "the earlier groups already quantized (default on with --layer-wise)")
+                        "the earlier groups already quantized (default on, Qwen's setting; it runs "
+                        "layer by layer)")
     parser.add_argument("--iters", type=int, help="AutoRound: tuning steps per block (default 200)")
     parser.add_argument("--calib", help="calibration data (alpaca/ShareGPT/chinese-poetry JSON, JSONL, .txt)")
     parser.add_argument("--num-samples", type=int, help="calibration samples (default 128)")

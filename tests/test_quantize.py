@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("_quantize_fixtures")
-from _quantize_fixtures import SMALL, poem_records
+from _quantize_fixtures import SMALL, poem_records, run_quantize
 from tangquant.cli import main
 
 # One registration, so the session fixtures (a GPTQ and an RTN run) are shared with test_eval.py.
@@ -241,8 +241,6 @@ def test_layer_wise_rtn_writes_the_same_checkpoint(tmp_path, tiny_model_dir, rtn
 
 
 def _gptq(tiny_model_dir, out, calib_file, heldout_file, *extra) -> dict:
-    from _quantize_fixtures import run_quantize
-
     run_quantize(tiny_model_dir, out, calib_file, heldout_file, "--algo", "gptq", *extra)
     return _tensors(out)
 
@@ -295,8 +293,10 @@ def test_autoround_writes_its_integers_in_the_gptq_layout(tmp_path, tiny_model_d
     import torch
 
     from tangquant.calib import load_documents, load_tokenizer, pack
-    from tangquant.gptq_format import iter_quantized_layers
+    from tangquant.checkpoint import load_config
+    from tangquant.gptq_format import iter_quantized_layers, quantization_config
     from tangquant.quant_autoround import _autoround_checkpoint, rewrite
+    from tangquant.quant_writer import write_config
     from tangquant.quantize import resolve_recipe
 
     r = resolve_recipe(None, algo="autoround", iters=2, seq_len=32, num_samples=4)
@@ -305,10 +305,6 @@ def test_autoround_writes_its_integers_in_the_gptq_layout(tmp_path, tiny_model_d
     ours = tmp_path / "ours"
     ours.mkdir()
     counts = rewrite(theirs, tiny_model_dir, ours, 4, 1)
-    from tangquant.checkpoint import load_config
-    from tangquant.gptq_format import quantization_config
-    from tangquant.quant_writer import write_config
-
     write_config(load_config(tiny_model_dir), ours, quantization_config(4, 128, True, False, 0.01, 1))
     assert_gptq_layout(ours, tiny_model_dir, complete=False)
     a = {m: ql for m, ql, _ in iter_quantized_layers(theirs)}
@@ -319,8 +315,6 @@ def test_autoround_writes_its_integers_in_the_gptq_layout(tmp_path, tiny_model_d
 
 
 def test_autoround_via_the_cli_reports_fidelity(tmp_path, tiny_model_dir, calib_file, heldout_file):
-    from _quantize_fixtures import run_quantize
-
     out = run_quantize(tiny_model_dir, tmp_path / "ar", calib_file, heldout_file, "--algo", "autoround",
                        "--iters", "2")
     m = json.loads((out / "tangquant.json").read_text())["metrics"]
