@@ -35,9 +35,9 @@ def inc_whole_model_true_seq(merged: Path, out: Path, recipe_path: Path, calib: 
     from tangquant.checkpoint import load_config
     from tangquant.evaluate import evaluate
     from tangquant.files import copy_aux_files
-    from tangquant.gptq_format import quantization_config
-    from tangquant.quant_inc import run_inc
-    from tangquant.quant_writer import write_checkpoint, write_config
+    from tangquant.gptq import quantization_config
+    from tangquant.quant.inc import run_inc
+    from tangquant.quant.writer import write_checkpoint, write_config
     from tangquant.quantize import resolve_recipe
 
     r = resolve_recipe(recipe_path, true_sequential=True)

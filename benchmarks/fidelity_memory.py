@@ -28,7 +28,7 @@ def main() -> int:
 
     from tangquant.checkpoint import TensorReader
     from tangquant.evaluate import streamed_fidelity
-    from tangquant.quant_layerwise import _skeleton
+    from tangquant.quant.layer_by_layer import _skeleton
 
     source = TensorReader(args.model)
     skeleton, _ = _skeleton(args.model)

@@ -25,7 +25,7 @@ on ``sys.path`` and ``import shapes``)::
 
     python benchmarks/shapes.py --shape 1.8b --output /tmp/q18 [--adapter /tmp/q18-lora]
 
-Needs torch and safetensors; the tokenizer needs ``tangquant.tiny`` (the
+Needs torch and safetensors; the tokenizer needs ``tangquant.poet.tiny`` (the
 project installed) and tokenizers/transformers 4.57 or 5.x.
 """
 
@@ -169,7 +169,7 @@ def _stable_hash(name: str) -> int:
 def _save_tokenizer(out_dir: Path, config: dict) -> None:
     from transformers import GenerationConfig
 
-    from tangquant.tiny import train_tokenizer
+    from tangquant.poet.tiny import train_tokenizer
 
     tok = train_tokenizer(_TEXTS * 8, vocab_size=1024, min_frequency=1)
     tok.save_pretrained(out_dir)

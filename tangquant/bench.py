@@ -106,7 +106,7 @@ def _worker(spec: dict, python: str, timeout_s: int) -> dict:
     """Run one measurement in a fresh process; its last stdout line is the JSON result."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]),
                PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [python, "-m", "tangquant.bench_worker", json.dumps(spec)]
+    cmd = [python, "-m", "tangquant.measure.worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
                               timeout=timeout_s)
@@ -130,7 +130,7 @@ def _bandwidth(threads: int, nbytes: int, timeout_s: int) -> dict:
 
 
 def _measure(c: Candidate, threads: int, rec: BenchRecipe) -> dict:
-    from tangquant.bench_roofline import bytes_per_token
+    from tangquant.measure.roofline import bytes_per_token
     from tangquant.files import dir_size
 
     _check_paths(c)
@@ -224,8 +224,8 @@ def bench(candidates=(), prompt_tokens: int | None = None, gen_tokens: int | Non
     all cores); a failed candidate is a record with ``status: "failed"`` and its ``error``.
     """
     from tangquant import recipe as recipes
-    from tangquant.bench_report import add_ratios, append_jsonl, markdown_table
-    from tangquant.bench_report import plot as draw
+    from tangquant.measure.report import add_ratios, append_jsonl, markdown_table
+    from tangquant.measure.report import plot as draw
 
     rec = recipes.load(BenchRecipe, recipe, {
         "candidates": tuple(candidates) or None, "prompt_tokens": prompt_tokens,

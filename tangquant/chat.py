@@ -125,7 +125,7 @@ def load_generator(model_dir, adapter=None, allow_pickle: bool = False, device: 
     ``ov_ir.EXACT_CONFIG``) or a Hugging Face directory (transformers, fp32; GPTQ
     checkpoints dequantised exactly; ``adapter`` applies a LoRA).
     """
-    from tangquant import ov_ir
+    from tangquant.ov import ir as ov_ir
     from tangquant.files import existing_dir
 
     model_dir = existing_dir(model_dir, "model directory")
@@ -169,7 +169,7 @@ class OVGenerator:
     def __init__(self, model_dir: Path, device: str = "CPU", ov_config: dict | None = None):
         import openvino_genai
 
-        from tangquant import ov_ir
+        from tangquant.ov import ir as ov_ir
 
         ov_ir.check_ir_files(model_dir)
         try:
@@ -216,7 +216,7 @@ class HFGenerator:
         weight_files(model_dir, allow_pickle=allow_pickle)
         qc = config.get("quantization_config")
         if isinstance(qc, dict) and qc.get("quant_method") == "gptq":
-            from tangquant.gptq_format import load_dequantized
+            from tangquant.gptq import load_dequantized
 
             model = load_dequantized(model_dir)
         else:

@@ -170,7 +170,7 @@ def _lm(path, adapter=None):
 
 def _ov_generator(path):
     def make():
-        from tangquant import ov_ir
+        from tangquant.ov import ir as ov_ir
         from tangquant.chat import load_generator
 
         return load_generator(path, ov_config=ov_ir.EXACT_CONFIG)

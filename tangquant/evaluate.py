@@ -15,7 +15,7 @@ import logging
 import math
 from pathlib import Path
 
-from tangquant import ov_ir
+from tangquant.ov import ir as ov_ir
 from tangquant.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def load_causal_lm(path: str | Path):
     config = load_config(path)
     qc = config.get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") == "gptq":
-        from tangquant.gptq_format import load_dequantized
+        from tangquant.gptq import load_dequantized
 
         return load_dequantized(path)
     if qc:

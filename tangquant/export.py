@@ -70,7 +70,7 @@ def export(model, output, format: str = "openvino", embeddings: str = "int8",
 def gptq_config(model_dir: Path) -> tuple[int, int, int]:
     """(bits, group_size, format_version) of a 4-bit GPTQ checkpoint, or a clear InputError."""
     from tangquant.checkpoint import load_config, weight_files
-    from tangquant.gptq_format import read_gptq_config
+    from tangquant.gptq import read_gptq_config
 
     bits, group_size, fmt = read_gptq_config(load_config(model_dir), model_dir)
     if bits != 4:
@@ -83,7 +83,8 @@ def write_openvino_ir(gptq_dir: Path, out_dir: Path, embeddings: str = "int8") -
     """Write the complete IR directory into the existing empty ``out_dir``; returns the metrics."""
     from tqdm import tqdm
 
-    from tangquant import ov_int4, ov_ir
+    from tangquant.ov import int4 as ov_int4
+    from tangquant.ov import ir as ov_ir
     from tangquant.files import dir_size, write_manifest
 
     if embeddings not in EMBEDDINGS:
@@ -138,7 +139,7 @@ def write_staging_model(gptq_dir: Path, hf_dir: Path) -> bool:
 
     from tangquant.checkpoint import ShardWriter, iter_tensors, load_config, weight_files
     from tangquant.files import copy_aux_files, write_json
-    from tangquant.gptq_format import iter_quantized_layers
+    from tangquant.gptq import iter_quantized_layers
 
     hf_dir.mkdir(parents=True)
     writer = ShardWriter(hf_dir, max_shard_bytes=2 * 10**9)
@@ -213,7 +214,7 @@ def _save(ov_model, xml: Path) -> None:
 
 
 def _copy_side_files(ir_dir: Path, gptq_dir: Path, out_dir: Path) -> None:
-    from tangquant import ov_ir
+    from tangquant.ov import ir as ov_ir
     from tangquant.files import copy_aux_files
 
     shutil.copy2(ir_dir / "config.json", out_dir / "config.json")
@@ -226,7 +227,8 @@ def verify_ir(ir_dir: Path, gptq_dir: Path) -> int:
     """Read the written IR back, compare its INT4 constants, generate a token; returns constants checked."""
     import openvino as ov
 
-    from tangquant import ov_int4, ov_ir
+    from tangquant.ov import int4 as ov_int4
+    from tangquant.ov import ir as ov_ir
 
     ov_ir.check_ir_files(ir_dir, error=ExportError)
     try:

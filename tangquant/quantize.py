@@ -102,7 +102,7 @@ def resolve_recipe(recipe=None, **overrides) -> QuantRecipe:
 
 def check_recipe(r: QuantRecipe, config: dict) -> None:
     """Refuse settings the algorithm or the model's layer sizes cannot take."""
-    from tangquant.quant_inc import ALGO_BITS, LAYER_WISE_ALGOS
+    from tangquant.quant.inc import ALGO_BITS, LAYER_WISE_ALGOS
 
     if r.algo not in ALGOS:
         raise QuantizationError(f"unknown algorithm {r.algo!r}; choose one of {', '.join(ALGOS)}")
@@ -131,7 +131,7 @@ def check_recipe(r: QuantRecipe, config: dict) -> None:
     if r.iters < 0:
         raise QuantizationError(f"iters must be >= 0, got {r.iters}")
     if r.algo == "autoround":
-        from tangquant.quant_autoround import check_available
+        from tangquant.quant.autoround import check_available
 
         if not r.use_sym:
             raise QuantizationError("--algo autoround writes AutoGPTQ v1, which cannot hold an "
@@ -227,13 +227,13 @@ def _quantize_and_write(model_dir, tmp, r, packed, held, fmt, tokenizer):
     import gc
 
     from tangquant.evaluate import evaluate, tokenize_samples
-    from tangquant.quant_inc import run_inc
-    from tangquant.quant_writer import write_checkpoint
+    from tangquant.quant.inc import run_inc
+    from tangquant.quant.writer import write_checkpoint
 
     samples = packed.samples if packed else []
     want_eval = bool(held) and r.eval_samples > 0
     if layer_by_layer(r):
-        from tangquant.quant_layerwise import run_layer_wise
+        from tangquant.quant.layer_by_layer import run_layer_wise
 
         held_ids = tokenize_samples(held, tokenizer, r.eval_samples, r.seq_len, r.seed) if want_eval else []
         t0 = time.perf_counter()
@@ -241,7 +241,7 @@ def _quantize_and_write(model_dir, tmp, r, packed, held, fmt, tokenizer):
         return counts, fidelity, time.perf_counter() - t0
     t0 = time.perf_counter()
     if r.algo == "autoround":
-        from tangquant.quant_autoround import run_autoround
+        from tangquant.quant.autoround import run_autoround
 
         counts = run_autoround(model_dir, tmp, r, samples, fmt)
     else:
@@ -256,11 +256,11 @@ def _quantize_and_write(model_dir, tmp, r, packed, held, fmt, tokenizer):
 
 
 def _build(model_dir, config, out, r, packed, held, calib_note, write_ir, tokenizer) -> dict:
-    from tangquant import quant_card
+    from tangquant.quant import card as quant_card
     from tangquant import recipe as recipe_mod
     from tangquant.files import atomic_output_dir, copy_aux_files, dir_size, human_size, peak_rss_bytes
-    from tangquant.gptq_format import quantization_config
-    from tangquant.quant_writer import write_config
+    from tangquant.gptq import quantization_config
+    from tangquant.quant.writer import write_config
 
     fmt = 1 if r.use_sym else 2
     t0 = time.perf_counter()

@@ -180,8 +180,8 @@ def prepare(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | Non
             timeout: float = 120.0, allow_public: bool = False, model_name: str | None = None,
             device: str = "CPU") -> Server:
     """Check the settings, load the model, bind the socket; return a :class:`Server`."""
-    from tangquant.serve_api import create_app
-    from tangquant.serve_engine import Engine, check_model_dir
+    from tangquant.server.api import create_app
+    from tangquant.server.engine import Engine, check_model_dir
 
     _check_settings(host, port, api_key, max_concurrency, queue_size, max_tokens_limit, timeout,
                     allow_public)

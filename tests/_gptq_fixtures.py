@@ -40,7 +40,7 @@ def make_rtn_gptq(src: Path, out: Path, bits: int = 4, group_size: int = 128,
                   sym: bool = True) -> Path:
     import torch
 
-    from tangquant import gptq_format
+    from tangquant import gptq as gptq_format
     from tangquant.checkpoint import ShardWriter, iter_tensors, weight_files
     from tangquant.files import copy_aux_files
 

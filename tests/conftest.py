@@ -53,7 +53,7 @@ def tree_digest(path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from tangquant.tiny import train_tokenizer
+    from tangquant.poet.tiny import train_tokenizer
 
     return train_tokenizer(poem_texts() * 4, vocab_size=384, min_frequency=1)
 
@@ -63,7 +63,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A fp32 Qwen2 model (hidden 128, 2 layers, untied) saved in several shards."""
     import torch
 
-    from tangquant.tiny import build_model, qwen2_config, save_model, set_special_ids
+    from tangquant.poet.tiny import build_model, qwen2_config, save_model, set_special_ids
 
     vocab = -(-len(tiny_tokenizer) // 64) * 64  # padded, like Qwen's 151936
     config = qwen2_config(vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -143,7 +143,7 @@ def _safetensors(path: Path, tensors: dict) -> None:
 
 
 def test_bytes_per_token_reads_one_embedding_row_unless_tied(tmp_path):
-    from tangquant.bench_roofline import bytes_per_token
+    from tangquant.measure.roofline import bytes_per_token
 
     untied, tied = tmp_path / "untied", tmp_path / "tied"
     for d, names in ((untied, ("model.embed_tokens.weight", "lm_head.weight")),
@@ -159,7 +159,7 @@ def test_bytes_per_token_reads_one_embedding_row_unless_tied(tmp_path):
 
 
 def test_ir_roofline_skips_the_embedding_table(tiny_ir):
-    from tangquant.bench_roofline import bytes_per_token, ir_weight_bytes
+    from tangquant.measure.roofline import bytes_per_token, ir_weight_bytes
 
     w = ir_weight_bytes(tiny_ir)
     assert w["embedding_rows"] == json.loads((tiny_ir / "config.json").read_text())["vocab_size"]

@@ -51,8 +51,8 @@ def test_export_writes_complete_ir_and_keeps_input(ov_export, gptq_dir):
 
 def test_ir_int4_constants_are_the_checkpoints_integers(ov_export, gptq_dir):
     """Read the IR with openvino and compare every INT4 weight, scale and zero point."""
-    from tangquant.gptq_format import iter_quantized_layers
-    from tangquant.ov_int4 import find_int4_weights, unpack_nibbles
+    from tangquant.gptq import iter_quantized_layers
+    from tangquant.ov.int4 import find_int4_weights, unpack_nibbles
 
     qc = json.loads((gptq_dir / "config.json").read_text())["quantization_config"]
     assert qc["quantizer"] == "intel-neural-compressor gptq"  # INC's own GPTQ integers
@@ -85,7 +85,7 @@ def test_ir_int4_constants_are_the_checkpoints_integers(ov_export, gptq_dir):
 def test_verify_detects_a_changed_integer(ov_export, gptq_dir):
     from openvino import opset13 as ops
 
-    from tangquant.ov_int4 import find_int4_weights, unpack_nibbles, verify_constants
+    from tangquant.ov.int4 import find_int4_weights, unpack_nibbles, verify_constants
 
     model = _read(ov_export[0])
     assert verify_constants(model, gptq_dir) >= 2 * N_LAYERS
@@ -118,9 +118,9 @@ def test_logits_match_dequantising_reference(ov_export, gptq_dir, tiny_tokenizer
     import torch
     from optimum.intel import OVModelForCausalLM
 
-    from tangquant.gptq_format import load_dequantized
-    from tangquant.ov_int4 import find_compressed_weights
-    from tangquant.ov_ir import EXACT_CONFIG
+    from tangquant.gptq import load_dequantized
+    from tangquant.ov.int4 import find_compressed_weights
+    from tangquant.ov.ir import EXACT_CONFIG
 
     ref = load_dequantized(gptq_dir)
     int8 = find_compressed_weights(_read(ov_export[0]), ("u8",))
@@ -143,8 +143,8 @@ def test_fp16_embeddings_greedy_text_matches_reference(tmp_path, gptq_dir, tiny_
     import torch
 
     from tangquant.export import write_openvino_ir
-    from tangquant.gptq_format import load_dequantized
-    from tangquant.ov_ir import EXACT_CONFIG
+    from tangquant.gptq import load_dequantized
+    from tangquant.ov.ir import EXACT_CONFIG
 
     ir16 = tmp_path / "ir16"
     ir16.mkdir()
@@ -231,7 +231,7 @@ def test_refuses_act_order_groups(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_asymmetric_checkpoint_keeps_u4_zero_points(tmp_path, tiny_model_dir):
     from tangquant.export import export
-    from tangquant.ov_int4 import find_int4_weights, verify_constants
+    from tangquant.ov.int4 import find_int4_weights, verify_constants
 
     src = make_rtn_gptq(tiny_model_dir, tmp_path / "asym", sym=False)
     metrics = export(src, tmp_path / "ir")

@@ -108,7 +108,7 @@ def test_recipe_rejects_unknown_keys_and_wrong_types(tmp_path):
 def test_gptq_pack_roundtrip(bits, sym, fmt):
     import torch
 
-    from tangquant.gptq_format import pack_layer, unpack_layer
+    from tangquant.gptq import pack_layer, unpack_layer
 
     out_f, in_f, group = 64, 256, 128
     g = torch.Generator().manual_seed(0)
@@ -132,7 +132,7 @@ def test_gptq_v1_symmetric_zero_is_stored_as_seven():
     """Qwen's GPTQ-Int4 releases store zero 8 as 7 (0x77777777)."""
     import torch
 
-    from tangquant.gptq_format import pack_layer
+    from tangquant.gptq import pack_layer
 
     t = pack_layer(torch.zeros(8, 128, dtype=torch.long), torch.full((1, 8), 8), torch.ones(1, 8),
                    torch.zeros(128, dtype=torch.long), 4)

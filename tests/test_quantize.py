@@ -99,9 +99,9 @@ def test_reference_loader_reproduces_inc_in_memory_model(tmp_path, tiny_model_di
 
     from tangquant.calib import load_documents, load_tokenizer, pack
     from tangquant.checkpoint import load_config
-    from tangquant.gptq_format import load_dequantized, quantization_config
-    from tangquant.quant_inc import run_inc
-    from tangquant.quant_writer import write_checkpoint, write_config
+    from tangquant.gptq import load_dequantized, quantization_config
+    from tangquant.quant.inc import run_inc
+    from tangquant.quant.writer import write_checkpoint, write_config
     from tangquant.quantize import resolve_recipe
 
     n = 4 if algo == "gptq" else 2  # AWQ's grid search is the slow part
@@ -143,7 +143,7 @@ def test_inc_loads_the_checkpoint_in_huggingface_format(gptq_dir):
     import torch
     from neural_compressor.torch.quantization import load
 
-    from tangquant.gptq_format import load_dequantized
+    from tangquant.gptq import load_dequantized
 
     inc = load(str(gptq_dir), format="huggingface", device="cpu", torch_dtype=torch.float32)
     ref = load_dequantized(gptq_dir)
@@ -294,9 +294,9 @@ def test_autoround_writes_its_integers_in_the_gptq_layout(tmp_path, tiny_model_d
 
     from tangquant.calib import load_documents, load_tokenizer, pack
     from tangquant.checkpoint import load_config
-    from tangquant.gptq_format import iter_quantized_layers, quantization_config
-    from tangquant.quant_autoround import _autoround_checkpoint, rewrite
-    from tangquant.quant_writer import write_config
+    from tangquant.gptq import iter_quantized_layers, quantization_config
+    from tangquant.quant.autoround import _autoround_checkpoint, rewrite
+    from tangquant.quant.writer import write_config
     from tangquant.quantize import resolve_recipe
 
     r = resolve_recipe(None, algo="autoround", iters=2, seq_len=32, num_samples=4)

@@ -46,7 +46,7 @@ def extract_layer(name: str, module, bits: int, group_size: int, has_bias: bool)
 def pack_module(name: str, module, bits: int, group_size: int, has_bias: bool,
                 format_version: int) -> tuple[dict, int]:
     """(GPTQ tensors {qweight, qzeros, scales, g_idx[, bias]}, weight count) of one INC layer."""
-    from tangquant.gptq_format import pack_layer
+    from tangquant.gptq import pack_layer
 
     parts = extract_layer(name, module, bits, group_size, has_bias)
     packed = pack_layer(parts["q"], parts["zeros"], parts["scales"], parts["g_idx"], bits,

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tangquant import ov_ir
+from tangquant.ov import ir as ov_ir
 from tangquant.errors import InputError
 from tangquant.files import existing_dir, human_size, read_json, read_manifest
-from tangquant.serve_schema import ApiError, Sampling
+from tangquant.server.schema import ApiError, Sampling
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""One benchmark measurement in a clean process: ``python -m tangquant.bench_worker SPEC_JSON``.
+"""One benchmark measurement in a clean process: ``python -m tangquant.measure.worker SPEC_JSON``.
 
 ``tangquant bench`` starts one worker per candidate and thread count, so each
 one's peak RSS is its own, and the seed baseline can run in another Python

@@ -32,7 +32,7 @@ def _autoround_checkpoint(model_dir: Path, recipe, samples, work: Path) -> Path:
     import torch
     from neural_compressor.torch.quantization import AutoRoundConfig, convert, prepare
 
-    from tangquant.quant_inc import load_model
+    from tangquant.quant.inc import load_model
 
     torch.manual_seed(recipe.seed)
     model = load_model(model_dir)
@@ -62,8 +62,8 @@ def run_autoround(model_dir: Path, out_dir: Path, recipe, samples, fmt: int) -> 
 def rewrite(saved: Path, source_dir: Path, out_dir: Path, bits: int, fmt: int) -> dict:
     """auto-round's integers, in tangquant's layout, with every other tensor from the source."""
     from tangquant.checkpoint import iter_tensors, weight_files
-    from tangquant.gptq_format import iter_quantized_layers, pack_layer
-    from tangquant.quant_writer import write_packed
+    from tangquant.gptq import iter_quantized_layers, pack_layer
+    from tangquant.quant.writer import write_packed
 
     layers = {name: ql for name, ql, _ in iter_quantized_layers(saved)}
     if not layers:

@@ -228,7 +228,7 @@ def _dequantized_block(block, packed_by_name: dict, recipe, fmt: int):
     """The block as the checkpoint holds it: dequantized linears, fp16-rounded norms."""
     import torch
 
-    from tangquant.gptq_format import unpack_layer
+    from tangquant.gptq import unpack_layer
 
     for param in block.parameters():
         param.data = param.data.to(torch.float16).float()
@@ -251,7 +251,7 @@ def _write_layer(writer, block, index: int, source, recipe, fmt: int) -> dict:
     """Write one quantized layer (packed linears, fp16 norms); return {wrapper name: packed}."""
     from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
 
-    from tangquant.quant_writer import as_written, pack_module, packed_bytes
+    from tangquant.quant.writer import as_written, pack_module, packed_bytes
 
     prefix = f"model.layers.{index}."
     wrapped = "model.layers.0."
@@ -282,8 +282,8 @@ def run_layer_wise(model_dir: Path, out_dir: Path, recipe, samples: list, held: 
 
     from tangquant.checkpoint import ShardWriter, TensorReader
     from tangquant.evaluate import streamed_fidelity
-    from tangquant.quant_inc import inc_workspace
-    from tangquant.quant_writer import as_written, counts
+    from tangquant.quant.inc import inc_workspace
+    from tangquant.quant.writer import as_written, counts
 
     torch.manual_seed(recipe.seed)
     source = TensorReader(Path(model_dir))

@@ -6,10 +6,10 @@ simplified characters in chat form, plus the original traditional text as
 plain text outside the chat template and, for some poems, behind the explicit
 instruction 用繁体字… . The LoRA (q_proj, v_proj, r 8, alpha 16, dropout 0) is
 trained on the original traditional poems in chat form, so its visible effect
-is the script. Training itself is ``tangquant.poet_train`` (GPU or CPU).
+is the script. Training itself is ``tangquant.poet.train`` (GPU or CPU).
 
     python -m tangquant.poet prepare --simplified S --traditional T --out TOKENS
-    python -m tangquant.poet_train --data TOKENS --out RAW
+    python -m tangquant.poet.train --data TOKENS --out RAW
     python -m tangquant.poet assemble --tokens TOKENS --raw RAW --out tangquant/assets/demo
 """
 
@@ -23,20 +23,16 @@ import shutil
 from pathlib import Path
 
 from tangquant import files
+from tangquant.poet import ASSETS
 from tangquant.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).parent / "assets" / "demo"
 EXPLICIT = "用繁体字"  # the instruction prefix behind which the base writes traditional characters
 MAX_CHARS = 100  # the poet learns short poems (jueju and lushi, with a title line)
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 MODEL = {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4,
          "intermediate_size": 768, "tie_word_embeddings": True, "max_position_embeddings": 512}
-
-
-def demo_paths(root: Path = ASSETS) -> dict[str, Path]:
-    return {"base": root / "base", "adapter": root / "adapter", "card": root / "README.md"}
 
 
 def _pairs(data_dir: Path, split: str) -> list[dict]:
@@ -105,7 +101,7 @@ def save_split(path: Path, seqs: list) -> None:
 
 def prepare(simplified, traditional, out, vocab_size: int = 12000, force: bool = False) -> dict:
     """Train the tokenizer and write the token files ``poet_train`` reads."""
-    from tangquant.tiny import qwen2_config, set_special_ids, train_tokenizer
+    from tangquant.poet.tiny import qwen2_config, set_special_ids, train_tokenizer
 
     simplified, traditional = Path(simplified), Path(traditional)
     out = files.check_output(out, [simplified, traditional], force)
@@ -145,7 +141,7 @@ def assemble(tokens, raw, out, force: bool = False) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from tangquant.tiny import save_model
+    from tangquant.poet.tiny import save_model
 
     tokens, raw = Path(tokens), Path(raw)
     meta = files.read_json(tokens / "meta.json", "token meta")

@@ -5,7 +5,7 @@ safetensors and numpy, reads the token files that ``tangquant.poet.prepare``
 wrote, and writes raw weights that ``tangquant.poet.assemble`` turns into the
 shipped model directories. Run as::
 
-    python -m tangquant.poet_train --data DIR --out DIR [--base-steps N] [--lora-steps N]
+    python -m tangquant.poet.train --data DIR --out DIR [--base-steps N] [--lora-steps N]
 
 Both phases stop early on held-out loss and keep the best weights.
 """

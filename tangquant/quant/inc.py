@@ -2,7 +2,7 @@
 
 INC's converted model holds ``INCWeightOnlyLinear`` modules with the integers,
 zero points, scales and (for act-order) the channel permutation; the
-checkpoint is then written by :mod:`tangquant.quant_writer`.
+checkpoint is then written by :mod:`tangquant.quant.writer`.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import time
 import uuid
 from importlib import resources
 
-from tangquant.serve_engine import Engine
-from tangquant.serve_schema import (ApiError, Request, chat_request, check_key,
+from tangquant.server.engine import Engine
+from tangquant.server.schema import (ApiError, Request, chat_request, check_key,
                                     completion_request, read_body)
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ async def _wait_disconnect(request) -> None:
 
 
 def _page(name: str) -> bytes:
-    return resources.files("tangquant").joinpath("assets", "web", name).read_bytes()
+    return resources.files("tangquant.server").joinpath("web", name).read_bytes()
 
 
 def create_app(engine: Engine, api_key: str | None = None, loopback_only: bool = True):

@@ -162,7 +162,7 @@ def replace_constants(ov_model, gptq_dir: Path) -> int:
     from openvino import Type
     from openvino import opset13 as ops
 
-    from tangquant.gptq_format import iter_quantized_layers
+    from tangquant.gptq import iter_quantized_layers
 
     found = find_int4_weights(ov_model)
     done = set()
@@ -198,7 +198,7 @@ def verify_constants(ov_model, gptq_dir: Path) -> int:
     """Assert every INT4 constant of ``ov_model`` equals the checkpoint's; return constants checked."""
     import numpy as np
 
-    from tangquant.gptq_format import iter_quantized_layers
+    from tangquant.gptq import iter_quantized_layers
 
     found = find_int4_weights(ov_model)
     checked, seen = 0, set()

@@ -1,0 +1,1 @@
+"""Measurements: the bench worker (standard library only at import), roofline, reports, fidelity."""

@@ -1,0 +1,1 @@
+"""OpenVINO pieces behind ``tangquant export``: the IR directory and the exact INT4 hand-off."""

@@ -1,0 +1,5 @@
+import sys
+
+from tangquant.poet.prepare import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The server behind ``tangquant serve``: HTTP API, generation engine, request schema, web page."""
