@@ -8,7 +8,7 @@ with and without true-sequential groups, RTN, and AutoRound with 20 iterations
 (the default 200 is too slow for this machine). Each run reports KLD,
 perplexity and top-1 agreement against the merged model on the demo's
 held-out data (8 samples). INC's whole-model ``true_sequential`` is reached by
-calling ``quant_inc.run_inc`` directly, because ``tangquant quantize`` routes
+calling ``quant.inc.run_inc`` directly, because ``tangquant quantize`` routes
 true-sequential GPTQ to the layer driver. Results go to
 ``benchmarks/results/demo_fidelity.json``.
 
@@ -31,16 +31,18 @@ HERE = Path(__file__).resolve().parent
 def inc_whole_model_true_seq(merged: Path, out: Path, recipe_path: Path, calib: Path,
                              heldout: Path) -> dict:
     """INC's own whole-model GPTQ with true_sequential=True, written and evaluated like quantize."""
-    from tangquant.calib import load_documents, load_tokenizer, pack
-    from tangquant.checkpoint import load_config
+    from tangquant.calib import load_documents, pack
+    from tangquant.checkpoint import load_config, write_config
     from tangquant.evaluate import evaluate
     from tangquant.files import copy_aux_files
     from tangquant.gptq import quantization_config
+    from tangquant.load import tokenizer as load_tokenizer
     from tangquant.quant.inc import run_inc
-    from tangquant.quant.writer import write_checkpoint, write_config
-    from tangquant.quantize import resolve_recipe
+    from tangquant.quant.recipe import QuantRecipe
+    from tangquant.quant.writer import write_checkpoint
+    from tangquant.recipe import resolve
 
-    r = resolve_recipe(recipe_path, true_sequential=True)
+    r = resolve(QuantRecipe, recipe_path, {"true_sequential": True})
     # the same documents quantize calibrates on when --eval-data is given (all of --calib)
     docs = load_documents(calib)
     samples = pack(docs, load_tokenizer(merged), r.seq_len, r.num_samples, r.seed).samples
@@ -49,8 +51,8 @@ def inc_whole_model_true_seq(merged: Path, out: Path, recipe_path: Path, calib: 
     model, layers = run_inc(merged, r, samples)
     write_checkpoint(model, layers, merged, out, r.bits, r.group_size, 1)
     seconds = time.perf_counter() - t
-    write_config(load_config(merged), out, quantization_config(r.bits, r.group_size, True, False,
-                                                                r.percdamp, 1))
+    write_config(out, load_config(merged), "float16",
+                 quantization_config(r.bits, r.group_size, True, False, r.percdamp, 1))
     copy_aux_files(merged, out)
     fid = evaluate(out, merged, heldout, num_samples=8, seq_len=r.seq_len, seed=r.seed)
     return {"seconds_quantize": round(seconds, 2), "fidelity": fid}

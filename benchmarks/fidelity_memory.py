@@ -1,7 +1,7 @@
 """Peak RSS of the layer-wise fidelity phase alone (final norm + LM head) — random weights.
 
 ``tangquant quantize --layer-wise`` ends by applying the final norm and the LM
-head to the held-out samples' last hidden states (``evaluate.streamed_fidelity``).
+head to the held-out samples' last hidden states (``quant.fidelity.streamed_fidelity``).
 This runs that phase alone on a model directory (e.g. the 7B shape from
 ``benchmarks/shapes.py``) with one random sample of ``--positions`` positions and
 prints the peak RSS; run it at two commits to compare.
@@ -27,7 +27,7 @@ def main() -> int:
     import torch
 
     from tangquant.checkpoint import TensorReader
-    from tangquant.evaluate import streamed_fidelity
+    from tangquant.quant.fidelity import streamed_fidelity
     from tangquant.quant.layer_by_layer import _skeleton
 
     source = TensorReader(args.model)

@@ -34,12 +34,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tangquant.errors import BenchError
+from tqdm import tqdm
+
+from tangquant import load, recipe
+from tangquant.errors import BenchError, TangquantError
+from tangquant.files import cpu_model, dir_size, existing_dir, package_versions
+from tangquant.measure.report import add_ratios, append_jsonl, markdown_table
+from tangquant.measure.report import plot as draw
+from tangquant.measure.roofline import bytes_per_token
+from tangquant.recipe import param, require
 
 logger = logging.getLogger(__name__)
 
 HELP = "tokens/s side by side (pp/tg, llama-bench style) against the bandwidth roofline"
 KINDS = ("ov", "ov+lora", "torch-gptq+lora", "torch")
+KIND_MODELS = {"ov": ("ir",), "ov+lora": ("ir",), "torch-gptq+lora": ("gptq",), "torch": ("hf", "gptq")}
 MARKER = "random weights — speed only"
 DEFAULT_BASELINE_PYTHON = "benchmarks/baseline/.venv/bin/python"
 _ROOT = Path(__file__).resolve().parent.parent  # put on PYTHONPATH for the baseline's python
@@ -47,15 +56,28 @@ _ROOT = Path(__file__).resolve().parent.parent  # put on PYTHONPATH for the base
 
 @dataclasses.dataclass(frozen=True)
 class BenchRecipe:
-    candidates: tuple[str, ...] = ()
-    prompt_tokens: int = 512
-    gen_tokens: int = 128
-    repetitions: int = 5
-    threads: tuple[int, ...] = ()
-    warmup: int = 1
-    baseline_python: str = DEFAULT_BASELINE_PYTHON
-    timeout_s: int = 3600
-    bandwidth_bytes: int = 2**30
+    candidates: tuple[str, ...] = param((), f"a model to measure, NAME=KIND:PATH[,key=value…] "
+                                        f"(repeatable); KIND is one of {', '.join(KINDS)}",
+                                        flag="--candidate", repeat=True, metavar="NAME=KIND:PATH[,k=v]")
+    prompt_tokens: int = param(512, "prefill length", short="-p")
+    gen_tokens: int = param(128, "decoded tokens", short="-n")
+    repetitions: int = param(5, "timed repetitions", short="-r")
+    threads: tuple[int, ...] = param((), "thread count, or a comma list to sweep (default: all cores)",
+                                     short="-t")
+    warmup: int = param(1, "uncounted warm-up runs (at least one runs: it checks the output)")
+    baseline_python: str = param(DEFAULT_BASELINE_PYTHON, "python of the seed-baseline environment")
+    timeout_s: int = param(3600, "limit per candidate run, in seconds")
+    bandwidth_mb: int = param(1024, "size of each STREAM array, MiB")
+
+    def __post_init__(self):
+        require(min(self.prompt_tokens, self.gen_tokens, self.repetitions) >= 1 and self.warmup >= 0,
+                "-p, -n and -r must be at least 1 and the warm-up at least 0")
+        require(all(t >= 1 for t in self.threads), f"-t must be positive, got {self.threads}")
+        require(self.timeout_s > 0 and self.bandwidth_mb >= 1, "timeout_s and bandwidth_mb must be positive")
+
+
+PARAMS = BenchRecipe
+RECIPE_HELP = "a bench recipe (e.g. recipes/bench-llama-bench.yaml); flags override it"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,18 +110,12 @@ def parse_candidate(text: str) -> Candidate:
     return Candidate(name.strip(), kind, path, options)
 
 
-def _check_paths(c: Candidate) -> None:
-    """Raise BenchError for a missing model or adapter (reported as a failed candidate)."""
-    for what, p in (("model directory", c.path), ("adapter", c.options.get("adapter"))):
-        if p is not None and not Path(p).is_dir():
-            raise BenchError(f"{what} {p} does not exist")
-
-
-def _read_config(path: str) -> dict:
-    try:
-        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+def _model_config(c: Candidate) -> dict:
+    """The candidate's config.json, after the loader's checks (a bad path fails the candidate)."""
+    md = load.inspect(c.path, kinds=KIND_MODELS[c.kind])
+    if c.options.get("adapter"):
+        existing_dir(c.options["adapter"], "adapter")
+    return md.config
 
 
 def _worker(spec: dict, python: str, timeout_s: int) -> dict:
@@ -130,11 +146,7 @@ def _bandwidth(threads: int, nbytes: int, timeout_s: int) -> dict:
 
 
 def _measure(c: Candidate, threads: int, rec: BenchRecipe) -> dict:
-    from tangquant.measure.roofline import bytes_per_token
-    from tangquant.files import dir_size
-
-    _check_paths(c)
-    config = _read_config(c.path)
+    config = _model_config(c)
     out = {"size_bytes": dir_size(Path(c.path)) + (dir_size(Path(c.options["adapter"]))
                                                    if c.options.get("adapter") else 0)}
     out.update(bytes_per_token(c.kind, Path(c.path), c.options))
@@ -167,8 +179,6 @@ def _readme(path: str) -> str:
 
 
 def _environment(rec: BenchRecipe) -> dict:
-    from tangquant.files import cpu_model, package_versions
-
     try:
         sha = subprocess.run(["git", "-C", str(_ROOT), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
@@ -184,15 +194,11 @@ def _environment(rec: BenchRecipe) -> dict:
 
 def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) -> list[dict]:
     """Every candidate at every thread count, bandwidth first; failures become failed rows."""
-    from tqdm import tqdm
-
-    from tangquant.errors import TangquantError
-
     rows = []
     bar = tqdm(total=len(parsed) * len(thread_list), desc="bench", file=sys.stderr, unit="run")
     for t in thread_list:
         bar.set_postfix_str(f"bandwidth, {t} threads")
-        bw = _bandwidth(t, rec.bandwidth_bytes, rec.timeout_s)
+        bw = _bandwidth(t, rec.bandwidth_mb * 2**20, rec.timeout_s)
         logger.info("bandwidth at %d threads: copy %.1f GB/s, triad %.1f GB/s",
                     t, bw["copy_gbs"], bw["triad_gbs"])
         for c in parsed:
@@ -213,31 +219,20 @@ def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) ->
     return rows
 
 
-def bench(candidates=(), prompt_tokens: int | None = None, gen_tokens: int | None = None,
-          repetitions: int | None = None, threads=(), warmup: int | None = None,
-          plot: str | None = None,
-          results_dir: str = "benchmarks/results", recipe: str | None = None,
-          baseline_python: str | None = None, bandwidth_bytes: int | None = None) -> list[dict]:
-    """Benchmark every candidate at every thread count; return one record per (candidate, threads).
+def bench(candidates=(), params: BenchRecipe | str | Path | None = None, plot: str | None = None,
+          results_dir: str = "benchmarks/results", **overrides) -> dict:
+    """Benchmark every candidate at every thread count.
 
-    Settings left as None come from ``recipe`` or the defaults (-p 512 -n 128 -r 5, one warm-up,
-    all cores); a failed candidate is a record with ``status: "failed"`` and its ``error``.
+    Returns ``records`` (one per candidate and thread count; a failed candidate is a record
+    with ``status: "failed"`` and its ``error``), the markdown ``report``, a ``summary`` and
+    ``exit_code`` 1 when a candidate failed.
     """
-    from tangquant import recipe as recipes
-    from tangquant.measure.report import add_ratios, append_jsonl, markdown_table
-    from tangquant.measure.report import plot as draw
-
-    rec = recipes.load(BenchRecipe, recipe, {
-        "candidates": tuple(candidates) or None, "prompt_tokens": prompt_tokens,
-        "gen_tokens": gen_tokens, "repetitions": repetitions, "threads": tuple(threads) or None,
-        "warmup": warmup, "baseline_python": baseline_python, "bandwidth_bytes": bandwidth_bytes})
+    rec = recipe.resolve(BenchRecipe, params, {"candidates": tuple(candidates) or None, **overrides})
     parsed = [parse_candidate(c) for c in rec.candidates]
     if not parsed:
         raise BenchError("no candidate given (--candidate NAME=KIND:PATH, or a recipe's candidates)")
     if len({c.name for c in parsed}) != len(parsed):
         raise BenchError("candidate names must be unique")
-    if min(rec.prompt_tokens, rec.gen_tokens, rec.repetitions) < 1 or rec.warmup < 0:
-        raise BenchError("-p, -n and -r must be at least 1 and the warm-up at least 0")
     thread_list = [int(t) for t in (rec.threads or (os.cpu_count() or 1,))]
     env = _environment(rec)
     rows = _sweep(parsed, thread_list, rec)
@@ -247,43 +242,20 @@ def bench(candidates=(), prompt_tokens: int | None = None, gen_tokens: int | Non
     out = Path(results_dir)
     jsonl = out if out.suffix == ".jsonl" else out / "bench.jsonl"
     append_jsonl(jsonl, records)
-    print(markdown_table(rows, rec.prompt_tokens, rec.gen_tokens))
     if plot:
         draw(rows, Path(plot), rec.prompt_tokens, rec.gen_tokens)
     failed = sum(r["status"] != "ok" for r in rows)
-    print(f"bench: {len(rows) - failed} ok, {failed} failed; appended to {jsonl}"
-          + (f"; plot {plot}" if plot else ""))
-    return records
+    return {"records": records, "report": markdown_table(rows, rec.prompt_tokens, rec.gen_tokens),
+            "summary": f"bench: {len(rows) - failed} ok, {failed} failed; appended to {jsonl}"
+                       + (f"; plot {plot}" if plot else ""),
+            "exit_code": 1 if failed else 0}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--candidate", action="append", default=[], metavar="NAME=KIND:PATH[,k=v]",
-                        help=f"a model to measure (repeatable); KIND is one of {', '.join(KINDS)}")
-    parser.add_argument("-p", "--prompt-tokens", type=int, help="prefill length (default 512)")
-    parser.add_argument("-n", "--gen-tokens", type=int, help="decoded tokens (default 128)")
-    parser.add_argument("-r", "--repetitions", type=int, help="timed repetitions (default 5)")
-    parser.add_argument("-t", "--threads", help="thread count, or a comma list to sweep (default: all cores)")
-    parser.add_argument("--warmup", type=int,
-                        help="uncounted warm-up runs (default 1; at least one runs: it checks the output)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the results")
-    parser.add_argument("--recipe", metavar="FILE", help="a bench recipe (YAML); flags override it")
     parser.add_argument("--results", default="benchmarks/results", metavar="DIR|FILE.jsonl",
                         help="where the JSONL records are appended (DIR/bench.jsonl by default)")
-    parser.add_argument("--baseline-python", metavar="PATH",
-                        help=f"python of the seed-baseline environment (default {DEFAULT_BASELINE_PYTHON})")
-    parser.add_argument("--bandwidth-mb", type=int, help="size of each STREAM array (default 1024 MiB)")
 
 
-def run(args) -> int:
-    threads = ()
-    if args.threads:
-        try:
-            threads = tuple(int(t) for t in str(args.threads).split(",") if t.strip())
-        except ValueError:
-            raise BenchError(f"-t must be a number or a comma list, got {args.threads!r}") from None
-    records = bench(args.candidate, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                    repetitions=args.repetitions, threads=threads, warmup=args.warmup,
-                    plot=args.plot, results_dir=args.results, recipe=args.recipe,
-                    baseline_python=args.baseline_python,
-                    bandwidth_bytes=args.bandwidth_mb * 2**20 if args.bandwidth_mb else None)
-    return 0 if all(r["status"] == "ok" for r in records) else 1
+def run(args) -> dict:
+    return bench(params=recipe.from_args(BenchRecipe, args), plot=args.plot, results_dir=args.results)

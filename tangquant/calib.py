@@ -220,10 +220,8 @@ def pack(docs: list[Document], tokenizer, seq_len: int, num_samples: int, seed: 
     return Packed(samples=samples, documents=len(docs), tokens=sum(len(s) for s in samples))
 
 
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise CalibrationError(f"cannot load the tokenizer of {model_dir}: {exc}") from None
+def eval_samples(data, tokenizer, num_samples: int, seq_len: int, seed: int) -> list:
+    """Held-out samples for a fidelity measurement: ``data`` is a file or a list of Documents."""
+    docs = load_documents(data) if isinstance(data, (str, Path)) else list(data)
+    return pack(docs, tokenizer, seq_len, num_samples, seed, allow_partial=True,
+                what="evaluation data").samples

@@ -43,7 +43,7 @@ def weight_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
         weight_map = read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(f"{index} has no weight_map")
-        files = sorted({model_dir / name for name in weight_map.values()})
+        files = sorted({inside(model_dir, name, index.name) for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise InputError(f"{model_dir} is missing shards named in its index: {', '.join(missing)}")
@@ -59,6 +59,32 @@ def weight_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
     if pickles:
         return pickles
     raise InputError(f"{model_dir} holds no model weights (*.safetensors)")
+
+
+def inside(model_dir: Path, name, referrer: str) -> Path:
+    """``model_dir / name``, refused unless it stays inside ``model_dir`` (after symlinks)."""
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{model_dir}/{referrer} names a file that is not a string: {str(name)[:60]!r}")
+    root = Path(model_dir).resolve()
+    path = (root / name).resolve()
+    if root not in path.parents:
+        raise InputError(f"{model_dir}/{referrer} refers to {name[:80]!r}, which lies outside "
+                         f"{model_dir}; refusing to read it")
+    return path
+
+
+def write_config(out_dir: Path, config: dict, dtype: str, quantization_config: dict | None = None,
+                 **changes) -> dict:
+    """The one ``config.json`` writer: ``torch_dtype`` (and transformers 5's ``dtype``), the
+    ``quantization_config`` (dropped when None) and any other key ``changes`` sets."""
+    config = {**config, **changes, "torch_dtype": dtype}
+    if "dtype" in config:
+        config["dtype"] = dtype
+    config.pop("quantization_config", None)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    write_json(Path(out_dir) / "config.json", config)
+    return config
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, "object"]]:

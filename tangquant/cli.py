@@ -1,8 +1,11 @@
-"""Command-line entry point: a thin argparse layer over the stage modules.
+"""Command-line entry point: a thin argparse layer over the command modules.
 
-Each stage module offers ``HELP``, ``add_arguments(parser)`` and ``run(args)``
-and imports its heavy libraries inside functions, so ``tangquant --help``
-never loads torch.
+Each command module offers ``HELP``, ``PARAMS`` (its stage's parameter
+dataclass, from which the flags derive), ``add_arguments(parser)`` for its
+inputs and outputs, and ``run(args)``, which returns the stage's metrics with
+a one-line ``summary`` (and an optional multi-line ``report``) that only this
+module prints. Command modules are light: they import their engine subpackage
+when they run, so ``tangquant --help`` never loads torch or OpenVINO.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import importlib
 import logging
 import sys
 
-from tangquant import __version__
+from tangquant import __version__, recipe
 from tangquant.errors import TangquantError
 
 # (command, module) in the order they appear in --help: the pipeline first.
@@ -46,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=module.HELP, description=doc,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sp)
+        if getattr(module, "PARAMS", None) is not None:
+            recipe.add_flags(sp, module.PARAMS, getattr(module, "RECIPE_HELP", None),
+                             recipe_flag=getattr(module, "RECIPE_FLAG", True))
         sp.set_defaults(_run=module.run)
     return parser
 
@@ -99,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose, args.quiet)
     _interrupt_on_sigterm()
     try:
-        return int(args._run(args) or 0)
+        result = args._run(args) or {}
+        if result.get("report"):
+            print(result["report"])
+        if result.get("summary"):
+            print(result["summary"])
+        return int(result.get("exit_code", 0))
     except TangquantError as exc:
         print(f"tangquant: error: {exc}", file=sys.stderr)
         return 2

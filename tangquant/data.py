@@ -11,14 +11,17 @@ JSON files plus a ``dataset_info.json`` with the entries ``tang``,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from tangquant import files
-from tangquant.errors import CalibrationError, InputError, TangquantError
+from tangquant import files, recipe
+from tangquant.errors import CalibrationError, InputError
+from tangquant.recipe import param, require
 
 logger = logging.getLogger(__name__)
 
@@ -155,57 +158,69 @@ def make_pair(poem: dict, u: float, convert, simplify) -> dict:
     return {"instruction": instruction, "input": "", "output": heading + body}
 
 
-def _check_fractions(eval_fraction: float, calib_fraction: float) -> None:
-    for name, value in (("eval_fraction", eval_fraction), ("calib_fraction", calib_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise TangquantError(f"{name} must be in [0, 1), got {value}")
-    if eval_fraction + calib_fraction >= 1.0:
-        raise TangquantError("eval_fraction + calib_fraction must leave some training data")
+@dataclass(frozen=True)
+class DataParams:
+    script: str = param("traditional", "script of the poems in the output (the corpus is traditional)",
+                        choices=SCRIPTS)
+    max_samples: int | None = param(None, "use at most N poems (a fixed hash-ordered sample)", metavar="N")
+    eval_fraction: float = param(0.02, "share held out for eval")
+    calib_fraction: float = param(0.01, "share held out for quantization calibration")
+    seed: int = param(0, "salt of the split hash")
+
+    def __post_init__(self):
+        require(self.script in SCRIPTS, f"script must be one of {', '.join(SCRIPTS)}, got {self.script!r}")
+        for name in ("eval_fraction", "calib_fraction"):
+            value = getattr(self, name)
+            require(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
+        require(self.eval_fraction + self.calib_fraction < 1.0,
+                "eval_fraction + calib_fraction must leave some training data")
+        require(self.max_samples is None or self.max_samples >= 1,
+                f"max_samples must be positive, got {self.max_samples}")
 
 
-def data(poetry, output, script: str = "traditional", max_samples: int | None = None,
-         eval_fraction: float = 0.02, calib_fraction: float = 0.01, seed: int = 0,
-         force: bool = False) -> dict:
+PARAMS = DataParams
+
+
+def data(poetry, output, params: DataParams | None = None, force: bool = False, **overrides) -> dict:
     """Write ``tang_{train,eval,calib}.json`` and ``dataset_info.json`` into ``output``."""
-    if script not in SCRIPTS:
-        raise TangquantError(f"script must be one of {', '.join(SCRIPTS)}, got {script!r}")
-    _check_fractions(eval_fraction, calib_fraction)
-    if max_samples is not None and max_samples < 1:
-        raise TangquantError(f"max_samples must be positive, got {max_samples}")
+    p = recipe.resolve(DataParams, params, overrides)
     paths = corpus_files(poetry)
     out = files.check_output(output, [poetry], force)
     poems, stats = load_poems(paths)
-    hashed = sorted(((poem_hash(p["body"], seed), p) for p in poems), key=lambda x: x[0])
-    if max_samples is not None:
+    hashed = sorted(((poem_hash(x["body"], p.seed), x) for x in poems), key=lambda x: x[0])
+    if p.max_samples is not None:
         # The smallest hashes: a fixed, corpus-wide sample, whatever the file order.
-        hashed = hashed[:max_samples]
+        hashed = hashed[:p.max_samples]
     t2s = _converter("t2s")
-    convert = t2s.convert if script == "simplified" else (lambda s: s)
+    convert = t2s.convert if p.script == "simplified" else (lambda s: s)
     records: dict[str, list] = {s: [] for s in SPLITS}
     for u, poem in hashed:
-        records[split_of(u, eval_fraction, calib_fraction)].append(make_pair(poem, u, convert, t2s.convert))
+        records[split_of(u, p.eval_fraction, p.calib_fraction)].append(
+            make_pair(poem, u, convert, t2s.convert))
     if not records["train"]:
         raise CalibrationError(f"no usable poems in {poetry} after cleaning ({stats})")
     counts = {s: len(r) for s, r in records.items()}
     with files.atomic_output_dir(out) as tmp:
-        info = {}
-        for split, recs in records.items():
-            name = f"tang_{split}.json"
-            (tmp / name).write_text(json.dumps(recs, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-            info[DATASET_NAMES[split]] = {
-                "file_name": name, "file_sha1": hashlib.sha1((tmp / name).read_bytes()).hexdigest(),
-                "formatting": "alpaca",
-                "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
-        files.write_json(tmp / "dataset_info.json", info)
-        params = {"script": script, "max_samples": max_samples, "eval_fraction": eval_fraction,
-                  "calib_fraction": calib_fraction, "seed": seed}
+        _write_splits(tmp, records)
         inputs = {"poetry": str(Path(poetry).resolve()), "files": len(paths),
                   "sha256": _corpus_digest(paths)}
-        files.write_manifest(tmp, "data", params, inputs, {**stats, **counts})
-    print(f"{out}: {counts['train']} train / {counts['eval']} eval / {counts['calib']} calib pairs "
-          f"({script}; kept {stats['kept']} of {stats['read']} poems), "
-          f"{files.human_size(files.dir_size(out))}")
-    return {"output": str(out), "counts": counts, "stats": stats, "script": script}
+        files.write_manifest(tmp, "data", dataclasses.asdict(p), inputs, {**stats, **counts})
+    summary = (f"{out}: {counts['train']} train / {counts['eval']} eval / {counts['calib']} calib pairs "
+               f"({p.script}; kept {stats['kept']} of {stats['read']} poems), "
+               f"{files.human_size(files.dir_size(out))}")
+    return {"output": str(out), "counts": counts, "stats": stats, "script": p.script, "summary": summary}
+
+
+def _write_splits(tmp: Path, records: dict) -> None:
+    info = {}
+    for split, recs in records.items():
+        name = f"tang_{split}.json"
+        (tmp / name).write_text(json.dumps(recs, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        info[DATASET_NAMES[split]] = {
+            "file_name": name, "file_sha1": hashlib.sha1((tmp / name).read_bytes()).hexdigest(),
+            "formatting": "alpaca",
+            "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+    files.write_json(tmp / "dataset_info.json", info)
 
 
 def _corpus_digest(paths: list[Path]) -> str:
@@ -220,19 +235,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--poetry", required=True, metavar="DIR",
                         help="chinese-poetry checkout (holding 全唐诗/poet.tang.*.json)")
     parser.add_argument("--output", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--script", choices=SCRIPTS, default="traditional",
-                        help="script of the poems in the output (default: traditional, as the corpus)")
-    parser.add_argument("--max-samples", type=int, default=None, metavar="N",
-                        help="use at most N poems (a fixed hash-ordered sample)")
-    parser.add_argument("--eval-fraction", type=float, default=0.02, help="share held out for eval")
-    parser.add_argument("--calib-fraction", type=float, default=0.01,
-                        help="share held out for quantization calibration")
-    parser.add_argument("--seed", type=int, default=0, help="salt of the split hash")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
 
 
-def run(args) -> int:
-    data(args.poetry, args.output, script=args.script, max_samples=args.max_samples,
-         eval_fraction=args.eval_fraction, calib_fraction=args.calib_fraction, seed=args.seed,
-         force=args.force)
-    return 0
+def run(args) -> dict:
+    return data(args.poetry, args.output, recipe.from_args(DataParams, args), force=args.force)

@@ -17,14 +17,24 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from tangquant import files
+from tangquant import files, load, recipe
+from tangquant.bench import bench as run_bench
+from tangquant.export import export
+from tangquant.generate import Sampling, open_generator
+from tangquant.merge import merge
+from tangquant.ov.ir import EXACT_CONFIG
 from tangquant.poet import ASSETS, demo_paths
+from tangquant.quantize import quantize
+from tangquant.recipe import param, require
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +98,6 @@ def perplexity(model, tokenizer, texts: list[str], chat: bool) -> float:
 
 def generations(generator, prompts, samples: int, max_new_tokens: int) -> dict:
     """Greedy answers and ``samples`` seeded sampled answers per prompt."""
-    from tangquant.chat import Sampling
-
     greedy, sampled = [], []
     for prompt in prompts:
         msgs = [{"role": "user", "content": prompt}]
@@ -109,8 +117,6 @@ def heldout_texts(path: Path) -> dict[str, list[str]]:
 
 
 def _read_list(path: Path) -> list:
-    import json
-
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
@@ -150,75 +156,66 @@ def table(results: dict, prompts) -> str:
 
 
 def _hf_generator(path, adapter=None):
-    from tangquant.chat import load_generator
-
-    return lambda: load_generator(path, adapter=adapter)
+    return lambda: open_generator(path, adapter=adapter)
 
 
 def _lm(path, adapter=None):
-    def make():
-        from tangquant.evaluate import load_causal_lm
-
-        model = load_causal_lm(path)
-        if adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(adapter)).eval()
-        return model
-    return make
+    return lambda: load.logits_model(path, adapter=adapter)
 
 
 def _ov_generator(path):
-    def make():
-        from tangquant.ov import ir as ov_ir
-        from tangquant.chat import load_generator
-
-        return load_generator(path, ov_config=ov_ir.EXACT_CONFIG)
-    return make
+    return lambda: open_generator(path, ov_config=EXACT_CONFIG)
 
 
 def build(tmp: Path, base: Path, adapter: Path, calib: Path, bench: bool) -> dict:
     """merge → GPTQ INT4 → OpenVINO IR (→ bench) inside ``tmp``; returns each stage's metrics."""
-    from tangquant.export import export
-    from tangquant.merge import merge
-    from tangquant.quantize import quantize
-
     stages = {}
     t0 = time.time()
     stages["merge"] = merge(base, adapter, tmp / "merged", dtype="fp32")
-    stages["quantize"] = quantize(tmp / "merged", tmp / "int4-gptq", recipe=calib.parent / "int4-gptq-g128.yaml",
+    stages["quantize"] = quantize(tmp / "merged", tmp / "int4-gptq", calib.parent / "int4-gptq-g128.yaml",
                                   calib=str(calib))
-    stages["export"] = export(tmp / "int4-gptq", tmp / "int4-openvino")
+    stages["export"] = export(stages["quantize"]["checkpoint"], tmp / "int4-openvino")
     if bench:
-        from tangquant.bench import bench as run_bench
-
         stages["bench"] = run_bench(
             candidates=(f"merged-int4=ov:{tmp / 'int4-openvino'}",
                         f"base+lora=torch:{base},adapter={adapter},dtype=fp32"),
             prompt_tokens=32, gen_tokens=32, repetitions=2, warmup=1, results_dir=str(tmp / "bench"),
-            bandwidth_bytes=2**26)
+            bandwidth_mb=64)
     stages["seconds"] = round(time.time() - t0, 1)
     return stages
 
 
-def demo(workdir=None, force: bool = False, assets=None, prompts=PROMPTS, samples: int = 3,
-         max_new_tokens: int = 64, bench: bool = True) -> dict:
-    """Run the pipeline on the shipped poet into ``workdir`` and measure before/after."""
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class DemoParams:
+    samples: int = param(3, "sampled answers per prompt")
+    max_new_tokens: int = param(64, "largest number of tokens per answer")
+    bench: bool = param(True, "run the short bench")
 
+    def __post_init__(self):
+        require(self.samples >= 0, f"samples must be >= 0, got {self.samples}")
+        require(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+
+PARAMS = DemoParams
+
+
+def demo(workdir=None, params: DemoParams | None = None, force: bool = False, assets=None,
+         prompts=PROMPTS, **overrides) -> dict:
+    """Run the pipeline on the shipped poet into ``workdir`` and measure before/after."""
+    p = recipe.resolve(DemoParams, params, overrides)
     paths = demo_paths(Path(assets) if assets else ASSETS)
     base, adapter = files.existing_dir(paths["base"], "demo base"), files.existing_dir(paths["adapter"], "demo adapter")
     root = base.parent
     out = files.check_output(workdir or "tangquant-demo", [root], force)
     t0 = time.time()
     with files.atomic_output_dir(out) as tmp:
-        stages = build(tmp, base, adapter, root / "calib.json", bench)
-        tokenizer = AutoTokenizer.from_pretrained(base)
+        stages = build(tmp, base, adapter, root / "calib.json", p.bench)
+        tokenizer = load.tokenizer(base)
         final = out / "int4-openvino"  # where the IR lies once the directory is renamed
         models = {"base": (_hf_generator(base), _lm(base)),
                   "base + LoRA": (_hf_generator(base, adapter), _lm(base, adapter)),
                   "merged INT4": (_ov_generator(tmp / "int4-openvino"), _lm(tmp / "int4-openvino"))}
-        results = measure(models, tokenizer, list(prompts), samples, max_new_tokens, root / "heldout.json")
+        results = measure(models, tokenizer, list(prompts), p.samples, p.max_new_tokens, root / "heldout.json")
         report = table(results, prompts)
         (tmp / "demo.md").write_text(report + "\n", encoding="utf-8")
         lora, int4 = results["base + LoRA"], results["merged INT4"]
@@ -226,18 +223,16 @@ def demo(workdir=None, force: bool = False, assets=None, prompts=PROMPTS, sample
                    "stage_seconds": stages["seconds"],
                    "int4_vs_lora_greedy": _ratio(int4["ratio_greedy"], lora["ratio_greedy"]),
                    "int4_vs_lora_sampled": _ratio(int4["ratio_sampled"], lora["ratio_sampled"])}
-        files.write_json(tmp / "demo.json", {**metrics, "prompts": list(prompts), "samples": samples,
+        files.write_json(tmp / "demo.json", {**metrics, "prompts": list(prompts), "samples": p.samples,
                                              "temperature": TEMPERATURE, "top_p": TOP_P})
-        files.write_manifest(tmp, "demo", {"prompts": list(prompts), "samples": samples,
-                                           "max_new_tokens": max_new_tokens, "bench": bench},
+        files.write_manifest(tmp, "demo", {"prompts": list(prompts), **dataclasses.asdict(p)},
                              {"base": str(base), "adapter": str(adapter)},
                              {k: v for k, v in metrics.items() if k != "results"})
-    print(report)
-    print(f"{out}: merged INT4 traditional ratio {_pct(int4['ratio_greedy'])} greedy / "
-          f"{_pct(int4['ratio_sampled'])} sampled vs base + LoRA {_pct(lora['ratio_greedy'])} / "
-          f"{_pct(lora['ratio_sampled'])} (base {_pct(results['base']['ratio_greedy'])}); "
-          f"IR {final}, {metrics['seconds']:.0f} s")
-    return {"output": str(out), **metrics}
+    summary = (f"{out}: merged INT4 traditional ratio {_pct(int4['ratio_greedy'])} greedy / "
+               f"{_pct(int4['ratio_sampled'])} sampled vs base + LoRA {_pct(lora['ratio_greedy'])} / "
+               f"{_pct(lora['ratio_sampled'])} (base {_pct(results['base']['ratio_greedy'])}); "
+               f"IR {final}, {metrics['seconds']:.0f} s")
+    return {"output": str(out), **metrics, "report": report, "summary": summary}
 
 
 def _ratio(a, b):
@@ -248,13 +243,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workdir", default="tangquant-demo", metavar="DIR",
                         help="where the merged, INT4 and OpenVINO models and the report go "
                              "(default: ./tangquant-demo)")
-    parser.add_argument("--samples", type=int, default=3, help="sampled answers per prompt (default 3)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--no-bench", dest="bench", action="store_false", help="skip the short bench")
     parser.add_argument("--force", action="store_true", help="replace an existing DIR")
 
 
-def run(args) -> int:
-    demo(args.workdir, force=args.force, samples=args.samples, max_new_tokens=args.max_new_tokens,
-         bench=args.bench)
-    return 0
+def run(args) -> dict:
+    return demo(args.workdir, recipe.from_args(DemoParams, args), force=args.force)

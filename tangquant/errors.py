@@ -41,8 +41,12 @@ class CalibrationError(TangquantError):
     """Calibration or evaluation data is empty, malformed or too short."""
 
 
-class RecipeError(TangquantError):
-    """A recipe file is malformed or holds unknown keys."""
+class ParameterError(TangquantError):
+    """A stage parameter (a flag or a recipe key) has a value the stage cannot take."""
+
+
+class RecipeError(ParameterError):
+    """A recipe file is malformed, holds unknown keys or values of the wrong type."""
 
 
 class QuantizationError(TangquantError):

@@ -11,17 +11,22 @@ and groups of ``g`` inputs (AutoGPTQ's "gptq" v1 format)::
 
 and ``w[o, i] = scales[g_idx[i], o] * (q[i, o] - zeros[g_idx[i], o])``.
 Format v2 (gptqmodel's "gptq_v2") stores the zero points without the minus one.
-This module packs and unpacks that layout and loads such a checkpoint into a
-plain fp32 PyTorch model (the exact dequantising reference used by ``eval``,
-the tests and the exporter), so neither gptqmodel nor IPEX is needed.
+This module packs and unpacks that layout, and :class:`GPTQCheckpoint` opens a
+checkpoint once (its ``config.json`` read and validated a single time) for every
+stage that takes one: export, eval, chat, bench and serve. Its exact fp32
+dequantisation is the reference the tests and ``eval`` compare against, so
+neither gptqmodel nor IPEX is needed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+from tangquant import checkpoint
 from tangquant.errors import InputError
+from tangquant.files import existing_dir
 
 SUPPORTED_BITS = (2, 4, 8)
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -123,66 +128,82 @@ def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool,
     }
 
 
-def read_gptq_config(config: dict, model_dir: Path) -> tuple[int, int, int]:
-    """(bits, group_size, format_version) of a GPTQ checkpoint's config, or a clear error."""
+def is_gptq(config: dict) -> bool:
     qc = config.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "gptq":
-        raise InputError(f"{model_dir} is not a GPTQ checkpoint (config.json has no "
-                         "quantization_config with quant_method 'gptq')")
-    bits = int(qc.get("bits", 0))
-    if bits not in SUPPORTED_BITS:
-        raise InputError(f"{model_dir}: GPTQ with {bits} bits is not supported ({SUPPORTED_BITS})")
-    fmt = 2 if qc.get("checkpoint_format") == "gptq_v2" else 1
-    return bits, int(qc.get("group_size", -1)), fmt
+    return isinstance(qc, dict) and qc.get("quant_method") == "gptq"
 
 
-def iter_quantized_layers(model_dir: Path):
-    """Yield (module_name, QuantizedLinear, bias or None) for every GPTQ layer in a checkpoint."""
-    from tangquant.checkpoint import iter_tensors, load_config, weight_files
+@dataclass(frozen=True)
+class GPTQCheckpoint:
+    """A GPTQ checkpoint directory, its ``config.json`` read and checked once.
 
-    model_dir = Path(model_dir)
-    bits, _, fmt = read_gptq_config(load_config(model_dir), model_dir)
-    pending: dict[str, dict] = {}
-    for path in weight_files(model_dir):
-        for name, tensor in iter_tensors(path):
-            module, _, leaf = name.rpartition(".")
-            if leaf in SUFFIXES or leaf == "bias":  # bias sorts before qweight in a shard
-                pending.setdefault(module, {})[leaf] = tensor
-    for module, tensors in pending.items():
-        if all(s in tensors for s in SUFFIXES):
-            yield module, unpack_layer(tensors, bits, fmt), tensors.get("bias")
+    ``layers()`` streams each quantized linear (unpacked) shard by shard, so at
+    most the layers of one shard are held; ``tensors()`` streams the others.
+    """
 
+    path: Path
+    config: dict
+    bits: int
+    group_size: int
+    format_version: int
+    sym: bool
+    desc_act: bool
+    shards: tuple[Path, ...]
+    layer_names: frozenset[str]
 
-def load_dequantized(model_dir: Path, dtype=None):
-    """Load a GPTQ checkpoint into a plain ``AutoModelForCausalLM`` with exact fp32 weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    @classmethod
+    def open(cls, path) -> "GPTQCheckpoint":
+        path = existing_dir(path, "GPTQ checkpoint")
+        config = checkpoint.load_config(path)
+        if not is_gptq(config):
+            raise InputError(f"{path} is not a GPTQ checkpoint (config.json has no "
+                             "quantization_config with quant_method 'gptq')")
+        qc = config["quantization_config"]
+        try:
+            bits, group_size = int(qc.get("bits", 0)), int(qc.get("group_size", -1))
+        except (TypeError, ValueError):
+            raise InputError(f"{path}/config.json: quantization_config bits and group_size must "
+                             "be integers") from None
+        if bits not in SUPPORTED_BITS:
+            raise InputError(f"{path}: GPTQ with {bits} bits is not supported ({SUPPORTED_BITS})")
+        if group_size != -1 and group_size < 1:
+            raise InputError(f"{path}/config.json: group_size must be positive or -1, got {group_size}")
+        shards = tuple(checkpoint.weight_files(path))
+        names = {n.rpartition(".")[0] for n in checkpoint.tensor_shapes(list(shards))
+                 if n.endswith(".qweight")}
+        if not names:
+            raise InputError(f"{path} holds no GPTQ layers (qweight/qzeros/scales/g_idx)")
+        return cls(path, config, bits, group_size, 2 if qc.get("checkpoint_format") == "gptq_v2" else 1,
+                   bool(qc.get("sym", True)), bool(qc.get("desc_act", False)), shards, frozenset(names))
 
-    from tangquant.checkpoint import iter_tensors, weight_files
+    def layers(self) -> Iterator[tuple[str, QuantizedLinear, "object"]]:
+        """(module name, unpacked layer, bias or None) for every quantized linear."""
+        pending: dict[str, dict] = {}
+        for path in self.shards:
+            for name, tensor in checkpoint.iter_tensors(path):
+                module, _, leaf = name.rpartition(".")
+                if module in self.layer_names and (leaf in SUFFIXES or leaf == "bias"):
+                    pending.setdefault(module, {})[leaf] = tensor
+            # A layer may straddle two shards: yield only the complete ones.
+            for module in [m for m, t in pending.items() if all(s in t for s in SUFFIXES)]:
+                tensors = pending.pop(module)
+                yield module, unpack_layer(tensors, self.bits, self.format_version), tensors.get("bias")
+        if pending:
+            raise InputError(f"{self.path}: layer {next(iter(pending))} lacks some of {SUFFIXES}")
 
-    model_dir = Path(model_dir)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    qc = getattr(config, "quantization_config", None)
-    if qc is not None:
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    state = {}
-    layers = {m: (ql, b) for m, ql, b in iter_quantized_layers(model_dir)}
-    for module, (ql, bias) in layers.items():
-        state[f"{module}.weight"] = ql.dequantize()
-        if bias is not None:
-            state[f"{module}.bias"] = bias.float()
-    for path in weight_files(model_dir):
-        for name, tensor in iter_tensors(path):
-            module, _, leaf = name.rpartition(".")
-            if module in layers:
-                continue
-            state[name] = tensor.float()
-    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # non-persistent buffer left on meta
-    model.tie_weights()
-    model.eval()
-    return model.to(dtype) if dtype is not None else model
+    def tensors(self) -> Iterator[tuple[str, "object"]]:
+        """Every tensor that is not part of a quantized layer (embeddings, norms, head)."""
+        for path in self.shards:
+            for name, tensor in checkpoint.iter_tensors(path):
+                if name.rpartition(".")[0] not in self.layer_names:
+                    yield name, tensor
+
+    def dequantized_state(self) -> dict:
+        """The whole model's weights in fp32, quantized layers dequantised exactly."""
+        state = {}
+        for module, layer, bias in self.layers():
+            state[f"{module}.weight"] = layer.dequantize()
+            if bias is not None:
+                state[f"{module}.bias"] = bias.float()
+        state.update({name: t.float() for name, t in self.tensors()})
+        return state

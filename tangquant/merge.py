@@ -14,14 +14,17 @@ example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from tangquant import checkpoint, files, lora
+from tangquant import checkpoint, files, lora, recipe
 from tangquant.errors import AdapterError, InputError, NumericalError
+from tangquant.recipe import param, require
 
 logger = logging.getLogger(__name__)
 
@@ -33,73 +36,82 @@ VERIFY_PROMPTS = ("寫一首唐詩", "寫一首關於明月的五言絕句", "�
                   "寫一首描寫江雪的詩", "寫一首送別友人的詩", "寫一首登高望遠的詩", "寫一首關於秋夜的詩")
 
 
+@dataclass(frozen=True)
+class MergeParams:
+    dtype: str = param("auto", "output dtype; auto keeps the base's torch_dtype",
+                       choices=("auto", *DTYPES))
+    verify: int = param(0, "compare the logits of N Tang-poem prompts through peft base+adapter and "
+                        "the merged model (fp32: needs 4 bytes of RAM per parameter)", metavar="N")
+    allow_pickle: bool = param(False, "accept .bin (pickle) weights, loaded with "
+                               "torch.load(weights_only=True)")
+
+    def __post_init__(self):
+        require(self.dtype == "auto" or self.dtype in DTYPES,
+                f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        require(self.verify >= 0, f"verify must be 0 or a positive number of prompts, got {self.verify}")
+
+
+PARAMS = MergeParams
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="BASE_DIR", help="full-precision base model")
     parser.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="peft LoRA adapter")
     parser.add_argument("--output", required=True, metavar="OUT_DIR", help="merged model to write")
-    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                        help="output dtype (default: the base's torch_dtype)")
-    parser.add_argument("--verify", type=int, default=0, metavar="N",
-                        help="compare the logits of N Tang-poem prompts through peft base+adapter "
-                             "and the merged model (fp32: needs 4 bytes of RAM per parameter)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="accept .bin (pickle) weights, loaded with torch.load(weights_only=True)")
 
 
-def run(args) -> int:
-    merge(args.model, args.adapter, args.output, dtype=args.dtype, verify=args.verify,
-          force=args.force, allow_pickle=args.allow_pickle)
-    return 0
+def run(args) -> dict:
+    return merge(args.model, args.adapter, args.output, recipe.from_args(MergeParams, args),
+                 force=args.force)
 
 
-def merge(model, adapter, output, dtype: str = "auto", verify: int = 0, force: bool = False,
-          allow_pickle: bool = False) -> dict:
+def merge(model, adapter, output, params: MergeParams | None = None, force: bool = False,
+          **overrides) -> dict:
     """Merge ``adapter`` into ``model`` and write ``output``; return the summary metrics.
 
-    Keys: output, tensors_merged, output_bytes, seconds, peak_rss_bytes and, with
-    ``verify``, max_abs_logit_delta (peft base+adapter vs merged, fp32).
+    ``params`` (or keyword ``overrides`` of its fields) set the merge. Keys: output,
+    tensors_merged, output_bytes, seconds, peak_rss_bytes, summary and, with ``verify``,
+    max_abs_logit_delta (peft base+adapter vs merged, fp32).
     """
     import torch
 
+    p = recipe.resolve(MergeParams, params, overrides)
     start = time.time()
     base = files.existing_dir(model, "base model")
     adir = files.existing_dir(adapter, "adapter")
     out = files.check_output(output, [base, adir], force)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise InputError(f"--dtype must be auto or one of {', '.join(DTYPES)}")
-    if verify < 0:
-        raise InputError("--verify must be 0 or a positive number of prompts")
     config = checkpoint.load_config(base)
     checkpoint.refuse_quantized(config, base, QUANTIZED_FIX)
     lcfg, raw_cfg = lora.adapter_config(adir)
-    tensors, a_file = lora.adapter_tensors(adir, allow_pickle)
-    shards = checkpoint.weight_files(base, allow_pickle)
+    tensors, a_file = lora.adapter_tensors(adir, p.allow_pickle)
+    shards = checkpoint.weight_files(base, p.allow_pickle)
     shapes = checkpoint.tensor_shapes(shards)
     edits, vocab = lora.plan(config, lcfg, tensors, shapes)
-    out_dtype = getattr(torch, DTYPES[dtype] if dtype != "auto" else _base_dtype(config))
+    out_dtype = getattr(torch, DTYPES[p.dtype] if p.dtype != "auto" else _base_dtype(config))
     if vocab is not None and not (adir / "tokenizer.json").is_file():
         raise AdapterError(f"the adapter resizes the vocabulary to {vocab} but {adir} holds no "
                            "tokenizer; save the fine-tuning tokenizer beside the adapter")
     metrics = {}
     with files.atomic_output_dir(out) as tmp:
         merged = _write_all(shards, edits, out_dtype, tmp, shapes)
-        _write_config(config, out_dtype, vocab, tmp)
+        changes = {"vocab_size": vocab} if vocab is not None else {}
+        checkpoint.write_config(tmp, config, str(out_dtype).replace("torch.", ""), **changes)
         files.copy_aux_files(base, tmp)
         if vocab is not None:  # the adapter's tokenizer holds the added tokens
             files.copy_aux_files(adir, tmp)
         metrics = {"tensors_merged": merged, "output_bytes": files.dir_size(tmp)}
-        if verify:
-            metrics["max_abs_logit_delta"] = _verify(base, adir, tmp, verify, vocab)
+        if p.verify:
+            metrics["max_abs_logit_delta"] = _verify(base, adir, tmp, p.verify, vocab)
         metrics["seconds"] = round(time.time() - start, 2)
         metrics["peak_rss_bytes"] = files.peak_rss_bytes()
-        files.write_manifest(tmp, "merge", _parameters(lcfg, dtype, out_dtype, verify, allow_pickle),
+        files.write_manifest(tmp, "merge", _parameters(lcfg, p, out_dtype),
                              _inputs(base, adir, a_file, raw_cfg), metrics)
-    line = (f"merged {out} ({files.human_size(metrics['output_bytes'])}): {merged} tensors merged")
-    if verify:
-        line += f", max |Δlogit| {metrics['max_abs_logit_delta']:.2e} over {verify} prompts"
-    print(f"{line}, {metrics['seconds']:.1f} s, peak RSS {files.human_size(metrics['peak_rss_bytes'])}")
-    return {"output": str(out), **metrics}
+    line = f"merged {out} ({files.human_size(metrics['output_bytes'])}): {merged} tensors merged"
+    if p.verify:
+        line += f", max |Δlogit| {metrics['max_abs_logit_delta']:.2e} over {p.verify} prompts"
+    summary = f"{line}, {metrics['seconds']:.1f} s, peak RSS {files.human_size(metrics['peak_rss_bytes'])}"
+    return {"output": str(out), **metrics, "summary": summary}
 
 
 def _base_dtype(config: dict) -> str:
@@ -170,16 +182,6 @@ def _write_shard(src, dst, names, shapes, edits, out_dtype, bar) -> tuple[int, i
     return written, merged
 
 
-def _write_config(config: dict, out_dtype, vocab, out_dir: Path) -> None:
-    config = dict(config)
-    config["torch_dtype"] = str(out_dtype).replace("torch.", "")
-    if "dtype" in config:  # transformers 5 writes this key instead
-        config["dtype"] = config["torch_dtype"]
-    if vocab is not None:
-        config["vocab_size"] = vocab
-    files.write_json(out_dir / "config.json", config)
-
-
 def _render(tokenizer, prompt: str):
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -210,10 +212,9 @@ def _verify(base: Path, adir: Path, merged_dir: Path, n: int, vocab) -> float:
         return max(float((merged(x).logits - r).abs().max()) for x, r in zip(ids, ref))
 
 
-def _parameters(lcfg, dtype: str, out_dtype, verify: int, allow_pickle: bool) -> dict:
+def _parameters(lcfg, p: MergeParams, out_dtype) -> dict:
     tm = lcfg.target_modules
-    return {"dtype": dtype, "output_dtype": str(out_dtype).replace("torch.", ""), "verify": verify,
-            "allow_pickle": allow_pickle,
+    return {**dataclasses.asdict(p), "output_dtype": str(out_dtype).replace("torch.", ""),
             "lora": {"r": lcfg.r, "lora_alpha": lcfg.lora_alpha, "use_rslora": lcfg.use_rslora,
                      "use_dora": lcfg.use_dora, "target_modules": sorted(tm) if isinstance(tm, (set, list)) else tm,
                      "rank_pattern": dict(lcfg.rank_pattern), "alpha_pattern": dict(lcfg.alpha_pattern),

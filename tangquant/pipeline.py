@@ -15,15 +15,22 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+import typing
 from pathlib import Path
 
-from tangquant import files
+from tangquant import files, recipe
+from tangquant.bench import BenchRecipe, bench
 from tangquant.errors import OutputExistsError, RecipeError
+from tangquant.export import ExportParams, export
+from tangquant.merge import MergeParams, merge
+from tangquant.quant.recipe import QuantRecipe
+from tangquant.quantize import quantize
+from tangquant.recipe import param
 
 logger = logging.getLogger(__name__)
 
@@ -32,23 +39,46 @@ STAGES = ("merge", "quantize", "export", "bench")
 STAMPS = "pipeline.json"
 
 
-@dataclass(frozen=True)
-class PipelineRecipe:
-    base: str = ""
-    adapter: str = ""
-    workdir: str = ""
-    merge_dtype: str = "auto"
-    merge_verify: int = 0
-    quant_recipe: str | None = None
-    calib: str | None = None
-    export_format: str = "openvino"
-    export_embeddings: str = "int8"
-    bench: bool = True
-    bench_baseline: str | None = None
-    bench_prompt_tokens: int = 512
-    bench_gen_tokens: int = 128
-    bench_repetitions: int = 5
-    bench_threads: tuple[int, ...] = ()
+# Each stage's keys in the pipeline recipe: its own parameters with a prefix, derived from the
+# stage's dataclass (so a knob added to a stage is a pipeline key too). Quantization keys default
+# to None: unset, they come from quant_recipe.
+PREFIXED = (("merge_", MergeParams, False), ("quant_", QuantRecipe, True),
+            ("export_", ExportParams, False), ("bench_", BenchRecipe, False))
+_OWN = [("base", str, param("", "full-precision base model directory")),
+        ("adapter", str, param("", "the LoRA adapter directory")),
+        ("workdir", str, param("", "where the stages write merged/, int4-gptq/, int4-openvino/, bench/")),
+        ("quant_recipe", str | None, param(None, "the quantization recipe file (quant_* keys override it)")),
+        ("bench", bool, param(True, "run the bench stage")),
+        ("bench_baseline", str | None, param(None, "the seed's GPTQ base, benched with the adapter "
+                                                   "un-merged (torch-gptq+lora)"))]
+
+
+def _prefixed_fields():
+    out = []
+    for prefix, cls, unset in PREFIXED:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if prefix == "bench_" and f.name == "candidates":
+                continue  # the pipeline names its own candidates
+            kind = hints[f.name] | None if unset else hints[f.name]
+            meta = dict(f.metadata)
+            field = param(None if unset else f.default, f"{prefix[:-1]}: {meta.get('help', '')}")
+            out.append((prefix + f.name, kind, field))
+    return out
+
+
+PipelineRecipe = dataclasses.make_dataclass("PipelineRecipe", _OWN + _prefixed_fields(), frozen=True)
+PARAMS = PipelineRecipe
+RECIPE_FLAG = False  # the recipe is the positional argument
+
+
+def stage_params(r, prefix: str, cls):
+    """The stage's dataclass from the recipe's ``prefix`` keys (validated by the stage itself)."""
+    values = {f.name: getattr(r, prefix + f.name) for f in dataclasses.fields(cls)
+              if hasattr(r, prefix + f.name)}
+    if cls is QuantRecipe:
+        return recipe.resolve(QuantRecipe, r.quant_recipe, values)
+    return cls(**values)
 
 
 def fingerprint(path: str | Path | None) -> str | None:
@@ -93,83 +123,70 @@ def up_to_date(stage: str, out: Path, key: str, stamps: dict) -> bool:
     return stamp.get("key") == key and stamp.get("output_sha256") == files.sha256_file(marker)
 
 
-def plan(r: PipelineRecipe) -> list[tuple[str, Path, dict, dict]]:
+def plan(r) -> list[tuple[str, Path, object, dict]]:
     """(stage, output, parameters, inputs) for every stage the recipe asks for."""
-    import dataclasses
-
-    from tangquant.quantize import resolve_recipe
-
     work = Path(r.workdir)
     merged, gptq, ir = work / "merged", work / "int4-gptq", work / "int4-openvino"
-    qr = dataclasses.asdict(resolve_recipe(r.quant_recipe, calib=r.calib))
-    stages = [("merge", merged, {"dtype": r.merge_dtype, "verify": r.merge_verify},
-               {"base": r.base, "adapter": r.adapter}),
-              ("quantize", gptq, qr, {"model": merged, "calib": r.calib}),
-              ("export", ir, {"format": r.export_format, "embeddings": r.export_embeddings}, {"model": gptq})]
+    quant = stage_params(r, "quant_", QuantRecipe)
+    stages = [("merge", merged, stage_params(r, "merge_", MergeParams), {"base": r.base, "adapter": r.adapter}),
+              ("quantize", gptq, quant, {"model": merged, "calib": quant.calib}),
+              ("export", ir, stage_params(r, "export_", ExportParams), {"model": gptq})]
     if r.bench:
-        params = {"prompt_tokens": r.bench_prompt_tokens, "gen_tokens": r.bench_gen_tokens,
-                  "repetitions": r.bench_repetitions, "threads": list(r.bench_threads),
-                  "candidates": _candidates(r, ir)}
-        stages.append(("bench", work / "bench", params, {"model": ir, "baseline": r.bench_baseline}))
+        bench_params = dataclasses.replace(stage_params(r, "bench_", BenchRecipe),
+                                           candidates=tuple(_candidates(r, ir)))
+        stages.append(("bench", work / "bench", bench_params, {"model": ir, "baseline": r.bench_baseline}))
     return stages
 
 
-def _candidates(r: PipelineRecipe, ir: Path) -> list[str]:
+def _candidates(r, ir: Path) -> list[str]:
     out = [f"merged-int4=ov:{ir}"]
     if r.bench_baseline:
         out.append(f"seed=torch-gptq+lora:{r.bench_baseline},adapter={r.adapter}")
     return out
 
 
-def _run_stage(stage: str, out: Path, params: dict, inputs: dict, r: PipelineRecipe, force: bool) -> None:
+def _run_stage(stage: str, out: Path, params, inputs: dict, r, force: bool) -> dict:
     if stage == "merge":
-        from tangquant.merge import merge
-
-        merge(r.base, r.adapter, out, dtype=r.merge_dtype, verify=r.merge_verify, force=force)
-    elif stage == "quantize":
-        from tangquant.quantize import quantize
-
-        quantize(inputs["model"], out, recipe=r.quant_recipe, calib=r.calib, force=force)
-    elif stage == "export":
-        from tangquant.export import export
-
-        export(inputs["model"], out, format=r.export_format, embeddings=r.export_embeddings, force=force)
-    else:
-        from tangquant.bench import bench
-
-        if out.exists() and force:
-            (out / "bench.jsonl").unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        bench(candidates=tuple(params["candidates"]), prompt_tokens=r.bench_prompt_tokens,
-              gen_tokens=r.bench_gen_tokens, repetitions=r.bench_repetitions,
-              threads=tuple(r.bench_threads), results_dir=str(out))
+        return merge(r.base, r.adapter, out, params, force=force)
+    if stage == "quantize":
+        return quantize(inputs["model"], out, params, force=force)
+    if stage == "export":
+        return export(inputs["model"], out, params, force=force)
+    if out.exists() and force:
+        (out / "bench.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return bench(params=params, results_dir=str(out))
 
 
-def load_recipe(path, **overrides) -> PipelineRecipe:
-    from tangquant import recipe as recipes
-
-    r = recipes.load(PipelineRecipe, path, overrides)
+def load_recipe(path, **overrides):
+    """The pipeline recipe, every stage's parameters validated before any stage runs."""
+    r = recipe.resolve(PipelineRecipe, path, overrides)
     missing = [k for k in ("base", "adapter", "workdir") if not getattr(r, k)]
     if missing:
         raise RecipeError(f"{path}: the pipeline recipe needs {', '.join(missing)}")
+    plan(r)
     return r
 
 
-def run_pipeline(recipe, force: bool = False, dry_run: bool = False, **overrides) -> dict:
-    """Run (or, with ``dry_run``, only plan) every stage; returns {stage: "ran"|"skipped"|"planned"}."""
-    r = load_recipe(recipe, **overrides)
+def run_pipeline(path, force: bool = False, dry_run: bool = False, **overrides) -> dict:
+    """Run (or, with ``dry_run``, only plan) every stage.
+
+    Returns ``stages`` ({stage: "ran"|"skipped"|"planned"}), each stage's ``summary`` line
+    in ``report`` and one ``summary`` line.
+    """
+    r = load_recipe(path, **overrides)
     files.existing_dir(r.base, "base model")
     files.existing_dir(r.adapter, "adapter")
     work = Path(r.workdir)
     stamps_path = work / STAMPS
     stamps = files.read_json(stamps_path, "pipeline stamps") if stamps_path.is_file() else {}
-    status, t0, stale = {}, time.time(), False
+    status, lines, t0, stale = {}, [], time.time(), False
     for stage, out, params, inputs in plan(r):
-        key = stage_key(stage, params, inputs)
+        key = stage_key(stage, dataclasses.asdict(params), inputs)
         # Once a stage is (to be) rebuilt, everything after it is too.
         if not stale and up_to_date(stage, out, key, stamps):
             status[stage] = "skipped"
-            logger.info("%s: %s is up to date; skipped", stage, out)
+            lines.append(f"{stage}: {out} is up to date; skipped")
             continue
         stale = True
         if dry_run:
@@ -179,7 +196,9 @@ def run_pipeline(recipe, force: bool = False, dry_run: bool = False, **overrides
             raise OutputExistsError(f"{stage}: {out} exists but was not made from these inputs "
                                     "and settings; pass --force to rebuild it")
         logger.info("%s → %s", stage, out)
-        _run_stage(stage, out, params, inputs, r, force=out.exists())
+        result = _run_stage(stage, out, params, inputs, r, force=out.exists())
+        lines += [result["report"]] if result.get("report") else []
+        lines.append(f"{stage}: {result['summary']}")
         stamps[stage] = {"key": key,
                          "output_sha256": files.sha256_file(_output_file(stage, out)),
                          "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -187,18 +206,16 @@ def run_pipeline(recipe, force: bool = False, dry_run: bool = False, **overrides
         files.write_json(stamps_path, stamps)
         status[stage] = "ran"
     summary = ", ".join(f"{s} {v}" for s, v in status.items())
-    print(f"{work}: {summary} ({time.time() - t0:.0f} s)")
-    return status
+    return {"stages": status, "report": "\n".join(lines),
+            "summary": f"{work}: {summary} ({time.time() - t0:.0f} s)"}
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("recipe", metavar="RECIPE", help="pipeline recipe (flat YAML)")
-    parser.add_argument("--workdir", help="override the recipe's workdir")
     parser.add_argument("--dry-run", action="store_true", help="only say which stages would run")
     parser.add_argument("--force", action="store_true", help="rebuild stale stage outputs")
 
 
-def run(args) -> int:
-    run_pipeline(args.recipe, force=args.force, dry_run=args.dry_run, workdir=args.workdir)
-    return 0
-
+def run(args) -> dict:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PipelineRecipe)}
+    return run_pipeline(args.recipe, force=args.force, dry_run=args.dry_run, **overrides)

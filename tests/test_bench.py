@@ -14,7 +14,7 @@ from tangquant.cli import main
 from tangquant.errors import BenchError
 
 SMALL = {"prompt_tokens": 16, "gen_tokens": 4, "repetitions": 1, "threads": (2,),
-         "bandwidth_bytes": 32 * 2**20}
+         "bandwidth_mb": 32}
 FIELDS = ("date", "command", "cpu", "cores", "git_sha", "versions", "loadavg_start", "loadavg_end",
           "flags", "name", "kind", "path", "options", "threads", "bandwidth", "status", "error",
           "ratio_pp", "ratio_tg")
@@ -55,10 +55,11 @@ def test_bench_table_jsonl_and_failures(tiny_ir, tiny_model_dir, qv_adapter_dir,
                                         tmp_path, capsys):
     results = tmp_path / "results"
     plot = tmp_path / "bench.png"
-    records = bench([f"merged=ov:{tiny_ir}", f"lora=ov+lora:{tiny_ir},adapter={qv_adapter_dir}",
-                     f"ref=torch:{tiny_model_dir},dtype=fp32", f"nan=torch:{nan_model_dir},dtype=fp32",
-                     f"missing=ov:{tmp_path / 'nowhere'}"],
-                    results_dir=str(results), plot=str(plot), **SMALL)
+    result = bench([f"merged=ov:{tiny_ir}", f"lora=ov+lora:{tiny_ir},adapter={qv_adapter_dir}",
+                    f"ref=torch:{tiny_model_dir},dtype=fp32", f"nan=torch:{nan_model_dir},dtype=fp32",
+                    f"missing=ov:{tmp_path / 'nowhere'}"],
+                   results_dir=str(results), plot=str(plot), **SMALL)
+    records = result["records"]
     by_name = {r["name"]: r for r in records}
     assert [r["status"] for r in records] == ["ok", "ok", "ok", "failed", "failed"]
     assert "does not exist" in by_name["missing"]["error"]
@@ -84,7 +85,7 @@ def test_bench_table_jsonl_and_failures(tiny_ir, tiny_model_dir, qv_adapter_dir,
 
     lines = (results / "bench.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(l)["name"] for l in lines] == ["merged", "lora", "ref", "nan", "missing"]
-    out = capsys.readouterr().out
+    out = result["report"] + "\n" + result["summary"]
     table = [l for l in out.splitlines() if l.startswith("|")]
     assert table[0].startswith("| candidate | kind | threads | pp16 t/s | tg4 t/s |")
     assert len(table) == 2 + 5 and all(l.count("|") == table[0].count("|") for l in table)
@@ -123,10 +124,10 @@ def test_candidate_options_and_recipe(tmp_path, capsys):
     recipe = tmp_path / "bench.yaml"
     recipe.write_text("candidates: []\nprompt_tokens: 8\nunknown_key: 1\n", encoding="utf-8")
     with pytest.raises(Exception, match="unknown_key"):
-        bench(recipe=str(recipe), results_dir=str(tmp_path))
+        bench(params=str(recipe), results_dir=str(tmp_path))
     recipe.write_text("candidates: []\nprompt_tokens: 8\n", encoding="utf-8")
     with pytest.raises(BenchError, match="no candidate"):
-        bench(recipe=str(recipe), results_dir=str(tmp_path))
+        bench(params=str(recipe), results_dir=str(tmp_path))
 
 
 def _safetensors(path: Path, tensors: dict) -> None:
@@ -180,7 +181,7 @@ def test_seed_baseline_environment(tiny_model_dir, qv_adapter_dir, tmp_path):
         pytest.skip("benchmarks/baseline/setup.sh has not been run")
     quantize(tiny_model_dir, tmp_path / "gptq", algo="rtn", group_size=128)
     (rec,) = bench([f"seed=torch-gptq+lora:{tmp_path / 'gptq'},adapter={qv_adapter_dir}"],
-                   results_dir=str(tmp_path), **SMALL)
+                   results_dir=str(tmp_path), **SMALL)["records"]
     assert rec["status"] == "ok", rec["error"]
     assert rec["worker_versions"]["gptqmodel"] == "5.6.12" and rec["lora_modules"] == 4
     assert any("QuantLinear" in k for k in rec["kernels"])

@@ -6,9 +6,10 @@ import io
 
 import pytest
 
-from tangquant.chat import Sampling, chat_loop, load_generator
+from tangquant.chat import chat_loop
 from tangquant.cli import main
-from tangquant.errors import InputError
+from tangquant.errors import ParameterError
+from tangquant.generate import Sampling, open_generator
 
 # Plugins, not imported names: the session fixtures are then built once per run.
 pytest_plugins = ["_quantize_fixtures", "_gptq_fixtures"]
@@ -56,7 +57,7 @@ class Spy:
 
 
 def test_loop_keeps_history_clears_and_exits(tiny_model_dir):
-    spy = Spy(load_generator(tiny_model_dir))
+    spy = Spy(open_generator(tiny_model_dir))
     stdin = io.StringIO("床前明月光\n舉頭望明月\n\nclear\n春眠不覺曉\nexit\n不會讀到\n")
     stdout = io.StringIO()
     history = chat_loop(spy, GREEDY, system="你是詩人。", stdin=stdin, stdout=stdout)
@@ -74,11 +75,11 @@ def test_loop_keeps_history_clears_and_exits(tiny_model_dir):
 
 def test_loop_ends_at_end_of_input(tiny_model_dir):
     stdout = io.StringIO()
-    assert chat_loop(load_generator(tiny_model_dir), GREEDY, stdin=io.StringIO(""), stdout=stdout) == []
+    assert chat_loop(open_generator(tiny_model_dir), GREEDY, stdin=io.StringIO(""), stdout=stdout) == []
 
 
 def test_stream_can_stop_early_and_seed_repeats(ov_export):
-    generator = load_generator(ov_export[0])
+    generator = open_generator(ov_export[0])
     messages = [{"role": "user", "content": "写一首五言绝句"}]
     stream = generator.stream(messages, Sampling(max_new_tokens=64, temperature=0.0))
     next(stream, None)
@@ -88,7 +89,7 @@ def test_stream_can_stop_early_and_seed_repeats(ov_export):
 
 
 def test_bad_settings_and_adapter_on_ir_are_refused(capsys, ov_export, qv_adapter_dir, tmp_path):
-    with pytest.raises(InputError):
+    with pytest.raises(ParameterError):
         Sampling(temperature=-1.0)
     assert main(["chat", "--model", str(ov_export[0]), "--prompt", "x", "--top-p", "0"]) == 2
     assert main(["chat", "--model", str(ov_export[0]), "--adapter", str(qv_adapter_dir),

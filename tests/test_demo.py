@@ -48,18 +48,18 @@ def test_shipped_assets():
 
 def test_lora_changes_the_script():
     """The seed's before/after, on the shipped weights: simplified by default, traditional with the LoRA."""
-    from tangquant.chat import Sampling, load_generator
+    from tangquant.generate import Sampling, open_generator
 
     paths = demo_paths()
     greedy = Sampling(max_new_tokens=32, temperature=0.0, top_p=1.0, seed=0)
     answers = {}
     for name, adapter in (("base", None), ("lora", paths["adapter"])):
-        gen = load_generator(paths["base"], adapter=adapter)
+        gen = open_generator(paths["base"], adapter=adapter)
         answers[name] = [gen.generate([{"role": "user", "content": p}], greedy) for p in PROMPTS]
     assert traditional_ratio(answers["base"]) <= 0.10, answers["base"]
     assert traditional_ratio(answers["lora"]) >= 0.80, answers["lora"]
     # The base knows the traditional characters too: behind an explicit instruction it writes them.
-    base = load_generator(paths["base"])
+    base = open_generator(paths["base"])
     explicit = base.generate([{"role": "user", "content": "用繁体字写一首唐诗"}], greedy)
     assert traditional_ratio([explicit]) >= 0.8, explicit
 

@@ -101,10 +101,9 @@ def test_eval_refuses_bad_inputs(capsys, tmp_path, tiny_model_dir, qv_adapter_di
 def test_eval_reads_an_openvino_ir(tmp_path, gptq_dir, tiny_model_dir, heldout_file):
     from tangquant.evaluate import evaluate
 
-    export = pytest.importorskip("tangquant.export")
-    if not hasattr(export, "write_openvino_ir"):
-        pytest.skip("the OpenVINO exporter is not available")
-    export.write_openvino_ir(gptq_dir, tmp_path / "ir", embeddings="int8")
+    from tangquant.export import export
+
+    export(gptq_dir, tmp_path / "ir", embeddings="int8")
     gptq = evaluate(gptq_dir, tiny_model_dir, heldout_file, num_samples=4, seq_len=64)
     ov = evaluate(tmp_path / "ir", tiny_model_dir, heldout_file, num_samples=4, seq_len=64)
     assert ov["tokens"] == gptq["tokens"]

@@ -51,14 +51,14 @@ def test_export_writes_complete_ir_and_keeps_input(ov_export, gptq_dir):
 
 def test_ir_int4_constants_are_the_checkpoints_integers(ov_export, gptq_dir):
     """Read the IR with openvino and compare every INT4 weight, scale and zero point."""
-    from tangquant.gptq import iter_quantized_layers
+    from tangquant.gptq import GPTQCheckpoint
     from tangquant.ov.int4 import find_int4_weights, unpack_nibbles
 
     qc = json.loads((gptq_dir / "config.json").read_text())["quantization_config"]
     assert qc["quantizer"] == "intel-neural-compressor gptq"  # INC's own GPTQ integers
     model = _read(ov_export[0])
     found = find_int4_weights(model)
-    layers = list(iter_quantized_layers(gptq_dir))
+    layers = list(GPTQCheckpoint.open(gptq_dir).layers())
     assert len(layers) == N_LAYERS and set(found) == {m for m, _, _ in layers}
     for module, layer, _ in layers:
         ir = found[module]
@@ -118,11 +118,11 @@ def test_logits_match_dequantising_reference(ov_export, gptq_dir, tiny_tokenizer
     import torch
     from optimum.intel import OVModelForCausalLM
 
-    from tangquant.gptq import load_dequantized
+    from tangquant.load import torch_model
     from tangquant.ov.int4 import find_compressed_weights
     from tangquant.ov.ir import EXACT_CONFIG
 
-    ref = load_dequantized(gptq_dir)
+    ref = torch_model(gptq_dir)
     int8 = find_compressed_weights(_read(ov_export[0]), ("u8",))
     assert set(int8) == {"model.embed_tokens", "lm_head"}
     with torch.no_grad():
@@ -142,17 +142,17 @@ def test_fp16_embeddings_greedy_text_matches_reference(tmp_path, gptq_dir, tiny_
     import openvino_genai
     import torch
 
-    from tangquant.export import write_openvino_ir
-    from tangquant.gptq import load_dequantized
+    from tangquant.export import export
+    from tangquant.load import torch_model
     from tangquant.ov.ir import EXACT_CONFIG
 
     ir16 = tmp_path / "ir16"
     ir16.mkdir()
-    assert write_openvino_ir(gptq_dir, ir16, embeddings="fp16")["int4_layers"] == N_LAYERS
+    assert export(gptq_dir, ir16, embeddings="fp16")["int4_layers"] == N_LAYERS
     types = {op.get_element_type().get_type_name() for op in _read(ir16).get_ops()
              if op.get_type_name() == "Constant" and len(op.shape) == 2 and op.shape[0] > 64}
     assert "u8" not in types and "f16" in types
-    ref = load_dequantized(gptq_dir)
+    ref = torch_model(gptq_dir)
     chat = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "写一首唐诗"}],
                                               add_generation_prompt=True, return_tensors="pt",
                                               return_dict=True)
@@ -177,7 +177,7 @@ def test_llm_pipeline_generates(ov_export):
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_broken_bin_gives_one_line_error(tmp_path, capsys, ov_export, gptq_dir, damage):
-    from tangquant.export import verify_ir
+    from tangquant.ov.build import verify_ir
 
     broken = tmp_path / "broken"
     shutil.copytree(ov_export[0], broken)

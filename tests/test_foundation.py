@@ -92,16 +92,16 @@ def test_recipe_rejects_unknown_keys_and_wrong_types(tmp_path):
 
     p = tmp_path / "r.yaml"
     p.write_text("bits: 4\npercdamp: 0.02\nuse_sym: false\n")
-    r = recipe.load(_Recipe, p, {"bits": 8, "name": None})
+    r = recipe.resolve(_Recipe, p, {"bits": 8, "name": None})
     assert r == _Recipe(bits=8, percdamp=0.02, use_sym=False)
     p.write_text("bits: 4\ngroupsize: 128\n")
     with pytest.raises(RecipeError, match="unknown key.*groupsize"):
-        recipe.load(_Recipe, p)
+        recipe.resolve(_Recipe, p)
     p.write_text("percdamp: 1e-2\n")  # YAML 1.1 reads this as a string
     with pytest.raises(RecipeError, match="0.01"):
-        recipe.load(_Recipe, p)
+        recipe.resolve(_Recipe, p)
     recipe.save(r, tmp_path / "resolved.yaml")
-    assert recipe.load(_Recipe, tmp_path / "resolved.yaml") == r
+    assert recipe.resolve(_Recipe, tmp_path / "resolved.yaml") == r
 
 
 @pytest.mark.parametrize("bits,sym,fmt", [(4, True, 1), (4, False, 2), (8, True, 1), (2, False, 2)])

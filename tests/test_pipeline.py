@@ -32,17 +32,17 @@ def recipe(tmp_path, tiny_model_dir, qv_adapter_dir):
 
 def test_stages_run_then_skip(recipe, tmp_path):
     work = tmp_path / "work"
-    assert run_pipeline(recipe) == {"merge": "ran", "quantize": "ran", "export": "ran"}
+    assert run_pipeline(recipe)["stages"] == {"merge": "ran", "quantize": "ran", "export": "ran"}
     for sub, stage in (("merged", "merge"), ("int4-gptq", "quantize"), ("int4-openvino", "export")):
         assert json.loads((work / sub / "tangquant.json").read_text())["stage"] == stage
     assert (work / "int4-openvino" / "openvino_model.xml").is_file()
     digest = tree_digest(work)
     # Second run: every manifest matches its inputs, nothing is rebuilt or touched.
     assert main(["run", str(recipe)]) == 0
-    assert run_pipeline(recipe) == {"merge": "skipped", "quantize": "skipped", "export": "skipped"}
+    assert run_pipeline(recipe)["stages"] == {"merge": "skipped", "quantize": "skipped", "export": "skipped"}
     assert tree_digest(work) == digest
     # Another merge setting: merge and everything after it are stale; kept without --force.
-    assert run_pipeline(recipe, dry_run=True, merge_dtype="fp16") == {
+    assert run_pipeline(recipe, dry_run=True, merge_dtype="fp16")["stages"] == {
         "merge": "planned", "quantize": "planned", "export": "planned"}
     with pytest.raises(OutputExistsError):
         run_pipeline(recipe, merge_dtype="fp16")
@@ -50,7 +50,7 @@ def test_stages_run_then_skip(recipe, tmp_path):
     # A stage output edited by hand no longer matches its recorded manifest.
     manifest = work / "int4-openvino" / "tangquant.json"
     manifest.write_text(manifest.read_text().replace('"export"', '"exported"', 1))
-    assert run_pipeline(recipe, dry_run=True)["export"] == "planned"
+    assert run_pipeline(recipe, dry_run=True)["stages"]["export"] == "planned"
 
 
 def test_recipe_errors(tmp_path, tiny_model_dir):

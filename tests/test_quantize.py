@@ -97,23 +97,27 @@ def test_reference_loader_reproduces_inc_in_memory_model(tmp_path, tiny_model_di
     """INC's integers are extracted exactly: the fp32 reference loader equals INC's model."""
     import torch
 
-    from tangquant.calib import load_documents, load_tokenizer, pack
-    from tangquant.checkpoint import load_config
-    from tangquant.gptq import load_dequantized, quantization_config
+    from tangquant.calib import load_documents, pack
+    from tangquant.checkpoint import load_config, write_config
+    from tangquant.gptq import quantization_config
+    from tangquant.load import tokenizer as load_tokenizer
+    from tangquant.load import torch_model
     from tangquant.quant.inc import run_inc
-    from tangquant.quant.writer import write_checkpoint, write_config
-    from tangquant.quantize import resolve_recipe
+    from tangquant.quant.recipe import QuantRecipe
+    from tangquant.quant.writer import write_checkpoint
+    from tangquant.recipe import resolve
 
     n = 4 if algo == "gptq" else 2  # AWQ's grid search is the slow part
-    r = resolve_recipe(None, algo=algo, use_sym=sym, act_order=act_order, seq_len=32, num_samples=n,
-                       true_sequential=False)
+    r = resolve(QuantRecipe, None, dict(algo=algo, use_sym=sym, act_order=act_order, seq_len=32,
+                                        num_samples=n, true_sequential=False))
     samples = pack(load_documents(calib_file), load_tokenizer(tiny_model_dir), 32, n, 0).samples
     inc_model, layers = run_inc(tiny_model_dir, r, samples)
     fmt = 1 if sym else 2
     write_checkpoint(inc_model, layers, tiny_model_dir, tmp_path, 4, 128, fmt)
-    write_config(load_config(tiny_model_dir), tmp_path, quantization_config(4, 128, sym, act_order, 0.01, fmt))
+    write_config(tmp_path, load_config(tiny_model_dir), "float16",
+                 quantization_config(4, 128, sym, act_order, 0.01, fmt))
     assert_gptq_layout(tmp_path, tiny_model_dir, sym=sym, desc_act=act_order, complete=False)
-    ref = load_dequantized(tmp_path)
+    ref = torch_model(tmp_path)
     ids = samples[0].unsqueeze(0)
     with torch.no_grad():
         inc_logits = inc_model(ids).logits  # INC dequantises (q - z) * s in fp16, then fp32
@@ -143,10 +147,10 @@ def test_inc_loads_the_checkpoint_in_huggingface_format(gptq_dir):
     import torch
     from neural_compressor.torch.quantization import load
 
-    from tangquant.gptq import load_dequantized
+    from tangquant.load import torch_model
 
     inc = load(str(gptq_dir), format="huggingface", device="cpu", torch_dtype=torch.float32)
-    ref = load_dequantized(gptq_dir)
+    ref = torch_model(gptq_dir)
     ids = torch.arange(3, 60).unsqueeze(0)
     with torch.no_grad():
         a, b = inc(ids).logits, ref(ids).logits
@@ -196,7 +200,10 @@ def test_recipe_round_trip_and_flag_override(tmp_path):
 
     from tangquant import recipe as recipe_mod
     from tangquant.errors import RecipeError
-    from tangquant.quantize import QuantRecipe, resolve_recipe
+    from tangquant.quant.recipe import QuantRecipe
+
+    def resolve_recipe(path, **overrides):
+        return recipe_mod.resolve(QuantRecipe, path, overrides)
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     qwen = resolve_recipe(root / "int4-gptq-g128.yaml")
@@ -219,9 +226,10 @@ def test_recipe_round_trip_and_flag_override(tmp_path):
 
 
 def test_resolved_recipe_is_saved_with_the_output(gptq_dir, calib_file):
-    from tangquant.quantize import resolve_recipe
+    from tangquant.quant.recipe import QuantRecipe
+    from tangquant.recipe import resolve
 
-    saved = resolve_recipe(gptq_dir / "recipe.yaml")
+    saved = resolve(QuantRecipe, gptq_dir / "recipe.yaml")
     assert saved.algo == "gptq" and saved.num_samples == 16 and saved.seq_len == 64
     assert saved.calib == str(calib_file)
 
@@ -292,23 +300,24 @@ def test_autoround_writes_its_integers_in_the_gptq_layout(tmp_path, tiny_model_d
     checkpoint into its layout without changing one integer or scale."""
     import torch
 
-    from tangquant.calib import load_documents, load_tokenizer, pack
-    from tangquant.checkpoint import load_config
-    from tangquant.gptq import iter_quantized_layers, quantization_config
+    from tangquant.calib import load_documents, pack
+    from tangquant.checkpoint import load_config, write_config
+    from tangquant.gptq import GPTQCheckpoint, quantization_config
+    from tangquant.load import tokenizer as load_tokenizer
     from tangquant.quant.autoround import _autoround_checkpoint, rewrite
-    from tangquant.quant.writer import write_config
-    from tangquant.quantize import resolve_recipe
+    from tangquant.quant.recipe import QuantRecipe
+    from tangquant.recipe import resolve
 
-    r = resolve_recipe(None, algo="autoround", iters=2, seq_len=32, num_samples=4)
+    r = resolve(QuantRecipe, None, dict(algo="autoround", iters=2, seq_len=32, num_samples=4))
     samples = pack(load_documents(calib_file), load_tokenizer(tiny_model_dir), 32, 4, 0).samples
     theirs = _autoround_checkpoint(tiny_model_dir, r, samples, tmp_path / "work")
     ours = tmp_path / "ours"
     ours.mkdir()
     counts = rewrite(theirs, tiny_model_dir, ours, 4, 1)
-    write_config(load_config(tiny_model_dir), ours, quantization_config(4, 128, True, False, 0.01, 1))
+    write_config(ours, load_config(tiny_model_dir), "float16", quantization_config(4, 128, True, False, 0.01, 1))
     assert_gptq_layout(ours, tiny_model_dir, complete=False)
-    a = {m: ql for m, ql, _ in iter_quantized_layers(theirs)}
-    b = {m: ql for m, ql, _ in iter_quantized_layers(ours)}
+    a = {m: ql for m, ql, _ in GPTQCheckpoint.open(theirs).layers()}
+    b = {m: ql for m, ql, _ in GPTQCheckpoint.open(ours).layers()}
     assert a.keys() == b.keys() and counts["quantized_layers"] == len(a) == 14
     for m in a:
         assert torch.equal(a[m].dequantize(), b[m].dequantize()), m

@@ -12,7 +12,7 @@ from _serve_fixtures import (API_KEY, post_json, raw_request, running_server, ti
                              wait_idle)
 
 from tangquant.cli import main
-from tangquant.errors import InputError, ServeError
+from tangquant.errors import InputError, ParameterError, ServeError
 
 MODEL = "tiny-poet"
 CHAT = "/v1/chat/completions"
@@ -335,7 +335,7 @@ def test_bad_settings_are_refused(ir, tmp_path):
         prepare(tmp_path, port=0)
     for bad in ({"max_concurrency": 0}, {"queue_size": -1}, {"max_tokens_limit": 0},
                 {"timeout": 0}, {"port": 70000}):
-        with pytest.raises(ServeError):
+        with pytest.raises(ParameterError):
             prepare(ir, **{"port": 0, **bad})
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -18,9 +18,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
+
+import numpy as np
+from openvino import Type
+from openvino import opset13 as ops
 
 from tangquant.errors import ExportError
+from tangquant.gptq import GPTQCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +40,6 @@ _WEIGHT_NAME = re.compile(
 @dataclass
 class IRWeight:
     """The constants of one compressed weight in an OpenVINO model."""
-
     weight: object
     scale: object
     zero_point: object | None
@@ -101,8 +104,6 @@ def _module_name(multiply, weight) -> str | None:
 
 def unpack_nibbles(const) -> "object":
     """A u4/i4 Constant's values as an int16 numpy array of its shape (low nibble first)."""
-    import numpy as np
-
     packed = np.asarray(const.data).view(np.uint8).reshape(-1)
     values = np.stack([packed & 15, packed >> 4], axis=-1).reshape(-1).astype(np.int16)
     shape = tuple(const.shape)
@@ -114,8 +115,6 @@ def unpack_nibbles(const) -> "object":
 
 def expected_arrays(layer, ir: IRWeight) -> dict[str, "object"]:
     """The checkpoint's numbers in the IR's layout: {"weight", "scale", "zero_point"?}."""
-    import numpy as np
-
     q = layer.q.numpy().astype(np.int16)                      # [out, in]
     zeros = layer.zeros.t().numpy().astype(np.int16)          # [out, groups]
     scales = layer.scales.t().contiguous().numpy()            # [out, groups] fp16
@@ -157,16 +156,16 @@ def _missing(layers: set[str], done: set[str]) -> None:
                           f"(first: {missing[0]}); the export cannot keep them exact")
 
 
-def replace_constants(ov_model, gptq_dir: Path) -> int:
+def _open(ckpt) -> GPTQCheckpoint:
+    return ckpt if isinstance(ckpt, GPTQCheckpoint) else GPTQCheckpoint.open(ckpt)
+
+
+def replace_constants(ov_model, ckpt) -> int:
     """Put the checkpoint's integers, scales and zero points into ``ov_model``; return layers done."""
-    from openvino import Type
-    from openvino import opset13 as ops
-
-    from tangquant.gptq import iter_quantized_layers
-
+    ckpt = _open(ckpt)
     found = find_int4_weights(ov_model)
     done = set()
-    for module, layer, _bias in iter_quantized_layers(gptq_dir):
+    for module, layer, _bias in ckpt.layers():
         ir = found.get(module)
         if ir is None:
             continue
@@ -181,28 +180,20 @@ def replace_constants(ov_model, gptq_dir: Path) -> int:
             new = ops.constant(values, dtype=dtype, name=old.get_friendly_name())
             old.output(0).replace(new.output(0))
         done.add(module)
-    _missing(_layer_names(gptq_dir), done)
+    _missing(ckpt.layer_names, done)
     return len(done)
 
 
-def _layer_names(gptq_dir: Path) -> set[str]:
-    from tangquant.checkpoint import tensor_names, weight_files
+def verify_constants(ov_model, ckpt) -> int:
+    """Assert every INT4 constant of ``ov_model`` equals the checkpoint's; return constants checked.
 
-    names = set()
-    for path in weight_files(Path(gptq_dir)):
-        names.update(n.rpartition(".")[0] for n in tensor_names(path) if n.endswith(".qweight"))
-    return names
-
-
-def verify_constants(ov_model, gptq_dir: Path) -> int:
-    """Assert every INT4 constant of ``ov_model`` equals the checkpoint's; return constants checked."""
-    import numpy as np
-
-    from tangquant.gptq import iter_quantized_layers
-
+    The IR is compared with the checkpoint itself, not with what :func:`replace_constants`
+    computed, so a fault anywhere in the hand-off or in saving shows here.
+    """
+    ckpt = _open(ckpt)
     found = find_int4_weights(ov_model)
     checked, seen = 0, set()
-    for module, layer, _bias in iter_quantized_layers(gptq_dir):
+    for module, layer, _bias in ckpt.layers():
         ir = found.get(module)
         if ir is None:
             continue
@@ -222,5 +213,5 @@ def verify_constants(ov_model, gptq_dir: Path) -> int:
                 raise ExportError(f"the IR's {key} of {module} differs from the GPTQ checkpoint's")
             checked += 1
         seen.add(module)
-    _missing(_layer_names(gptq_dir), seen)
+    _missing(ckpt.layer_names, seen)
     return checked

@@ -16,7 +16,15 @@ import logging
 import tempfile
 from pathlib import Path
 
+import torch
+from neural_compressor.torch.quantization import AutoRoundConfig, convert, prepare
+
+from tangquant.checkpoint import iter_tensors, weight_files
 from tangquant.errors import QuantizationError
+from tangquant.gptq import GPTQCheckpoint, pack_layer
+from tangquant.quant.inc import load_model
+from tangquant.quant.recipe import QuantRecipe
+from tangquant.quant.writer import write_packed
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +35,8 @@ def check_available() -> None:
                                 "pip install 'tangquant[autoround]' (auto-round==0.16.1)")
 
 
-def _autoround_checkpoint(model_dir: Path, recipe, samples, work: Path) -> Path:
+def _autoround_checkpoint(model_dir: Path, recipe: QuantRecipe, samples, work: Path) -> Path:
     """Run INC's AutoRound; return the directory auto-round saved its GPTQ checkpoint in."""
-    import torch
-    from neural_compressor.torch.quantization import AutoRoundConfig, convert, prepare
-
-    from tangquant.quant.inc import load_model
-
     torch.manual_seed(recipe.seed)
     model = load_model(model_dir)
     cfg = AutoRoundConfig(bits=recipe.bits, group_size=recipe.group_size, use_sym=recipe.use_sym,
@@ -51,7 +54,7 @@ def _autoround_checkpoint(model_dir: Path, recipe, samples, work: Path) -> Path:
     return saved[0]
 
 
-def run_autoround(model_dir: Path, out_dir: Path, recipe, samples, fmt: int) -> dict:
+def run_autoround(model_dir: Path, out_dir: Path, recipe: QuantRecipe, samples, fmt: int) -> dict:
     """Quantize with AutoRound and write tangquant's GPTQ layout; return the counts."""
     check_available()
     with tempfile.TemporaryDirectory(prefix=".autoround-", dir=out_dir) as work:
@@ -61,13 +64,7 @@ def run_autoround(model_dir: Path, out_dir: Path, recipe, samples, fmt: int) -> 
 
 def rewrite(saved: Path, source_dir: Path, out_dir: Path, bits: int, fmt: int) -> dict:
     """auto-round's integers, in tangquant's layout, with every other tensor from the source."""
-    from tangquant.checkpoint import iter_tensors, weight_files
-    from tangquant.gptq import iter_quantized_layers, pack_layer
-    from tangquant.quant.writer import write_packed
-
-    layers = {name: ql for name, ql, _ in iter_quantized_layers(saved)}
-    if not layers:
-        raise QuantizationError(f"auto-round's checkpoint {saved} holds no quantized layers")
+    layers = {name: ql for name, ql, _ in GPTQCheckpoint.open(saved).layers()}
     # Biases come from the source (auto-round does not tune them here, and its export
     # gives every layer one); they are small, so they are read up front.
     biases = {name.rpartition(".")[0]: value for path in weight_files(source_dir)

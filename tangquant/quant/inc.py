@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
+import torch
+from neural_compressor.common import options
+from neural_compressor.torch.quantization import AWQConfig, GPTQConfig, RTNConfig, convert, prepare
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
 from tangquant.errors import QuantizationError
+from tangquant.quant.recipe import QuantRecipe
 
 logger = logging.getLogger(__name__)
-
-ALGO_BITS = {"gptq": (2, 4, 8), "rtn": (2, 4, 8), "awq": (2, 4, 8), "autoround": (2, 4, 8)}
-LAYER_WISE_ALGOS = ("gptq", "rtn")
 
 
 def linear_layers(model) -> dict[str, bool]:
     """{name: has_bias} of the decoder's nn.Linear layers INC quantizes (not lm_head)."""
-    import torch
-
     return {name: m.bias is not None for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and name != "lm_head" and ".layers." in f".{name}"}
 
@@ -42,9 +46,6 @@ def qwen2_absorb_layers(config) -> dict:
 
 
 def load_model(model_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
                                                 trust_remote_code=False).eval()
 
@@ -56,8 +57,6 @@ def layer_progress(model, desc: str):
     INC reports its per-layer progress only through INFO logging, which the CLI
     silences, so forward pre-hooks on the decoder layers stand in for it.
     """
-    from tqdm import tqdm
-
     layers = model.model.layers
     bar = tqdm(total=len(layers), desc=desc, unit="layer", leave=False)
     seen: set[int] = set()
@@ -82,9 +81,6 @@ def layer_progress(model, desc: str):
 
 
 def _calibrate(model, samples) -> None:
-    import torch
-    from tqdm import tqdm
-
     with torch.no_grad():
         for s in tqdm(samples, desc="calibration forwards", unit="sample", leave=False):
             model(s.unsqueeze(0))
@@ -96,13 +92,8 @@ def inc_workspace():
 
     INC otherwise creates ``./nc_workspace/<time>/`` in the current directory on import
     and keeps its layer-wise weight pickles there. Its global ``options`` object is the
-    only place to say so (and it must be set before ``neural_compressor.torch`` is imported).
+    only place to say so.
     """
-    import shutil
-    import tempfile
-
-    from neural_compressor.common import options
-
     path = tempfile.mkdtemp(prefix="tangquant-inc-")
     options.workspace = path
     try:
@@ -111,40 +102,43 @@ def inc_workspace():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_inc(model_dir: Path, recipe, samples):
-    """Quantize the whole model with INC; return (converted model, {layer: has_bias})."""
-    with inc_workspace():
-        return _run_inc(model_dir, recipe, samples)
+def inc_config(recipe: QuantRecipe, model_dir: Path | None = None, true_sequential: bool | None = None,
+               absorb_layers: dict | None = None):
+    """INC's config for ``recipe``, with every parameter set explicitly (INC's own names).
 
-
-def _run_inc(model_dir: Path, recipe, samples):
-    import torch
-    from neural_compressor.torch.quantization import (AWQConfig, GPTQConfig, RTNConfig, convert,
-                                                      prepare)
-
-    torch.manual_seed(recipe.seed)
-    model = load_model(model_dir)
-    layers = linear_layers(model)
+    The layer-by-layer driver does true-sequential itself, group by group, and passes
+    ``true_sequential=False``; it also names ``model_dir`` (a local directory, else INC
+    asks the Hub for ""). AWQ needs where to fold its scales (``absorb_layers``).
+    """
     common = dict(bits=recipe.bits, use_sym=recipe.use_sym, group_size=recipe.group_size)
+    if recipe.algo == "rtn":
+        return RTNConfig(**common)
     if recipe.algo == "gptq":
-        cfg = GPTQConfig(**common, act_order=recipe.act_order, percdamp=recipe.percdamp,
-                         block_size=recipe.block_size, true_sequential=recipe.true_sequential)
-        model = prepare(model, cfg)
-        _calibrate(model, samples)
-        with layer_progress(model, "GPTQ per-layer quantization"):
-            model = convert(model)
-    elif recipe.algo == "rtn":
-        cfg = RTNConfig(**common)
-        model = convert(prepare(model, cfg))
-    elif recipe.algo == "awq":
+        extra = {"model_path": str(model_dir)} if model_dir is not None else {}
+        return GPTQConfig(**common, act_order=recipe.act_order, percdamp=recipe.percdamp,
+                          block_size=recipe.block_size,
+                          true_sequential=recipe.true_sequential if true_sequential is None
+                          else true_sequential, **extra)
+    if recipe.algo == "awq":
         # folding=True: scales are folded into the previous layer only, never as an extra
         # Mul module, so every quantized layer stays a plain GPTQ-layout linear.
-        cfg = AWQConfig(**common, folding=True, use_auto_scale=True, use_auto_clip=True,
-                        absorb_layer_dict=qwen2_absorb_layers(model.config))
-        model = prepare(model, cfg, example_inputs=samples[0].unsqueeze(0))
+        return AWQConfig(**common, folding=True, use_auto_scale=True, use_auto_clip=True,
+                         absorb_layer_dict=absorb_layers)
+    raise QuantizationError(f"INC drives gptq, rtn and awq here, not {recipe.algo!r}")
+
+
+def run_inc(model_dir: Path, recipe: QuantRecipe, samples):
+    """Quantize the whole model with INC; return (converted model, {layer: has_bias})."""
+    with inc_workspace():
+        torch.manual_seed(recipe.seed)
+        model = load_model(model_dir)
+        layers = linear_layers(model)
+        if recipe.algo == "rtn":
+            return convert(prepare(model, inc_config(recipe))), layers
+        absorb = qwen2_absorb_layers(model.config) if recipe.algo == "awq" else None
+        example = {"example_inputs": samples[0].unsqueeze(0)} if recipe.algo == "awq" else {}
+        model = prepare(model, inc_config(recipe, absorb_layers=absorb), **example)
         _calibrate(model, samples)
-        with layer_progress(model, "AWQ per-layer search"):
+        with layer_progress(model, f"{recipe.algo.upper()} per layer"):
             model = convert(model)
-    else:
-        raise QuantizationError(f"unknown algorithm {recipe.algo!r}")
-    return model, layers
+        return model, layers

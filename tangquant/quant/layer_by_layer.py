@@ -27,7 +27,19 @@ import contextlib
 import logging
 from pathlib import Path
 
+import torch
+from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
+from neural_compressor.torch.quantization import convert, prepare
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tangquant.checkpoint import ShardWriter, TensorReader
 from tangquant.errors import QuantizationError
+from tangquant.gptq import unpack_layer
+from tangquant.quant.fidelity import streamed_fidelity
+from tangquant.quant.inc import inc_config, inc_workspace
+from tangquant.quant.recipe import QuantRecipe
+from tangquant.quant.writer import as_written, counts, pack_module, packed_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +62,6 @@ def _inc_errors_only():
 
 def _skeleton(model_dir: Path):
     """The model on the meta device (no memory) and a real rotary embedding."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32,
@@ -62,8 +71,6 @@ def _skeleton(model_dir: Path):
 
 
 def _one_layer_model(layer):
-    import torch
-
     class OneLayer(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -80,14 +87,11 @@ def _one_layer_model(layer):
 
 class _Context:
     """Rotary embeddings and causal masks per sequence length, built once."""
-
     def __init__(self, rotary):
         self.rotary = rotary
         self._cache: dict[int, dict] = {}
 
     def kwargs(self, hidden) -> dict:
-        import torch
-
         n = hidden.shape[1]
         if n not in self._cache:
             pos = torch.arange(n).unsqueeze(0)
@@ -106,15 +110,11 @@ def _load_layer(skeleton, source, index: int):
 
 
 def _linears(module) -> list[str]:
-    import torch
-
     return [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def sequential_groups(block, hidden, ctx: _Context) -> list[list[str]]:
     """The block's linears grouped by shared input, in call order (q,k,v | o | gate,up | down)."""
-    import torch
-
     calls: list[tuple[str, int]] = []
     handles = [block.get_submodule(n).register_forward_pre_hook(
         lambda _m, args, n=n: calls.append((n, args[0].data_ptr()))) for n in _linears(block)]
@@ -136,18 +136,6 @@ def sequential_groups(block, hidden, ctx: _Context) -> list[list[str]]:
     return groups
 
 
-def _inc_config(recipe, model_dir: Path):
-    from neural_compressor.torch.quantization import GPTQConfig, RTNConfig
-
-    common = dict(bits=recipe.bits, use_sym=recipe.use_sym, group_size=recipe.group_size)
-    if recipe.algo == "rtn":
-        return RTNConfig(**common)
-    # true_sequential is done here group by group, so INC sees one group per call;
-    # model_path only has to be a local directory (INC otherwise asks the Hub for "").
-    return GPTQConfig(**common, act_order=recipe.act_order, percdamp=recipe.percdamp,
-                      block_size=recipe.block_size, true_sequential=False, model_path=str(model_dir))
-
-
 def _frozen(linear):
     """A stand-in for a linear that INC must leave alone in this call.
 
@@ -156,7 +144,6 @@ def _frozen(linear):
     the current group are hidden behind a module that is not one, and holds the
     real layer outside its children.
     """
-    import torch
 
     class Frozen(torch.nn.Module):
         def __init__(self):
@@ -179,19 +166,16 @@ def _swap(block, modules: dict) -> dict:
     return old
 
 
-def quantize_block(block, recipe, hidden: list, ctx: _Context, model_dir: Path):
+def quantize_block(block, recipe: QuantRecipe, hidden: list, ctx: _Context, model_dir: Path):
     """Quantize every linear of a one-layer model with INC; return the converted model."""
-    import torch
-    from neural_compressor.torch.quantization import convert, prepare
-
     if recipe.algo == "rtn":
-        return convert(prepare(block, _inc_config(recipe, model_dir)))
+        return convert(prepare(block, inc_config(recipe, model_dir, true_sequential=False)))
     groups = (sequential_groups(block, hidden[0], ctx) if recipe.true_sequential
               else [_linears(block)])
     for group in groups:
         others = {n: _frozen(block.get_submodule(n)) for n in _linears(block) if n not in group}
         hidden_away = _swap(block, others)
-        block = prepare(block, _inc_config(recipe, model_dir))
+        block = prepare(block, inc_config(recipe, model_dir, true_sequential=False))
         with torch.no_grad():
             for h in hidden:
                 block(h, **ctx.kwargs(h))
@@ -205,8 +189,6 @@ def quantize_block(block, recipe, hidden: list, ctx: _Context, model_dir: Path):
 
 def _advance(block, hidden: list, ctx: _Context) -> None:
     """Replace each sample's hidden state by the block's output, one at a time (bounded memory)."""
-    import torch
-
     with torch.no_grad():
         for i, h in enumerate(hidden):
             hidden[i] = block(h, **ctx.kwargs(h))
@@ -214,8 +196,6 @@ def _advance(block, hidden: list, ctx: _Context) -> None:
 
 def _embed(source, samples, as_written: bool = False) -> list:
     """Input hidden states; ``as_written`` rounds the embeddings to the checkpoint's fp16."""
-    import torch
-
     weight = source.get("model.embed_tokens.weight")
     if as_written:
         weight = weight.to(torch.float16)
@@ -224,11 +204,9 @@ def _embed(source, samples, as_written: bool = False) -> list:
     return out
 
 
-def _dequantized_block(block, packed_by_name: dict, recipe, fmt: int):
+def _dequantized_block(block, packed_by_name: dict, recipe: QuantRecipe, fmt: int):
     """The block as the checkpoint holds it: dequantized linears, fp16-rounded norms."""
-    import torch
 
-    from tangquant.gptq import unpack_layer
 
     for param in block.parameters():
         param.data = param.data.to(torch.float16).float()
@@ -247,11 +225,9 @@ def _dequantized_block(block, packed_by_name: dict, recipe, fmt: int):
     return block
 
 
-def _write_layer(writer, block, index: int, source, recipe, fmt: int) -> dict:
+def _write_layer(writer, block, index: int, source, recipe: QuantRecipe, fmt: int) -> dict:
     """Write one quantized layer (packed linears, fp16 norms); return {wrapper name: packed}."""
-    from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
 
-    from tangquant.quant.writer import as_written, pack_module, packed_bytes
 
     prefix = f"model.layers.{index}."
     wrapped = "model.layers.0."
@@ -274,16 +250,10 @@ def _write_layer(writer, block, index: int, source, recipe, fmt: int) -> dict:
     return {"packed": packed_by_name, **stats, "layers": len(quantized)}
 
 
-def run_layer_wise(model_dir: Path, out_dir: Path, recipe, samples: list, held: list,
+def run_layer_wise(model_dir: Path, out_dir: Path, recipe: QuantRecipe, samples: list, held: list,
                    fmt: int) -> tuple[dict, dict | None]:
     """Quantize and write ``model_dir`` layer by layer; return (counts, fidelity or None)."""
-    import torch
-    from tqdm import tqdm
 
-    from tangquant.checkpoint import ShardWriter, TensorReader
-    from tangquant.evaluate import streamed_fidelity
-    from tangquant.quant.inc import inc_workspace
-    from tangquant.quant.writer import as_written, counts
 
     torch.manual_seed(recipe.seed)
     source = TensorReader(Path(model_dir))

@@ -13,16 +13,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
+from safetensors import safe_open
+
+from tangquant.checkpoint import ShardWriter, tensor_names, weight_files
 from tangquant.errors import QuantizationError
+from tangquant.gptq import pack_layer
 
 logger = logging.getLogger(__name__)
 
 
 def extract_layer(name: str, module, bits: int, group_size: int, has_bias: bool) -> dict:
     """(q [out, in], zeros [groups, out], scales [groups, out], g_idx [in], bias) of one INC layer."""
-    import torch
-    from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
-
     if not isinstance(module, INCWeightOnlyLinear):
         raise QuantizationError(f"INC left {name} unquantized ({type(module).__name__})")
     if not module.use_optimum_format or module.bits != bits or "int" not in module.dtype:
@@ -46,8 +49,6 @@ def extract_layer(name: str, module, bits: int, group_size: int, has_bias: bool)
 def pack_module(name: str, module, bits: int, group_size: int, has_bias: bool,
                 format_version: int) -> tuple[dict, int]:
     """(GPTQ tensors {qweight, qzeros, scales, g_idx[, bias]}, weight count) of one INC layer."""
-    from tangquant.gptq import pack_layer
-
     parts = extract_layer(name, module, bits, group_size, has_bias)
     packed = pack_layer(parts["q"], parts["zeros"], parts["scales"], parts["g_idx"], bits,
                         bias=parts["bias"], format_version=format_version)
@@ -59,8 +60,6 @@ def packed_bytes(packed: dict) -> int:
 
 
 def _source_tensor_names(model_dir: Path) -> list[tuple[Path, str]]:
-    from tangquant.checkpoint import tensor_names, weight_files
-
     return [(path, name) for path in weight_files(model_dir) for name in tensor_names(path)]
 
 
@@ -79,8 +78,6 @@ def _in_memory(model, name: str):
 
 def as_written(value):
     """A non-quantized tensor as the checkpoint stores it: floating point in fp16."""
-    import torch
-
     return value.to(torch.float16) if value.is_floating_point() else value
 
 
@@ -98,10 +95,6 @@ def write_packed(source_dir: Path, out_dir: Path, pack, layers, value_for=None,
     ``layers`` (its source ``weight`` and ``bias`` are replaced by them);
     ``value_for(name)`` may give a tensor's in-memory value instead of the source's.
     """
-    from safetensors import safe_open
-
-    from tangquant.checkpoint import ShardWriter
-
     writer = ShardWriter(out_dir, metadata={"quantized_by": metadata})
     quant_bytes = quant_weights = 0
     written: set[str] = set()
@@ -141,13 +134,3 @@ def write_checkpoint(model, layers: dict[str, bool], source_dir: Path, out_dir: 
                            format_version)
 
     return write_packed(source_dir, out_dir, pack, layers, value_for=lambda name: _in_memory(model, name))
-
-
-def write_config(source_config: dict, out_dir: Path, qconfig: dict) -> None:
-    from tangquant.files import write_json
-
-    config = dict(source_config)
-    config["quantization_config"] = qconfig
-    config["torch_dtype"] = "float16"
-    config.pop("dtype", None)
-    write_json(Path(out_dir) / "config.json", config)

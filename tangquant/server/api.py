@@ -2,7 +2,7 @@
 
 FastAPI/Starlette give a tested HTTP stack with streaming responses and
 client-disconnect events; request bodies are read and validated by hand
-(``serve_schema``) so every bad input gets OpenAI's error JSON and the exact
+(``server.schema``) so every bad input gets OpenAI's error JSON and the exact
 status, and an over-large body is refused before it is all read.
 """
 
@@ -14,6 +14,11 @@ import logging
 import time
 import uuid
 from importlib import resources
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 
 from tangquant.server.engine import Engine
 from tangquant.server.schema import (ApiError, Request, chat_request, check_key,
@@ -35,8 +40,6 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _error_response(exc: ApiError):
-    from fastapi.responses import JSONResponse
-
     headers = dict(exc.headers)
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
@@ -56,8 +59,6 @@ def _timings(result) -> dict:
 
 
 def _json(data):
-    from fastapi.responses import JSONResponse
-
     return JSONResponse(data)
 
 
@@ -67,7 +68,6 @@ def _sse(data) -> bytes:
 
 class Api:
     """Route handlers bound to one engine and one optional key."""
-
     def __init__(self, engine: Engine, api_key: str | None):
         self.engine = engine
         self.api_key = api_key.encode("utf-8") if api_key else None
@@ -114,8 +114,6 @@ class Api:
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": self.engine.name}
         if req.stream:
-            from fastapi.responses import StreamingResponse
-            from starlette.background import BackgroundTask
 
             # The background task runs after the response ends, also after a disconnect.
             return StreamingResponse(self._stream(req, chat, meta, gen, future),
@@ -135,7 +133,6 @@ class Api:
             gen.cancel.set()  # the worker stops at its next token and frees its slot
             if disconnected in done:
                 logger.info("client went away; generation %s cancelled", meta["id"])
-                from fastapi.responses import Response
 
                 return Response(status_code=499)  # nginx's "client closed request"; never seen
         result = await future if future in done else None
@@ -213,7 +210,6 @@ class HostGuard:
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
             name = host if host.endswith("]") else host.rsplit(":", 1)[0]
             if name not in self.hosts:
-                from fastapi.responses import JSONResponse
 
                 error = ApiError(400, "this server answers only to a loopback Host header "
                                  "(listen with --allow-public to serve other names)",
@@ -240,10 +236,6 @@ def create_app(engine: Engine, api_key: str | None = None, loopback_only: bool =
 
     ``loopback_only`` refuses requests whose Host header is not a loopback name.
     """
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response
-    from starlette.exceptions import HTTPException
-
     api = Api(engine, api_key)
     pages = {name: _page(name) for name in ("index.html", *WEB_FILES)}
     app = FastAPI(title="tangquant", docs_url=None, redoc_url=None, openapi_url=None)

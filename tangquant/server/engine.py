@@ -21,14 +21,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tangquant.ov import ir as ov_ir
-from tangquant.errors import InputError
-from tangquant.files import existing_dir, human_size, read_json, read_manifest
-from tangquant.server.schema import ApiError, Sampling
+import openvino_genai
+
+from tangquant import load
+from tangquant.files import human_size, read_json, read_manifest
+from tangquant.generate import Sampling, genai_config
+from tangquant.server.schema import ApiError
 
 logger = logging.getLogger(__name__)
 
-IR_FILES = (ov_ir.MODEL_XML, ov_ir.TOKENIZER_XML, ov_ir.DETOKENIZER_XML)
 FINISH = {"STOP": "stop", "LENGTH": "length"}
 
 
@@ -44,16 +45,6 @@ class Result:
     duration_s: float
 
 
-def check_model_dir(model) -> Path:
-    path = existing_dir(model, "model directory")
-    missing = [name for name in IR_FILES if not (path / name).is_file()]
-    if missing:
-        raise InputError(f"{path} is not an exported OpenVINO model (missing {', '.join(missing)}); "
-                         "make one with `tangquant export --format openvino`")
-    ov_ir.check_ir_files(path)  # a missing or truncated .bin, before OpenVINO reads it
-    return path
-
-
 def _quantization(manifest: dict) -> str | None:
     """A short description of an exported model's weights, from its ``tangquant.json``."""
     metrics = manifest.get("metrics") or {}
@@ -67,7 +58,6 @@ def _quantization(manifest: dict) -> str | None:
 
 class Generation:
     """One running generation: its text chunks arrive on an asyncio queue."""
-
     def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float):
         self.chunks: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
@@ -77,8 +67,6 @@ class Generation:
 
     def on_text(self, text: str):
         """The streamer callback, called in the worker thread."""
-        import openvino_genai
-
         self._loop.call_soon_threadsafe(self.chunks.put_nowait, text)
         if time.monotonic() > self.deadline:
             self.timed_out = True
@@ -94,13 +82,10 @@ class Generation:
 class Engine:
     def __init__(self, model_dir: Path, name: str, max_concurrency: int, queue_size: int,
                  max_tokens_limit: int, timeout: float, device: str = "CPU"):
-        import openvino_genai
-
         self.model_dir, self.name = model_dir, name
         self.max_concurrency, self.queue_size = max_concurrency, queue_size
         self.max_tokens_limit, self.timeout = max_tokens_limit, timeout
-        self._pipes = [openvino_genai.LLMPipeline(str(model_dir), device)
-                       for _ in range(max_concurrency)]
+        self._pipes = [load.genai_pipeline(model_dir, device) for _ in range(max_concurrency)]
         # A tokenizer of its own: prompts are templated and counted on the event loop's side
         # while the pipelines generate in their threads.
         self.tokenizer = openvino_genai.Tokenizer(str(model_dir))
@@ -173,7 +158,7 @@ class Engine:
         """Return (prompt tokens, max new tokens), refusing what does not fit the context."""
         n_prompt = self.count_tokens(prompt)
         room = self.context_length - n_prompt
-        max_new = sampling.max_tokens
+        max_new = sampling.max_new_tokens
         if max_new is None:
             max_new = min(self.defaults.max_new_tokens or self.max_tokens_limit,
                           self.max_tokens_limit, room)
@@ -185,24 +170,8 @@ class Engine:
 
     @staticmethod
     def _config(pipe, sampling: Sampling, max_new: int):
-        cfg = pipe.get_generation_config()  # a copy: the model's defaults, then this request's
-        cfg.max_new_tokens = max_new
+        cfg = genai_config(pipe.get_generation_config(), sampling, max_new)  # a copy of the defaults
         cfg.apply_chat_template = False  # the prompt is already templated
-        if sampling.temperature is not None:
-            cfg.do_sample = sampling.temperature > 0
-            if cfg.do_sample:
-                cfg.temperature = sampling.temperature
-        if sampling.top_p is not None:
-            cfg.top_p = sampling.top_p
-        if sampling.stop:
-            cfg.stop_strings = set(sampling.stop)
-        if sampling.seed is not None:
-            cfg.rng_seed = sampling.seed % (1 << 63)
-        if sampling.presence_penalty is not None:
-            cfg.presence_penalty = sampling.presence_penalty
-        if sampling.frequency_penalty is not None:
-            cfg.frequency_penalty = sampling.frequency_penalty
-        cfg.ignore_eos = sampling.ignore_eos
         return cfg
 
     # -- generation ----------------------------------------------------------------------------

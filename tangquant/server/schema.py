@@ -12,17 +12,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from starlette.requests import ClientDisconnect
+
+from tangquant.generate import MAX_STOP, Sampling, SamplingError
 
 MAX_BODY_BYTES = 1 << 20
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-MAX_STOP = 4
 
 
 class ApiError(Exception):
     """A request the server refuses, with the HTTP status and OpenAI's error fields."""
-
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, type_: str = "invalid_request_error",
                  headers: dict | None = None):
@@ -33,20 +34,6 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Sampling:
-    """The generation settings of one request; None means the model's own default."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    ignore_eos: bool = False   # vLLM's extension; benchmarks use it for fixed-length replies
 
 
 @dataclass
@@ -105,7 +92,6 @@ async def read_body(request) -> dict:
     if length is not None and int(length) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
                        code="request_too_large")
-    from starlette.requests import ClientDisconnect
 
     raw = bytearray()
     try:
@@ -131,19 +117,13 @@ def _text(value, param: str) -> str:
     return value
 
 
-def _number(body: dict, name: str, low: float, high: float, low_open: bool = False):
+def _number(body: dict, name: str):
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"'{name}' must be a number", name, "invalid_type")
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    if not math.isfinite(value) or too_low or value > high:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ApiError(400, f"'{name}' must be a finite number in {interval}, got {value}",
-                       name, "invalid_value")
-    return value
+    return float(value)
 
 
 def _integer(body: dict, name: str):
@@ -177,13 +157,14 @@ def _sampling(body: dict, max_tokens_limit: int, names=("max_tokens",)) -> Sampl
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ApiError(400, "'ignore_eos' must be a boolean", "ignore_eos", "invalid_type")
-    return Sampling(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, low_open=True),
-        stop=stop, seed=_integer(body, "seed"),
-        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0), ignore_eos=ignore_eos)
+    try:
+        return Sampling(max_new_tokens=max_tokens, temperature=_number(body, "temperature"),
+                        top_p=_number(body, "top_p"), stop=tuple(stop), seed=_integer(body, "seed"),
+                        presence_penalty=_number(body, "presence_penalty"),
+                        frequency_penalty=_number(body, "frequency_penalty"), ignore_eos=ignore_eos)
+    except SamplingError as exc:  # the same ranges as chat's flags, as OpenAI's 400
+        raise ApiError(400, f"'{exc.param}' {str(exc).split(' ', 1)[1]}", exc.param,
+                       "invalid_value") from None
 
 
 def _common(body: dict) -> tuple[str | None, bool, bool]:

@@ -1,0 +1,221 @@
+"""Text generation shared by chat, demo and serve: one ``Sampling`` type and two backends.
+
+:class:`Sampling` holds a request's generation settings (None: the model's own
+default) and refuses values no backend can take, with the same message for
+``chat``'s flags and ``serve``'s request fields. :func:`open_generator` gives an
+object with ``stream(messages, sampling)`` and ``generate(messages, sampling)``:
+openvino-genai for an OpenVINO IR, transformers for any other model directory
+(GPTQ dequantised exactly, a LoRA adapter applied with peft).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+from tangquant import load
+from tangquant.errors import InputError, ParameterError
+
+MAX_STOP = 4
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Generation settings; temperature 0 means greedy decoding, None the model's default."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    ignore_eos: bool = False   # vLLM's extension; benchmarks use it for fixed-length replies
+
+    def __post_init__(self):
+        _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens",
+               f"must be at least 1, got {self.max_new_tokens}")
+        _check_range("temperature", self.temperature, 0.0, 2.0)
+        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check(len(self.stop) <= MAX_STOP and all(self.stop), "stop",
+               f"must be at most {MAX_STOP} non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class SamplingError(ParameterError):
+    """A generation setting out of range; ``param`` names it (for the server's 400)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _check(ok: bool, name: str, what: str) -> None:
+    if not ok:
+        raise SamplingError(name, f"{name} {what}")
+
+
+def _check_range(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+    if value is None:
+        return
+    too_low = value <= low if low_open else value < low
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    _check(math.isfinite(value) and not too_low and value <= high, name,
+           f"must be a finite number in {interval}, got {value}")
+
+
+def genai_config(base, sampling: Sampling, max_new_tokens: int | None = None):
+    """openvino-genai's GenerationConfig: ``base`` (the model's defaults, a copy) + ``sampling``."""
+    cfg = base
+    if max_new_tokens or sampling.max_new_tokens:
+        cfg.max_new_tokens = max_new_tokens or sampling.max_new_tokens
+    if sampling.temperature is not None:
+        cfg.do_sample = sampling.temperature > 0
+        if cfg.do_sample:
+            cfg.temperature = sampling.temperature
+    if sampling.top_p is not None:
+        cfg.top_p = sampling.top_p
+    if sampling.stop:
+        cfg.stop_strings = set(sampling.stop)
+    if sampling.seed is not None:
+        cfg.rng_seed = sampling.seed % (1 << 63)
+    if sampling.presence_penalty is not None:
+        cfg.presence_penalty = sampling.presence_penalty
+    if sampling.frequency_penalty is not None:
+        cfg.frequency_penalty = sampling.frequency_penalty
+    cfg.ignore_eos = sampling.ignore_eos
+    return cfg
+
+
+def open_generator(model_dir, adapter=None, allow_pickle: bool = False, device: str = "CPU",
+                   ov_config: dict | None = None):
+    """A generator for ``model_dir``: an OpenVINO IR (openvino-genai; ``ov_config`` e.g.
+    ``ov.ir.EXACT_CONFIG``) or a Hugging Face directory (transformers, fp32; ``adapter``)."""
+    md = load.inspect(model_dir, allow_pickle=allow_pickle)
+    if md.kind == "ir":
+        if adapter:
+            raise InputError("--adapter applies to Hugging Face models, not to an OpenVINO IR")
+        return OVGenerator(md, device, ov_config or {})
+    return HFGenerator(md, adapter, allow_pickle)
+
+
+class _Streamer:
+    """Runs a blocking generate() in a thread and yields the text pieces it reports."""
+
+    def __init__(self):
+        self.pieces: queue.Queue = queue.Queue()
+        self.stopped = threading.Event()
+
+    def iterate(self, target) -> Iterator[str]:
+        done = object()
+
+        def work():
+            try:
+                target()
+                self.pieces.put(done)
+            except BaseException as exc:  # re-raised in the consuming thread
+                self.pieces.put(exc)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            while (piece := self.pieces.get()) is not done:
+                if isinstance(piece, BaseException):
+                    raise piece
+                yield piece
+        finally:
+            self.stopped.set()
+            thread.join()
+
+
+class OVGenerator:
+    def __init__(self, md: load.ModelDir, device: str = "CPU", ov_config: dict | None = None):
+        self.pipe = load.genai_pipeline(md, device, **(ov_config or {}))
+        self.model_dir = md.path
+
+    def stream(self, messages: list[dict], sampling: Sampling = Sampling()) -> Iterator[str]:
+        import openvino_genai
+
+        streamer = _Streamer()
+        config = genai_config(self.pipe.get_generation_config(), sampling)
+        history = openvino_genai.ChatHistory(messages)
+
+        def on_piece(piece: str):
+            streamer.pieces.put(piece)
+            stop = streamer.stopped.is_set()
+            return openvino_genai.StreamingStatus.STOP if stop else openvino_genai.StreamingStatus.RUNNING
+
+        yield from streamer.iterate(lambda: self.pipe.generate(history, config, on_piece))
+
+    def generate(self, messages: list[dict], sampling: Sampling = Sampling()) -> str:
+        return "".join(self.stream(messages, sampling))
+
+
+class HFGenerator:
+    def __init__(self, md: load.ModelDir, adapter=None, allow_pickle: bool = False):
+        self.model = load.torch_model(md, adapter=adapter, allow_pickle=allow_pickle)
+        self.tokenizer = load.tokenizer(md)
+        if not self.tokenizer.chat_template:
+            raise InputError(f"the tokenizer in {md.path} has no chat template")
+
+    def _kwargs(self, sampling: Sampling) -> dict:
+        kwargs = {"max_new_tokens": sampling.max_new_tokens} if sampling.max_new_tokens else {}
+        if sampling.greedy:
+            return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if sampling.temperature is not None:
+            kwargs.update(do_sample=True, temperature=sampling.temperature)
+        if sampling.top_p is not None:
+            kwargs["top_p"] = sampling.top_p
+        return kwargs
+
+    def stream(self, messages: list[dict], sampling: Sampling = Sampling()) -> Iterator[str]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 return_tensors="pt", return_dict=True)
+        text_streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _Streamer()
+
+        class Stop(StoppingCriteria):
+            def __call__(self, *args, **kwargs):
+                return streamer.stopped.is_set()
+
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        errors: list[BaseException] = []
+
+        def work():
+            try:
+                with torch.no_grad():
+                    self.model.generate(**ids, streamer=text_streamer,
+                                        stopping_criteria=StoppingCriteriaList([Stop()]),
+                                        **self._kwargs(sampling))
+            except BaseException as exc:  # ends the text stream, re-raised by pump
+                errors.append(exc)
+                text_streamer.end()
+
+        def pump():
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            for piece in text_streamer:
+                if piece:
+                    streamer.pieces.put(piece)
+            thread.join()
+            if errors:
+                raise errors[0]
+
+        yield from streamer.iterate(pump)
+
+    def generate(self, messages: list[dict], sampling: Sampling = Sampling()) -> str:
+        return "".join(self.stream(messages, sampling))
+
+

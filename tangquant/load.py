@@ -1,0 +1,164 @@
+"""The one loader: any model directory to the runtime object a stage needs, with one set of checks.
+
+:func:`inspect` tells what a directory is — an OpenVINO IR (``openvino_model.xml``),
+a GPTQ checkpoint (``quantization_config`` with ``quant_method: gptq``) or a
+full-precision Hugging Face model — and refuses, with one line naming the fix,
+what no stage reads: a LoRA adapter directory, another quantization method, a
+truncated IR, pickle-only weights without ``allow_pickle``. The loaders below
+all start from it:
+
+- :func:`torch_model`: a plain ``transformers`` model in fp32 (GPTQ layers
+  dequantised exactly), optionally with a peft adapter on top;
+- :func:`logits_model`: something whose ``model(input_ids=...).logits`` works,
+  for fidelity measurements (an IR compiled in exact mode);
+- :func:`genai_pipeline`: an openvino-genai ``LLMPipeline`` of an IR.
+
+Heavy libraries are imported by the loader that needs them, so stages can
+inspect a directory before paying for torch or OpenVINO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tangquant import checkpoint
+from tangquant.errors import InputError, QuantizedModelError
+from tangquant.files import existing_dir, read_json
+from tangquant.gptq import GPTQCheckpoint, is_gptq
+from tangquant.ov.ir import EXACT_CONFIG, MODEL_XML, check_ir_files, is_ir_dir
+
+KINDS = ("ir", "gptq", "hf")
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A checked model directory: its ``kind`` (ir, gptq or hf) and ``config.json``."""
+
+    path: Path
+    kind: str
+    config: dict
+    gptq: GPTQCheckpoint | None = None
+
+
+def inspect(path, kinds: tuple[str, ...] = KINDS, allow_pickle: bool = False,
+            what: str = "model directory") -> ModelDir:
+    """Check ``path`` and tell what it is; refuse a kind not in ``kinds``."""
+    if isinstance(path, ModelDir):
+        return path
+    if isinstance(path, GPTQCheckpoint):
+        return ModelDir(path.path, "gptq", path.config, path)
+    path = existing_dir(path, what)
+    if kinds == ("ir",) and not is_ir_dir(path):
+        raise InputError(f"{path} is not an exported OpenVINO model (no {MODEL_XML}); make one with "
+                         "`tangquant export --format openvino`")
+    if is_ir_dir(path):
+        check_ir_files(path)  # a missing or truncated .bin gets a clear error, not OpenVINO's
+        config_path = path / "config.json"
+        config = read_json(config_path, "model config") if config_path.is_file() else {}
+        found = ModelDir(path, "ir", config)
+    else:
+        config = checkpoint.load_config(path)
+        if is_gptq(config):
+            ckpt = GPTQCheckpoint.open(path)
+            found = ModelDir(path, "gptq", ckpt.config, ckpt)
+        elif config.get("quantization_config"):
+            qc = config["quantization_config"]
+            method = qc.get("quant_method", "an unknown method") if isinstance(qc, dict) else "an unknown method"
+            raise QuantizedModelError(f"{path} is already quantized ({method}); tangquant reads "
+                                      "full-precision, GPTQ and OpenVINO IR models")
+        else:
+            checkpoint.weight_files(path, allow_pickle=allow_pickle)
+            found = ModelDir(path, "hf", config)
+    if found.kind == "gptq" and "gptq" not in kinds:
+        raise QuantizedModelError(f"{path} is already quantized (gptq); this needs its full-precision "
+                                  "(merged) model")
+    if found.kind not in kinds:
+        names = {"ir": "an OpenVINO IR (tangquant export)", "gptq": "a GPTQ checkpoint",
+                 "hf": "a full-precision Hugging Face model"}
+        raise InputError(f"{path} is {names[found.kind]}; this needs "
+                         + " or ".join(names[k] for k in kinds))
+    return found
+
+
+def torch_model(path, adapter=None, allow_pickle: bool = False, dtype=None):
+    """A ``transformers`` causal LM in fp32 (or ``dtype``), GPTQ dequantised exactly, + a peft adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    md = inspect(path, kinds=("gptq", "hf"), allow_pickle=allow_pickle)
+    if md.kind == "gptq":
+        model = _dequantized_model(md.gptq)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(md.path), dtype=torch.float32,
+                                                     trust_remote_code=False,
+                                                     use_safetensors=not allow_pickle or None)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(existing_dir(adapter, "adapter directory")))
+    model = model.eval()
+    return model.to(dtype) if dtype is not None else model
+
+
+def _dequantized_model(ckpt: GPTQCheckpoint):
+    """A plain ``AutoModelForCausalLM`` holding the checkpoint's exact fp32 weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ckpt.path, trust_remote_code=False)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    state = ckpt.dequantized_state()
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # non-persistent buffer left on meta
+    model.tie_weights()
+    return model.eval()
+
+
+def logits_model(path, adapter=None):
+    """A model for fidelity: HF or GPTQ in fp32 (+ adapter), or an IR in exact mode (f32, no
+    dynamic quantization), all answering ``model(input_ids=..., attention_mask=...).logits``."""
+    md = inspect(path)
+    if md.kind != "ir":
+        return torch_model(md, adapter=adapter)
+    if adapter is not None:
+        raise InputError("an adapter applies to Hugging Face models, not to an OpenVINO IR")
+    from optimum.intel import OVModelForCausalLM
+
+    try:
+        return OVModelForCausalLM.from_pretrained(str(md.path), ov_config=EXACT_CONFIG, compile=True,
+                                                  trust_remote_code=False)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise InputError(f"OpenVINO cannot load {md.path}: {_first_line(exc)}") from None
+
+
+def genai_pipeline(path, device: str = "CPU", **properties):
+    """openvino-genai's ``LLMPipeline`` of an IR (``properties``: OpenVINO properties, adapters)."""
+    import openvino_genai
+
+    md = inspect(path, kinds=("ir",))
+    try:
+        return openvino_genai.LLMPipeline(str(md.path), device, **properties)
+    except RuntimeError as exc:
+        raise InputError(f"openvino-genai cannot load {md.path}: {_first_line(exc)}") from None
+
+
+def tokenizer(path):
+    """The Hugging Face tokenizer of a model directory (remote code never runs)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path.path if isinstance(path, ModelDir) else path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the tokenizer of {path}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
