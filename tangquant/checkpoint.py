@@ -6,10 +6,14 @@ written through :class:`ShardWriter`, so no stage ever holds a whole model.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Iterator
+
+from safetensors import safe_open
 
 from tangquant.errors import InputError, PickleRefusedError, QuantizedModelError
 from tangquant.files import existing_dir, read_json, write_json
@@ -90,7 +94,6 @@ def write_config(out_dir: Path, config: dict, dtype: str, quantization_config: d
 def iter_tensors(path: Path) -> Iterator[tuple[str, "object"]]:
     """Yield (name, tensor) from one weight file, memory-mapped where possible."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -110,7 +113,6 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, "object"]]:
 
 def tensor_names(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -207,8 +209,6 @@ def read_tensors_unmapped(path: Path):
     if path.suffix != ".safetensors":
         yield from iter_tensors(path)
         return
-    import json
-    import struct
 
     import torch
 
@@ -217,7 +217,7 @@ def read_tensors_unmapped(path: Path):
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
         header.pop("__metadata__", None)
-        for name in tensor_names(path):  # the order _base_shapes used
+        for name in tensor_names(path):  # the order tensor_shapes gave the merge's header
             info = header[name]
             start, end = info["data_offsets"]
             buf = torch.empty(end - start, dtype=torch.uint8)
@@ -238,8 +238,6 @@ class TensorReader:
         self.where = {name: path for name, (_, _, path) in tensor_shapes(weight_files(model_dir)).items()}
 
     def get(self, name: str):
-        from safetensors import safe_open
-
         with safe_open(str(self.where[name]), framework="pt") as f:
             return f.get_tensor(name)
 

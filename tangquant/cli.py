@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from tangquant import __version__, recipe
 from tangquant.errors import TangquantError
@@ -86,9 +88,6 @@ def _raise_interrupt(signum, frame):
 
 def _interrupt_on_sigterm() -> None:
     """Treat SIGTERM like Ctrl-C so temporary outputs are cleaned up on the way out."""
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupt)
 

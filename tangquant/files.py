@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import platform
+import resource
 import shutil
 import sys
 import uuid
+from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -153,15 +155,11 @@ def copy_aux_files(src: Path, dst: Path) -> list[str]:
 
 
 def peak_rss_bytes() -> int:
-    import resource
-
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str]:
-    from importlib import metadata
-
     versions = {"python": platform.python_version(), "tangquant": __version__}
     for name in names:
         try:

@@ -9,6 +9,7 @@ transposes, embeddings, DoRA magnitudes, LoRA biases, trainable tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -33,8 +34,6 @@ def adapter_config(adir: Path):
     if str(raw.get("peft_type", "")).upper() != "LORA":
         raise AdapterError(f"{adir} is a {raw.get('peft_type')!r} adapter; only LoRA (peft_type LORA) "
                            "can be merged")
-    import dataclasses
-
     from peft import LoraConfig, PeftConfig
 
     try:

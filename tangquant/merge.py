@@ -15,12 +15,17 @@ example:
 from __future__ import annotations
 
 import dataclasses
+import gc
+import json
 import logging
 import re
+import struct
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from tangquant import checkpoint, files, lora, recipe
 from tangquant.errors import AdapterError, InputError, NumericalError
@@ -121,8 +126,6 @@ def _base_dtype(config: dict) -> str:
 
 def _write_all(shards: list[Path], edits: dict, out_dtype, out_dir: Path, shapes: dict) -> int:
     """One output shard per input shard (same names, safetensors), plus the index; return #merged."""
-    from tqdm import tqdm
-
     weight_map, total, merged = {}, 0, 0
     for i, src in enumerate(shards, 1):
         dst = out_dir / re.sub(r"^pytorch_model", "model", src.name).replace(src.suffix, ".safetensors")
@@ -141,9 +144,6 @@ def _write_all(shards: list[Path], edits: dict, out_dtype, out_dir: Path, shapes
 
 def _write_shard(src, dst, names, shapes, edits, out_dtype, bar) -> tuple[int, int]:
     """Stream a safetensors file: the header from the planned shapes, then each tensor's bytes."""
-    import json
-    import struct
-
     import torch
 
     st = checkpoint.safetensors_dtypes()
@@ -191,8 +191,6 @@ def _render(tokenizer, prompt: str):
 
 def _verify(base: Path, adir: Path, merged_dir: Path, n: int, vocab) -> float:
     """max |Δlogit| between peft base+adapter and the merged model (both fp32) over n prompts."""
-    import gc
-
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -14,8 +14,10 @@ from tangquant.files import atomic_output_dir, check_output
 
 
 def test_help_and_version_do_not_import_torch():
+    heavy = ("torch", "transformers", "neural_compressor", "openvino", "openvino_genai", "nncf", "numpy")
     code = ("import sys; from tangquant.cli import main; rc = main(['--help']); "
-            "assert 'torch' not in sys.modules, 'torch imported by --help'; "
+            f"bad = [m for m in {heavy!r} if m in sys.modules]; "
+            "assert not bad, f'--help imported {bad}'; "
             "import tangquant.cli as c; c.main(['--version'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -165,3 +167,67 @@ def test_final_name_of_a_temporary_output(tmp_path):
     with atomic_output_dir(tmp_path / "int4-gptq") as tmp:
         assert final_name(tmp) == "int4-gptq"
         assert final_name(tmp / "openvino") == "openvino"
+
+
+def test_every_stage_parameter_is_a_flag_and_a_recipe_key(tmp_path):
+    """Each stage declares its parameters once: every field is a flag and a recipe key."""
+    import importlib
+
+    import yaml
+
+    from tangquant import recipe
+    from tangquant.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, module_name in COMMANDS:
+        cls = importlib.import_module(module_name).PARAMS
+        options = {opt: a for a in sub.choices[name]._actions for opt in a.option_strings}
+        for f in dataclasses.fields(cls):
+            flag = recipe.flag_name(f)
+            assert flag in options and options[flag].dest == f.name, (name, f.name)
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            path = tmp_path / f"{name}-{f.name}.yaml"
+            path.write_text(yaml.safe_dump({f.name: default}))
+            assert getattr(recipe.resolve(cls, path), f.name) == f.default, (name, f.name)
+        with pytest.raises(RecipeError, match="unknown key.*no_such_key"):
+            recipe.resolve(cls, {"no_such_key": 1})
+
+
+def test_flags_override_the_recipe_and_bad_values_are_parameter_errors(tmp_path, capsys):
+    from tangquant.errors import ParameterError
+    from tangquant.merge import MergeParams
+
+    path = tmp_path / "merge.yaml"
+    path.write_text("dtype: fp16\nverify: 2\n")
+    args = build_args(["merge", "--model", "m", "--adapter", "a", "--output", "o", "--recipe", str(path),
+                       "--verify", "3"])
+    from tangquant import recipe
+
+    assert recipe.from_args(MergeParams, args) == MergeParams(dtype="fp16", verify=3)
+    with pytest.raises(ParameterError, match="verify"):
+        MergeParams(verify=-1)
+    # The same kind of bad value is the same error, whichever stage it reaches, before any work.
+    import importlib
+
+    from tangquant.cli import COMMANDS
+
+    modules = dict(COMMANDS)
+    for argv in (["merge", "--model", "m", "--adapter", "a", "--output", "o", "--verify", "-1"],
+                 ["quantize", "--model", "m", "--output", "o", "--num-samples", "0"],
+                 ["eval", "--model", "m", "--reference", "r", "--data", "d", "--num-samples", "0"],
+                 ["bench", "--candidate", "x=ov:/x", "-r", "0"],
+                 ["chat", "--model", "m", "--top-p", "0"],
+                 ["serve", "--model", "m", "--queue-size", "-1"],
+                 ["demo", "--max-new-tokens", "0"],
+                 ["data", "--poetry", "p", "--output", "o", "--eval-fraction", "1.5"]):
+        cls = importlib.import_module(modules[argv[0]]).PARAMS
+        with pytest.raises(ParameterError):
+            recipe.from_args(cls, build_args(argv))
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith("tangquant: error: "), argv
+
+
+def build_args(argv):
+    from tangquant.cli import build_parser
+
+    return build_parser().parse_args(argv)

@@ -1,8 +1,7 @@
 """Layer-by-layer GPTQ and RTN in bounded memory (``tangquant quantize --layer-wise``).
 
-INC 3.10's own ``use_layer_wise`` saved no memory on the Qwen shapes (0.5B:
-3.8 GB peak against 3.5 GB without it; ``benchmarks/results/quantize_cost.jsonl``),
-so tangquant drives INC one decoder layer at a time instead: the layer's
+INC 3.10's own ``use_layer_wise`` saved no memory on the Qwen shapes (measured in
+``docs/benchmarks.md``), so tangquant drives INC one decoder layer at a time instead: the layer's
 weights are read from the safetensors, wrapped in a one-layer model whose
 ``model.layers`` INC's GPTQ recognises as the transformer stack, quantized on
 the cached hidden states, written to the output shard by shard, and run to give
