@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,3 +241,23 @@ def test_asymmetric_checkpoint_keeps_u4_zero_points(tmp_path, tiny_model_dir):
     weights = find_int4_weights(model)
     assert len(weights) == N_LAYERS and all(w.zero_point is not None for w in weights.values())
     assert verify_constants(model, src) == 3 * N_LAYERS
+
+
+def test_export_reads_the_checkpoint_config_once(tmp_path, gptq_dir, monkeypatch):
+    """The GPTQ checkpoint is opened once: config.json is read one time for a whole export."""
+    from tangquant import files
+    from tangquant.export import export
+
+    reads = []
+    real = files.read_json
+
+    def counting(path, what):
+        if Path(path).resolve() == (gptq_dir / "config.json").resolve():
+            reads.append(what)
+        return real(path, what)
+
+    for module in ("tangquant.files", "tangquant.checkpoint", "tangquant.load", "tangquant.ov.build"):
+        if hasattr(__import__(module, fromlist=["x"]), "read_json"):
+            monkeypatch.setattr(f"{module}.read_json", counting)
+    export(gptq_dir, tmp_path / "ir")
+    assert reads == ["model config"]

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from neural_compressor.torch.quantization import AutoRoundConfig, convert, prepare
 
+from tangquant import load
 from tangquant.checkpoint import iter_tensors, weight_files
 from tangquant.errors import QuantizationError
 from tangquant.gptq import GPTQCheckpoint, pack_layer
-from tangquant.quant.inc import load_model
 from tangquant.quant.recipe import QuantRecipe
 from tangquant.quant.writer import write_packed
 
@@ -38,7 +38,7 @@ def check_available() -> None:
 def _autoround_checkpoint(model_dir: Path, recipe: QuantRecipe, samples, work: Path) -> Path:
     """Run INC's AutoRound; return the directory auto-round saved its GPTQ checkpoint in."""
     torch.manual_seed(recipe.seed)
-    model = load_model(model_dir)
+    model = load.torch_model(model_dir)
     cfg = AutoRoundConfig(bits=recipe.bits, group_size=recipe.group_size, use_sym=recipe.use_sym,
                           iters=recipe.iters, nsamples=len(samples), seqlen=recipe.seq_len,
                           batch_size=min(8, len(samples)), seed=recipe.seed, amp=False,

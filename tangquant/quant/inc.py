@@ -17,8 +17,8 @@ import torch
 from neural_compressor.common import options
 from neural_compressor.torch.quantization import AWQConfig, GPTQConfig, RTNConfig, convert, prepare
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
 
+from tangquant import load
 from tangquant.errors import QuantizationError
 from tangquant.quant.recipe import QuantRecipe
 
@@ -43,11 +43,6 @@ def qwen2_absorb_layers(config) -> dict:
     if config.num_key_value_heads == config.num_attention_heads:
         layers["self_attn.v_proj"] = ("self_attn.o_proj",)  # v's rows map 1:1 onto o's inputs
     return layers
-
-
-def load_model(model_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                trust_remote_code=False).eval()
 
 
 @contextlib.contextmanager
@@ -131,7 +126,7 @@ def run_inc(model_dir: Path, recipe: QuantRecipe, samples):
     """Quantize the whole model with INC; return (converted model, {layer: has_bias})."""
     with inc_workspace():
         torch.manual_seed(recipe.seed)
-        model = load_model(model_dir)
+        model = load.torch_model(model_dir)
         layers = linear_layers(model)
         if recipe.algo == "rtn":
             return convert(prepare(model, inc_config(recipe))), layers
