@@ -83,7 +83,7 @@ def main() -> None:
               "tokens_used": args.tokens, "tokenizer": "the demo poet's (tangquant/assets/demo/base)",
               "rows": rows}
     RESULTS.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"| file | mode | peak RSS | seconds |\n|---|---|---|---|")
+    print("| file | mode | peak RSS | seconds |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['file'] or '-'} | {r['mode']} | {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['seconds']} |"
               + (f" FAILED: {r['error']}" if r["exit_code"] else ""))
