@@ -119,7 +119,8 @@ def inside(model_dir: Path, name, referrer: str) -> Path:
     if not any(root in path.parents for root in roots):
         raise InputError(f"{model_dir}/{referrer} refers to {short(name)}, which lies outside "
                          f"{model_dir}; refusing to read it")
-    return path
+    # Keep the name a link has (a cache blob is named by its hash); ".." only in resolved form.
+    return path if ".." in Path(name).parts else roots[0] / name
 
 
 def require_finite(tensor, name: str, where, fix: str = "the file is corrupt: make it again "

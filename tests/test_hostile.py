@@ -8,6 +8,7 @@ half-sent connections) is in ``test_hostile_serve.py``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -86,10 +87,11 @@ def test_paths_that_escape_a_model_are_refused(tmp_path, capsys, tiny_model_dir,
     snap.mkdir(parents=True)
     (repo / "blobs").mkdir()
     for f in tiny_model_dir.iterdir():
-        blob = repo / "blobs" / f.name
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()  # as huggingface_hub names them
         blob.write_bytes(f.read_bytes())
         os.symlink(os.path.relpath(blob, snap), snap / f.name)
     assert main(merge_argv(snap, qv_adapter_dir, out, "--dtype", "fp32")) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in snap.glob("*.safetensors"))
 
 
 def _relink(path: Path, target: Path) -> None:
