@@ -36,7 +36,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tangquant import load, recipe
+from tangquant import files, load, recipe
 from tangquant.errors import BenchError, TangquantError
 from tangquant.files import cpu_model, dir_size, existing_dir, package_versions
 from tangquant.measure.report import add_ratios, append_jsonl, markdown_table
@@ -50,6 +50,7 @@ HELP = "tokens/s side by side (pp/tg, llama-bench style) against the bandwidth r
 KINDS = ("ov", "ov+lora", "torch-gptq+lora", "torch")
 KIND_MODELS = {"ov": ("ir",), "ov+lora": ("ir",), "torch-gptq+lora": ("gptq",), "torch": ("hf", "gptq")}
 MARKER = "random weights — speed only"
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 DEFAULT_BASELINE_PYTHON = "benchmarks/baseline/.venv/bin/python"
 _ROOT = Path(__file__).resolve().parent.parent  # put on PYTHONPATH for the baseline's python
 
@@ -116,6 +117,18 @@ def _model_config(c: Candidate) -> dict:
     if c.options.get("adapter"):
         existing_dir(c.options["adapter"], "adapter")
     return md.config
+
+
+def _check_context(c: Candidate, rec: BenchRecipe) -> None:
+    """Refuse, before any measurement, a run past a candidate's context (a bad path instead
+    fails that candidate alone, in the sweep)."""
+    try:
+        context = load.context_length(_model_config(c))
+    except TangquantError:
+        return
+    if context is not None and rec.prompt_tokens + rec.gen_tokens > context:
+        raise BenchError(f"candidate {c.name}: -p {rec.prompt_tokens} + -n {rec.gen_tokens} tokens run "
+                         f"past the model's context of {context}")
 
 
 def _worker(spec: dict, python: str, timeout_s: int) -> dict:
@@ -220,7 +233,7 @@ def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) ->
 
 
 def bench(candidates=(), params: BenchRecipe | str | Path | None = None, plot: str | None = None,
-          results_dir: str = "benchmarks/results", **overrides) -> dict:
+          results_dir: str = "benchmarks/results", force: bool = False, **overrides) -> dict:
     """Benchmark every candidate at every thread count.
 
     Returns ``records`` (one per candidate and thread count; a failed candidate is a record
@@ -234,13 +247,21 @@ def bench(candidates=(), params: BenchRecipe | str | Path | None = None, plot: s
     if len({c.name for c in parsed}) != len(parsed):
         raise BenchError("candidate names must be unique")
     thread_list = [int(t) for t in (rec.threads or (os.cpu_count() or 1,))]
+    out = Path(results_dir)
+    jsonl = out if out.suffix == ".jsonl" else out / "bench.jsonl"
+    inputs = [c.path for c in parsed] + [c.options.get("adapter") for c in parsed]
+    files.check_output_file(jsonl, inputs, force, append=True)  # before any run: never an input
+    if plot:
+        if Path(plot).suffix.lower() not in PLOT_SUFFIXES:
+            raise BenchError(f"--plot {plot}: the file name must end in {', '.join(PLOT_SUFFIXES)}")
+        files.check_output_file(plot, inputs + [jsonl], force)
+    for c in parsed:
+        _check_context(c, rec)
     env = _environment(rec)
     rows = _sweep(parsed, thread_list, rec)
     add_ratios(rows)
     env["loadavg_end"] = list(os.getloadavg())
     records = [{**env, **row} for row in rows]
-    out = Path(results_dir)
-    jsonl = out if out.suffix == ".jsonl" else out / "bench.jsonl"
     append_jsonl(jsonl, records)
     if plot:
         draw(rows, Path(plot), rec.prompt_tokens, rec.gen_tokens)
@@ -255,7 +276,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the results")
     parser.add_argument("--results", default="benchmarks/results", metavar="DIR|FILE.jsonl",
                         help="where the JSONL records are appended (DIR/bench.jsonl by default)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --plot file")
 
 
 def run(args) -> dict:
-    return bench(params=recipe.from_args(BenchRecipe, args), plot=args.plot, results_dir=args.results)
+    return bench(params=recipe.from_args(BenchRecipe, args), plot=args.plot, results_dir=args.results,
+                 force=args.force)

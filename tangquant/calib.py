@@ -25,11 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tangquant.errors import CalibrationError
+from tangquant.files import parsing, read_bounded
 
 logger = logging.getLogger(__name__)
 
 POEM_REQUEST = "以《{title}》为题写一首诗"
 HOLDOUT_EVERY = 10  # every 10th document (after the seeded shuffle) is held out for evaluation
+MAX_DATA_BYTES = 256 << 20  # 10x the whole chinese-poetry Tang corpus as alpaca JSON
+# A document is cut to this many characters per token still needed before it is rendered and
+# tokenized (no real token is that long), so a one-line 20 MB file costs what 256 tokens need.
+CHARS_PER_TOKEN_BOUND = 16
+MIN_CUT_CHARS = 1 << 16
 
 
 # Used only when no calibration data is given (with a warning): famous public-domain Tang
@@ -74,8 +80,9 @@ def read_text(path: Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"calibration data {path} does not exist or is not a file")
+    data = read_bounded(path, "calibration data", MAX_DATA_BYTES)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CalibrationError(f"{path} is not UTF-8 text (byte {exc.start}); "
                                "convert it to UTF-8 first") from None
@@ -139,15 +146,12 @@ def load_documents(path: str | Path) -> list[Document]:
         items = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                try:
+                with parsing(f"{path}:{n}", "JSON line", "each line must be one JSON record",
+                             error=CalibrationError):
                     items.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise CalibrationError(f"{path}:{n} is not valid JSON: {exc}") from None
     else:
-        try:
+        with parsing(path, "calibration data", "use .txt for plain text", error=CalibrationError):
             items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{path} is not valid JSON ({exc}); use .txt for plain text") from None
         if isinstance(items, dict):
             items = [items]
     if not isinstance(items, list):
@@ -173,6 +177,22 @@ def render(doc: Document, tokenizer) -> str:
         return tokenizer.apply_chat_template(list(doc.messages), tokenize=False)
     # No template: plain "role: content" lines keep the text usable for calibration.
     return "\n".join(f"{m['role']}: {m['content']}" for m in doc.messages) + "\n"
+
+
+def cut(doc: Document, limit: int) -> Document:
+    """``doc`` with at most ``limit`` characters of content (later messages dropped): the rest
+    lies past the tokens that will be used, and tokenizing it could cost gigabytes."""
+    if not doc.messages:
+        return doc if len(doc.text) <= limit else Document(text=doc.text[:limit])
+    if sum(len(m["content"]) for m in doc.messages) <= limit:
+        return doc
+    kept, room = [], limit
+    for m in doc.messages:
+        if room <= 0:
+            break
+        kept.append({**m, "content": m["content"][:room]})
+        room -= len(m["content"])
+    return Document(messages=tuple(kept))
 
 
 def split_documents(docs: list[Document], seed: int) -> tuple[list[Document], list[Document]]:
@@ -202,6 +222,7 @@ def pack(docs: list[Document], tokenizer, seq_len: int, num_samples: int, seed: 
     ids: list[int] = []
     need = seq_len * num_samples
     for doc in order:
+        doc = cut(doc, max(MIN_CUT_CHARS, CHARS_PER_TOKEN_BOUND * (need - len(ids))))
         ids += tokenizer(render(doc, tokenizer), add_special_tokens=False)["input_ids"]
         if len(ids) >= need:
             break

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tangquant import recipe
-from tangquant.generate import Sampling, open_generator
+from tangquant.errors import ParameterError
+from tangquant.generate import Sampling, SamplingError, open_generator
 from tangquant.recipe import param
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ def chat(model, params: ChatParams | None = None, adapter=None, prompt: str | No
          **overrides) -> None:
     """Chat in the terminal, or answer ``prompt`` once."""
     p = recipe.resolve(ChatParams, params, overrides)
+    for flag, text in (("--prompt", prompt), ("--system", p.system)):
+        if text is not None and not _is_utf8(text):
+            raise ParameterError(f"{flag} is not valid UTF-8 text")
     generator = open_generator(model, adapter=adapter, allow_pickle=p.allow_pickle)
     prefix = [{"role": "system", "content": p.system}] if p.system else []
     if prompt is not None:
@@ -89,19 +93,40 @@ def chat_loop(generator, sampling: Sampling = Sampling(), system: str | None = N
             continue
         if not query.strip():
             continue
-        history.append({"role": "user", "content": query})
         print("Assistant: ", end="", file=stdout, flush=True)
-        reply = _answer(generator, prefix + history, sampling, stdout)
-        history.append({"role": "assistant", "content": reply})
+        try:
+            reply = _answer(generator, prefix + history + [{"role": "user", "content": query}],
+                            sampling, stdout)
+        except SamplingError as exc:  # the conversation no longer fits the context
+            print(f"\n{exc}", file=stdout, flush=True)
+            continue
+        history += [{"role": "user", "content": query}, {"role": "assistant", "content": reply}]
 
 
 def _read(stdin, stdout) -> str | None:
     print("\nUser: ", end="", file=stdout, flush=True)
+    while True:
+        try:
+            line = (stdin or sys.stdin).readline()
+        except KeyboardInterrupt:
+            return None
+        except UnicodeDecodeError:  # the terminal sent bytes that are not UTF-8
+            print("That line was not valid UTF-8 text; type it again.\nUser: ", end="", file=stdout,
+                  flush=True)
+            continue
+        if line and not _is_utf8(line):  # a surrogate-escaped stdin (C locale) lets bad bytes through
+            print("That line was not valid UTF-8 text; type it again.\nUser: ", end="", file=stdout,
+                  flush=True)
+            continue
+        return line.rstrip("\n") if line else None
+
+
+def _is_utf8(text: str) -> bool:
     try:
-        line = (stdin or sys.stdin).readline()
-    except KeyboardInterrupt:
-        return None
-    return line.rstrip("\n") if line else None
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _answer(generator, messages: list[dict], sampling: Sampling, stdout) -> str:

@@ -15,17 +15,54 @@ from typing import Iterator
 
 from safetensors import safe_open
 
-from tangquant.errors import InputError, PickleRefusedError, QuantizedModelError
-from tangquant.files import existing_dir, read_json, write_json
+from tangquant.errors import (InputError, NumericalError, PickleRefusedError, QuantizedModelError,
+                              short)
+from tangquant.files import existing_dir, final_name, parsing, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+MAX_DIR_ENTRIES = 10_000  # a model directory holds tens of files; refuse to walk a whole disk
+SAFETENSORS_FIX = "the file is corrupt or truncated: copy, download or write it again"
+PICKLE_FIX = ("torch.load(weights_only=True) accepts tensors only, even with --allow-pickle: "
+              "convert the weights to safetensors with the tool that made them")
+
+
+def open_dir(path, what: str) -> Path:
+    """An existing directory whose every entry (symlinks followed) lies inside it."""
+    path = existing_dir(path, what)
+    check_contained(path, what)
+    return path
+
+
+def allowed_roots(model_dir: Path) -> tuple[Path, ...]:
+    """Where a model directory's files may lie: itself and, for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/REV``, whose files are links into ``../../blobs``), its blobs."""
+    root = Path(model_dir).resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return root, root.parent.parent / "blobs"
+    return (root,)
+
+
+def check_contained(model_dir: Path, what: str = "model directory") -> None:
+    """Refuse a directory with an entry (a symlink, at any depth) that resolves outside it."""
+    root = Path(model_dir).resolve()
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            seen += 1
+            entry = Path(dirpath) / name
+            if entry.is_symlink() and not any(r in entry.resolve().parents for r in allowed_roots(root)):
+                raise InputError(f"{entry} is a link to {entry.resolve()}, which lies outside {root}; "
+                                 "refusing to read it (copy the file in instead)")
+        if seen > MAX_DIR_ENTRIES:
+            raise InputError(f"{what} {root} holds more than {MAX_DIR_ENTRIES} files; "
+                             "is it really a model directory?")
 
 
 def load_config(model_dir: Path) -> dict:
-    model_dir = existing_dir(model_dir, "model directory")
+    model_dir = open_dir(model_dir, "model directory")
     if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
         raise InputError(f"{model_dir} is a LoRA adapter directory, not a model; "
                          "merge it into its base first with `tangquant merge`")
@@ -50,12 +87,16 @@ def weight_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
         files = sorted({inside(model_dir, name, index.name) for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise InputError(f"{model_dir} is missing shards named in its index: {', '.join(missing)}")
+            raise InputError(f"{model_dir} is missing shards named in its index: {', '.join(missing)[:200]}")
         return files
-    safes = sorted(model_dir.glob("*.safetensors"))
+    safes = sorted(inside(model_dir, p.name, p.name) for p in model_dir.glob("*.safetensors"))
     if safes:
         return safes
-    pickles = sorted(p for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(inside(model_dir, p.name, p.name) for p in model_dir.iterdir()
+                     if p.suffix in PICKLE_SUFFIXES and not p.name.startswith("openvino_"))
+    if not pickles and (model_dir / "openvino_model.bin").is_file():
+        raise InputError(f"{model_dir} holds openvino_model.bin but no openvino_model.xml: an incomplete "
+                         "OpenVINO IR; copy or export it again")
     if pickles and not allow_pickle:
         raise PickleRefusedError(
             f"{model_dir} holds only pickle weights ({pickles[0].name}); loading a pickle can run "
@@ -66,15 +107,33 @@ def weight_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
 
 
 def inside(model_dir: Path, name, referrer: str) -> Path:
-    """``model_dir / name``, refused unless it stays inside ``model_dir`` (after symlinks)."""
-    if not isinstance(name, str) or not name:
-        raise InputError(f"{model_dir}/{referrer} names a file that is not a string: {str(name)[:60]!r}")
-    root = Path(model_dir).resolve()
-    path = (root / name).resolve()
-    if root not in path.parents:
-        raise InputError(f"{model_dir}/{referrer} refers to {name[:80]!r}, which lies outside "
+    """``model_dir / name``, refused unless it stays inside ``model_dir`` (after symlinks).
+
+    The one resolver for every file a model, adapter or checkpoint directory refers to (index
+    entries, weights, tokenizer files, symlinks): see :func:`allowed_roots`.
+    """
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise InputError(f"{model_dir}/{referrer} names a file that is not a usable name: {short(name)}")
+    roots = allowed_roots(model_dir)
+    path = (roots[0] / name).resolve()
+    if not any(root in path.parents for root in roots):
+        raise InputError(f"{model_dir}/{referrer} refers to {short(name)}, which lies outside "
                          f"{model_dir}; refusing to read it")
-    return path
+    # Keep the name a link has (a cache blob is named by its hash); ".." only in resolved form.
+    return path if ".." in Path(name).parts else roots[0] / name
+
+
+def require_finite(tensor, name: str, where, fix: str = "the file is corrupt: make it again "
+                   "from its source") -> None:
+    """The one finite-check of every reader and writer: NaN or Inf in a float tensor is an error."""
+    import torch
+
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        raise NumericalError(f"{name} in {where} holds {bad} NaN or Inf value(s); {fix}")
 
 
 def write_config(out_dir: Path, config: dict, dtype: str, quantization_config: dict | None = None,
@@ -94,46 +153,45 @@ def write_config(out_dir: Path, config: dict, dtype: str, quantization_config: d
 def iter_tensors(path: Path) -> Iterator[tuple[str, "object"]]:
     """Yield (name, tensor) from one weight file, memory-mapped where possible."""
     if path.suffix == ".safetensors":
-
-        try:
+        with parsing(path, "safetensors file", SAFETENSORS_FIX):
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
-        except Exception as exc:  # safetensors raises its own error types
-            if isinstance(exc, GeneratorExit):
-                raise
-            raise InputError(f"cannot read {path}: {exc}") from None
         return
+    yield from _load_pickle(path).items()
+
+
+def _load_pickle(path: Path) -> dict:
     import torch
 
     # weights_only=True refuses arbitrary objects even when pickles are allowed.
-    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    yield from state.items()
+    with parsing(path, "pickle weight file", PICKLE_FIX):
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict):
+        raise InputError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
+    return state
 
 
 def tensor_names(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
-
-        try:
+        with parsing(path, "safetensors file", SAFETENSORS_FIX):
             with safe_open(str(path), framework="pt") as f:
                 return list(f.keys())
-        except Exception as exc:
-            raise InputError(f"cannot read {path}: {exc}") from None
-    return [name for name, _ in iter_tensors(path)]
+    return list(_load_pickle(path))
+
 
 def tensor_shapes(shards: list[Path]) -> dict:
     """name -> (shape, dtype, shard) from safetensors headers, without loading any tensor."""
     shapes = {}
     for path in shards:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    shapes[name] = (tuple(sl.get_shape()), sl.get_dtype(), path)
+            with parsing(path, "safetensors file", SAFETENSORS_FIX):
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():
+                        sl = f.get_slice(name)
+                        shapes[name] = (tuple(sl.get_shape()), sl.get_dtype(), path)
         else:
-            for name, t in iter_tensors(path):
+            for name, t in _load_pickle(path).items():
                 shapes[name] = (tuple(t.shape), t.dtype, path)
     return shapes
 
@@ -156,6 +214,7 @@ class ShardWriter:
         self.total_bytes = 0
 
     def add(self, name: str, tensor) -> None:
+        require_finite(tensor, name, f"the output {final_name(self.out_dir)}", fix="nothing was written")
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()
@@ -168,8 +227,17 @@ class ShardWriter:
             return
         from safetensors.torch import save_file
 
+        from tangquant.files import os_error
+
         path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(path), metadata=self.metadata)
+        try:
+            save_file(self._pending, str(path), metadata=self.metadata)
+        except Exception as exc:  # safetensors reports a full disk as SafetensorError, not OSError
+            err = os_error(exc)
+            if err is None:
+                raise
+            err.filename = str(path)
+            raise err from exc
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -213,17 +281,18 @@ def read_tensors_unmapped(path: Path):
     import torch
 
     st = safetensors_dtypes()
-    with open(path, "rb") as f:
+    names = tensor_names(path)  # the order tensor_shapes gave the merge's header; safetensors checks it
+    with parsing(path, "safetensors file", SAFETENSORS_FIX), open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
         header.pop("__metadata__", None)
-        for name in tensor_names(path):  # the order tensor_shapes gave the merge's header
+        for name in names:
             info = header[name]
             start, end = info["data_offsets"]
             buf = torch.empty(end - start, dtype=torch.uint8)
             f.seek(8 + size + start)
             if f.readinto(buf.numpy()) != end - start:
-                raise InputError(f"{path} is truncated at tensor {name}")
+                raise InputError(f"{path} is truncated at tensor {name}; {SAFETENSORS_FIX}")
             yield name, buf.view(st[info["dtype"]]).reshape(info["shape"])
 
 
@@ -238,8 +307,11 @@ class TensorReader:
         self.where = {name: path for name, (_, _, path) in tensor_shapes(weight_files(model_dir)).items()}
 
     def get(self, name: str):
-        with safe_open(str(self.where[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        with parsing(self.where[name], "safetensors file", SAFETENSORS_FIX):
+            with safe_open(str(self.where[name]), framework="pt") as f:
+                tensor = f.get_tensor(name)
+        require_finite(tensor, name, self.where[name])
+        return tensor
 
     def names(self, prefix: str = "") -> list[str]:
         return [n for n in self.where if n.startswith(prefix)]

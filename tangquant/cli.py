@@ -16,9 +16,15 @@ import logging
 import signal
 import sys
 import threading
+import traceback
 
 from tangquant import __version__, recipe
-from tangquant.errors import TangquantError
+from tangquant.errors import TangquantError, first_line
+
+# Loggers that report, at import, optional kernels a CPU install lacks (torchao's CUDA .so files and
+# triton, torch's pytree deprecations): noise before a user's error line; shown with -v.
+IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+MAX_MESSAGE = 1000
 
 # (command, module) in the order they appear in --help: the pipeline first.
 COMMANDS = (
@@ -32,6 +38,7 @@ COMMANDS = (
     ("serve", "tangquant.serve"),
     ("run", "tangquant.pipeline"),
     ("demo", "tangquant.demo"),
+    ("clean", "tangquant.clean"),
 )
 
 
@@ -71,6 +78,8 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
         for f in [f for f in lg.filters if isinstance(f, _Floor)]:
             lg.removeFilter(f)
         lg.addFilter(_Floor(floor))
+    for noisy in IMPORT_NOISE:
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 class _Floor(logging.Filter):
@@ -93,6 +102,12 @@ def _interrupt_on_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    bad = next((i for i, a in enumerate(argv) if not _is_utf8(a)), None)
+    if bad is not None:  # a surrogate-escaped byte: nothing downstream could encode it again
+        _error(f"argument {bad + 1} ({ascii(argv[bad])[:60]}) is not valid UTF-8; tangquant takes "
+               "UTF-8 text and paths")
+        return 2
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -111,11 +126,48 @@ def main(argv: list[str] | None = None) -> int:
             print(result["summary"])
         return int(result.get("exit_code", 0))
     except TangquantError as exc:
-        print(f"tangquant: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except KeyboardInterrupt:
         print("tangquant: interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    except Exception as exc:  # no input may end in a traceback at default verbosity
+        return _unexpected(exc, args.verbose)
+
+
+def _unexpected(exc: Exception, verbose: bool) -> int:
+    """One line for an error no check anticipated; the traceback with -v. Exit 1: likely a bug."""
+    if verbose:
+        traceback.print_exc()
+    hint = "" if verbose else " (rerun with -v for the traceback)"
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        _error(f"{exc.strerror or first_line(exc)}{where}{hint}")
+        return 2
+    if isinstance(exc, MemoryError):
+        _error(f"out of memory{hint}")
+        return 2
+    if isinstance(exc, RecursionError):
+        _error(f"an input is nested too deeply to read{hint}")
+        return 2
+    _error(f"unexpected {type(exc).__name__}: {first_line(exc)}; this is probably a bug in "
+           f"tangquant{hint}")
+    return 1
+
+
+def _error(message: str) -> None:
+    line = " ".join(message.split())  # one line, whatever a library's message held
+    if len(line) > MAX_MESSAGE:
+        line = line[:MAX_MESSAGE] + "…"
+    print(f"tangquant: error: {line}", file=sys.stderr)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def data(poetry, output, params: DataParams | None = None, force: bool = False, 
     if not records["train"]:
         raise CalibrationError(f"no usable poems in {poetry} after cleaning ({stats})")
     counts = {s: len(r) for s, r in records.items()}
-    with files.atomic_output_dir(out) as tmp:
+    with files.atomic_output_dir(out, force) as tmp:
         _write_splits(tmp, records)
         inputs = {"poetry": str(Path(poetry).resolve()), "files": len(paths),
                   "sha256": _corpus_digest(paths)}

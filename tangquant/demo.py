@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tangquant import files, load, recipe
 from tangquant.bench import bench as run_bench
+from tangquant.errors import ParameterError
 from tangquant.export import export
 from tangquant.generate import Sampling, open_generator
 from tangquant.merge import merge
@@ -206,9 +207,13 @@ def demo(workdir=None, params: DemoParams | None = None, force: bool = False, as
     paths = demo_paths(Path(assets) if assets else ASSETS)
     base, adapter = files.existing_dir(paths["base"], "demo base"), files.existing_dir(paths["adapter"], "demo adapter")
     root = base.parent
+    context = load.context_length(files.read_json(base / "config.json", "model config"))
+    if context is not None and p.max_new_tokens >= context:
+        raise ParameterError(f"--max-new-tokens {p.max_new_tokens} does not fit the poet's context of "
+                             f"{context} tokens with its prompt")
     out = files.check_output(workdir or "tangquant-demo", [root], force)
     t0 = time.time()
-    with files.atomic_output_dir(out) as tmp:
+    with files.atomic_output_dir(out, force) as tmp:
         stages = build(tmp, base, adapter, root / "calib.json", p.bench)
         tokenizer = load.tokenizer(base)
         final = out / "int4-openvino"  # where the IR lies once the directory is renamed

@@ -14,7 +14,11 @@ class InputError(TangquantError):
 
 
 class OutputExistsError(TangquantError):
-    """The output exists and ``--force`` was not given, or it overlaps an input."""
+    """The output exists and ``--force`` was not given, overlaps an input, or another run writes it."""
+
+
+class OutputError(TangquantError):
+    """The output cannot be written: a read-only file system, a full disk, a file in the way."""
 
 
 class PickleRefusedError(InputError):
@@ -63,3 +67,18 @@ class BenchError(TangquantError):
 
 class ServeError(TangquantError):
     """The server cannot start with the given settings."""
+
+
+def short(value, limit: int = 80) -> str:
+    """A value for an error message, cut short: a hostile value must never be formatted whole."""
+    if isinstance(value, (list, dict, tuple, set)):
+        return f"a {type(value).__name__} of {len(value)}"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut short."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "…"

@@ -18,9 +18,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tangquant import load, recipe
+from tangquant import files, load, recipe
 from tangquant.calib import eval_samples
-from tangquant.errors import InputError
+from tangquant.errors import InputError, ParameterError
 from tangquant.recipe import param, require
 
 logger = logging.getLogger(__name__)
@@ -47,12 +47,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reference", required=True, help="the full-precision model it came from")
     parser.add_argument("--data", required=True, help="held-out text in a calibration format")
     parser.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+    parser.add_argument("--force", action="store_true", help="replace an existing --json file")
 
 
 def run(args) -> dict:
-    metrics = evaluate(args.model, args.reference, args.data, recipe.from_args(EvalParams, args))
+    params = recipe.from_args(EvalParams, args)
+    if args.json_out:  # checked before anything is loaded: never an input, never clobbered
+        files.check_output_file(args.json_out, [args.model, args.reference, args.data], args.force)
+    metrics = evaluate(args.model, args.reference, args.data, params)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        with files.atomic_output_file(Path(args.json_out), args.force) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return {**metrics, "report": "\n".join(format_report(metrics))}
 
 
@@ -76,6 +81,11 @@ def evaluate(model, reference, data, params: EvalParams | None = None, tokenizer
     p = recipe.resolve(EvalParams, params, overrides)
     paths = [m for m in (model, reference) if isinstance(m, (str, Path))]
     checked = {id(m): load.inspect(m) for m in paths}  # refuse a wrong path before any heavy work
+    for md in checked.values():
+        context = load.context_length(md.config)
+        if context is not None and p.seq_len > context:
+            raise ParameterError(f"--seq-len {p.seq_len} is longer than the context of {md.path} "
+                                 f"({context} tokens)")
     if tokenizer is None:
         src = reference if isinstance(reference, (str, Path)) else model
         if not isinstance(src, (str, Path)):

@@ -61,7 +61,7 @@ def export(model, output, params: ExportParams | None = None, force: bool = Fals
     ckpt = model if isinstance(model, GPTQCheckpoint) else GPTQCheckpoint.open(model)
     out = files.check_output(output, [ckpt.path], force)
     build.check_exportable(ckpt)
-    with files.atomic_output_dir(out) as tmp:
+    with files.atomic_output_dir(out, force) as tmp:
         metrics = build.write_ir_dir(ckpt, tmp, embeddings=p.embeddings)
     summary = (f"{out}  {files.human_size(metrics['size_bytes'])}  {metrics['int4_layers']} INT4 layers, "
                f"{metrics['int4_constants_checked']} constants equal to the checkpoint's  "

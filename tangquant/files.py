@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import shutil
 import sys
@@ -23,8 +24,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tangquant import __version__
-from tangquant.errors import InputError, OutputExistsError, TangquantError
+from tangquant import __version__, claim
+from tangquant.errors import (InputError, OutputError, OutputExistsError, TangquantError,
+                              first_line)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ AUX_FILES = (
     "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
     "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
+# JSON side files (config.json, indexes, manifests) are kilobytes; a bigger one is not what it claims.
+MAX_JSON_BYTES = 64 << 20
 VERSIONED_PACKAGES = (
     "torch", "transformers", "peft", "safetensors", "neural-compressor-pt",
     "openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "nncf", "auto-round",
@@ -50,17 +54,52 @@ def existing_dir(path: str | os.PathLike, what: str) -> Path:
     return p.resolve()
 
 
-def read_json(path: Path, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"{what} {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{what} {path} is not valid JSON: {exc}") from None
+def read_bounded(path: Path, what: str, limit: int) -> bytes:
+    """The bytes of ``path``, refused (before reading them) when larger than ``limit``."""
+    with parsing(path, what), open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InputError(f"{what} {path} is larger than {human_size(limit)}, more than any {what} "
+                         "should be; is it the right file?")
+    return data
+
+
+def read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> dict:
+    data = read_bounded(path, what, limit)
+    with parsing(path, what, fix="it must be UTF-8 JSON"):
+        data = json.loads(data.decode("utf-8"))
     if not isinstance(data, dict):
         raise InputError(f"{what} {path} must hold a JSON object")
     return data
+
+
+@contextlib.contextmanager
+def parsing(path, what: str, fix: str = "", error: type[TangquantError] = InputError):
+    """The one mapper of failures to parse foreign bytes: one line naming the file and the fix.
+
+    Wrap only the parse call: everything it raises (the parser's own error types included,
+    which is why this catches broadly) becomes ``error`` with the file's name.
+    """
+    try:
+        yield
+    except TangquantError:
+        raise
+    except FileNotFoundError:
+        raise error(f"{what} {path} is missing") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a directory, not a file") from None
+    except PermissionError:
+        raise error(f"cannot read {what} {path}: permission denied") from None
+    except RecursionError:
+        raise error(f"{what} {path} is nested too deeply to be a {what}") from None
+    except MemoryError:
+        raise error(f"{what} {path} needs more memory to read than there is") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}); "
+                    f"{fix or 'convert it to UTF-8'}") from None
+    except Exception as exc:
+        raise error(f"{what} {path} is not valid: {first_line(exc)}; "
+                    f"{fix or 'it is corrupt or truncated: write or download it again'}") from None
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -71,39 +110,146 @@ def write_json(path: Path, data: dict) -> None:
 
 def check_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
                  force: bool) -> Path:
-    """Refuse an output that overlaps an input, or that exists without ``force``."""
+    """Refuse an output that overlaps an input, that exists without ``force``, or that
+    cannot be created (a file in the way, a read-only file system)."""
     out = Path(output).resolve()
-    for inp in inputs:
-        if inp is None:
-            continue
-        src = Path(inp).resolve()
-        if out == src or src in out.parents:
-            raise OutputExistsError(f"output {out} is the same as or inside the input {src}")
-        if out in src.parents:
-            raise OutputExistsError(f"output {out} contains the input {src}")
+    _check_inputs(out, inputs)
     if out.exists() and not force:
         raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a directory")
+    check_writable(out)
     return out
 
 
-@contextlib.contextmanager
-def atomic_output_dir(output: Path) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``output`` when the block succeeds."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+def check_output_file(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
+                      force: bool, append: bool = False) -> Path:
+    """The same rules for a file an option writes (``--json``, ``--plot``, a JSONL log): never an
+    input or inside one, never replaced without ``force`` (``append``: added to instead), never a
+    directory; checked before the work starts."""
+    out = Path(output).resolve()
+    _check_inputs(out, inputs)
+    if out.is_dir():
+        raise OutputExistsError(f"{out} is a directory; give a file name")
+    if out.exists() and not (force or append):
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    check_writable(out)
+    return out
+
+
+def _check_inputs(out: Path, inputs) -> None:
+    for inp in inputs:
+        if inp is None:
+            continue
+        src = Path(inp).resolve()
+        if out == src or src in out.parents or _same_file(out, src):
+            raise OutputExistsError(f"output {out} is the same as or inside the input {src}")
+        if out in src.parents:
+            raise OutputExistsError(f"output {out} contains the input {src}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
     try:
-        yield tmp
-        _replace_dir(tmp, output)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and not isinstance(exc, TangquantError):
-            reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-            raise TangquantError(f"writing {output} failed ({reason}); nothing was written") from exc
+        return os.path.samefile(a, b)  # a hard link or bind mount of an input
+    except OSError:
+        return False
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output whose nearest existing ancestor is a file or cannot be written."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        readonly = os.statvfs(parent).f_flag & os.ST_RDONLY
+        raise OutputError(f"cannot create {out}: {parent} is on a read-only file system" if readonly
+                          else f"cannot create {out}: no permission to write in {parent}")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``output`` when the block succeeds.
+
+    The output is claimed first (:mod:`tangquant.claim`): a second run to the same
+    output is refused, leftovers of dead runs are removed, and an output that appeared
+    since :func:`check_output` is not replaced unless ``force``.
+    """
+    output = Path(output)
+    with _mapped_os_errors(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+    with claim.claim(output):
+        if output.exists() and not force:
+            raise OutputExistsError(f"output {output} already exists (another run made it meanwhile); "
+                                    "pass --force to replace it")
+        tmp = claim.temporary_name(output, "tmp", uuid.uuid4().hex[:8])
+        with _mapped_os_errors(output):
+            tmp.mkdir()
+        try:
+            with _mapped_os_errors(output):
+                yield tmp
+                _replace_dir(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def atomic_output_file(output: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``output`` that replaces it when the block succeeds
+    (claimed like a directory, so a second run writing the same file is refused)."""
+    output = Path(output)
+    with _mapped_os_errors(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+    with claim.claim(output):
+        if output.exists() and not force:
+            raise OutputExistsError(f"{output} already exists (another run made it meanwhile); "
+                                    "pass --force to replace it")
+        tmp = claim.temporary_name(output, "tmp", uuid.uuid4().hex[:8])
+        try:
+            with _mapped_os_errors(output):
+                yield tmp
+                os.replace(tmp, output)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, or the one safetensors' Rust writer reports as text."""
+    if isinstance(exc, OSError):
+        return exc
+    m = re.search(r"os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    return OSError(int(m[1]), os.strerror(int(m[1]))) if m else None
+
+
+# Errors that say the output cannot be written, whichever file raised them.
+_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large"}
+
+
+@contextlib.contextmanager
+def _mapped_os_errors(output: Path):
+    try:
+        yield
+    except TangquantError:
         raise
+    except Exception as exc:
+        err = os_error(exc)
+        if err is None or (err.errno not in _WRITE_ERRNOS and not isinstance(exc, OSError)):
+            raise
+        if err.errno not in _WRITE_ERRNOS and not _names_output(err, output):
+            raise  # e.g. an input that cannot be read: cli.main names its file
+        reason = _WRITE_ERRNOS.get(err.errno) or err.strerror or str(err)
+        raise OutputError(f"writing {output} failed ({reason}); nothing was written") from exc
+
+
+def _names_output(err: OSError, output: Path) -> bool:
+    name = getattr(err, "filename", None)
+    if not name:
+        return False
+    return str(Path(name)).startswith(str(output.parent / f".{output.name}.")) or \
+        Path(name) == output or output in Path(name).parents
 
 
 def final_name(path: Path) -> str:
@@ -115,13 +261,15 @@ def final_name(path: Path) -> str:
 
 
 def _replace_dir(tmp: Path, output: Path) -> None:
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+    if not output.exists():
+        os.replace(tmp, output)
+    elif claim.exchange(tmp, output):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output
+    else:
+        old = claim.temporary_name(output, "old", uuid.uuid4().hex[:8])
         os.replace(output, old)
         os.replace(tmp, output)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -10,6 +10,7 @@ openvino-genai for an OpenVINO IR, transformers for any other model directory
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -18,6 +19,8 @@ from typing import Iterator
 
 from tangquant import load
 from tangquant.errors import InputError, ParameterError
+
+logger = logging.getLogger(__name__)
 
 MAX_STOP = 4
 
@@ -70,6 +73,39 @@ def _check_range(name: str, value, low: float, high: float, low_open: bool = Fal
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
     _check(math.isfinite(value) and not too_low and value <= high, name,
            f"must be a finite number in {interval}, got {value}")
+
+
+def fit_context(n_prompt: int, wanted: int | None, context: int | None) -> tuple[int | None, bool]:
+    """(new tokens to allow, whether ``wanted`` was cut): never past the model's context.
+
+    A prompt that already fills the context is refused; ``wanted`` None (the model's default,
+    possibly unbounded) becomes the room left.
+    """
+    if context is None:
+        return wanted, False
+    room = context - n_prompt
+    if room < 1:
+        raise SamplingError("messages", f"the prompt has {n_prompt} tokens but the model's context is "
+                            f"{context}: shorten it (or start over with `clear`)")
+    if wanted is None or wanted > room:
+        return room, wanted is not None
+    return wanted, False
+
+
+class _ContextCap:
+    """Caps each reply at the context left after its prompt, warning once per generator."""
+
+    context: int | None = None
+    _warned = False
+
+    def _cap(self, n_prompt: int, sampling: "Sampling") -> int | None:
+        n, cut = fit_context(n_prompt, sampling.max_new_tokens, self.context)
+        if cut and not self._warned:
+            self._warned = True
+            logger.warning("warning: replies are capped at the model's context of %d tokens (this "
+                           "prompt has %d, so at most %d new tokens instead of %d)", self.context,
+                           n_prompt, n, sampling.max_new_tokens)
+        return n
 
 
 def genai_config(base, sampling: Sampling, max_new_tokens: int | None = None):
@@ -136,16 +172,23 @@ class _Streamer:
             thread.join()
 
 
-class OVGenerator:
+class OVGenerator(_ContextCap):
     def __init__(self, md: load.ModelDir, device: str = "CPU", ov_config: dict | None = None):
         self.pipe = load.genai_pipeline(md, device, **(ov_config or {}))
         self.model_dir = md.path
+        self.context = load.context_length(md.config)
+
+    def _prompt_tokens(self, messages: list[dict]) -> int:
+        tokenizer = self.pipe.get_tokenizer()
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return int(tokenizer.encode(prompt, add_special_tokens=False).input_ids.get_shape()[1])
 
     def stream(self, messages: list[dict], sampling: Sampling = Sampling()) -> Iterator[str]:
         import openvino_genai
 
         streamer = _Streamer()
-        config = genai_config(self.pipe.get_generation_config(), sampling)
+        max_new = self._cap(self._prompt_tokens(messages), sampling)
+        config = genai_config(self.pipe.get_generation_config(), sampling, max_new)
         history = openvino_genai.ChatHistory(messages)
 
         def on_piece(piece: str):
@@ -159,15 +202,16 @@ class OVGenerator:
         return "".join(self.stream(messages, sampling))
 
 
-class HFGenerator:
+class HFGenerator(_ContextCap):
     def __init__(self, md: load.ModelDir, adapter=None, allow_pickle: bool = False):
-        self.model = load.torch_model(md, adapter=adapter, allow_pickle=allow_pickle)
         self.tokenizer = load.tokenizer(md)
         if not self.tokenizer.chat_template:
             raise InputError(f"the tokenizer in {md.path} has no chat template")
+        self.model = load.torch_model(md, adapter=adapter, allow_pickle=allow_pickle)
+        self.context = load.context_length(md.config)
 
-    def _kwargs(self, sampling: Sampling) -> dict:
-        kwargs = {"max_new_tokens": sampling.max_new_tokens} if sampling.max_new_tokens else {}
+    def _kwargs(self, sampling: Sampling, max_new: int | None) -> dict:
+        kwargs = {"max_new_tokens": max_new} if max_new else {}
         if sampling.greedy:
             return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         if sampling.temperature is not None:
@@ -182,6 +226,7 @@ class HFGenerator:
 
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  return_tensors="pt", return_dict=True)
+        max_new = self._cap(int(ids["input_ids"].shape[1]), sampling)
         text_streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         streamer = _Streamer()
 
@@ -198,7 +243,7 @@ class HFGenerator:
                 with torch.no_grad():
                     self.model.generate(**ids, streamer=text_streamer,
                                         stopping_criteria=StoppingCriteriaList([Stop()]),
-                                        **self._kwargs(sampling))
+                                        **self._kwargs(sampling, max_new))
             except BaseException as exc:  # ends the text stream, re-raised by pump
                 errors.append(exc)
                 text_streamer.end()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tangquant import checkpoint
-from tangquant.errors import InputError
+from tangquant.errors import InputError, short
 from tangquant.files import existing_dir
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -158,23 +158,13 @@ class GPTQCheckpoint:
         if not is_gptq(config):
             raise InputError(f"{path} is not a GPTQ checkpoint (config.json has no "
                              "quantization_config with quant_method 'gptq')")
-        qc = config["quantization_config"]
-        try:
-            bits, group_size = int(qc.get("bits", 0)), int(qc.get("group_size", -1))
-        except (TypeError, ValueError):
-            raise InputError(f"{path}/config.json: quantization_config bits and group_size must "
-                             "be integers") from None
-        if bits not in SUPPORTED_BITS:
-            raise InputError(f"{path}: GPTQ with {bits} bits is not supported ({SUPPORTED_BITS})")
-        if group_size != -1 and group_size < 1:
-            raise InputError(f"{path}/config.json: group_size must be positive or -1, got {group_size}")
+        bits, group_size, fmt, sym, desc_act = _checked_qc(config["quantization_config"], path)
         shards = tuple(checkpoint.weight_files(path))
         names = {n.rpartition(".")[0] for n in checkpoint.tensor_shapes(list(shards))
                  if n.endswith(".qweight")}
         if not names:
             raise InputError(f"{path} holds no GPTQ layers (qweight/qzeros/scales/g_idx)")
-        return cls(path, config, bits, group_size, 2 if qc.get("checkpoint_format") == "gptq_v2" else 1,
-                   bool(qc.get("sym", True)), bool(qc.get("desc_act", False)), shards, frozenset(names))
+        return cls(path, config, bits, group_size, fmt, sym, desc_act, shards, frozenset(names))
 
     def layers(self) -> Iterator[tuple[str, QuantizedLinear, "object"]]:
         """(module name, unpacked layer, bias or None) for every quantized linear."""
@@ -187,7 +177,12 @@ class GPTQCheckpoint:
             # A layer may straddle two shards: yield only the complete ones.
             for module in [m for m, t in pending.items() if all(s in t for s in SUFFIXES)]:
                 tensors = pending.pop(module)
-                yield module, unpack_layer(tensors, self.bits, self.format_version), tensors.get("bias")
+                for leaf in ("scales", "bias"):
+                    if leaf in tensors:
+                        checkpoint.require_finite(tensors[leaf], f"{module}.{leaf}", path)
+                layer = unpack_layer(tensors, self.bits, self.format_version)
+                _check_layer(module, layer, tensors.get("bias"), path)
+                yield module, layer, tensors.get("bias")
         if pending:
             raise InputError(f"{self.path}: layer {next(iter(pending))} lacks some of {SUFFIXES}")
 
@@ -196,6 +191,7 @@ class GPTQCheckpoint:
         for path in self.shards:
             for name, tensor in checkpoint.iter_tensors(path):
                 if name.rpartition(".")[0] not in self.layer_names:
+                    checkpoint.require_finite(tensor, name, path)
                     yield name, tensor
 
     def dequantized_state(self) -> dict:
@@ -207,3 +203,45 @@ class GPTQCheckpoint:
                 state[f"{module}.bias"] = bias.float()
         state.update({name: t.float() for name, t in self.tensors()})
         return state
+
+
+FORMATS = {"gptq": 1, "gptq_v2": 2, None: 1}
+
+
+def _checked_qc(qc: dict, path: Path) -> tuple[int, int, int, bool, bool]:
+    """(bits, group_size, format version, sym, desc_act), refusing values of the wrong type:
+    ``bool("false")`` is True, so strings and numbers are not taken for booleans."""
+    where = f"{path}/config.json: quantization_config"
+    bits, group_size = qc.get("bits", 0), qc.get("group_size", -1)
+    for key, value in (("bits", bits), ("group_size", group_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(f"{where} {key} must be an integer, got {short(value)}")
+    if bits not in SUPPORTED_BITS:
+        raise InputError(f"{path}: GPTQ with {bits} bits is not supported ({SUPPORTED_BITS})")
+    if group_size != -1 and group_size < 1:
+        raise InputError(f"{where} group_size must be positive or -1, got {group_size}")
+    flags = {}
+    for key, default in (("sym", True), ("desc_act", False)):
+        value = qc.get(key, default)
+        if not isinstance(value, bool):
+            raise InputError(f"{where} {key} must be true or false, got {short(value)}")
+        flags[key] = value
+    fmt = qc.get("checkpoint_format")
+    if not isinstance(fmt, (str, type(None))) or fmt not in FORMATS:
+        raise InputError(f"{where} checkpoint_format must be gptq or gptq_v2, got {short(fmt)}")
+    return bits, group_size, FORMATS[fmt], flags["sym"], flags["desc_act"]
+
+
+def _check_layer(module: str, layer: QuantizedLinear, bias, path: Path) -> None:
+    """Shapes that fit together and group indices in range, or one line naming the layer."""
+    out_f, in_f = layer.q.shape
+    groups = layer.scales.shape[0] if layer.scales.dim() == 2 else -1
+    ok = (layer.scales.dim() == 2 and tuple(layer.scales.shape) == (groups, out_f)
+          and tuple(layer.zeros.shape) == (groups, out_f) and tuple(layer.g_idx.shape) == (in_f,)
+          and (bias is None or tuple(bias.shape) == (out_f,)))
+    if ok and in_f:
+        ok = int(layer.g_idx.min()) >= 0 and int(layer.g_idx.max()) < groups
+    if not ok:
+        raise InputError(f"{path}: the GPTQ tensors of {module} do not fit together (qweight "
+                         f"{[in_f * layer.bits // 32, out_f]}, scales {list(layer.scales.shape)}, "
+                         f"g_idx {list(layer.g_idx.shape)}); the checkpoint is corrupt")

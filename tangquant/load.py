@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tangquant import checkpoint
 from tangquant.errors import InputError, QuantizedModelError
-from tangquant.files import existing_dir, read_json
+from tangquant.files import parsing, read_json
 from tangquant.gptq import GPTQCheckpoint, is_gptq
 from tangquant.ov.ir import EXACT_CONFIG, MODEL_XML, check_ir_files, is_ir_dir
 
@@ -48,7 +48,7 @@ def inspect(path, kinds: tuple[str, ...] = KINDS, allow_pickle: bool = False,
         return path
     if isinstance(path, GPTQCheckpoint):
         return ModelDir(path.path, "gptq", path.config, path)
-    path = existing_dir(path, what)
+    path = checkpoint.open_dir(path, what)
     if kinds == ("ir",) and not is_ir_dir(path):
         raise InputError(f"{path} is not an exported OpenVINO model (no {MODEL_XML}); make one with "
                          "`tangquant export --format openvino`")
@@ -96,7 +96,12 @@ def torch_model(path, adapter=None, allow_pickle: bool = False, dtype=None):
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(existing_dir(adapter, "adapter directory")))
+        from tangquant import lora
+
+        adir = checkpoint.open_dir(adapter, "adapter directory")
+        lora.adapter_config(adir)  # its rank and alpha usable
+        lora.adapter_tensors(adir, allow_pickle)  # its files inside it, its numbers finite
+        model = PeftModel.from_pretrained(model, str(adir))
     model = model.eval()
     return model.to(dtype) if dtype is not None else model
 
@@ -130,11 +135,9 @@ def logits_model(path, adapter=None):
         raise InputError("an adapter applies to Hugging Face models, not to an OpenVINO IR")
     from optimum.intel import OVModelForCausalLM
 
-    try:
+    with parsing(md.path, "OpenVINO IR", "export it again with `tangquant export`"):
         return OVModelForCausalLM.from_pretrained(str(md.path), ov_config=EXACT_CONFIG, compile=True,
                                                   trust_remote_code=False)
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise InputError(f"OpenVINO cannot load {md.path}: {_first_line(exc)}") from None
 
 
 def genai_pipeline(path, device: str = "CPU", **properties):
@@ -142,10 +145,8 @@ def genai_pipeline(path, device: str = "CPU", **properties):
     import openvino_genai
 
     md = inspect(path, kinds=("ir",))
-    try:
+    with parsing(md.path, "OpenVINO IR", "export it again with `tangquant export`"):
         return openvino_genai.LLMPipeline(str(md.path), device, **properties)
-    except RuntimeError as exc:
-        raise InputError(f"openvino-genai cannot load {md.path}: {_first_line(exc)}") from None
 
 
 def tokenizer(path):
@@ -153,12 +154,17 @@ def tokenizer(path):
     from transformers import AutoTokenizer
 
     path = Path(path.path if isinstance(path, ModelDir) else path)
-    try:
+    checkpoint.check_contained(path)
+    # The tokenizers library raises a bare Exception on a malformed tokenizer.json.
+    with parsing(path, "the tokenizer files in", "copy them again from the model they belong to"):
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the tokenizer of {path}: {_first_line(exc)}") from None
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def context_length(config: dict) -> int | None:
+    """The model's context in tokens (``max_position_embeddings`` and its other names), if known."""
+    for key in ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+

@@ -10,11 +10,12 @@ transposes, embeddings, DoRA magnitudes, LoRA biases, trainable tokens).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
 from tangquant import checkpoint, files
-from tangquant.errors import AdapterError, ShapeMismatchError
+from tangquant.errors import AdapterError, PickleRefusedError, ShapeMismatchError, first_line, short
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
@@ -27,19 +28,21 @@ _CONV1D_MODELS = ("gpt2", "openai-gpt", "decision_transformer", "imagegpt")
 
 
 def adapter_config(adir: Path):
+    adir = checkpoint.open_dir(adir, "adapter directory")
     path = adir / "adapter_config.json"
     if not path.is_file():
         raise AdapterError(f"{adir} has no adapter_config.json; is it a peft adapter directory?")
     raw = files.read_json(path, "adapter config")
     if str(raw.get("peft_type", "")).upper() != "LORA":
-        raise AdapterError(f"{adir} is a {raw.get('peft_type')!r} adapter; only LoRA (peft_type LORA) "
-                           "can be merged")
+        raise AdapterError(f"{adir} is a {short(raw.get('peft_type'))} adapter; only LoRA (peft_type "
+                           "LORA) can be merged")
+    check_numbers(raw, path)
     from peft import LoraConfig, PeftConfig
 
     try:
         lcfg = PeftConfig.from_pretrained(str(adir))
     except Exception as exc:  # peft raises ValueError/TypeError on bad configs
-        raise AdapterError(f"{path} is not a valid LoRA config: {exc}") from None
+        raise AdapterError(f"{path} is not a valid LoRA config: {first_line(exc)}") from None
     # Variants whose forward is not W + s*B@A (and is not DoRA) have no exact merge here.
     for field in dataclasses.fields(LoraConfig):
         if field.metadata.get("is_lora_variant") and field.name != "use_dora" and getattr(lcfg, field.name):
@@ -53,18 +56,44 @@ def adapter_config(adir: Path):
     return lcfg, raw
 
 
+def check_numbers(raw: dict, path: Path) -> None:
+    """The rank and alpha values peft would divide by or scale with, checked before any use."""
+    ranks = {"r": raw.get("r", 8), **{f"rank_pattern[{k!r:.40}]": v
+                                      for k, v in _mapping(raw, "rank_pattern", path).items()}}
+    for key, r in ranks.items():
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise AdapterError(f"{path}: {key} must be a positive integer rank, got {short(r)}")
+    alphas = {"lora_alpha": raw.get("lora_alpha", 8), **{f"alpha_pattern[{k!r:.40}]": v
+                                                         for k, v in _mapping(raw, "alpha_pattern", path).items()}}
+    for key, a in alphas.items():
+        if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a):
+            raise AdapterError(f"{path}: {key} must be a finite number, got {short(a)}")
+    if alphas["lora_alpha"] == 0 and not raw.get("alpha_pattern"):
+        raise AdapterError(f"{path}: lora_alpha is 0, so the adapter changes no weight; merging it would "
+                           "only copy the base (is this the adapter you trained?)")
+
+
+def _mapping(raw: dict, key: str, path: Path) -> dict:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise AdapterError(f"{path}: {key} must be a mapping, got {short(value)}")
+    return value
+
+
 def adapter_tensors(adir: Path, allow_pickle: bool):
     for name in ADAPTER_WEIGHTS:
-        path = adir / name
-        if not path.is_file():
+        if not (adir / name).is_file():
             continue
+        path = checkpoint.inside(adir, name, name)
         if path.suffix == ".bin" and not allow_pickle:
-            from tangquant.errors import PickleRefusedError
-
             raise PickleRefusedError(
                 f"{adir} holds only pickle adapter weights ({name}); loading a pickle can run arbitrary "
                 "code: convert it to safetensors, or pass --allow-pickle if you trust it")
-        return {k: v for k, v in checkpoint.iter_tensors(path)}, path
+        tensors = dict(checkpoint.iter_tensors(path))
+        for key, t in tensors.items():
+            checkpoint.require_finite(t, key, path, fix="the adapter is broken (a diverged training run?); "
+                                      "nothing was written")
+        return tensors, path
     raise AdapterError(f"{adir} has no adapter_model.safetensors")
 
 
@@ -104,6 +133,10 @@ def plan(config: dict, lcfg, tensors: dict, shapes: dict):
     for module, parts in modules.items():
         _check_module(module, parts, lcfg, where)
         _plan_module(module, parts, lcfg, config, shapes, edits, where)
+    edits = {name: edit for name, edit in edits.items() if edit}
+    if not edits:
+        raise AdapterError(f"the adapter changes no weight: every LoRA pair has a zero A or B (an "
+                           f"untrained adapter?) or a zero alpha; merging it would only copy the base {where}")
     return edits, vocab
 
 
@@ -165,6 +198,8 @@ def _plan_module(module, parts, lcfg, config, shapes, edits, where):
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r or r != r_cfg:
         raise ShapeMismatchError(f"{module}: LoRA A {list(A.shape)} and B {list(B.shape)} do not "
                                  f"make a rank-{r_cfg} pair as adapter_config.json says {where}")
+    if r < 1:
+        raise ShapeMismatchError(f"{module}: LoRA A {list(A.shape)} has rank 0 {where}")
     scale = alpha / (r_cfg ** 0.5) if lcfg.use_rslora else alpha / r_cfg
     delta = (A.shape[1], B.shape[0]) if embedding else (B.shape[0], A.shape[1])
     # peft transposes only for Conv1D layers (weights stored [in, out]); it resets fan_in_fan_out otherwise.
@@ -173,7 +208,9 @@ def _plan_module(module, parts, lcfg, config, shapes, edits, where):
     if (shape[::-1] if transpose else shape) != delta:
         raise ShapeMismatchError(f"{wname}: the LoRA delta of the adapter is {list(delta)} but the base "
                                  f"tensor is {list(shape)} {where}")
-    edit["delta"] = (B, A, scale, transpose or embedding)
+    # A pair with a zero factor or scale changes nothing (DoRA's magnitudes still may).
+    if (scale != 0 and bool(B.any()) and bool(A.any())) or "lora_magnitude_vector" in parts:
+        edit["delta"] = (B, A, scale, transpose or embedding)
     if "lora_magnitude_vector" in parts:
         m = parts["lora_magnitude_vector"]
         if embedding or transpose:

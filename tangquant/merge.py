@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tangquant import checkpoint, files, lora, recipe
-from tangquant.errors import AdapterError, InputError, NumericalError
+from tangquant.errors import AdapterError, InputError
 from tangquant.recipe import param, require
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def merge(model, adapter, output, params: MergeParams | None = None, force: bool
         raise AdapterError(f"the adapter resizes the vocabulary to {vocab} but {adir} holds no "
                            "tokenizer; save the fine-tuning tokenizer beside the adapter")
     metrics = {}
-    with files.atomic_output_dir(out) as tmp:
+    with files.atomic_output_dir(out, force) as tmp:
         merged = _write_all(shards, edits, out_dtype, tmp, shapes)
         changes = {"vocab_size": vocab} if vocab is not None else {}
         checkpoint.write_config(tmp, config, str(out_dtype).replace("torch.", ""), **changes)
@@ -171,10 +171,10 @@ def _write_shard(src, dst, names, shapes, edits, out_dtype, bar) -> tuple[int, i
             if name != pname:
                 raise InputError(f"{src.name} changed while it was being read")
             edit = edits.get(name)
+            checkpoint.require_finite(t, name, src, fix="the base model is corrupt; nothing was written")
             t = lora.apply(name, t, edit, dtype) if edit else t.to(dtype)
-            if (edit or dtype == torch.float16) and t.is_floating_point() and not torch.isfinite(t).all():
-                raise NumericalError(f"the merged tensor {name} holds NaN or Inf; the adapter (or the "
-                                     "cast to the output dtype) is broken; nothing was written")
+            checkpoint.require_finite(t, f"the merged tensor {name}", f"{dst.name}", fix="the adapter (or "
+                                      "the cast to the output dtype) is broken; nothing was written")
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
             written += n
             merged += bool(edit)

@@ -168,6 +168,29 @@ def load_recipe(path, **overrides):
     return r
 
 
+def precheck(r) -> None:
+    """What a later stage would refuse, refused before the first stage writes anything: the base's
+    layer sizes and context against the quantization and bench settings, the calibration files."""
+    from tangquant import calib, checkpoint, load
+    from tangquant.quant.recipe import check_model
+
+    base = files.existing_dir(r.base, "base model")
+    files.existing_dir(r.adapter, "adapter")
+    config = checkpoint.load_config(base)
+    quant = stage_params(r, "quant_", QuantRecipe)
+    check_model(quant, config)
+    if quant.bits != 4 or quant.act_order:
+        raise RecipeError(f"the export stage keeps 4-bit GPTQ without act-order; the recipe asks for "
+                          f"{quant.bits} bits{' with act-order' if quant.act_order else ''}")
+    for data in (quant.calib, quant.eval_data):
+        if data:
+            calib.load_documents(data)
+    context = load.context_length(config)
+    if r.bench and context and r.bench_prompt_tokens + r.bench_gen_tokens > context:
+        raise RecipeError(f"bench_prompt_tokens + bench_gen_tokens ({r.bench_prompt_tokens} + "
+                          f"{r.bench_gen_tokens}) run past the base's context of {context} tokens")
+
+
 def run_pipeline(path, force: bool = False, dry_run: bool = False, **overrides) -> dict:
     """Run (or, with ``dry_run``, only plan) every stage.
 
@@ -175,8 +198,7 @@ def run_pipeline(path, force: bool = False, dry_run: bool = False, **overrides) 
     in ``report`` and one ``summary`` line.
     """
     r = load_recipe(path, **overrides)
-    files.existing_dir(r.base, "base model")
-    files.existing_dir(r.adapter, "adapter")
+    precheck(r)
     work = Path(r.workdir)
     stamps_path = work / STAMPS
     stamps = files.read_json(stamps_path, "pipeline stamps") if stamps_path.is_file() else {}

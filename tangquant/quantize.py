@@ -66,11 +66,15 @@ def quantize(model, output, params: QuantRecipe | str | Path | None = None, expo
     if export is not None and export not in EXPORTS:
         raise ParameterError(f"unknown export format {export!r}; the only one is openvino")
     out = files.check_output(output, [src.path], force)
+    if export is not None:  # what the export will refuse, refused before quantizing
+        from tangquant.ov import build
+
+        build.check_settings(r.bits, r.act_order, src.path, f"--bits {r.bits} --export {export}")
     tokenizer = load.tokenizer(src)
     packed, held, calib_note = _calibration(r, tokenizer)
     logger.info("calibration: %s", calib_note)
     t0 = time.perf_counter()
-    with files.atomic_output_dir(out) as tmp:
+    with files.atomic_output_dir(out, force) as tmp:
         qc = quantization_config(r.bits, r.group_size, r.use_sym, r.act_order, r.percdamp, r.format_version)
         qc["true_sequential"] = r.true_sequential if r.algo == "gptq" else False
         qc["quantizer"] = f"intel-neural-compressor {r.algo}"

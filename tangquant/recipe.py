@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -138,6 +139,9 @@ def _check_type(cls: type, name: str, value: Any, annotation: Any) -> Any:
         return tuple(_check_type(cls, name, v, elem) for v in value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        # No stage parameter means anything at NaN or infinity (and NaN passes every range check).
+        raise ParameterError(f"{cls.__name__}: '{name}' must be a finite number, got {value}")
     if kind is Any:
         return value
     if isinstance(kind, type) and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
@@ -181,6 +185,8 @@ def read_yaml(path: Path) -> dict:
         raise RecipeError(f"recipe {path} is not UTF-8 text") from None
     try:
         data = yaml.load(text, Loader=_flat_loader())
+    except RecursionError:
+        raise RecipeError(f"recipe {path} is nested too deeply; a recipe is a flat mapping") from None
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecipeError(f"recipe {path} is not valid flat YAML: {first}") from None

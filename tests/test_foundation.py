@@ -55,11 +55,11 @@ def test_atomic_output_replaces_only_on_success(tmp_path):
     out.mkdir()
     (out / "old").write_text("old")
     with pytest.raises(RuntimeError):
-        with atomic_output_dir(out) as tmp:
+        with atomic_output_dir(out, force=True) as tmp:
             (tmp / "new").write_text("new")
             raise RuntimeError("boom")
     assert (out / "old").read_text() == "old"
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, force=True) as tmp:
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in out.iterdir()] == ["new"]

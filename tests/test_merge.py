@@ -227,8 +227,9 @@ def test_nan_after_merge_leaves_nothing(tmp_path, tiny_model_dir, qv_adapter_dir
         t[f"{Q0}.lora_B.weight"][3, 1] = float("nan")
 
     bad = _copy_adapter(qv_adapter_dir, tmp_path / "nan", edit_tensors=poison)
+    # Refused when the adapter is read, before any shard is merged.
     _refused(["--model", str(tiny_model_dir), "--adapter", str(bad)], tmp_path,
-             "model.layers.0.self_attn.q_proj.weight holds NaN or Inf", [tiny_model_dir, bad])
+             f"{Q0}.lora_B.weight in {bad / 'adapter_model.safetensors'} holds 1 NaN or Inf", [tiny_model_dir, bad])
 
 
 def test_quantized_base_refused_with_fix(tmp_path, tiny_model_dir, qv_adapter_dir):

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tangquant import load
-from tangquant.errors import InputError
+from tangquant import checkpoint, load
+from tangquant.errors import InputError, NumericalError
 
 _PATHS = (str, Path, load.ModelDir)
 
@@ -30,6 +30,9 @@ def logprobs(model, samples, desc: str) -> list:
             ids = s.unsqueeze(0)
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
             logits = torch.as_tensor(logits)[0, :-1].float()
+            checkpoint.require_finite(logits, f"the logits of sample {len(out)}",
+                                      f"the {desc.removeprefix('eval ')}'s output",
+                                      fix="the model is broken (NaN weights?); no metric is reported")
             out.append(torch.log_softmax(logits, dim=-1))
     return out
 
@@ -45,12 +48,26 @@ def compare(model_lp: list, ref_lp: list, samples: list) -> dict:
         nll_r -= float(lr.gather(1, target).sum())
         kl = (lr.exp() * (lr - lm)).sum(dim=-1).clamp_min(0)
         kld_sum += float(kl.sum())
-        kld_max = max(kld_max, float(kl.max()))
+        kld_max = max(kld_max, float(kl.max())) if bool(kl.isfinite().all()) else math.nan
         agree += int((lm.argmax(-1) == lr.argmax(-1)).sum())
         n += lm.shape[0]
-    return {"samples": len(samples), "tokens": n, "ppl_model": math.exp(nll_m / n),
-            "ppl_reference": math.exp(nll_r / n), "kld": kld_sum / n, "kld_max": kld_max,
-            "top1_agreement": agree / n}
+    return finite_metrics({"samples": len(samples), "tokens": n, "ppl_model": _exp(nll_m / n),
+                           "ppl_reference": _exp(nll_r / n), "kld": kld_sum / n, "kld_max": kld_max,
+                           "top1_agreement": agree / n})
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 709 else math.inf  # past that, math.exp raises OverflowError
+
+
+def finite_metrics(metrics: dict) -> dict:
+    """``metrics``, refused when a value is NaN or infinite: such a number must never be reported."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise NumericalError(f"the fidelity metrics {', '.join(bad)} are not finite "
+                             f"({', '.join(f'{k}={metrics[k]}' for k in bad)}); a model's "
+                             "log-probabilities hold NaN or Inf: it is broken (NaN weights?)")
+    return metrics
 
 
 def merge_parts(parts: list[dict], samples: int) -> dict:
@@ -60,11 +77,11 @@ def merge_parts(parts: list[dict], samples: int) -> dict:
     def weighted(key):
         return sum(p[key] * p["tokens"] for p in parts) / n
 
-    return {"samples": samples, "tokens": n,
+    return finite_metrics({"samples": samples, "tokens": n,
             "ppl_model": math.exp(sum(math.log(p["ppl_model"]) * p["tokens"] for p in parts) / n),
             "ppl_reference": math.exp(sum(math.log(p["ppl_reference"]) * p["tokens"] for p in parts) / n),
             "kld": weighted("kld"), "kld_max": max(p["kld_max"] for p in parts),
-            "top1_agreement": weighted("top1_agreement")}
+            "top1_agreement": weighted("top1_agreement")})
 
 
 def fidelity(model, reference, samples: list) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tangquant.files import human_size
+from tangquant.files import atomic_output_file, human_size
 
 
 def _pm(mean, std, digits: int = 1) -> str:
@@ -76,7 +76,7 @@ def plot(rows: list[dict], out: Path, p: int, n: int) -> Path:
     fig.suptitle((ok[0].get("label") if ok else None) or "tangquant bench")
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_output_file(out, force=True) as tmp:  # bench checked --plot before it started
+        fig.savefig(tmp, dpi=110, format=out.suffix[1:].lower() or "png")
     plt.close(fig)
     return out

@@ -28,7 +28,7 @@ from optimum.intel import OVConfig
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from tangquant import checkpoint, files
+from tangquant import checkpoint, files, load
 from tangquant.errors import ExportError, InputError
 from tangquant.gptq import GPTQCheckpoint
 from tangquant.ov import int4, ir
@@ -40,8 +40,22 @@ PHASES = ("dequantise", "trace", "compress", "hand-off", "verify")
 
 
 def check_exportable(ckpt: GPTQCheckpoint) -> None:
-    if ckpt.bits != 4:
-        raise InputError(f"{ckpt.path} is {ckpt.bits}-bit GPTQ; the OpenVINO export keeps 4-bit GPTQ only")
+    check_settings(ckpt.bits, ckpt.desc_act, ckpt.path, ckpt.path)
+
+
+def check_settings(bits: int, desc_act: bool, tokenizer_dir: Path, where) -> None:
+    """Everything the export needs that can be known before it starts (or before quantizing)."""
+    if bits != 4:
+        raise InputError(f"{where}: the OpenVINO export keeps 4-bit GPTQ only, not {bits}-bit")
+    if desc_act:
+        raise InputError(f"{where}: act-order (desc_act) GPTQ permutes the groups, which OpenVINO's "
+                         "consecutive INT4 groups cannot hold exactly; quantize without --act-order")
+    hf = load.tokenizer(tokenizer_dir)
+    if not hf.chat_template:
+        raise InputError(f"the tokenizer of {tokenizer_dir} has no chat template")
+    im_end = hf.convert_tokens_to_ids(ir.IM_END)
+    if im_end is None or im_end == hf.unk_token_id:
+        raise InputError(f"the tokenizer in {tokenizer_dir} has no {ir.IM_END} token (not a ChatML chat model)")
 
 
 def write_ir_dir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8") -> dict:

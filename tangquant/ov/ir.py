@@ -36,13 +36,29 @@ def check_ir_files(model_dir: Path, error: type[TangquantError] = InputError) ->
         if not xml.is_file():
             raise error(f"{model_dir} is not a complete OpenVINO IR directory: {xml.name} is missing; "
                         "make one with `tangquant export --format openvino`")
-        needed = max((int(o) + int(s) for o, s in _DATA_EXTENT.findall(xml.read_bytes())), default=0)
+        data = xml.read_bytes()
+        _check_xml(xml, data, error)
+        needed = max((int(o) + int(s) for o, s in _DATA_EXTENT.findall(data)), default=0)
         binary = xml.with_suffix(".bin")
         if needed and not binary.is_file():
             raise error(f"{binary} is missing; the OpenVINO IR in {model_dir} is incomplete")
         if needed and binary.stat().st_size < needed:
             raise error(f"{binary} is truncated ({binary.stat().st_size} of {needed} bytes); "
                         "copy or export the model again")
+
+
+def _check_xml(path: Path, data: bytes, error: type[TangquantError]) -> None:
+    """Refuse an .xml cut short or garbled (expat, no tree built), or one that declares entities
+    (an IR never does; entity expansion is how a small XML asks for gigabytes)."""
+    from xml.parsers import expat
+
+    if b"<!ENTITY" in data or b"<!DOCTYPE" in data:
+        raise error(f"{path} declares XML entities, which an OpenVINO IR never does; export it again")
+    try:
+        expat.ParserCreate().Parse(data, True)
+    except expat.ExpatError as exc:
+        raise error(f"{path} is not a complete XML file ({exc}); the OpenVINO IR is truncated or "
+                    "corrupt: copy or export it again") from None
 
 
 def write_model_card(out_dir: Path, source: Path, metrics: dict, embeddings: str) -> None:

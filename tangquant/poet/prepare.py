@@ -116,7 +116,7 @@ def prepare(simplified, traditional, out, vocab_size: int = 12000, force: bool =
     config = qwen2_config(vocab, **MODEL)
     set_special_ids(config, tokenizer)
     splits = build_splits(tokenizer, train, evals)
-    with files.atomic_output_dir(out) as tmp:
+    with files.atomic_output_dir(out, force) as tmp:
         tokenizer.save_pretrained(tmp / "tokenizer")
         for name, seqs in splits.items():
             save_split(tmp / f"{name}.safetensors", seqs)

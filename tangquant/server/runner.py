@@ -3,16 +3,26 @@
 The socket is bound before the model loads (connections wait in the backlog),
 so a taken port is refused at once; ``Server.run`` blocks, ``start``/``stop``
 run it in a thread for tests and benchmarks.
+
+Slow or idle clients cannot lock others out: there is no limit on open sockets
+(uvicorn's ``limit_concurrency`` counts idle ones too and answers everyone 503),
+only on requests, in the engine's queue (429); a connection whose request line and
+headers do not arrive within ``HEAD_TIMEOUT_S``, or whose body stalls for
+``BODY_TIMEOUT_S``, is closed (uvicorn has a keep-alive timeout, but nothing times
+out a connection that never finishes its first request).
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import socket
 import threading
 import time
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tangquant.errors import ServeError
 from tangquant.server.api import create_app
@@ -20,6 +30,50 @@ from tangquant.server.config import API_KEY_ENV, ServeConfig
 from tangquant.server.engine import Engine
 
 logger = logging.getLogger(__name__)
+
+HEAD_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
+
+
+class GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request to arrive (head, then body)."""
+
+    head_timeout = HEAD_TIMEOUT_S
+    body_timeout = BODY_TIMEOUT_S
+    _timer = None
+    _armed_cycle = None
+
+    def _arm(self, seconds: float, callback) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed_cycle = self.cycle
+        self._timer = self.loop.call_later(seconds, callback)
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm(self.head_timeout, self._head_due)
+
+    def on_response_complete(self) -> None:
+        self._arm(self.head_timeout, self._head_due)  # before a pipelined request starts a cycle
+        super().on_response_complete()
+
+    def connection_lost(self, exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        super().connection_lost(exc)
+
+    def _head_due(self) -> None:
+        if self.transport.is_closing():
+            return
+        if self.cycle is self._armed_cycle:  # no request line and headers since the timer started
+            self.transport.close()
+        elif self.conn.their_state is h11.SEND_BODY:
+            self._arm(self.body_timeout, self._body_due)
+
+    def _body_due(self) -> None:
+        if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY \
+                and self.cycle is self._armed_cycle:
+            self.transport.close()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -49,15 +103,18 @@ def check_exposure(cfg: ServeConfig) -> None:
 class Server:
     """A bound, ready server: ``run()`` blocks; ``start()``/``stop()`` run it in a thread."""
 
-    def __init__(self, engine, app, sock: socket.socket, model_name: str, config: ServeConfig):
+    def __init__(self, engine, app, sock: socket.socket, model_name: str, config: ServeConfig,
+                 head_timeout: float = HEAD_TIMEOUT_S, body_timeout: float = BODY_TIMEOUT_S):
         self.engine, self.model_name, self._sock, self.config = engine, model_name, sock, config
         host, port = sock.getsockname()[:2]
         self.port = port
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        protocol = type("GuardedH11", (GuardedH11,), {"head_timeout": head_timeout,
+                                                      "body_timeout": body_timeout})
+        _raise_open_files_limit()
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                 server_header=False, timeout_keep_alive=5,
-                                timeout_graceful_shutdown=5,
-                                limit_concurrency=_connection_limit(config))
+                                timeout_graceful_shutdown=5, http=protocol)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -89,7 +146,7 @@ class Server:
             self._thread.join(timeout=30)
 
 
-def build(model_dir, cfg: ServeConfig) -> Server:
+def build(model_dir, cfg: ServeConfig, **timeouts) -> Server:
     """Bind the socket, load the model; return a :class:`Server` (the socket is closed on failure)."""
     name = cfg.model_name or model_dir.name
     sock = bind(cfg.host, cfg.port)
@@ -104,9 +161,15 @@ def build(model_dir, cfg: ServeConfig) -> Server:
         sock.close()
         raise
     app = create_app(engine, cfg.api_key, loopback_only=cfg.loopback)
-    return Server(engine, app, sock, name, cfg)
+    return Server(engine, app, sock, name, cfg, **timeouts)
 
 
-def _connection_limit(cfg: ServeConfig) -> int:
-    """Connections beyond the queue (plus room for /health and the page) get uvicorn's 503."""
-    return 2 * (cfg.max_concurrency + cfg.queue_size) + 16
+def _raise_open_files_limit() -> None:
+    """Idle sockets are reaped by the timeouts, not refused: give them the hard limit's room."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            logger.debug("cannot raise the open-files limit from %d", soft)

@@ -1,0 +1,114 @@
+"""Helpers for the hostile-input suite: corrupted copies of the tiny fixtures, built at run time,
+and the one assertion every refusal must pass (exit 2, one error line naming the culprit,
+nothing left behind, every input byte-identical)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+from conftest import tree_digest
+
+from tangquant.cli import main
+
+LEFTOVER_MARKS = (".tmp-", ".old-", ".lock", ".partial", ".staging")
+
+
+def leftovers(*dirs: Path) -> list[str]:
+    """Temporary entries (a run's or a claim's) in ``dirs``."""
+    found = []
+    for d in dirs:
+        if Path(d).is_dir():
+            found += [p.name for p in Path(d).iterdir() if any(m in p.name for m in LEFTOVER_MARKS)]
+    return found
+
+
+def _digest(path: Path) -> str:
+    path = Path(path)
+    return tree_digest(path) if path.is_dir() else path.read_bytes().hex() if path.exists() else ""
+
+
+def refused(capsys, argv: list[str], *needles: str, inputs=(), outputs=(), rc: int = 2) -> str:
+    """Run ``tangquant argv`` in-process and check the refusal; return its error line."""
+    before = {str(p): _digest(p) for p in inputs}
+    capsys.readouterr()  # only what this run prints
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("tangquant:")]
+    assert code == rc and len(lines) == 1 and lines[0].startswith("tangquant: error: "), (code, err)
+    line = lines[0]
+    for needle in needles:
+        assert needle in line, (needle, line)
+    for out in outputs:
+        assert not Path(out).exists(), f"{out} was written"
+        assert not leftovers(Path(out).parent), leftovers(Path(out).parent)
+    for path, digest in before.items():
+        assert _digest(Path(path)) == digest, f"the input {path} changed"
+    return line
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def shard_of(model_dir: Path, tensor: str) -> Path:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return model_dir / json.loads(index.read_text())["weight_map"][tensor]
+    return next(model_dir.glob("*.safetensors"))
+
+
+def set_tensor(model_dir: Path, name: str, change) -> Path:
+    """Rewrite the shard holding ``name`` with ``change(tensor)`` applied; returns the shard."""
+    from safetensors.torch import load_file, save_file
+
+    shard = shard_of(model_dir, name)
+    tensors = load_file(shard)
+    tensors[name] = change(tensors[name].clone())
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return shard
+
+
+def header(shard: Path) -> tuple[dict, bytes]:
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def with_header(shard: Path, head: dict, data: bytes) -> None:
+    text = json.dumps(head).encode()
+    text += b" " * (-len(text) % 8)
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def corrupt_shard(shard: Path, how: str) -> None:
+    """Damage a safetensors file the ways a broken copy or a hostile file does."""
+    raw = shard.read_bytes()
+    head, data = header(shard)
+    names = [k for k in head if k != "__metadata__"]
+    if how == "truncated":
+        shard.write_bytes(raw[:len(raw) // 2])
+    elif how == "bad-header-json":
+        shard.write_bytes(raw[:8] + b"x" + raw[9:])
+    elif how == "header-length-beyond-file":
+        shard.write_bytes(struct.pack("<Q", 4 * len(raw)) + raw[8:])
+    elif how == "overlapping-offsets":
+        head[names[1]]["data_offsets"] = head[names[0]]["data_offsets"]
+        with_header(shard, head, data)
+    elif how == "unknown-dtype":
+        head[names[0]]["dtype"] = "Q7"
+        with_header(shard, head, data)
+    elif how == "empty":
+        shard.write_bytes(b"")
+    else:
+        raise ValueError(how)
