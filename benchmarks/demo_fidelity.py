@@ -7,12 +7,15 @@ without INC's ``true_sequential``, GPTQ by tangquant's layer-by-layer driver
 with and without true-sequential groups, RTN, and AutoRound with 20 iterations
 (the default 200 is too slow for this machine). Each run reports KLD,
 perplexity and top-1 agreement against the merged model on the demo's
-held-out data (8 samples). INC's whole-model ``true_sequential`` is reached by
+held-out data (8 samples), and, like ``tangquant demo``, its prompt-following on
+the held-out prompts (``assets/demo/prompts.json``: form, title and topic
+accuracy, greedy and seeded samples), beside base and base + LoRA. INC's
+whole-model ``true_sequential`` is reached by
 calling ``quant.inc.run_inc`` directly, because ``tangquant quantize`` routes
 true-sequential GPTQ to the layer driver. Results go to
 ``benchmarks/results/demo_fidelity.json``.
 
-    python benchmarks/demo_fidelity.py [--work /tmp/demo_fidelity]
+    python benchmarks/demo_fidelity.py [--work /tmp/demo_fidelity] [--samples 2]
 """
 
 from __future__ import annotations
@@ -69,10 +72,29 @@ def via_cli(merged: Path, out: Path, recipe_path: Path, calib: Path, heldout: Pa
     return {"seconds_quantize": m["seconds_quantize"], "fidelity": m["fidelity"], "driver": m["driver"]}
 
 
+def follow_rows(models: dict, samples: int) -> dict:
+    """Script and prompt-following of each (model dir, adapter), measured as `tangquant demo` does."""
+    from tangquant.demo import generations
+    from tangquant.generate import open_generator
+    from tangquant.measure.poems import load_prompts
+    from tangquant.poet import demo_paths
+
+    prompts = load_prompts(demo_paths()["prompts"])
+    out = {}
+    for name, (path, adapter) in models.items():
+        row = generations(open_generator(path, adapter=adapter), prompts, samples, 100)
+        out[name] = {k: row[k] for k in ("follow", "ratio_greedy", "ratio_sampled")}
+        g = row["follow"]["greedy"]
+        print(f"{name:34s} greedy form {g['form']['rate']:.2f} title {g['title']['rate']:.2f} "
+              f"topic {g['topic']['rate']:.2f}", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/demo_fidelity"))
     parser.add_argument("--results", type=Path, default=HERE / "results" / "demo_fidelity.json")
+    parser.add_argument("--samples", type=int, default=2, help="sampled answers per held-out prompt (seeds 0..)")
     args = parser.parse_args()
 
     import torch
@@ -100,12 +122,17 @@ def main() -> int:
         "autoround_iters20": via_cli(merged, args.work / "autoround", recipe, calib, heldout,
                                      "--algo", "autoround", "--iters", "20"),
     }
+    dirs = {"inc_whole_model": "whole", "inc_whole_model_true_sequential": "whole-ts", "layer_wise": "lw",
+            "layer_wise_true_sequential": "lw-ts", "rtn": "rtn", "autoround_iters20": "autoround"}
+    follow = follow_rows({"base": (DEMO_DIR / "base", None), "base + LoRA": (DEMO_DIR / "base", DEMO_DIR / "adapter"),
+                          **{name: (args.work / d, None) for name, d in dirs.items()}}, args.samples)
     record = {"benchmark": "demo_fidelity", "model": "tangquant demo poet (trained, merged)",
               "recipe": str(recipe.relative_to(HERE.parent)), "heldout_samples": 8,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "loadavg": os.getloadavg(), "versions": package_versions(),
-              "command": "python benchmarks/demo_fidelity.py", "runs": runs}
+              "command": f"python benchmarks/demo_fidelity.py --samples {args.samples}", "runs": runs,
+              "prompt_following": follow}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for name, run in runs.items():

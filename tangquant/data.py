@@ -2,7 +2,9 @@
 
 Reads ``全唐诗/poet.tang.*.json`` (items: author, title, paragraphs), drops
 empty, garbled and unbalanced poems and duplicates, turns each poem into an
-instruction pair in one of several prompt forms, splits train / eval /
+instruction pair (a request phrased one of many ways, naming nothing or the
+poem's own title, topic or form, see ``prompts``; the answer always opens with
+the 《title》 line), splits train / eval /
 calibration deterministically by a hash of the poem text (never by file
 order), converts the script with OpenCC and writes LLaMA-Factory's alpaca
 JSON files plus a ``dataset_info.json`` with the entries ``tang``,
@@ -19,8 +21,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tangquant import files, recipe
+from tangquant import files, prompts, recipe
 from tangquant.errors import CalibrationError, InputError
+from tangquant.measure.poems import form_of_lines
 from tangquant.recipe import param, require
 
 logger = logging.getLogger(__name__)
@@ -29,14 +32,11 @@ HELP = "build LLaMA-Factory alpaca data (train/eval/calib) from the chinese-poet
 SCRIPTS = ("traditional", "simplified")
 SPLITS = ("train", "eval", "calib")
 DATASET_NAMES = {"train": "tang", "eval": "tang_eval", "calib": "tang_calib"}
-# Common images of Tang poetry, for the 写一首关于「…」的诗 prompt form (simplified forms).
-TOPICS = ("明月", "春风", "秋风", "白云", "青山", "流水", "落花", "杨柳", "故乡", "归雁", "夕阳",
-          "长江", "黄河", "边塞", "孤舟", "芳草", "寒山", "烟雨", "桃花", "梅花", "美酒", "离别",
-          "月", "雪", "雨", "酒", "花", "山", "江", "秋", "春", "柳", "雁", "松", "竹", "梦")
+TOPICS = prompts.TOPICS  # images a topic request can name (simplified forms)
+UNTITLED = "无题"  # the heading of a poem whose title is not plain Han characters
 CLAUSE_SPLIT = re.compile(r"[，。？！；、]")
 HAN = re.compile(r"^[\u4e00-\u9fff]+$")
 BODY_OK = re.compile(r"^[\u4e00-\u9fff，。？！；、]+$")
-TITLE_OK = re.compile(r"^[\u4e00-\u9fff]{1,16}$")
 
 
 def _converter(config: str):
@@ -72,14 +72,8 @@ def is_clean(paragraphs) -> bool:
 
 def form_of(paragraphs) -> str | None:
     """五言绝句 / 五言律诗 / 七言绝句 / 七言律诗, or None for other shapes."""
-    clauses = [c for line in paragraphs for c in CLAUSE_SPLIT.split(line) if c]
-    sizes = {len(c) for c in clauses}
-    if len(sizes) != 1 or len(clauses) not in (4, 8):
-        return None
-    size = sizes.pop()
-    if size not in (5, 7):
-        return None
-    return ("五言" if size == 5 else "七言") + ("绝句" if len(clauses) == 4 else "律诗")
+    # One definition of a line and a form, the one the demo measures answers by.
+    return form_of_lines([c for line in paragraphs for c in CLAUSE_SPLIT.split(line) if c])
 
 
 def poem_hash(body: str, seed: int) -> float:
@@ -131,31 +125,19 @@ def split_of(u: float, eval_fraction: float, calib_fraction: float) -> str:
     return "train"
 
 
+def heading_title(title: str) -> str:
+    """The title an answer opens with: the corpus title up to its first space, or 无题."""
+    title = title.split(" ")[0]
+    return title if HAN.match(title) else UNTITLED
+
+
 def make_pair(poem: dict, u: float, convert, simplify) -> dict:
-    """One alpaca record; the prompt form is chosen by the poem's hash."""
-    body = convert(poem["body"])
-    title = poem["title"].split(" ")[0]
+    """One alpaca record: a request true to the poem (``prompts.request``, chosen by the poem's
+    hash) and the answer, which always opens with the poem's 《title》 line."""
+    title = convert(heading_title(poem["title"]))
     simple_body = simplify(poem["body"])
-    forms = ["唐诗"]
-    if TITLE_OK.match(title):
-        forms.append("title")
-    topic = next((t for t in TOPICS if t in simple_body), None)
-    if topic:
-        forms.append("topic")
-    shape = form_of(poem["paragraphs"])
-    if shape:
-        forms.append("shape")
-    form = forms[int(u * 1e6) % len(forms)]
-    if form == "title":
-        return {"instruction": f"以《{convert(title)}》为题写一首诗", "input": "", "output": body}
-    heading = f"《{convert(title)}》\n" if TITLE_OK.match(title) else ""
-    if form == "topic":
-        instruction = f"写一首关于「{topic}」的诗"
-    elif form == "shape":
-        instruction = f"写一首{shape}"
-    else:
-        instruction = "写一首唐诗"
-    return {"instruction": instruction, "input": "", "output": heading + body}
+    instruction, _ = prompts.request(repr(u), title, prompts.topics_in(simple_body), form_of(poem["paragraphs"]))
+    return {"instruction": instruction, "input": "", "output": f"《{title}》\n{convert(poem['body'])}"}
 
 
 @dataclass(frozen=True)

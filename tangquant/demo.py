@@ -11,6 +11,11 @@ counts characters that OpenCC's t2s changes (traditional forms) and S those
 that its s2t changes (simplified forms). The poet's LoRA changes the script,
 so the ratio shows whether the fine-tune survived merge + INT4.
 
+The prompts are held out from training (``assets/demo/prompts.json``), each
+annotated with what it asks; ``measure.poems`` scores whether the answers do
+it: form accuracy, title accuracy, topic hit rate and, greedy, the share of
+distinct answers.
+
 Example:
   tangquant demo --workdir tangquant-demo
 """
@@ -18,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -31,6 +35,8 @@ from tangquant.bench import bench as run_bench
 from tangquant.errors import ParameterError
 from tangquant.export import export
 from tangquant.generate import Sampling, open_generator
+from tangquant.measure import poems
+from tangquant.measure.poems import _converters, traditional_ratio
 from tangquant.merge import merge
 from tangquant.ov.ir import EXACT_CONFIG
 from tangquant.poet import ASSETS, demo_paths
@@ -40,39 +46,8 @@ from tangquant.recipe import param, require
 logger = logging.getLogger(__name__)
 
 HELP = "the whole pipeline on the built-in tiny Tang poet, with a before/after table"
-PROMPTS = ("写一首唐诗", "写一首关于明月的诗", "以《春晓》为题写一首诗", "写一首七言绝句")
 TEMPERATURE, TOP_P = 0.8, 0.9
 MODELS = ("base", "base + LoRA", "merged INT4")
-
-
-@functools.lru_cache(maxsize=None)
-def _converters():
-    import opencc
-
-    return opencc.OpenCC("t2s"), opencc.OpenCC("s2t")
-
-
-def script_counts(text: str) -> tuple[int, int]:
-    """(T, S): Han characters that t2s changes (traditional) and that s2t changes (simplified)."""
-    t2s, s2t = _converters()
-    t = s = 0
-    for ch in text:
-        if not ("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" or ch >= "\U00020000"):
-            continue
-        if t2s.convert(ch) != ch:
-            t += 1
-        elif s2t.convert(ch) != ch:
-            s += 1
-    return t, s
-
-
-def traditional_ratio(texts) -> float | None:
-    """T / (T + S) over all ``texts``; None when no character has a script."""
-    t = s = 0
-    for text in texts:
-        a, b = script_counts(text)
-        t, s = t + a, s + b
-    return t / (t + s) if t + s else None
 
 
 def perplexity(model, tokenizer, texts: list[str], chat: bool) -> float:
@@ -97,17 +72,18 @@ def perplexity(model, tokenizer, texts: list[str], chat: bool) -> float:
     return math.exp(nll / count)
 
 
-def generations(generator, prompts, samples: int, max_new_tokens: int) -> dict:
-    """Greedy answers and ``samples`` seeded sampled answers per prompt."""
+def generations(generator, prompts: list[dict], samples: int, max_new_tokens: int) -> dict:
+    """Greedy answers and ``samples`` seeded sampled answers per prompt, their script and prompt-following."""
     greedy, sampled = [], []
     for prompt in prompts:
-        msgs = [{"role": "user", "content": prompt}]
+        msgs = [{"role": "user", "content": prompt["prompt"]}]
         greedy.append(generator.generate(msgs, Sampling(max_new_tokens, 0.0, 1.0, 0)))
         sampled.append([generator.generate(msgs, Sampling(max_new_tokens, TEMPERATURE, TOP_P, seed))
                         for seed in range(samples)])
     return {"greedy": greedy, "sampled": sampled,
             "ratio_greedy": traditional_ratio(greedy),
-            "ratio_sampled": traditional_ratio(t for group in sampled for t in group)}
+            "ratio_sampled": traditional_ratio(t for group in sampled for t in group),
+            "follow": poems.summary(prompts, greedy, sampled)}
 
 
 def heldout_texts(path: Path) -> dict[str, list[str]]:
@@ -133,8 +109,9 @@ def measure(models: dict, tokenizer, prompts, samples: int, max_new_tokens: int,
                       for form in ("chat", "text") for script, t in texts.items()}
         row["seconds"] = round(time.time() - t0, 1)
         out[name] = row
-        logger.info("%s: traditional ratio greedy %.2f, sampled %.2f", name,
-                    row["ratio_greedy"] or 0, row["ratio_sampled"] or 0)
+        logger.info("%s: traditional ratio greedy %.2f, sampled %.2f; greedy form %s, title %s, topic %s",
+                    name, row["ratio_greedy"] or 0, row["ratio_sampled"] or 0,
+                    *(row["follow"]["greedy"][a]["rate"] for a in poems.ASKS))
     return out
 
 
@@ -142,17 +119,20 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def table(results: dict, prompts) -> str:
+def table(results: dict, prompts, answers: bool = True) -> str:
     kinds = list(next(iter(results.values()))["ppl"])
     lines = ["| model | traditional ratio, greedy | traditional ratio, sampled | "
              + " | ".join(f"perplexity, {k}" for k in kinds) + " |", "|---" * (3 + len(kinds)) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | {_pct(r['ratio_greedy'])} | {_pct(r['ratio_sampled'])} | "
                      + " | ".join(f"{r['ppl'][k]:.1f}" for k in kinds) + " |")
-    lines += ["", "| prompt | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
+    lines += ["", poems.follow_table({name: r["follow"] for name, r in results.items()})]
+    if not answers:
+        return "\n".join(lines)
+    lines += ["", "| prompt (greedy answers) | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
     for i, prompt in enumerate(prompts):
         cells = [r["greedy"][i].strip().replace("\n", " ") for r in results.values()]
-        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+        lines.append(f"| {prompt['prompt']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -189,7 +169,8 @@ def build(tmp: Path, base: Path, adapter: Path, calib: Path, bench: bool) -> dic
 @dataclass(frozen=True)
 class DemoParams:
     samples: int = param(3, "sampled answers per prompt")
-    max_new_tokens: int = param(64, "largest number of tokens per answer")
+    max_new_tokens: int = param(100, "largest number of tokens per answer (a 七言律诗 with its title needs "
+                                "about 80)")
     bench: bool = param(True, "run the short bench")
 
     def __post_init__(self):
@@ -201,10 +182,16 @@ PARAMS = DemoParams
 
 
 def demo(workdir=None, params: DemoParams | None = None, force: bool = False, assets=None,
-         prompts=PROMPTS, **overrides) -> dict:
-    """Run the pipeline on the shipped poet into ``workdir`` and measure before/after."""
+         prompts=None, **overrides) -> dict:
+    """Run the pipeline on the shipped poet into ``workdir`` and measure before/after.
+
+    ``prompts``: annotated prompts (dicts as in ``prompts.json``, or plain strings that ask
+    nothing); by default the shipped held-out prompts.
+    """
     p = recipe.resolve(DemoParams, params, overrides)
     paths = demo_paths(Path(assets) if assets else ASSETS)
+    prompts = [q if isinstance(q, dict) else {"prompt": q} for q in prompts] if prompts is not None \
+        else poems.load_prompts(paths["prompts"])
     base, adapter = files.existing_dir(paths["base"], "demo base"), files.existing_dir(paths["adapter"], "demo adapter")
     root = base.parent
     context = load.context_length(files.read_json(base / "config.json", "model config"))
@@ -220,24 +207,32 @@ def demo(workdir=None, params: DemoParams | None = None, force: bool = False, as
         models = {"base": (_hf_generator(base), _lm(base)),
                   "base + LoRA": (_hf_generator(base, adapter), _lm(base, adapter)),
                   "merged INT4": (_ov_generator(tmp / "int4-openvino"), _lm(tmp / "int4-openvino"))}
-        results = measure(models, tokenizer, list(prompts), p.samples, p.max_new_tokens, root / "heldout.json")
+        results = measure(models, tokenizer, prompts, p.samples, p.max_new_tokens, root / "heldout.json")
         report = table(results, prompts)
         (tmp / "demo.md").write_text(report + "\n", encoding="utf-8")
         lora, int4 = results["base + LoRA"], results["merged INT4"]
         metrics = {"results": results, "seconds": round(time.time() - t0, 1),
                    "stage_seconds": stages["seconds"],
                    "int4_vs_lora_greedy": _ratio(int4["ratio_greedy"], lora["ratio_greedy"]),
-                   "int4_vs_lora_sampled": _ratio(int4["ratio_sampled"], lora["ratio_sampled"])}
+                   "int4_vs_lora_sampled": _ratio(int4["ratio_sampled"], lora["ratio_sampled"]),
+                   "int4_vs_lora_follow": poems.kept(int4["follow"], lora["follow"])}
         files.write_json(tmp / "demo.json", {**metrics, "prompts": list(prompts), "samples": p.samples,
                                              "temperature": TEMPERATURE, "top_p": TOP_P})
         files.write_manifest(tmp, "demo", {"prompts": list(prompts), **dataclasses.asdict(p)},
                              {"base": str(base), "adapter": str(adapter)},
                              {k: v for k, v in metrics.items() if k != "results"})
-    summary = (f"{out}: merged INT4 traditional ratio {_pct(int4['ratio_greedy'])} greedy / "
+    summary = (f"{out}: merged INT4 greedy form/title/topic {_follow(int4)} vs base + LoRA {_follow(lora)}; "
+               f"traditional ratio {_pct(int4['ratio_greedy'])} greedy / "
                f"{_pct(int4['ratio_sampled'])} sampled vs base + LoRA {_pct(lora['ratio_greedy'])} / "
                f"{_pct(lora['ratio_sampled'])} (base {_pct(results['base']['ratio_greedy'])}); "
                f"IR {final}, {metrics['seconds']:.0f} s")
-    return {"output": str(out), **metrics, "report": report, "summary": summary}
+    # The answers are in demo.md; the table printed last is the scores.
+    return {"output": str(out), **metrics, "report": table(results, prompts, answers=False),
+            "summary": summary}
+
+
+def _follow(row) -> str:
+    return "/".join(_pct(row["follow"]["greedy"][a]["rate"]) for a in poems.ASKS)
 
 
 def _ratio(a, b):

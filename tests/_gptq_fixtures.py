@@ -3,7 +3,7 @@
 The main checkpoint is the real INC-GPTQ one (``_quantize_fixtures.gptq_dir``), so the
 tests prove INC's integers reach the IR. ``make_rtn_gptq`` builds variants INC's defaults
 do not give (asymmetric zero points, act-order groups) with round-to-nearest in pure torch,
-packed by ``gptq_format.pack_layer`` in exactly the layout ``tangquant quantize`` writes.
+packed by ``gptq.pack_layer`` in exactly the layout ``tangquant quantize`` writes.
 """
 
 from __future__ import annotations

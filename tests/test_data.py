@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 
 from conftest import POEMS, tree_digest
 from tangquant.cli import main
-from tangquant.data import data, form_of, is_clean
-from tangquant.demo import traditional_ratio
+from tangquant.data import data, form_of, is_clean, make_pair
+from tangquant.measure import poems
+from tangquant.prompts import FORM_NAMES, template_patterns
+from tangquant.measure.poems import traditional_ratio
 
 BROKEN = [
     {"title": "殘句", "author": "佚名", "paragraphs": ["□□明月光，疑是地上霜。"]},  # garbled
@@ -48,6 +51,7 @@ def read_splits(out):
 def test_alpaca_files_and_dataset_info(corpus, tmp_path):
     result = data(corpus, tmp_path / "out", eval_fraction=0.25, calib_fraction=0.25)
     out = tmp_path / "out"
+    patterns = template_patterns()
     info = json.loads((out / "dataset_info.json").read_text(encoding="utf-8"))
     assert set(info) == {"tang", "tang_eval", "tang_calib"}
     for name, entry in info.items():
@@ -58,7 +62,10 @@ def test_alpaca_files_and_dataset_info(corpus, tmp_path):
         records = json.loads(path.read_text(encoding="utf-8"))
         for rec in records:
             assert set(rec) == {"instruction", "input", "output"}
-            assert rec["instruction"].startswith(("写一首", "以《")) and rec["output"].strip()
+            # Convention of issue 17: the request is one of prompts.py's phrasings, and every
+            # answer opens with its 《title》 line (before, title requests got the body alone).
+            assert any(r.match(rec["instruction"]) for r in patterns), rec["instruction"]
+            assert re.match(r"^《[^《》\n]+》\n[^《]", rec["output"]), rec["output"]
     # 12 typed poems, 4 of them the simplified twins of traditional ones: 8 kept; 4 broken dropped.
     stats = result["stats"]
     assert stats == {"read": 16, "empty": 1, "garbled": 3, "duplicate": 4, "kept": 8}
@@ -117,3 +124,27 @@ def test_cleaning_rules():
     assert form_of(["床前明月光，疑是地上霜。", "舉頭望明月，低頭思故鄉。"]) == "五言绝句"
     assert form_of(["朝辭白帝彩雲間，千里江陵一日還。", "兩岸猿聲啼不住，輕舟已過萬重山。"]) == "七言绝句"
     assert form_of(["床前明月光，疑是地上霜。"]) is None
+
+
+def test_requests_match_their_answers(corpus, tmp_path):
+    """Whatever a request names (a title, a topic, a form) is true of its answer, in both scripts."""
+    for script in ("traditional", "simplified"):
+        data(corpus, tmp_path / script, script=script, eval_fraction=0.0, calib_fraction=0.0)
+        for rec in read_splits(tmp_path / script)["train"]:
+            title, body = poems.split_answer(rec["output"])
+            q = poems.simplify(rec["instruction"])
+            if "《" in q:
+                assert f"《{poems.simplify(title)}》" in q, rec
+            for form, names in FORM_NAMES.items():
+                if any(n in q for n in names):
+                    assert poems.form_ok(rec["output"], form), rec
+            topic = re.search(r"「(.+)」", q)
+            if topic:
+                assert poems.topic_ok(rec["output"], topic.group(1)), rec
+
+
+def test_untitled_poem_gets_a_title_line():
+    poem = {"title": "靈隱寺”", "author": "", "paragraphs": ["床前明月光，疑是地上霜。"],
+            "body": "床前明月光，疑是地上霜。"}
+    pair = make_pair(poem, 0.5, lambda s: s, lambda s: s)
+    assert pair["output"] == "《无题》\n床前明月光，疑是地上霜。"

@@ -1,9 +1,9 @@
 """The built-in tiny Tang poet and `tangquant demo`.
 
 The fast tests check the shipped model itself: base answers in simplified
-characters, base + LoRA in traditional ones. The slow test runs the whole demo
-(merge → GPTQ → OpenVINO → bench → table) and asserts the LoRA's effect
-survives merge + INT4.
+characters, base + LoRA in traditional ones, and both write the form and title
+a held-out prompt asks for. The slow test runs the whole demo (merge → GPTQ →
+OpenVINO → bench → table) and asserts the LoRA's effect survives merge + INT4.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tangquant.demo import script_counts, traditional_ratio
+from tangquant.measure.poems import script_counts, traditional_ratio
 from tangquant.poet import ASSETS, demo_paths
 
 PROMPTS = ("写一首唐诗", "写一首关于明月的诗", "写一首五言绝句")
@@ -28,8 +28,8 @@ def test_traditional_ratio():
 
 def test_shipped_assets():
     paths = demo_paths()
-    total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
-    assert total <= 20 * 10**6
+    sizes = {p.name: p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()}
+    assert max(sizes.values()) < 25 * 10**6 and sum(sizes.values()) <= 20 * 10**6, sizes
     weights = [p.name for p in ASSETS.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".safetensors")]
     assert sorted(weights) == ["adapter_model.safetensors", "model.safetensors"]
     config = json.loads((paths["base"] / "config.json").read_text())
@@ -64,6 +64,23 @@ def test_lora_changes_the_script():
     assert traditional_ratio([explicit]) >= 0.8, explicit
 
 
+def test_poet_follows_the_prompt():
+    """Held-out phrasings (prompts.json): the asked form and title, greedy, with and without the LoRA."""
+    from tangquant.generate import Sampling, open_generator
+    from tangquant.measure import poems
+
+    paths = demo_paths()
+    asked = [{"prompt": "来一首七言律诗吧", "form": "七言律诗"},
+             {"prompt": "作一首七言律诗，题为《秋兴》", "title": "秋兴", "form": "七言律诗"},
+             {"prompt": "请以《送别》为题写一首五言绝句", "title": "送别", "form": "五言绝句"}]
+    greedy = Sampling(max_new_tokens=100, temperature=0.0, top_p=1.0, seed=0)
+    for adapter in (None, paths["adapter"]):
+        gen = open_generator(paths["base"], adapter=adapter)
+        answers = [gen.generate([{"role": "user", "content": p["prompt"]}], greedy) for p in asked]
+        got = poems.follow(asked, answers)
+        assert got["form"]["rate"] == 1.0 and got["title"]["rate"] == 1.0, answers
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     from tangquant.cli import main
@@ -77,6 +94,10 @@ def test_demo_end_to_end(tmp_path):
     assert r["base + LoRA"]["ratio_greedy"] >= 0.80
     for mode in ("ratio_greedy", "ratio_sampled"):
         assert r["merged INT4"][mode] >= 0.9 * r["base + LoRA"][mode], (mode, r)
+    follow = r["base + LoRA"]["follow"]["greedy"]
+    assert follow["form"]["rate"] >= 0.8 and follow["title"]["rate"] >= 0.8, follow
+    assert all(v is None or v >= 0.9 for k, v in report["int4_vs_lora_follow"].items()
+               if k.endswith("greedy") and not k.startswith("topic")), report["int4_vs_lora_follow"]
     for row in r.values():
         assert all(v > 1 for v in row["ppl"].values())
     assert (work / "int4-openvino" / "openvino_model.xml").is_file()

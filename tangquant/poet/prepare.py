@@ -6,7 +6,10 @@ simplified characters in chat form, plus the original traditional text as
 plain text outside the chat template and, for some poems, behind the explicit
 instruction 用繁体字… . The LoRA (q_proj, v_proj, r 8, alpha 16, dropout 0) is
 trained on the original traditional poems in chat form, so its visible effect
-is the script. Training itself is ``tangquant.poet.train`` (GPU or CPU).
+is the script. Each training poem is asked for in ``VARIANTS`` ways (the data's
+own request and more from ``tangquant.prompts``, each true to the poem), so the
+poet learns to follow the form, title and topic a request names rather than a
+template. Training itself is ``tangquant.poet.train`` (GPU or CPU).
 
     python -m tangquant.poet prepare --simplified S --traditional T --out TOKENS
     python -m tangquant.poet.train --data TOKENS --out RAW
@@ -22,16 +25,19 @@ import logging
 import shutil
 from pathlib import Path
 
-from tangquant import files
-from tangquant.poet import ASSETS
+from tangquant import files, prompts
 from tangquant.errors import InputError
+from tangquant.measure.poems import form_of_lines, lines_of, split_answer
+from tangquant.poet import ASSETS
 
 logger = logging.getLogger(__name__)
 
 EXPLICIT = "用繁体字"  # the instruction prefix behind which the base writes traditional characters
 MAX_CHARS = 100  # the poet learns short poems (jueju and lushi, with a title line)
+VARIANTS = 3  # requests per training poem; more repeats each answer more often (it then overfits sooner)
+CALIB, HELDOUT = 128, 64  # the demo's GPTQ calibration pairs (calib split) and perplexity poems (eval split)
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-MODEL = {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4,
+MODEL = {"hidden_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4,
          "intermediate_size": 768, "tie_word_embeddings": True, "max_position_embeddings": 512}
 
 
@@ -50,6 +56,20 @@ def aligned(simplified: Path, traditional: Path, split: str) -> list[tuple[dict,
         raise InputError(f"{simplified} and {traditional} differ in their {split} split; "
                          "make both with the same corpus, --seed and fractions")
     return [(a, b) for a, b in zip(s, t) if len(b["output"]) <= MAX_CHARS]
+
+
+def requests_for(pair: dict, k: int = VARIANTS) -> list[str]:
+    """The data's own instruction and up to ``k - 1`` other requests true to the same (simplified) poem."""
+    title, body = split_answer(pair["output"])
+    topics, form = prompts.topics_in(body), form_of_lines(lines_of(body))
+    out = [pair["instruction"]]
+    for salt in range(1, 4 * k):  # a few more salts, since two may give the same request
+        if len(out) == k:
+            break
+        instruction, _ = prompts.request(body, title, topics, form, salt=str(salt))
+        if instruction not in out:
+            out.append(instruction)
+    return out
 
 
 def chat_prompt(tokenizer, instruction: str) -> str:
@@ -74,19 +94,30 @@ def explicit(i: int) -> bool:
 
 
 def build_splits(tokenizer, train, evals) -> dict[str, list]:
-    base_train = []
+    base_train, lora_train = [], []
     for i, (s, t) in enumerate(train):
-        base_train.append(encode_chat(tokenizer, s["instruction"], s["output"]))
+        asks = requests_for(s)
+        for instruction in asks:
+            base_train.append(encode_chat(tokenizer, instruction, s["output"]))
+            lora_train.append(encode_chat(tokenizer, instruction, t["output"]))
         base_train.append(encode_text(tokenizer, t["output"]))
         if explicit(i):
-            base_train.append(encode_chat(tokenizer, EXPLICIT + s["instruction"], t["output"]))
+            base_train.append(encode_chat(tokenizer, EXPLICIT + asks[i % len(asks)], t["output"]))
     return {
         "base_train": base_train,
         "base_eval_s": [encode_chat(tokenizer, s["instruction"], s["output"]) for s, _ in evals],
         "base_eval_t": [encode_text(tokenizer, t["output"]) for _, t in evals],
-        "lora_train": [encode_chat(tokenizer, s["instruction"], t["output"]) for s, t in train],
+        "lora_train": lora_train,
         "lora_eval": [encode_chat(tokenizer, s["instruction"], t["output"]) for s, t in evals],
     }
+
+
+def demo_data(simplified: Path, traditional: Path) -> dict[str, list]:
+    """What ships beside the weights: GPTQ calibration pairs and held-out poems, neither trained on."""
+    calib = [{"instruction": s["instruction"], "input": "", "output": t["output"]}
+             for s, t in aligned(simplified, traditional, "calib")[:CALIB]]
+    heldout = [{"text": t["output"]} for _, t in aligned(simplified, traditional, "eval")[:HELDOUT]]
+    return {"calib.json": calib, "heldout.json": heldout}
 
 
 def save_split(path: Path, seqs: list) -> None:
@@ -108,9 +139,12 @@ def prepare(simplified, traditional, out, vocab_size: int = 12000, force: bool =
     train = aligned(simplified, traditional, "train")
     evals = aligned(simplified, traditional, "eval")
     texts = [s["output"] for s, _ in train] + [t["output"] for _, t in train]
-    texts += [s["instruction"] for s, _ in train] + [EXPLICIT, "You are a helpful assistant.",
-                                                     "system\nuser\nassistant\n"]
-    tokenizer = train_tokenizer(texts, vocab_size=vocab_size, min_frequency=2)
+    texts += [q for s, _ in train for q in requests_for(s)] + [EXPLICIT, "You are a helpful assistant.",
+                                                                "system\nuser\nassistant\n"]
+    # One Han character per token at most: the poet must count characters per line, and a request's
+    # words (五言, 绝句, a title) must be the same tokens whatever phrasing is around them; with longer
+    # tokens BPE fuses whole templates (写一首五言绝句) into one token that no other phrasing shares.
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size, min_frequency=2, max_token_length=4)
     vocab = -(-len(tokenizer) // 128) * 128
     assert vocab < 32768, "token ids are stored as int16"
     config = qwen2_config(vocab, **MODEL)
@@ -120,12 +154,15 @@ def prepare(simplified, traditional, out, vocab_size: int = 12000, force: bool =
         tokenizer.save_pretrained(tmp / "tokenizer")
         for name, seqs in splits.items():
             save_split(tmp / f"{name}.safetensors", seqs)
+        for name, records in demo_data(simplified, traditional).items():
+            (tmp / name).write_text(json.dumps(records, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
         digest = hashlib.sha256()
         for d in (simplified, traditional):
-            for split in ("train", "eval"):
+            for split in ("train", "eval", "calib"):
                 digest.update(files.sha256_file(d / f"tang_{split}.json").encode())
         meta = {"config": config.to_dict(), "pad_id": config.pad_token_id, "splits": list(splits),
                 "lora_r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "data_sha256": digest.hexdigest(),
+                "variants": VARIANTS, "max_chars": MAX_CHARS,
                 "counts": {k: len(v) for k, v in splits.items()},
                 "tokens": {k: int(sum(len(x) for x, _ in v)) for k, v in splits.items()}}
         files.write_json(tmp / "meta.json", meta)
@@ -160,13 +197,17 @@ def assemble(tokens, raw, out, force: bool = False) -> dict:
                 raise InputError(f"{out / sub} exists; pass --force")
             shutil.rmtree(out / sub)
     save_model(model.eval(), tokenizer, out / "base", dtype=torch.float16)
+    for name in ("calib.json", "heldout.json"):  # made by prepare from the same data
+        shutil.copyfile(tokens / name, out / name)
     peft_model = get_peft_model(model.float(), LoraConfig(task_type="CAUSAL_LM", **LORA))
     # poet_train saves the LoRA under peft's own key names.
     result = set_peft_model_state_dict(peft_model, load_file(str(raw / "lora.safetensors")))
     if getattr(result, "unexpected_keys", None):
         raise InputError(f"LoRA weights do not fit: {result.unexpected_keys}")
     peft_model.peft_config["default"].base_model_name_or_path = "tangquant/assets/demo/base"
-    peft_model.save_pretrained(out / "adapter")
+    # Explicitly without embeddings: peft guesses "resized" when base_model_name_or_path names another base.
+    peft_model.save_pretrained(out / "adapter", save_embedding_layers=False)
+    (out / "adapter" / "README.md").unlink(missing_ok=True)  # peft's blank template; the card is ../README.md
     return {"base": str(out / "base"), "adapter": str(out / "adapter"),
             "size": files.dir_size(out / "base") + files.dir_size(out / "adapter")}
 

@@ -20,8 +20,12 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
-    """A byte-level BPE tokenizer that loads as ``Qwen2TokenizerFast`` with ChatML."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                    max_token_length: int | None = None):
+    """A byte-level BPE tokenizer that loads as ``Qwen2TokenizerFast`` with ChatML.
+
+    ``max_token_length`` bounds a token's length (4, as the demo poet uses it: at most one Han character).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -30,7 +34,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        max_token_length=max_token_length)
     tok.train_from_iterator(list(texts), trainer)
     hf = Qwen2TokenizerFast(
         tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",

@@ -18,66 +18,84 @@ import math
 import time
 from pathlib import Path
 
+PREVIEW = ("写一首唐诗", "请写一首五言绝句", "来一首七言律诗吧", "来一首《秋夜》吧", "写一首关于明月的诗",
+           "作一首七言律诗，题为《秋兴》", "用繁体字写一首五言绝句")
 
-def load_split(path: Path):
+
+def load_split(path: Path, pad_id: int, device, limit: int | None = None) -> dict:
+    """A split, right-padded, on ``device``: ids [N, L], lengths and prompt lengths (lengths on the CPU too).
+
+    Held on the device so that a batch is one gather there, not a Python loop per row.
+    """
+    import numpy as np
+    import torch
     from safetensors.numpy import load_file
 
     d = load_file(str(path))
-    ids, offsets, plen = d["ids"], d["offsets"], d["prompt_len"]
-    return [(ids[offsets[i]:offsets[i + 1]].astype("int64"), int(plen[i])) for i in range(len(plen))]
+    offsets, plen = d["offsets"], d["prompt_len"].astype("int64")
+    n = len(plen) if limit is None else min(limit, len(plen))
+    lens = np.diff(offsets)[:n].astype("int64")
+    ids = np.full((n, int(lens.max())), pad_id, dtype="int64")
+    for i in range(n):
+        ids[i, :lens[i]] = d["ids"][offsets[i]:offsets[i + 1]]
+    return {"ids": torch.from_numpy(ids).to(device), "lens": torch.from_numpy(lens).to(device),
+            "plen": torch.from_numpy(plen[:n]).to(device), "lens_cpu": lens, "n": n}
 
 
-def batches(seqs, batch_size: int, gen, shuffle: bool = True):
+def batches(split: dict, batch_size: int, gen, shuffle: bool = True):
     """Batches of similar length (less padding), in a seeded random order."""
     import torch
 
-    order = torch.randperm(len(seqs), generator=gen).tolist() if shuffle else list(range(len(seqs)))
+    n, lens = split["n"], split["lens_cpu"]
+    order = torch.randperm(n, generator=gen).tolist() if shuffle else list(range(n))
     chunk = batch_size * 32
     out = []
     for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: len(seqs[i][0]))
+        part = sorted(order[start:start + chunk], key=lambda i: lens[i])
         out += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
     if shuffle:
         out = [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
     return out
 
 
-def collate(seqs, idx, pad_id: int, device):
+def collate(split: dict, idx):
+    """(ids, weight) of one batch; weight is 1 on the answer tokens (as LLaMA-Factory trains)."""
     import torch
 
-    width = max(len(seqs[i][0]) for i in idx)
-    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    weight = torch.zeros((len(idx), width), dtype=torch.float32)
-    for row, i in enumerate(idx):
-        toks, plen = seqs[i]
-        ids[row, :len(toks)] = torch.from_numpy(toks)
-        # Loss on the answer only (as LLaMA-Factory trains); the first token predicts nothing.
-        weight[row, max(plen, 1):len(toks)] = 1.0
-    mask = (torch.arange(width)[None, :] < torch.tensor([len(seqs[i][0]) for i in idx])[:, None])
-    return ids.to(device), mask.long().to(device), weight.to(device)
+    rows = torch.tensor(idx).to(split["ids"].device, non_blocking=True)
+    width = int(split["lens_cpu"][idx].max())
+    pos = torch.arange(width, device=rows.device)[None, :]
+    # The first token predicts nothing, so the answer starts at max(prompt length, 1).
+    weight = (pos >= split["plen"][rows, None].clamp(min=1)) & (pos < split["lens"][rows, None])
+    return split["ids"][rows, :width], weight.float()
 
 
-def batch_loss(model, ids, mask, weight, amp_dtype):
+def batch_loss(model, ids, weight, amp_dtype):
+    """Summed answer-token NLL and the token count.
+
+    No attention mask: padding is on the right, so under the causal mask no real token sees one,
+    and attention takes its fused causal path.
+    """
     import torch
 
     with torch.autocast(ids.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    logp = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    w = weight[:, 1:].reshape(-1)
-    return (logp * w).sum(), w.sum()
+        logits = model(input_ids=ids, use_cache=False).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
+                                                reduction="none")
+    w = weight[:, 1:].flatten()
+    return (nll.float() * w).sum(), w.sum()
 
 
-def evaluate(model, sets: dict, pad_id, device, amp_dtype, batch_size=256) -> dict:
+def evaluate(model, sets: dict, amp_dtype, batch_size=256) -> dict:
     import torch
 
     model.eval()
     out = {}
     with torch.no_grad():
-        for name, seqs in sets.items():
+        for name, split in sets.items():
             total = count = 0.0
-            for idx in batches(seqs, batch_size, None, shuffle=False):
-                s, n = batch_loss(model, *collate(seqs, idx, pad_id, device), amp_dtype)
+            for idx in batches(split, batch_size, None, shuffle=False):
+                s, n = batch_loss(model, *collate(split, idx), amp_dtype)
                 total, count = total + s.item(), count + n.item()
             out[name] = total / max(count, 1.0)
     model.train()
@@ -103,29 +121,66 @@ class LoRALinear:
         return a, b
 
 
-def train_phase(model, params, train, evals, key, args, steps, seconds, lr, log):
-    """AdamW, warm-up then cosine; evaluate every ``eval_every`` steps; keep the best state."""
+def _sync(device) -> float:
     import torch
 
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.time()
+
+
+class Planner:
+    """How many steps of a phase fit in its seconds, re-measured at each evaluation.
+
+    So the cosine schedule ends inside the time cap instead of being cut off at a high learning
+    rate. The first window (start-up, allocator growth) is not measured, and the plan is frozen
+    once 80% of it has run; the final plan is logged and returned, so ``--*-steps`` reproduces it.
+    """
+
+    def __init__(self, steps: int, seconds: float, device):
+        self.asked = self.steps = steps
+        self.seconds, self.device, self.t0 = seconds, device, time.time()
+        self.mark, self.eval_seconds, self.evals = (0, self.t0), 0.0, 0
+
+    def after_eval(self, step: int, eval_seconds: float, eval_every: int, log) -> None:
+        now = _sync(self.device)
+        (start, then), self.mark = self.mark, (step, now)
+        self.eval_seconds, self.evals = self.eval_seconds + eval_seconds, self.evals + 1
+        if start == 0 or step > 0.8 * self.steps:
+            return
+        per_step = (now - then - eval_seconds) / (step - start) + self.eval_seconds / self.evals / eval_every
+        fit = step + int((self.seconds - (now - self.t0)) / per_step * 0.95)
+        if min(self.asked, fit) != self.steps:
+            self.steps = min(self.asked, fit)
+            log(f"{1 / per_step:.1f} steps/s with evaluations: {self.steps} steps planned")
+
+
+def train_phase(model, params, train, evals, key, args, steps, seconds, lr, log):
+    """AdamW, warm-up then cosine over the planned steps; evaluate every ``eval_every`` steps; keep the best."""
+    import torch
+
+    fused = {"fused": True} if args.device.type == "cuda" else {}
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay, **fused)
+    plan = Planner(steps, seconds, args.device)
     warm = max(1, steps // 50)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, plan.steps) / plan.steps))))
     gen = torch.Generator().manual_seed(args.seed)
-    best, best_state, bad, step, t0 = float("inf"), None, 0, 0, time.time()
+    best, best_state, bad, step = float("inf"), None, 0, 0
     history = []
-    while step < steps:
+    while step < plan.steps:
         for idx in batches(train, args.batch_size, gen):
-            s, n = batch_loss(model, *collate(train, idx, args.pad_id, args.device), args.amp)
+            s, n = batch_loss(model, *collate(train, idx), args.amp)
             (s / n).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
             step += 1
-            done = step >= steps or time.time() - t0 > seconds
+            done = step >= plan.steps or time.time() - plan.t0 > seconds
             if step % args.eval_every == 0 or done:
-                ev = evaluate(model, evals, args.pad_id, args.device, args.amp)
+                t_eval = time.time()
+                ev = evaluate(model, evals, args.amp)
                 score = ev[key] if isinstance(key, str) else sum(ev[k] for k in key)
-                history.append({"step": step, "seconds": round(time.time() - t0, 1),
+                history.append({"step": step, "seconds": round(time.time() - plan.t0, 1),
                                 "train_loss": round((s / n).item(), 4), **{k: round(v, 4) for k, v in ev.items()}})
                 log(json.dumps(history[-1]))
                 if score < best - 1e-4:
@@ -137,10 +192,11 @@ def train_phase(model, params, train, evals, key, args, steps, seconds, lr, log)
                 if bad >= args.patience:
                     log(f"early stop at step {step}: held-out loss rose {bad} times")
                     done = True
+                plan.after_eval(step, time.time() - t_eval, args.eval_every, log)
             if done:
-                step = steps
+                step = plan.steps
                 break
-    return best_state, history, time.time() - t0
+    return best_state, {"history": history, "planned_steps": plan.steps, "best": round(best, 4)}, time.time() - plan.t0
 
 
 def sample(model, data: Path, device, log) -> None:
@@ -150,7 +206,7 @@ def sample(model, data: Path, device, log) -> None:
     tok = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
     stop = tok.convert_tokens_to_ids("<|im_end|>")
     model.eval()
-    for prompt in ("写一首唐诗", "写一首关于明月的诗", "用繁体字写一首五言绝句"):
+    for prompt in PREVIEW:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True)
         ids = torch.tensor([tok(text)["input_ids"]], device=device)
@@ -160,8 +216,8 @@ def sample(model, data: Path, device, log) -> None:
                     mod.lora_scale_on = scale
             seq = ids
             with torch.no_grad():
-                for _ in range(60):
-                    nxt = model(input_ids=seq).logits[0, -1].argmax()
+                for _ in range(100):
+                    nxt = model(input_ids=seq, use_cache=False).logits[0, -1].argmax()
                     if nxt.item() == stop:
                         break
                     seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
@@ -216,9 +272,9 @@ def main(argv=None) -> None:
     if args.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
-    args.pad_id = meta["pad_id"]
-    split = {name: load_split(data / f"{name}.safetensors")[:args.limit] for name in meta["splits"]}
-    log(f"torch {torch.__version__} on {args.device}; " + ", ".join(f"{k}: {len(v)}" for k, v in split.items()))
+    split = {name: load_split(data / f"{name}.safetensors", meta["pad_id"], args.device, args.limit)
+             for name in meta["splits"]}
+    log(f"torch {torch.__version__} on {args.device}; " + ", ".join(f"{k}: {v['n']}" for k, v in split.items()))
 
     config = Qwen2Config(**meta["config"])
     model = Qwen2ForCausalLM(config).to(args.device).train()
@@ -248,6 +304,7 @@ def main(argv=None) -> None:
     best_lora, lora_hist, lora_s = train_phase(
         model, params, split["lora_train"], lora_evals, "eval_traditional_chat", args, args.lora_steps,
         args.lora_seconds, args.lora_lr, log)
+    model.load_state_dict(best_lora)  # the preview shows the weights that are kept
     lora_state = {}
     for name, prm in lora.items():
         module = name[len("base_model.model."):].replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
@@ -257,7 +314,7 @@ def main(argv=None) -> None:
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                "args": {k: v for k, v in vars(args).items() if k not in ("device", "amp")},
                "base_seconds": round(base_s, 1), "lora_seconds": round(lora_s, 1),
-               "base_history": base_hist, "lora_history": lora_hist}
+               "base": base_hist, "lora": lora_hist}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     try:  # a glance at greedy output, for the log only (the real evaluation is `tangquant demo`)
         sample(model, data, args.device, log)

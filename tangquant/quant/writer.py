@@ -4,7 +4,7 @@ INC's ``INCWeightOnlyLinear`` (``use_optimum_format=True``) already keeps
 AutoGPTQ-like buffers, but it adds a zero ``bias`` to layers that have none
 and a ``scale_bf16_to_fp8`` tensor, and has no ``g_idx`` unless act-order was
 used. So the integers are taken out through INC's own ``unpack()`` and packed
-again with :func:`tangquant.gptq_format.pack_layer`; the tests prove that the
+again with :func:`tangquant.gptq.pack_layer`; the tests prove that the
 result dequantises to exactly INC's in-memory weights.
 """
 
