@@ -127,7 +127,10 @@ def storm(port: int, rss, streams: int = 50, slow: int = 10, big: int = 10,
     health_s = []
     while any(t.is_alive() for t in threads):
         h0 = time.monotonic()
-        status, _ = _get(port, "/health", timeout=10)
+        try:
+            status, _ = _get(port, "/health", timeout=120)
+        except OSError:
+            status = None
         health_s.append(time.monotonic() - h0 if status == 200 else float("inf"))
         time.sleep(0.2)
     for t in threads:
@@ -143,6 +146,8 @@ def storm(port: int, rss, streams: int = 50, slow: int = 10, big: int = 10,
         "statuses": {k: sorted(set(map(str, v))) for k, v in results.items()},
         "cancelled": after["cancelled"] - before["cancelled"],
         "health_during_storm_max_s": round(max(health_s), 3) if health_s else None,
+        "health_during_storm_p50_s": round(sorted(health_s)[len(health_s) // 2], 3)
+        if health_s else None, "health_probes": len(health_s),
         "health_after": _get(port, "/health")[0], "normal_request_after": ok_request(),
         "rss_before_mib": rss_before >> 20, "rss_after_mib": rss_after >> 20,
         "loadavg": os.getloadavg(),

@@ -29,6 +29,7 @@ import logging
 import os
 
 from tangquant import load, recipe
+from tangquant.errors import ServeError
 from tangquant.server.config import API_KEY_ENV, ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ def serve(model, params: ServeConfig | None = None, **overrides) -> None:
     """Serve ``model`` until interrupted (Ctrl-C or SIGTERM)."""
     cfg = recipe.resolve(ServeConfig, params, overrides)
     if cfg.ray:
-        from tangquant.server import ray_app  # Ray Serve: the [ray] extra
-
-        return ray_app.serve(load.inspect(model, kinds=("ir",)).path, cfg)
+        return _serve_on_ray(model, cfg)
     server = prepare(model, cfg)
     engine = server.engine
     models = ", ".join(engine.models())
@@ -76,6 +75,19 @@ def serve(model, params: ServeConfig | None = None, **overrides) -> None:
     except KeyboardInterrupt:
         pass  # uvicorn has already shut down gracefully, then re-raised Ctrl-C / SIGTERM
     logger.info("server stopped")
+
+
+def _serve_on_ray(model, cfg: ServeConfig) -> None:
+    from tangquant.server import runner
+
+    runner.check_exposure(cfg)
+    md = load.inspect(model, kinds=("ir",))
+    try:
+        from tangquant.server import ray_app  # Ray Serve: the [ray] extra
+    except ImportError as exc:
+        raise ServeError(f"--ray needs Ray Serve ({exc.name} is missing): "
+                         "pip install 'tangquant[ray]'") from None
+    ray_app.serve_forever(md.path, cfg)
 
 
 def prepare(model, params: ServeConfig | None = None, **overrides):

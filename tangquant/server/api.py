@@ -311,5 +311,5 @@ def create_app(engine: Engine, api_key: str | None = None, loopback_only: bool =
     app.add_route("/metrics", api.prometheus, methods=["GET"])
     if loopback_only:
         app.add_middleware(HostGuard, hosts=LOOPBACK_HOSTS)
-    app.add_middleware(CountRequests, metrics=metrics)
+    app.add_middleware(CountRequests, metrics=metrics, replica=replica)
     return app

@@ -37,6 +37,7 @@ from tangquant.server.schema import ApiError
 
 logger = logging.getLogger(__name__)
 RUNNING = openvino_genai.GenerationStatus.RUNNING
+_UNKNOWN = "\0unknown"  # not a model name: the first request switches to its own adapter
 
 
 class Detokenizer:
@@ -109,7 +110,8 @@ class BatchEngine(Engine):
         self._ids = itertools.count()
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []
-        self._adapter: str | None = None
+        # Which adapter the pipeline applies; unknown until the first switch sets it.
+        self._adapter: str | None = _UNKNOWN if adapters else None
         self._metrics = None
         self._cv = threading.Condition()
         self._closing = False
@@ -212,7 +214,7 @@ class BatchEngine(Engine):
         config.adapters = self._adapter_configs[adapter]
         token = max(0, self._detok.get_eos_token_id())
         self._pipe.generate([ov.Tensor(np.array([[token]], dtype=np.int64))], [config])
-        logger.debug("adapter switched from %s to %s", self._adapter, adapter)
+        logger.debug("adapter switched to %s", adapter or "none (the base)")
         self._adapter = adapter
 
     def _add(self, req: _Request) -> None:
@@ -258,7 +260,7 @@ class BatchEngine(Engine):
             self._finish(req, "cancelled", error=f"the generation step failed: {first}")
         self._pipe = self._build()
         self._detok = self._pipe.get_tokenizer()
-        self._adapter = None
+        self._adapter = _UNKNOWN if self.adapter_names else None
 
     def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
         if req in self._active:

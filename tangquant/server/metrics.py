@@ -89,9 +89,11 @@ class Metrics:
 
 
 class CountRequests:
-    """ASGI middleware: count every HTTP response by route template and status."""
-    def __init__(self, app, metrics: Metrics):
+    """ASGI middleware: count every HTTP response by route template and status, and name the
+    replica that answered in an ``X-Tangquant-Replica`` header (Ray Serve runs several)."""
+    def __init__(self, app, metrics: Metrics, replica: str):
         self.app, self.metrics = app, metrics
+        self.header = (b"x-tangquant-replica", replica.encode("latin-1", "replace"))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -101,6 +103,7 @@ class CountRequests:
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
             await send(message)
 
         try:
