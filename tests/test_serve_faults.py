@@ -31,3 +31,6 @@ def test_fault_storm_leaves_the_server_healthy(ir):
     # /health stays responsive with 100 idle sockets open and 60 requests in flight.
     assert out["health_during_storm_max_s"] < 5, out
     assert out["rss_after_mib"] - out["rss_before_mib"] < 64, out
+    again = out["second_storm"]  # the same storm again: nothing accumulates
+    assert again["cancelled"] == 50 and again["normal_request_after"] == 200, again
+    assert again["rss_after_mib"] - out["rss_after_mib"] < 32, out

@@ -1,9 +1,9 @@
 """The default engine: one ``ContinuousBatchingPipeline`` for every request, stepped by one thread.
 
-Request handlers put requests on a waiting list; the step thread moves them into
-the pipeline (``add_request``), calls ``step()`` while anything runs, reads each
-``GenerationHandle``'s new tokens, detokenizes them with a ``TextStreamer`` per
-request and hands the text to the event loop. A request whose client went away
+Request handlers put requests on a waiting list; the step thread moves up to
+``max_num_seqs`` of them into the pipeline (``add_request``), calls ``step()``
+while anything runs, reads each ``GenerationHandle``'s new tokens, detokenizes
+them incrementally per request and hands the text to the event loop. A request whose client went away
 or whose deadline passed is cancelled (``GenerationHandle.cancel()``); the
 pipeline drops it at the next step and frees its KV blocks.
 
@@ -124,8 +124,7 @@ class BatchEngine(Engine):
 
     # -- the event loop's side -------------------------------------------------------------------
     def running(self) -> int:
-        # Requests in the pipeline beyond max_num_seqs wait in its scheduler: queued, not running.
-        return min(len(self._active), self.max_num_seqs)
+        return len(self._active)
 
     def cache_usage(self) -> dict:
         m = self._metrics
@@ -202,13 +201,17 @@ class BatchEngine(Engine):
         if idle and wanted != self._adapter:
             self._switch(wanted)  # outside the lock: handlers keep queueing meanwhile
         with self._cv:
+            # No more than max_num_seqs in the pipeline: a grown KV cache is never given back
+            # (genai 2026.4), so it must only grow to what max_num_seqs sequences need.
             batch = []
-            while self._waiting and self._waiting[0].adapter == self._adapter:
+            while self._waiting and self._waiting[0].adapter == self._adapter \
+                    and len(self._active) + len(batch) < self.max_num_seqs:
                 batch.append(self._waiting.popleft())
         for req in batch:
             self._add(req)
 
     def _switch(self, adapter: str | None) -> None:
+        """A one-token ``generate()`` on the idle pipeline applies ``adapter`` to all of it."""
         config = self._pipe.get_config()
         config.max_new_tokens, config.do_sample = 1, False
         config.adapters = self._adapter_configs[adapter]
