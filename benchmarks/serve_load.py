@@ -1,28 +1,35 @@
-"""Load benchmark of `tangquant serve`: throughput and TTFT/TPOT p50/p95 at 1, 2 and 4 clients.
+"""Load benchmark of `tangquant serve`: the continuous-batching engine against the old design.
 
 Random weights, speed only: the model is ``benchmarks/shapes.py``'s Qwen1.5-0.5B-Chat
-shape, made INT4 either through tangquant (``quantize --algo rtn`` + ``export``) or,
-if that fails, optimum-intel's own INT4 export (the result says which). For each
-concurrency level a fresh ``tangquant serve`` process is started with
-``--max-concurrency`` equal to the level; that many clients send streaming chat
-requests (``ignore_eos`` so every reply has ``--max-tokens`` tokens) and time them:
+shape, made INT4 through tangquant (``quantize --algo rtn`` + ``export``; optimum-intel's
+own INT4 export if that fails; the result says which). For each concurrency level and
+each engine, side by side in one run, a fresh ``tangquant serve`` process is started:
 
-- TTFT: the server's queue wait + openvino-genai's time to first token (the reply's
-  ``timings``: a random-weight model's tokens mostly decode to no text, so the client
-  cannot see its first token); the client-side time to the first text chunk is kept too
-  when there is one;
-- TPOT: openvino-genai's mean time per output token after the first, per request;
-- latency: request sent -> last byte, seen by the client;
-- throughput: all completion tokens / wall time of the level, seen by the client.
+- ``batch`` (the default): one ContinuousBatchingPipeline, ``--max-num-seqs LEVEL``;
+- ``pipelines`` (the old design): ``--engine pipelines --max-concurrency LEVEL``, one
+  LLMPipeline (compiled model + KV cache) per sequence.
+
+LEVEL clients then send streaming chat requests (``ignore_eos`` so every reply has
+``--max-tokens`` tokens) and time them:
+
+- TTFT: the server's queue wait + time to first token (the reply's ``timings``: a
+  random-weight model's tokens mostly decode to no text, so a client cannot see its
+  first token);
+- TPOT: mean time per output token after the first, per request (server timings);
+- throughput: all completion tokens / wall time of the level, seen by the clients;
+- peak RSS of the server process, sampled every 0.25 s.
+
+Then a fault storm on the batch engine (``--faults``): 50 streaming clients that
+disconnect mid-stream, slow clients that send their body a byte at a time, bodies
+over the 1 MiB limit; afterwards ``/health``, a normal request, and the RSS.
 
 Usage::
 
-    python benchmarks/serve_load.py --work /tmp/serve-bench [--ir DIR] [--levels 1,2,4]
-        [--requests 12] [--max-tokens 64] [--screenshot benchmarks/results/serve_page.png]
+    python benchmarks/serve_load.py --ir DIR [--levels 1,2,4,8] [--requests-per-client 3]
+        [--max-tokens 64] [--engines batch,pipelines] [--faults] [--output FILE]
 
-Results go to ``benchmarks/results/serve_load.json`` (versions, CPU, threads, date,
-load averages). Needs the project installed (and selenium + Debian's chromium-driver
-for ``--screenshot``).
+Results go to ``benchmarks/results/serve_load_engines.json`` (versions, CPU, threads, date,
+load averages).
 """
 
 from __future__ import annotations
@@ -85,10 +92,10 @@ def make_ir(work: Path) -> tuple[Path, str]:
     return ir, "optimum-intel INT4 export (sym, group 128, ratio 1.0)"
 
 
-def start_server(ir: Path, concurrency: int, name: str) -> tuple[subprocess.Popen, int]:
+def start_server(ir: Path, engine: str, seqs: int, name: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tangquant", "-q", "serve", "--model", str(ir), "--port", "0",
-         "--max-concurrency", str(concurrency), "--queue-size", "8",
+         "--engine", engine, "--max-num-seqs", str(seqs), "--queue-size", "64",
          "--max-tokens-limit", "1024", "--timeout", "900", "--model-name", name],
         stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
@@ -98,8 +105,15 @@ def start_server(ir: Path, concurrency: int, name: str) -> tuple[subprocess.Pope
     return proc, int(line.split("http://127.0.0.1:")[1].split()[0])
 
 
+_SERIAL = iter(range(1 << 62))
+
+
 def one_request(port: int, max_tokens: int) -> dict:
-    body = json.dumps({"messages": PROMPT, "max_tokens": max_tokens, "stream": True,
+    # A distinct first line per request: the old design's LLMPipeline caches prefixes, and
+    # identical prompts would let it skip the prefill that distinct users pay.
+    messages = [{"role": "system", "content": f"#{next(_SERIAL)} {PROMPT[0]['content']}"},
+                PROMPT[1]]
+    body = json.dumps({"messages": messages, "max_tokens": max_tokens, "stream": True,
                        "temperature": 0, "ignore_eos": True,
                        "stream_options": {"include_usage": True}})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
@@ -134,22 +148,20 @@ def pct(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def run_level(ir: Path, level: int, requests: int, max_tokens: int,
-              workers: int | None = None) -> dict:
+def run_level(ir: Path, engine: str, level: int, per_client: int, max_tokens: int) -> dict:
     import psutil
 
-    workers = workers or level
-    proc, port = start_server(ir, workers, "qwen1.5-0.5b-int4-random")
+    proc, port = start_server(ir, engine, level, "qwen1.5-0.5b-int4-random")
     try:
         # Warm-up: every pipeline's first inference (compilation, first allocations).
-        warm = [threading.Thread(target=one_request, args=(port, 8)) for _ in range(workers)]
+        warm = [threading.Thread(target=one_request, args=(port, 8)) for _ in range(level)]
         for t in warm:
             t.start()
         for t in warm:
             t.join()
         server = psutil.Process(proc.pid)
-        per_client = max(1, requests // level)
-        results, errors, rss = [], [], []
+        rss_ready = server.memory_info().rss
+        results, errors, rss = [], [], [rss_ready]
 
         def client():
             for _ in range(per_client):
@@ -165,28 +177,23 @@ def run_level(ir: Path, level: int, requests: int, max_tokens: int,
             t.start()
         while any(t.is_alive() for t in threads):
             rss.append(server.memory_info().rss)
-            time.sleep(0.5)
+            time.sleep(0.25)
         wall = time.perf_counter() - t0
         ttft = [r["ttft_s"] for r in results]
         tpot = [r["tpot_s"] for r in results]
         latency = [r["latency_s"] for r in results]
-        client_ttft = [r["client_ttft_s"] for r in results if r["client_ttft_s"] is not None]
         tokens = sum(r["tokens"] for r in results)
         return {
-            "concurrency": level, "server_max_concurrency": workers, "requests": len(results),
-            "errors": errors, "max_tokens": max_tokens,
+            "engine": engine, "concurrency": level, "server_max_num_seqs": level,
+            "requests": len(results), "errors": errors, "max_tokens": max_tokens,
             "prompt_tokens": results[0]["prompt_tokens"] if results else None,
             "completion_tokens": tokens, "wall_s": round(wall, 2),
             "throughput_tok_s": round(tokens / wall, 2),
-            "ttft_s": {"p50": round(pct(ttft, 0.5), 3), "p95": round(pct(ttft, 0.95), 3)},
+            "ttft_s": {"p50": round(pct(ttft, 0.5), 3), "p99": round(pct(ttft, 0.99), 3)},
             "tpot_ms": {"p50": round(1000 * pct(tpot, 0.5), 1),
-                        "p95": round(1000 * pct(tpot, 0.95), 1)},
-            "per_request_decode_tok_s_p50": round(1 / pct(tpot, 0.5), 2),
-            "latency_s": {"p50": round(pct(latency, 0.5), 3), "p95": round(pct(latency, 0.95), 3)},
-            "client_ttft_s": {"p50": round(pct(client_ttft, 0.5), 3),
-                              "p95": round(pct(client_ttft, 0.95), 3)} if client_ttft else None,
-            "server_rss_mib": {"start": rss[0] >> 20 if rss else None,
-                               "max": max(rss) >> 20 if rss else None},
+                        "p99": round(1000 * pct(tpot, 0.99), 1)},
+            "latency_s": {"p50": round(pct(latency, 0.5), 3), "p99": round(pct(latency, 0.99), 3)},
+            "server_rss_mib": {"ready": rss_ready >> 20, "peak": max(rss) >> 20},
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         }
     finally:
@@ -202,7 +209,7 @@ def screenshot(ir: Path, path: Path) -> None:
 
     import tempfile
 
-    proc, port = start_server(ir, 1, ir.name)
+    proc, port = start_server(ir, "batch", 1, ir.name)
     with tempfile.TemporaryDirectory() as profile:
         driver = chromium(profile)
         try:
@@ -224,15 +231,34 @@ def screenshot(ir: Path, path: Path) -> None:
             proc.wait(timeout=60)
 
 
+def ratios(levels: list[dict]) -> dict:
+    """Throughput at each level over one client, per engine; new engine over old, per level."""
+    by = {(lv["engine"], lv["concurrency"]): lv for lv in levels}
+    out = {}
+    for (engine, level), lv in by.items():
+        one = by.get((engine, 1))
+        if one:
+            out[f"{engine}_x{level}_over_x1"] = round(lv["throughput_tok_s"] /
+                                                      one["throughput_tok_s"], 2)
+        old = by.get(("pipelines", level))
+        if engine == "batch" and old:
+            out[f"batch_over_pipelines_at_{level}"] = round(lv["throughput_tok_s"] /
+                                                            old["throughput_tok_s"], 2)
+            out[f"peak_rss_batch_over_pipelines_at_{level}"] = round(
+                lv["server_rss_mib"]["peak"] / old["server_rss_mib"]["peak"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/serve-bench", help="where the model and IR go")
     parser.add_argument("--ir", help="use this IR instead of building the 0.5B shape")
-    parser.add_argument("--levels", default="1,2,4")
-    parser.add_argument("--requests", type=int, default=12, help="requests per level")
-    parser.add_argument("--workers", type=int, help="server --max-concurrency (default: the level)")
+    parser.add_argument("--levels", default="1,2,4,8")
+    parser.add_argument("--engines", default="batch,pipelines")
+    parser.add_argument("--requests-per-client", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--output", default=str(HERE / "results" / "serve_load.json"))
+    parser.add_argument("--faults", action="store_true", help="also run the fault storm")
+    parser.add_argument("--output", default=str(HERE / "results" / "serve_load_engines.json"))
     parser.add_argument("--screenshot", help="also save a PNG of the chat page here")
     parser.add_argument("--screenshot-ir", help="the IR the page serves for the screenshot "
                         "(default: the benchmark's)")
@@ -250,12 +276,18 @@ def main() -> None:
     print(f"IR: {ir} ({how}, {build_s:.0f} s)")
     if args.prepare_only:
         return
-    levels = [run_level(ir, int(n), args.requests, args.max_tokens, args.workers)
-              for n in args.levels.split(",") if n]
-    for lv in levels:
-        print(f"concurrency {lv['concurrency']}: {lv['throughput_tok_s']} tok/s, TTFT p50 "
-              f"{lv['ttft_s']['p50']} s p95 {lv['ttft_s']['p95']} s, TPOT p50 "
-              f"{lv['tpot_ms']['p50']} ms p95 {lv['tpot_ms']['p95']} ms, errors {len(lv['errors'])}")
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    levels = []
+    # Engines alternate within each level, so a change in the machine's load hits both alike.
+    for n in [int(x) for x in args.levels.split(",") if x]:
+        for engine in args.engines.split(","):
+            lv = run_level(ir, engine, n, args.requests_per_client, args.max_tokens)
+            levels.append(lv)
+            print(f"{engine:9} x{n}: {lv['throughput_tok_s']} tok/s, TTFT p50 "
+                  f"{lv['ttft_s']['p50']} s p99 {lv['ttft_s']['p99']} s, TPOT p50 "
+                  f"{lv['tpot_ms']['p50']} ms p99 {lv['tpot_ms']['p99']} ms, peak RSS "
+                  f"{lv['server_rss_mib']['peak']} MiB, errors {len(lv['errors'])}, load "
+                  f"{lv['loadavg_before'][0]:.2f}", flush=True)
     result = {
         "benchmark": "serve_load", "label": "random weights, speed only",
         "model": "Qwen1.5-0.5B-Chat shape (benchmarks/shapes.py), INT4" if not args.ir
@@ -263,17 +295,27 @@ def main() -> None:
         "ir_made_by": how, "ir_build_s": round(build_s, 1),
         "weights_bytes": (ir / "openvino_model.bin").stat().st_size,
         "command": " ".join([sys.executable, *sys.argv]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": started, "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "threads": "OpenVINO default (all cores) per pipeline"},
         "note": "shared 2-core machine: other engineers' jobs ran at the same time (see loadavg)",
-        "versions": package_versions(), "levels": levels,
+        "prompts": "distinct per request (a serial number first), same length",
+        "versions": package_versions(("openvino", "openvino-genai", "openvino-tokenizers",
+                                      "uvicorn", "fastapi")),
+        "levels": levels, "ratios": ratios(levels), "faults": None,
     }
-    if levels:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    if args.faults:  # after the levels are safely written
+        sys.path.insert(0, str(HERE))
+        import serve_faults
+
+        result["faults"] = serve_faults.storm_server(ir)
+        print("faults:", json.dumps(result["faults"]), flush=True)
         out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-        print(f"wrote {out}")
+    print("ratios:", json.dumps(result["ratios"]))
+    print(f"wrote {out}")
     if args.screenshot:
         screenshot(Path(args.screenshot_ir) if args.screenshot_ir else ir, Path(args.screenshot))
 

@@ -36,6 +36,7 @@ COMMANDS = (
     ("bench", "tangquant.bench"),
     ("chat", "tangquant.chat"),
     ("serve", "tangquant.serve"),
+    ("ovms-repo", "tangquant.ovms_repo"),
     ("run", "tangquant.pipeline"),
     ("demo", "tangquant.demo"),
     ("clean", "tangquant.clean"),

@@ -27,14 +27,15 @@ MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes; refuse anything t
 
 def param(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
           short: str | None = None, negative: str | None = None, choices: tuple | None = None,
-          metavar: str | None = None, repeat: bool = False):
+          metavar: str | None = None, repeat: bool = False, alias: str | None = None):
     """A stage parameter: its default, help text and, where it differs from ``--name``, its flag.
 
     ``negative`` names the flag that sets a boolean to False (``--asym`` for ``use_sym``);
-    ``repeat`` makes a tuple field a repeatable flag instead of a comma list.
+    ``repeat`` makes a tuple field a repeatable flag instead of a comma list; ``alias`` is an
+    older name of the parameter still accepted as a flag and a recipe key.
     """
     meta = {"help": help, "flag": flag, "short": short, "negative": negative, "choices": choices,
-            "metavar": metavar, "repeat": repeat}
+            "metavar": metavar, "repeat": repeat, "alias": alias}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -76,6 +77,8 @@ def add_flags(parser, cls: type, recipe_help: str | None = None, recipe_flag: bo
         meta = f.metadata
         kind, elem = _unwrap(hints[f.name])
         names = [flag_name(f)] + ([meta["short"]] if meta.get("short") else [])
+        if meta.get("alias"):
+            names.append("--" + meta["alias"].replace("_", "-"))
         shown = "" if f.default in (None, (), dataclasses.MISSING) else f" (default {_shown(f.default)})"
         kwargs = {"dest": f.name, "default": None, "help": (meta.get("help") or "") + shown}
         if kind is bool and meta.get("negative"):
@@ -160,6 +163,8 @@ def from_dict(cls: type[T], data: dict, source: str = "recipe") -> T:
     if not isinstance(data, dict):
         raise RecipeError(f"{source} must be a mapping of keys to values")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    aliases = {f.metadata["alias"]: f.name for f in fields.values() if f.metadata.get("alias")}
+    data = {aliases.get(k, k): v for k, v in data.items()}
     unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         raise RecipeError(f"{source}: unknown key(s) {', '.join(unknown)[:200]}; "

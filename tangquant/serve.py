@@ -1,11 +1,17 @@
 """Serve an exported OpenVINO model: an OpenAI-compatible API and a web chat page.
 
 Routes: POST /v1/chat/completions and /v1/completions (streaming SSE ending in
-`data: [DONE]`, or one JSON reply with `usage`), GET /v1/models, GET /health,
-and the chat page at /. Generation runs on openvino-genai's LLMPipeline, one
-pipeline per worker (--max-concurrency); up to --queue-size more requests
-wait, and beyond that the server answers 429 with Retry-After. A generation
-stops when its client disconnects or its --timeout passes.
+`data: [DONE]`, or one JSON reply with `usage`; `response_format` json_schema and
+json_object), GET /v1/models, GET /health, GET /metrics (Prometheus), and the
+chat page at /. Generation runs on one openvino-genai ContinuousBatchingPipeline
+shared by all requests: --max-num-seqs sequences at once (--max-concurrency is
+its old name), up to --queue-size more requests wait, and beyond that the server
+answers 429 with Retry-After. The scheduler flags carry OpenVINO Model Server's
+names. A generation stops when its client disconnects or its --timeout passes.
+
+--adapter NAME=DIR (repeatable) serves a peft LoRA adapter on the same base IR:
+a request with "model": NAME gets it, applied at run time (scale lora_alpha/r).
+--ray deploys the same app on Ray Serve with --replicas N engines.
 
 The server listens on 127.0.0.1 unless --allow-public is given. Give an API
 key through the TANGQUANT_API_KEY environment variable (or --api-key, which
@@ -13,7 +19,8 @@ other users can see in `ps`); every /v1 route then needs
 `Authorization: Bearer KEY`.
 
 Example:
-  TANGQUANT_API_KEY=secret tangquant serve --model out/ov --port 8000
+  TANGQUANT_API_KEY=secret tangquant serve --model out/ov --port 8000 \
+      --adapter tang=saves/tang-lora --max-num-seqs 8
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import logging
 import os
 
 from tangquant import load, recipe
+from tangquant.errors import ServeError
 from tangquant.server.config import API_KEY_ENV, ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -48,15 +56,38 @@ def run(args) -> dict:
 
 def serve(model, params: ServeConfig | None = None, **overrides) -> None:
     """Serve ``model`` until interrupted (Ctrl-C or SIGTERM)."""
-    server = prepare(model, params, **overrides)
-    cfg = server.config
-    print(f"serving {server.model_name} at {server.url} ({cfg.max_concurrency} worker(s), queue "
-          f"{cfg.queue_size}, API key {'required' if cfg.api_key else 'not required'})", flush=True)
+    cfg = recipe.resolve(ServeConfig, params, overrides)
+    if cfg.ray:
+        return _serve_on_ray(model, cfg)
+    server = prepare(model, cfg)
+    engine = server.engine
+    models = ", ".join(engine.models())
+    print(f"serving {models} at {server.url} ({cfg.engine} engine, {cfg.max_num_seqs} "
+          f"sequence(s), queue {cfg.queue_size}, API key "
+          f"{'required' if cfg.api_key else 'not required'})", flush=True)
+    if getattr(engine, "plan_", None) is not None:
+        logger.info("%s", engine.plan_.describe())
+    if engine.properties:
+        logger.info("OpenVINO properties: %s", ", ".join(f"{k}={v}" for k, v in
+                                                         sorted(engine.properties.items())))
     try:
         server.run()
     except KeyboardInterrupt:
         pass  # uvicorn has already shut down gracefully, then re-raised Ctrl-C / SIGTERM
     logger.info("server stopped")
+
+
+def _serve_on_ray(model, cfg: ServeConfig) -> None:
+    from tangquant.server import runner
+
+    runner.check_exposure(cfg)
+    md = load.inspect(model, kinds=("ir",))
+    try:
+        from tangquant.server import ray_app  # Ray Serve: the [ray] extra
+    except ImportError as exc:
+        raise ServeError(f"--ray needs Ray Serve ({exc.name} is missing): "
+                         "pip install 'tangquant[ray]'") from None
+    ray_app.serve_forever(md.path, cfg)
 
 
 def prepare(model, params: ServeConfig | None = None, **overrides):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from importlib import resources
@@ -20,7 +22,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from tangquant.server import structured
 from tangquant.server.engine import Engine
+from tangquant.server.metrics import CONTENT_TYPE, CountRequests, Metrics
+from tangquant.server.protocol import LOOPBACK_HOSTS, HostGuard
 from tangquant.server.schema import (ApiError, Request, chat_request, check_key,
                                     completion_request, read_body)
 
@@ -68,25 +73,37 @@ def _sse(data) -> bytes:
 
 class Api:
     """Route handlers bound to one engine and one optional key."""
-    def __init__(self, engine: Engine, api_key: str | None):
-        self.engine = engine
+    def __init__(self, engine: Engine, api_key: str | None, metrics: Metrics,
+                 metrics_public: bool = False):
+        self.engine, self.metrics, self.metrics_public = engine, metrics, metrics_public
         self.api_key = api_key.encode("utf-8") if api_key else None
 
-    def model_card(self) -> dict:
-        return {"id": self.engine.name, "object": "model", "created": self.engine.created,
+    def model_card(self, name: str) -> dict:
+        card = {"id": name, "object": "model", "created": self.engine.created,
                 "owned_by": "tangquant", **self.engine.info()}
+        if name != self.engine.name:  # an adapter served on the base (OpenAI's fine-tune fields)
+            card.update(root=self.engine.name, parent=self.engine.name, adapter=True)
+        return card
+
+    def _known(self, model_id: str) -> str:
+        if model_id not in self.engine.models():
+            raise ApiError(404, f"the model '{model_id}' does not exist; this server serves "
+                           f"{', '.join(repr(m) for m in self.engine.models())}", "model",
+                           "model_not_found")
+        return model_id
 
     async def models(self, request):
         check_key(request, self.api_key)
-        return _json({"object": "list", "data": [self.model_card()]})
+        return _json({"object": "list", "data": [self.model_card(m) for m in self.engine.models()]})
 
     async def model(self, request):
         check_key(request, self.api_key)
-        model_id = request.path_params["model_id"]
-        if model_id != self.engine.name:
-            raise ApiError(404, f"the model '{model_id}' does not exist", "model",
-                           "model_not_found")
-        return _json(self.model_card())
+        return _json(self.model_card(self._known(request.path_params["model_id"])))
+
+    async def prometheus(self, request):
+        if not self.metrics_public:
+            check_key(request, self.api_key)
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def chat(self, request):
         return await self._complete(request, chat=True)
@@ -99,20 +116,22 @@ class Api:
         body = await read_body(request)
         parse = chat_request if chat else completion_request
         req = parse(body, self.engine.max_tokens_limit)
-        if req.model is not None and req.model != self.engine.name:
-            raise ApiError(404, f"the model '{req.model}' does not exist; this server serves "
-                           f"'{self.engine.name}'", "model", "model_not_found")
+        structured.refuse_tools(body)
+        schema = structured.response_format(body)
+        model = self._known(req.model) if req.model is not None else self.engine.name
         deadline = self.engine.admit()
         try:
             prompt = (await asyncio.to_thread(self.engine.chat_prompt, req.messages)
                       if chat else req.prompt)
             n_prompt, max_new = await asyncio.to_thread(self.engine.plan, prompt, req.sampling)
-            gen, future = await self.engine.start(prompt, req.sampling, max_new, deadline)
+            gen, future = await self.engine.start(prompt, req.sampling, max_new, deadline,
+                                                  model=model, json_schema=schema,
+                                                  n_prompt=n_prompt)
         except BaseException:
             self.engine.release()
             raise
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-                "created": int(time.time()), "model": self.engine.name}
+                "created": int(time.time()), "model": model}
         if req.stream:
 
             # The background task runs after the response ends, also after a disconnect.
@@ -139,6 +158,8 @@ class Api:
         if result is None or gen.timed_out:
             raise ApiError(504, "the request timed out during generation", code="timeout",
                            type_="timeout_error")
+        if result.error:
+            raise ApiError(503, result.error, code="generation_failed", type_="server_error")
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text,
                                                "refusal": None},
@@ -176,8 +197,12 @@ class Api:
                 result = await future
             if gen.timed_out:
                 raise TimeoutError
-            yield chunk(None, result.finish_reason)
-            if req.include_usage:
+            if result.error:
+                yield _sse(ApiError(503, result.error, code="generation_failed",
+                                    type_="server_error").body())
+            else:
+                yield chunk(None, result.finish_reason)
+            if req.include_usage and not result.error:
                 yield _sse({**meta, "object": obj, "system_fingerprint": None, "choices": [],
                             "usage": _usage(result), "timings": _timings(result)})
         except TimeoutError:
@@ -195,31 +220,6 @@ class Api:
         yield b"data: [DONE]\n\n"
 
 
-class HostGuard:
-    """Answer 400 unless the Host header names this machine's loopback (DNS rebinding).
-
-    A web page elsewhere can make a browser send requests to 127.0.0.1 through a
-    name it controls; such requests carry that name, never a loopback one.
-    """
-
-    def __init__(self, app, hosts: frozenset[str]):
-        self.app, self.hosts = app, hosts
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
-            name = host if host.endswith("]") else host.rsplit(":", 1)[0]
-            if name not in self.hosts:
-
-                error = ApiError(400, "this server answers only to a loopback Host header "
-                                 "(listen with --allow-public to serve other names)",
-                                 code="invalid_host")
-                await JSONResponse(error.body(), status_code=400)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 
 
 async def _wait_disconnect(request) -> None:
@@ -231,12 +231,17 @@ def _page(name: str) -> bytes:
     return resources.files("tangquant.server").joinpath("web", name).read_bytes()
 
 
-def create_app(engine: Engine, api_key: str | None = None, loopback_only: bool = True):
-    """The ASGI app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``, ``/``.
+def create_app(engine: Engine, api_key: str | None = None, loopback_only: bool = True,
+               metrics_public: bool = False, replica: str | None = None):
+    """The ASGI app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``,
+    ``/metrics``, ``/``.
 
-    ``loopback_only`` refuses requests whose Host header is not a loopback name.
+    ``loopback_only`` refuses requests whose Host header is not a loopback name; ``replica``
+    names this copy of the server in ``/health`` (Ray Serve runs several).
     """
-    api = Api(engine, api_key)
+    metrics = Metrics(engine)
+    api = Api(engine, api_key, metrics, metrics_public)
+    replica = replica or f"{socket.gethostname()}:{os.getpid()}"
     pages = {name: _page(name) for name in ("index.html", *WEB_FILES)}
     app = FastAPI(title="tangquant", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -257,7 +262,7 @@ def create_app(engine: Engine, api_key: str | None = None, loopback_only: bool =
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **engine.status()}
+        return {"status": "ok", "replica": replica, **engine.status()}
 
     @app.get("/")
     async def index():
@@ -279,6 +284,8 @@ def create_app(engine: Engine, api_key: str | None = None, loopback_only: bool =
     app.add_route("/v1/models/{model_id:path}", api.model, methods=["GET"])
     app.add_route("/v1/chat/completions", api.chat, methods=["POST"])
     app.add_route("/v1/completions", api.completions, methods=["POST"])
+    app.add_route("/metrics", api.prometheus, methods=["GET"])
     if loopback_only:
         app.add_middleware(HostGuard, hosts=LOOPBACK_HOSTS)
+    app.add_middleware(CountRequests, metrics=metrics, replica=replica)
     return app

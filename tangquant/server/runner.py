@@ -25,9 +25,10 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tangquant.errors import ServeError
+from tangquant.server import adapters as lora
+from tangquant.server import sizing
 from tangquant.server.api import create_app
 from tangquant.server.config import API_KEY_ENV, ServeConfig
-from tangquant.server.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Server:
         _raise_open_files_limit()
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                 server_header=False, timeout_keep_alive=5,
-                                timeout_graceful_shutdown=5, http=protocol)
+                                timeout_graceful_shutdown=5, http=protocol, loop="asyncio")
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -146,13 +147,29 @@ class Server:
             self._thread.join(timeout=30)
 
 
+def open_engine(model_dir, cfg: ServeConfig, name: str):
+    """The engine ``cfg.engine`` names, with the IR's runtime options and ``--ov-config``."""
+    props, skipped = sizing.plugin_properties(model_dir, cfg.device, cfg.ov_properties())
+    for key, why in skipped.items():  # e.g. optimum's ACTIVATIONS_SCALE_FACTOR, a GPU hint
+        logger.debug("runtime option %s left out: %s", key, why)
+    if cfg.engine == "pipelines":
+        from tangquant.server.pool import PoolEngine
+
+        return PoolEngine(model_dir, name, cfg, props)
+    from tangquant.server.batch import BatchEngine
+
+    loaded = lora.load(cfg.adapters(), model_dir, taken=(name,))
+    return BatchEngine(model_dir, name, cfg, props, loaded)
+
+
 def build(model_dir, cfg: ServeConfig, **timeouts) -> Server:
-    """Bind the socket, load the model; return a :class:`Server` (the socket is closed on failure)."""
+    """Bind the socket, load the model; return a :class:`Server` (the socket is closed on failure).
+
+    ``timeouts``: ``head_timeout``/``body_timeout`` seconds for a connection's request to arrive."""
     name = cfg.model_name or model_dir.name
     sock = bind(cfg.host, cfg.port)
     try:
-        engine = Engine(model_dir, name, cfg.max_concurrency, cfg.queue_size, cfg.max_tokens_limit,
-                        cfg.timeout, cfg.device)
+        engine = open_engine(model_dir, cfg, name)
     except RuntimeError as exc:  # openvino's load errors
         sock.close()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -160,7 +177,8 @@ def build(model_dir, cfg: ServeConfig, **timeouts) -> Server:
     except BaseException:
         sock.close()
         raise
-    app = create_app(engine, cfg.api_key, loopback_only=cfg.loopback)
+    app = create_app(engine, cfg.api_key, loopback_only=cfg.loopback,
+                     metrics_public=cfg.metrics_public)
     return Server(engine, app, sock, name, cfg, **timeouts)
 
 

@@ -9,6 +9,7 @@ reaches the pipeline and never takes the server down.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -19,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from tangquant.generate import MAX_STOP, Sampling, SamplingError
 
 MAX_BODY_BYTES = 1 << 20
+BODY_TIMEOUT_S = 30.0
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -95,11 +97,15 @@ async def read_body(request) -> dict:
 
     raw = bytearray()
     try:
-        async for chunk in request.stream():  # also caps a chunked body with no Content-Length
-            raw += chunk
-            if len(raw) > MAX_BODY_BYTES:
-                raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
-                               code="request_too_large")
+        async with asyncio.timeout(BODY_TIMEOUT_S):  # a body sent slowly holds no place forever
+            async for chunk in request.stream():  # also caps a chunked body with no length
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:
+                    raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
+                                   code="request_too_large")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+                       code="request_timeout") from None
     except ClientDisconnect:
         raise ApiError(400, "the client disconnected while sending the body",
                        code="incomplete_body") from None
