@@ -137,17 +137,23 @@ def _worker(spec: dict, python: str, timeout_s: int) -> dict:
                PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])))
     cmd = [python, "-m", "tangquant.measure.worker", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
+        # The worker's stderr (its per-repetition lines, its libraries' noise) goes to the log
+        # at -v, not between the progress bars.
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {timeout_s} s"}
     except OSError as exc:
         return {"ok": False, "error": f"cannot start {python}: {exc.strerror or exc}"}
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    for line in errors:
+        logger.debug("worker %s: %s", spec.get("kind", spec.get("op")), line)
     lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{")]
     try:
         return json.loads(lines[-1])
     except (IndexError, ValueError):
-        return {"ok": False, "error": f"worker exited with code {proc.returncode} and no result"}
+        last = f": {errors[-1][:300]}" if errors else ""
+        return {"ok": False, "error": f"worker exited with code {proc.returncode} and no result{last}"}
 
 
 def _bandwidth(threads: int, nbytes: int, timeout_s: int) -> dict:

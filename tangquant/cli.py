@@ -13,10 +13,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
 import traceback
+import warnings
+
+from tqdm import tqdm
 
 from tangquant import __version__, recipe
 from tangquant.errors import TangquantError, first_line
@@ -66,21 +70,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries that log through their own handlers (not propagating to the root logger), so their
+# level is set on them; the others are held back by the console handler's filter.
+OWN_HANDLERS = ("neural_compressor", "nncf", "transformers", "datasets", "evaluate", "torch")
+# Libraries that set their loggers' level again when they are imported (inside a stage, after
+# cli.main has configured logging) read it from these variables then: (default, with -v).
+# A value the user set is kept.
+IMPORT_TIME_LEVELS = {"TORCH_LOGS": ("-torch", None), "TRANSFORMERS_VERBOSITY": ("error", "info"),
+                      "DATASETS_VERBOSITY": ("error", "info"), "EVALUATE_VERBOSITY": ("error", "info")}
+
+
 def _configure_logging(verbose: bool, quiet: bool) -> None:
+    """tangquant's own lines at INFO (WARNING with -q, DEBUG with -v); everything else only with -v.
+
+    Third-party warnings and logs (torch, torchao, INC, transformers, NNCF, optimum, OpenVINO,
+    lm_eval) are filtered where they come from — their loggers and Python's warning filters —
+    and shown, at INFO, with -v. Log lines go through tqdm so they never break a progress bar.
+    """
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    # Third-party libraries are chatty at INFO; keep their warnings only. INC sets its
-    # logger's level again when it is first imported (later, inside a stage), so a
-    # filter holds the threshold; the previous call's filter is replaced.
-    floor = logging.DEBUG if verbose else logging.WARNING
-    for noisy in ("neural_compressor", "autoround", "nncf", "transformers", "optimum", "urllib3", "httpx"):
-        lg = logging.getLogger(noisy)
+    floor = logging.INFO if verbose else logging.ERROR  # for third-party records
+    handler = _Console()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s" if verbose else "%(message)s"))
+    handler.addFilter(_Ours(floor))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    for name in OWN_HANDLERS:
+        lg = logging.getLogger(name)
         lg.setLevel(floor)
+        # INC sets its logger's level again when it is first imported (later, inside a stage),
+        # so a filter holds the threshold; the previous call's filter is replaced.
         for f in [f for f in lg.filters if isinstance(f, _Floor)]:
             lg.removeFilter(f)
         lg.addFilter(_Floor(floor))
     for noisy in IMPORT_NOISE:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    for var, values in IMPORT_TIME_LEVELS.items():
+        if values[verbose] is not None:
+            os.environ.setdefault(var, values[verbose])
+    if verbose:
+        warnings.simplefilter("default")
+    else:
+        warnings.filterwarnings("ignore")  # every library's warnings (TracerWarning, deprecations) …
+        warnings.filterwarnings("default", module=r"tangquant(\.|$)")  # … but tangquant's own
+
+
+class _Console(logging.Handler):
+    """Writes to stderr through tqdm, which clears the bars above the line and redraws them."""
+
+    def emit(self, record) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 (logging's own contract: never raise from emit)
+            self.handleError(record)
+
+
+class _Ours(logging.Filter):
+    """tangquant's records at the configured level; other libraries' only from ``floor`` up."""
+
+    def __init__(self, floor: int):
+        super().__init__()
+        self.floor = floor
+
+    def filter(self, record) -> bool:
+        ours = record.name == "tangquant" or record.name.startswith(("tangquant.", "__main__"))
+        return ours or record.levelno >= self.floor
 
 
 class _Floor(logging.Filter):

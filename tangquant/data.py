@@ -148,6 +148,9 @@ class DataParams:
     eval_fraction: float = param(0.02, "share held out for eval")
     calib_fraction: float = param(0.01, "share held out for quantization calibration")
     seed: int = param(0, "salt of the split hash")
+    lm_eval_items: int = param(0, "also write lm-evaluation-harness tasks (tang_nextline, tang_couplet; "
+                               "both scripts) of up to N eval-split poems each into OUTPUT/lm_eval",
+                               metavar="N")
 
     def __post_init__(self):
         require(self.script in SCRIPTS, f"script must be one of {', '.join(SCRIPTS)}, got {self.script!r}")
@@ -158,6 +161,7 @@ class DataParams:
                 "eval_fraction + calib_fraction must leave some training data")
         require(self.max_samples is None or self.max_samples >= 1,
                 f"max_samples must be positive, got {self.max_samples}")
+        require(self.lm_eval_items >= 0, f"lm_eval_items must be 0 or positive, got {self.lm_eval_items}")
 
 
 PARAMS = DataParams
@@ -176,9 +180,12 @@ def data(poetry, output, params: DataParams | None = None, force: bool = False, 
     t2s = _converter("t2s")
     convert = t2s.convert if p.script == "simplified" else (lambda s: s)
     records: dict[str, list] = {s: [] for s in SPLITS}
+    held = []
     for u, poem in hashed:
-        records[split_of(u, p.eval_fraction, p.calib_fraction)].append(
-            make_pair(poem, u, convert, t2s.convert))
+        split = split_of(u, p.eval_fraction, p.calib_fraction)
+        records[split].append(make_pair(poem, u, convert, t2s.convert))
+        if split == "eval":
+            held.append(poem)
     if not records["train"]:
         raise CalibrationError(f"no usable poems in {poetry} after cleaning ({stats})")
     counts = {s: len(r) for s, r in records.items()}
@@ -186,11 +193,30 @@ def data(poetry, output, params: DataParams | None = None, force: bool = False, 
         _write_splits(tmp, records)
         inputs = {"poetry": str(Path(poetry).resolve()), "files": len(paths),
                   "sha256": _corpus_digest(paths)}
+        if p.lm_eval_items:
+            counts["lm_eval"] = _write_tasks(tmp / "lm_eval", held, p, t2s.convert)
         files.write_manifest(tmp, "data", dataclasses.asdict(p), inputs, {**stats, **counts})
+    tasks = (f"; lm_eval tasks of {min(counts['lm_eval'].values())} items in {out / 'lm_eval'}"
+             if counts.get("lm_eval") else "")
     summary = (f"{out}: {counts['train']} train / {counts['eval']} eval / {counts['calib']} calib pairs "
                f"({p.script}; kept {stats['kept']} of {stats['read']} poems), "
-               f"{files.human_size(files.dir_size(out))}")
+               f"{files.human_size(files.dir_size(out))}{tasks}")
     return {"output": str(out), "counts": counts, "stats": stats, "script": p.script, "summary": summary}
+
+
+def _write_tasks(out: Path, held: list[dict], p: DataParams, t2s) -> dict:
+    """The lm_eval task set of the eval split (see ``tangquant.lmtasks``); {task: items}."""
+    from tangquant import lmtasks
+
+    out.mkdir()
+    items = lmtasks.build_items(held, p.lm_eval_items, p.seed, form_of)
+    source = (f"the {len(held)} poems of the eval split (seed {p.seed}, eval fraction "
+              f"{p.eval_fraction}) of {p.max_samples or 'all'} clean poems")
+    counts = lmtasks.write_task_dir(out, items, t2s, source)
+    if min(counts.values(), default=0) < p.lm_eval_items:
+        logger.warning("lm_eval tasks: only %s items (of %d asked) from %d held-out poems; raise "
+                       "--eval-fraction for more", min(counts.values(), default=0), p.lm_eval_items, len(held))
+    return counts
 
 
 def _write_splits(tmp: Path, records: dict) -> None:

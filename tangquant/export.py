@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from tangquant import files, recipe
+from tangquant import card, files, recipe
+from tangquant.card import check_base_model_id
 from tangquant.gptq import GPTQCheckpoint
 from tangquant.recipe import param, require
 
@@ -32,12 +33,16 @@ EMBEDDINGS = ("int8", "fp16")
 class ExportParams:
     format: str = param("openvino", "export format", choices=FORMATS)
     embeddings: str = param("int8", "precision of the embeddings and lm_head", choices=EMBEDDINGS)
+    base_model_id: str | None = param(None, "Hub id of the base for the model card's base_model (e.g. "
+                                      "Qwen/Qwen1.5-7B-Chat); default: the one the checkpoint's card names",
+                                      metavar="ORG/NAME")
 
     def __post_init__(self):
         require(self.format in FORMATS, f"unknown export format {self.format!r}; choose from "
                 f"{', '.join(FORMATS)}")
         require(self.embeddings in EMBEDDINGS, f"embeddings must be one of {', '.join(EMBEDDINGS)}, "
                 f"not {self.embeddings!r}")
+        check_base_model_id(self.base_model_id)
 
 
 PARAMS = ExportParams
@@ -62,7 +67,8 @@ def export(model, output, params: ExportParams | None = None, force: bool = Fals
     out = files.check_output(output, [ckpt.path], force)
     build.check_exportable(ckpt)
     with files.atomic_output_dir(out, force) as tmp:
-        metrics = build.write_ir_dir(ckpt, tmp, embeddings=p.embeddings)
+        metrics = build.write_ir_dir(ckpt, tmp, embeddings=p.embeddings,
+                                     lineage=card.lineage(ckpt.path, p.base_model_id))
     summary = (f"{out}  {files.human_size(metrics['size_bytes'])}  {metrics['int4_layers']} INT4 layers, "
                f"{metrics['int4_constants_checked']} constants equal to the checkpoint's  "
                f"({metrics['seconds']:.0f} s)")

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tangquant import checkpoint, files, lora, recipe
+from tangquant import card, checkpoint, files, lora, recipe
+from tangquant.card import check_base_model_id
 from tangquant.errors import AdapterError, InputError
 from tangquant.recipe import param, require
 
@@ -49,11 +50,15 @@ class MergeParams:
                         "the merged model (fp32: needs 4 bytes of RAM per parameter)", metavar="N")
     allow_pickle: bool = param(False, "accept .bin (pickle) weights, loaded with "
                                "torch.load(weights_only=True)")
+    base_model_id: str | None = param(None, "Hub id of the base for the model card's base_model (e.g. "
+                                      "Qwen/Qwen1.5-7B-Chat); default: the adapter's "
+                                      "base_model_name_or_path when it is one", metavar="ORG/NAME")
 
     def __post_init__(self):
         require(self.dtype == "auto" or self.dtype in DTYPES,
                 f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         require(self.verify >= 0, f"verify must be 0 or a positive number of prompts, got {self.verify}")
+        check_base_model_id(self.base_model_id)
 
 
 PARAMS = MergeParams
@@ -112,6 +117,7 @@ def merge(model, adapter, output, params: MergeParams | None = None, force: bool
         metrics["peak_rss_bytes"] = files.peak_rss_bytes()
         files.write_manifest(tmp, "merge", _parameters(lcfg, p, out_dtype),
                              _inputs(base, adir, a_file, raw_cfg), metrics)
+        _write_card(tmp, base, adir, raw_cfg, lcfg, p, config, metrics)
     line = f"merged {out} ({files.human_size(metrics['output_bytes'])}): {merged} tensors merged"
     if p.verify:
         line += f", max |Δlogit| {metrics['max_abs_logit_delta']:.2e} over {p.verify} prompts"
@@ -199,15 +205,37 @@ def _verify(base: Path, adir: Path, merged_dir: Path, n: int, vocab) -> float:
     ids = [_render(tok, VERIFY_PROMPTS[i % len(VERIFY_PROMPTS)]) for i in range(n)]
     logger.info("verify: %d prompts through peft base+adapter and the merged model (fp32)", n)
     with torch.no_grad():
-        model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         if vocab is not None:
             model.resize_token_embeddings(vocab)
         model = PeftModel.from_pretrained(model, str(adir)).eval()
         ref = [model(x).logits for x in ids]
         del model
         gc.collect()
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir, torch_dtype=torch.float32).eval()
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
         return max(float((merged(x).logits - r).abs().max()) for x, r in zip(ids, ref))
+
+
+def _write_card(tmp: Path, base: Path, adir: Path, raw_cfg: dict, lcfg, p: MergeParams, config: dict,
+                metrics: dict) -> None:
+    lin = card.lineage(base, p.base_model_id, adapter_base=raw_cfg.get("base_model_name_or_path"))
+    tags = ["lora", "merged", "peft"] + ([config["model_type"]] if config.get("model_type") else [])
+    name = lin.get("base_model") or base.name
+    targets = lcfg.target_modules
+    targets = ", ".join(sorted(targets)) if isinstance(targets, (set, list)) else str(targets)
+    verify = (f"\nChecked: the logits of {p.verify} prompts through peft base + adapter and through the "
+              f"merged model (fp32) differ by at most {metrics['max_abs_logit_delta']:.2e}.\n"
+              if "max_abs_logit_delta" in metrics else "")
+    body = f"""# {files.final_name(tmp)} — {name} with its LoRA merged
+
+Full-precision weights: the LoRA adapter `{adir.name}` (r {lcfg.r}, alpha {lcfg.lora_alpha},
+targets {targets}) folded into `{name}` by `tangquant merge`, exactly as peft merges it (deltas
+added in fp32), shard by shard; {metrics['tensors_merged']} tensors changed. It loads like its base
+(`AutoModelForCausalLM.from_pretrained`), with the base's tokenizer and chat template.
+{verify}
+Quantize it with `tangquant quantize --model THIS_DIR --output OUT --recipe recipes/int4-gptq-g128.yaml`.
+"""
+    card.write(tmp, card.front_matter(lin, "finetune", card.LIBRARY["hf"], tags), body)
 
 
 def _parameters(lcfg, p: MergeParams, out_dtype) -> dict:

@@ -24,6 +24,7 @@ import logging
 import time
 from pathlib import Path
 
+from tangquant import card as hub_card
 from tangquant import checkpoint, files, load, recipe
 from tangquant.calib import builtin_documents, load_documents, pack, split_documents
 from tangquant.errors import ParameterError
@@ -72,6 +73,7 @@ def quantize(model, output, params: QuantRecipe | str | Path | None = None, expo
         build.check_settings(r.bits, r.act_order, src.path, f"--bits {r.bits} --export {export}")
     tokenizer = load.tokenizer(src)
     packed, held, calib_note = _calibration(r, tokenizer)
+    lineage = hub_card.lineage(src.path, r.base_model_id)  # after the checks: it may log why there is none
     logger.info("calibration: %s", calib_note)
     t0 = time.perf_counter()
     with files.atomic_output_dir(out, force) as tmp:
@@ -85,10 +87,11 @@ def quantize(model, output, params: QuantRecipe | str | Path | None = None, expo
         if export is not None:
             from tangquant.ov import build
 
-            build.write_ir_dir(GPTQCheckpoint.open(tmp), tmp / "openvino", embeddings="int8")
+            build.write_ir_dir(GPTQCheckpoint.open(tmp), tmp / "openvino", embeddings="int8",
+                               lineage=lineage)
         metrics = _metrics(r, counts, fidelity, t_quant, time.perf_counter() - t0, packed, calib_note,
                            qc["checkpoint_format"])
-        card.write_card(tmp, src.path, r, metrics)
+        card.write_card(tmp, src.path, r, metrics, lineage)
         card.write_quant_manifest(tmp, src.path, r, metrics)
         size = files.dir_size(tmp)
     metrics.update(size_bytes=size, output=str(out), checkpoint=GPTQCheckpoint.open(out),

@@ -148,3 +148,33 @@ def test_untitled_poem_gets_a_title_line():
             "body": "床前明月光，疑是地上霜。"}
     pair = make_pair(poem, 0.5, lambda s: s, lambda s: s)
     assert pair["output"] == "《无题》\n床前明月光，疑是地上霜。"
+
+
+def test_lm_eval_tasks_are_rebuilt_from_the_eval_split(corpus, tmp_path):
+    """`--lm-eval-items`: both tasks in both scripts, only held-out poems, distractors of the same form."""
+    from tangquant.lmtasks import halves
+
+    result = data(corpus, tmp_path / "d", eval_fraction=0.9, calib_fraction=0.0, lm_eval_items=20)
+    tasks = tmp_path / "d" / "lm_eval"
+    held = "\n\n".join(r["output"] for r in read_splits(tmp_path / "d")["eval"])
+    by_body = {"\n".join(lines): lines for _, _, lines in POEMS}
+    counts = result["counts"]["lm_eval"]
+    assert set(counts) == {f"tang_{t}_{s}" for t in ("nextline", "couplet") for s in ("traditional", "simplified")}
+    read = {name: [json.loads(l) for l in (tasks / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+            for name in counts}
+    assert all(len(read[n]) == counts[n] > 0 for n in counts)
+    for row in read["tang_nextline_traditional"]:
+        body = row["context"].split("\n", 1)[1] + row["target"]
+        assert body in held, row  # a held-out poem, cut at a couplet
+    for row in read["tang_couplet_traditional"]:
+        gold = row["choices"][row["label"]]
+        assert len(set(row["choices"])) == 4 and len({len(c) for c in row["choices"]}) == 1, row
+        lines = next(ls for body, ls in by_body.items() if body in held and any(
+            halves(c) and row["context"].endswith(halves(c)[0]) and halves(c)[1] == gold for c in ls))
+        assert len(lines[0]) == 12  # 五言: the one 七言 poem has no same-form distractors, so no item
+    assert traditional_ratio(r["context"] for r in read["tang_couplet_simplified"]) == 0.0
+    # lm_eval indexes the directory: the four tasks and the two groups.
+    from lm_eval.tasks import TaskManager
+
+    names = set(TaskManager(include_path=str(tasks), include_defaults=False).all_tasks)
+    assert set(counts) | {"tang_nextline", "tang_couplet"} <= names

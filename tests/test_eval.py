@@ -1,4 +1,4 @@
-"""Calibration/evaluation text handling and `tangquant eval` (perplexity, KL divergence, top-1)."""
+"""Calibration/evaluation text handling and `tangquant eval`: llama.cpp's KL block on models and checkpoints."""
 
 from __future__ import annotations
 
@@ -60,37 +60,52 @@ def test_packing_is_seeded_exact_length_and_split_is_disjoint(calib_file, tiny_t
         pack(docs[:1], tiny_tokenizer, 4096, 1, seed=1)
 
 
-def test_a_model_against_itself_has_zero_kld_and_full_agreement(tiny_model_dir, heldout_file):
-    from tangquant.evaluate import evaluate
-
-    m = evaluate(tiny_model_dir, tiny_model_dir, heldout_file, num_samples=2, seq_len=48)
+def test_a_model_against_itself_has_zero_kld_and_full_agreement(capsys, tmp_path, tiny_model_dir,
+                                                                  heldout_file):
+    out = tmp_path / "self.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--reference", str(tiny_model_dir), "--data",
+                 str(heldout_file), "--num-samples", "2", "--seq-len", "48", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads(out.read_text())
     assert m["samples"] == 2 and m["tokens"] == 2 * 47
-    assert m["kld"] < 1e-6 and m["top1_agreement"] == 1.0
-    assert m["ppl_model"] == pytest.approx(m["ppl_reference"], rel=1e-6)
+    assert m["kld"] < 1e-6 and m["kld_max"] < 1e-6 and m["same_top"] == 1.0 and m["same_top_err"] == 0
+    assert m["ppl_ratio"] == pytest.approx(1.0, abs=1e-6) and m["dp_rms"] < 1e-6
     assert 1 < m["ppl_model"] < 2 * 384  # a random model over a 384-token vocabulary
+    # The block as llama-perplexity prints it, on stdout.
+    assert "Same top p: 100.000 ± 0.000 %" in printed and "====== KL divergence statistics ======" in printed
 
 
 def test_eval_cli_reproduces_the_quantize_fidelity_report(capsys, tmp_path, gptq_dir, tiny_model_dir,
                                                           heldout_file):
+    """The layer pass's streamed block equals eval's on the written checkpoint, number by number."""
     report = json.loads((gptq_dir / "tangquant.json").read_text())["metrics"]["fidelity"]
     out = tmp_path / "m.json"
     rc = main(["eval", "--model", str(gptq_dir), "--reference", str(tiny_model_dir), "--data",
                str(heldout_file), "--num-samples", "8", "--seq-len", "64", "--seed", "42",
                "--json", str(out)])
     printed = capsys.readouterr().out
-    assert rc == 0 and "KL(reference || model)" in printed and "top-1 agreement" in printed
+    assert rc == 0 and "Mean    KLD:" in printed and "Mean PPL(Q)/PPL(base)" in printed
     m = json.loads(out.read_text())
     assert m["tokens"] == report["tokens"]
-    for key in ("kld", "ppl_model", "ppl_reference", "top1_agreement"):
-        assert m[key] == pytest.approx(report[key], rel=1e-5), key
-    assert m["kld"] > 0 and m["top1_agreement"] < 1.0
+    keys = [k for k, v in m.items() if isinstance(v, float)]
+    assert {"kld_err", "kld_p99_9", "kld_median", "ppl_ratio_err", "ln_ppl_ratio_err", "dp_rms_err",
+            "same_top_err"} <= set(keys)
+    for key in keys:
+        assert m[key] == pytest.approx(report[key], rel=1e-4, abs=1e-7), key
+    assert m["kld"] > 0 and m["same_top"] < 1.0
+    # quantize's model card shows the same block.
+    card = (gptq_dir / "README.md").read_text(encoding="utf-8")
+    assert f"Mean    KLD: {m['kld']:10.6f}" in card and "Same top p:" in card
 
 
 def test_eval_refuses_bad_inputs(capsys, tmp_path, tiny_model_dir, qv_adapter_dir, heldout_file):
     cases = [(["--model", str(qv_adapter_dir), "--reference", str(tiny_model_dir),
                "--data", str(heldout_file)], "adapter"),
              (["--model", str(tiny_model_dir), "--reference", str(tiny_model_dir),
-               "--data", str(tmp_path / "none.json")], "does not exist")]
+               "--data", str(tmp_path / "none.json")], "does not exist"),
+             (["--model", str(tiny_model_dir), "--reference", str(tiny_model_dir)], "nothing to evaluate"),
+             (["--model", str(tiny_model_dir), "--reference", str(tiny_model_dir), "--tasks", "tang_couplet",
+               "--reference-adapter", str(tmp_path / "no-adapter")], "does not exist")]
     for argv, why in cases:
         assert main(["eval", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -1,8 +1,10 @@
-"""How far a model's next-token distributions drift from a reference's: KL divergence, top-1, perplexity.
+"""How far a model's next-token distributions drift from a reference's, as llama.cpp measures it.
 
-``compare`` takes per-sample log-probabilities of the two models on the same
-tokens and returns the perplexity of both, the mean KL(reference || model) and
-its max, and the top-1 agreement; ``logprobs`` runs any model whose
+:func:`token_values` turns the log-probabilities of the two models on the same
+tokens into the per-token numbers ``llama-perplexity --kl-divergence`` works
+from (each model's NLL, KL(reference ‖ model), Δp of the token that came,
+same top token); :func:`compare` gathers them and returns the whole block
+(:mod:`tangquant.measure.klstats`); :func:`logprobs` runs any model whose
 ``model(input_ids=...).logits`` works (PyTorch or optimum-intel's OpenVINO
 model) over the samples.
 """
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from tangquant import checkpoint, load
 from tangquant.errors import InputError, NumericalError
+from tangquant.measure.klstats import TokenStats
 
 _PATHS = (str, Path, load.ModelDir)
 
@@ -37,60 +40,47 @@ def logprobs(model, samples, desc: str) -> list:
     return out
 
 
+def token_values(model_lp, ref_lp, targets) -> dict:
+    """Per-token values of ``model_lp`` against ``ref_lp`` ([n, vocab] log-probabilities) for
+    the tokens that came, ``targets`` [n]: the keyword arguments of ``TokenStats.add``."""
+    if model_lp.shape != ref_lp.shape:
+        raise InputError(f"the models' vocabularies differ ({model_lp.shape[-1]} vs {ref_lp.shape[-1]})")
+    t = targets.reshape(-1, 1)
+    nll_m = -model_lp.gather(1, t)[:, 0].double()
+    nll_r = -ref_lp.gather(1, t)[:, 0].double()
+    kld = (ref_lp.exp() * (ref_lp - model_lp)).sum(dim=-1)
+    return {"nll_model": nll_m.numpy(), "nll_reference": nll_r.numpy(), "kld": kld.double().numpy(),
+            "p_diff": (torch.exp(-nll_m) - torch.exp(-nll_r)).numpy(),
+            "same_top": (model_lp.argmax(-1) == ref_lp.argmax(-1)).numpy()}
+
+
 def compare(model_lp: list, ref_lp: list, samples: list) -> dict:
-    nll_m = nll_r = kld_sum = kld_max = 0.0
-    agree = n = 0
+    """The llama.cpp KL block of per-sample log-probabilities on ``samples`` (token ids)."""
+    stats = TokenStats()
     for lm, lr, s in zip(model_lp, ref_lp, samples):
-        if lm.shape != lr.shape:
-            raise InputError(f"the models' vocabularies differ ({lm.shape[-1]} vs {lr.shape[-1]})")
-        target = s[1:].unsqueeze(1)
-        nll_m -= float(lm.gather(1, target).sum())
-        nll_r -= float(lr.gather(1, target).sum())
-        kl = (lr.exp() * (lr - lm)).sum(dim=-1).clamp_min(0)
-        kld_sum += float(kl.sum())
-        kld_max = max(kld_max, float(kl.max())) if bool(kl.isfinite().all()) else math.nan
-        agree += int((lm.argmax(-1) == lr.argmax(-1)).sum())
-        n += lm.shape[0]
-    return finite_metrics({"samples": len(samples), "tokens": n, "ppl_model": _exp(nll_m / n),
-                           "ppl_reference": _exp(nll_r / n), "kld": kld_sum / n, "kld_max": kld_max,
-                           "top1_agreement": agree / n})
-
-
-def _exp(x: float) -> float:
-    return math.exp(x) if x < 709 else math.inf  # past that, math.exp raises OverflowError
+        stats.add(**token_values(lm, lr, s[1:]))
+    return finite_metrics(stats.summary(len(samples)))
 
 
 def finite_metrics(metrics: dict) -> dict:
     """``metrics``, refused when a value is NaN or infinite: such a number must never be reported."""
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
-        raise NumericalError(f"the fidelity metrics {', '.join(bad)} are not finite "
-                             f"({', '.join(f'{k}={metrics[k]}' for k in bad)}); a model's "
+        raise NumericalError(f"the fidelity metrics {', '.join(bad[:4])} are not finite "
+                             f"({', '.join(f'{k}={metrics[k]}' for k in bad[:4])}); a model's "
                              "log-probabilities hold NaN or Inf: it is broken (NaN weights?)")
     return metrics
 
 
-def merge_parts(parts: list[dict], samples: int) -> dict:
-    """:func:`compare` results of pieces of the same samples, combined token-weighted."""
-    n = sum(p["tokens"] for p in parts)
-
-    def weighted(key):
-        return sum(p[key] * p["tokens"] for p in parts) / n
-
-    return finite_metrics({"samples": samples, "tokens": n,
-            "ppl_model": math.exp(sum(math.log(p["ppl_model"]) * p["tokens"] for p in parts) / n),
-            "ppl_reference": math.exp(sum(math.log(p["ppl_reference"]) * p["tokens"] for p in parts) / n),
-            "kld": weighted("kld"), "kld_max": max(p["kld_max"] for p in parts),
-            "top1_agreement": weighted("top1_agreement")})
-
-
-def fidelity(model, reference, samples: list) -> dict:
-    """:func:`compare` of ``model`` against ``reference`` (each a path or a loaded model).
+def fidelity(model, reference, samples: list, reference_adapter=None) -> dict:
+    """:func:`compare` of ``model`` against ``reference`` (each a path or a loaded model;
+    ``reference_adapter``: a peft LoRA on a reference path).
 
     Given paths, the reference is run and released before the model is loaded,
     so only one model is in memory at a time.
     """
-    ref = load.logits_model(reference) if isinstance(reference, _PATHS) else reference
+    ref = (load.logits_model(reference, adapter=reference_adapter) if isinstance(reference, _PATHS)
+           else reference)
     ref_lp = logprobs(ref, samples, "eval reference")
     del ref
     gc.collect()

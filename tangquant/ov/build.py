@@ -12,6 +12,7 @@ checkpoint, and openvino-genai generates a token.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import shutil
 import sys
@@ -28,7 +29,7 @@ from optimum.intel import OVConfig
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from tangquant import checkpoint, files, load
+from tangquant import card, checkpoint, files, load
 from tangquant.errors import ExportError, InputError
 from tangquant.gptq import GPTQCheckpoint
 from tangquant.ov import int4, ir
@@ -58,10 +59,15 @@ def check_settings(bits: int, desc_act: bool, tokenizer_dir: Path, where) -> Non
         raise InputError(f"the tokenizer in {tokenizer_dir} has no {ir.IM_END} token (not a ChatML chat model)")
 
 
-def write_ir_dir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8") -> dict:
-    """The IR, its model card and manifest in the existing empty ``out_dir``; returns the metrics."""
+def write_ir_dir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8",
+                 lineage: dict | None = None) -> dict:
+    """The IR, its model card and manifest in the existing empty ``out_dir``; returns the metrics.
+
+    ``lineage`` (``card.lineage``: base model, licence) defaults to what the checkpoint's card says.
+    """
     metrics = write_ir(ckpt, out_dir, embeddings)
-    ir.write_model_card(out_dir, ckpt.path, metrics, embeddings)
+    ir.write_model_card(out_dir, ckpt.path, metrics, embeddings,
+                        card.lineage(ckpt.path) if lineage is None else lineage)
     metrics["size_bytes"] = files.dir_size(out_dir)
     files.write_manifest(out_dir, "export", {"format": "openvino", "embeddings": embeddings},
                          {"model": str(ckpt.path)}, metrics)
@@ -138,11 +144,19 @@ def _check_groups(module: str, layer) -> None:
                          "desc_act checkpoint); OpenVINO INT4 cannot hold them exactly")
 
 
+def _third_party_output():
+    """Where what optimum and NNCF print goes: stderr with -v, nowhere otherwise (stdout
+    carries only the summary line, stderr only tangquant's bars)."""
+    if logger.isEnabledFor(logging.DEBUG):
+        return contextlib.redirect_stdout(sys.stderr)
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 def _trace(hf_dir: Path, ir_dir: Path) -> None:
     # dtype "fp16" also stops optimum-intel from INT8-compressing models over 1B parameters,
     # which would leave nothing for the INT4 compression.
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the summary line
+        with _third_party_output():
             main_export(str(hf_dir), ir_dir, task="text-generation-with-past",
                         ov_config=OVConfig(dtype="fp16"), stateful=True, convert_tokenizer=False,
                         local_files_only=True)
@@ -156,7 +170,7 @@ def _compress(xml: Path, sym: bool, group_size: int, embeddings: str):
     # NNCF logs its statistics table to stdout at INFO; keep it to -v runs.
     nncf.set_log_level(logging.DEBUG if logger.isEnabledFor(logging.DEBUG) else logging.WARNING)
     model = ov.Core().read_model(str(xml))
-    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bar
+    with _third_party_output():  # NNCF's progress bar
         return nncf.compress_weights(model, mode=mode, group_size=group_size, ratio=1.0,
                                      all_layers=False, backup_mode=backup)
 

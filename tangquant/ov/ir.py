@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tangquant import files
+from tangquant import card, files
 from tangquant.errors import InputError, TangquantError
 
 MODEL_XML = "openvino_model.xml"
@@ -61,9 +61,10 @@ def _check_xml(path: Path, data: bytes, error: type[TangquantError]) -> None:
                     "corrupt: copy or export it again") from None
 
 
-def write_model_card(out_dir: Path, source: Path, metrics: dict, embeddings: str) -> None:
+def write_model_card(out_dir: Path, source: Path, metrics: dict, embeddings: str, lineage: dict) -> None:
     mode = metrics["int4_mode"]
     name = files.final_name(source)
+    meta = card.front_matter(lineage, "quantized", card.LIBRARY["ir"], tags=("openvino", "int4", "gptq", "nncf"))
     text = f"""# {name} — OpenVINO INT4 (exact GPTQ integers)
 
 Exported by `tangquant export --format openvino` from the GPTQ checkpoint `{name}`.
@@ -93,4 +94,4 @@ AMX/AVX512-bf16, and dynamic int8 quantization of activations in front of INT4 w
 against the fp32 PyTorch reference, compile with `INFERENCE_PRECISION_HINT=f32` and
 `DYNAMIC_QUANTIZATION_GROUP_SIZE=0`.
 """
-    (out_dir / "README.md").write_text(text, encoding="utf-8")
+    card.write(out_dir, meta, text)

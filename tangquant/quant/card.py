@@ -5,22 +5,23 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from tangquant import card
 from tangquant.files import package_versions, write_manifest
 
 
 def _fidelity_lines(f: dict | None, data: str | None) -> list[str]:
+    from tangquant.measure.klstats import format_block  # numpy: quantize's module stays light
+
     if not f:
         return ["Not measured: no held-out data (give `--calib` with at least 10 documents, "
                 "or `--eval-data`)."]
-    return [f"Held-out data: {data}; {f['samples']} samples, {f['tokens']} predicted tokens.", "",
-            "| metric | value |", "|---|---|",
-            f"| perplexity, quantized | {f['ppl_model']:.4f} |",
-            f"| perplexity, source | {f['ppl_reference']:.4f} |",
-            f"| mean KL(source ‖ quantized), nats/token | {f['kld']:.6f} |",
-            f"| top-1 agreement | {100 * f['top1_agreement']:.2f}% |"]
+    return [f"Held-out data: {data}; {f['samples']} samples, {f['tokens']} predicted tokens. "
+            "The statistics of `llama-perplexity --kl-divergence` (Q: this checkpoint, base: the "
+            "source; KL(source ‖ quantized) in nats/token); `tangquant eval` prints the same block.", "",
+            "```text", *format_block(f), "```"]
 
 
-def write_card(out_dir: Path, source: Path, r, m: dict) -> None:
+def write_card(out_dir: Path, source: Path, r, m: dict, lineage: dict) -> None:
     params = dataclasses.asdict(r)
     lines = [
         f"# {source.name} — INT{r.bits} {r.algo.upper()} (GPTQ layout)", "",
@@ -38,7 +39,9 @@ def write_card(out_dir: Path, source: Path, r, m: dict) -> None:
         "", f"Quantization took {m['seconds_quantize']:.1f} s (peak RSS "
         f"{m['peak_rss_bytes'] / 2**30:.2f} GiB).", "",
     ]
-    (Path(out_dir) / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    meta = card.front_matter(lineage, "quantized", card.LIBRARY["gptq"],
+                             tags=("gptq", f"int{r.bits}", f"{r.bits}-bit", r.algo))
+    card.write(out_dir, meta, "\n".join(lines))
 
 
 def write_quant_manifest(out_dir: Path, source: Path, r, m: dict) -> dict:

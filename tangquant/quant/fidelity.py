@@ -3,15 +3,17 @@
 The driver runs the held-out samples through the source layers (``ref``) and
 the quantized ones (``quant``) as it goes; only the final norm and LM head
 (read from the source) are applied here, ``chunk`` positions at a time, so a
-7B vocabulary's logits are never held for a whole sample and the result equals
-``tangquant eval`` on the written checkpoint.
+7B vocabulary's logits are never held for a whole sample, and only the
+per-token values (:class:`~tangquant.measure.klstats.TokenStats`) are kept. The
+result is the block ``tangquant eval`` reports on the written checkpoint.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tangquant.measure.kl import compare, merge_parts
+from tangquant.measure.kl import finite_metrics, token_values
+from tangquant.measure.klstats import TokenStats
 
 
 def _heads(source, skeleton) -> list:
@@ -34,8 +36,8 @@ def _logits(hidden, weight, rows: int = 16384):
 
 
 def streamed_fidelity(source, skeleton, ref: list, quant: list, held: list, chunk: int = 128) -> dict:
-    """``measure.kl.compare``'s metrics from final hidden states (``source``: a TensorReader)."""
-    parts = []
+    """``measure.kl.compare``'s block from final hidden states (``source``: a TensorReader)."""
+    stats = TokenStats()
     with torch.no_grad():
         heads = _heads(source, skeleton)
         for r, q, ids in zip(ref, quant, held):
@@ -43,5 +45,5 @@ def streamed_fidelity(source, skeleton, ref: list, quant: list, held: list, chun
                 b = min(a + chunk, len(ids) - 1)
                 lps = [torch.log_softmax(_logits(norm(h[:, a:b])[0], w), dim=-1)
                        for (norm, w), h in zip(heads, (r, q))]
-                parts.append(compare([lps[1]], [lps[0]], [ids[a:b + 1]]))
-    return merge_parts(parts, len(held))
+                stats.add(**token_values(lps[1], lps[0], ids[a + 1:b + 1]))
+    return finite_metrics(stats.summary(len(held)))

@@ -63,7 +63,7 @@ def _skeleton(model_dir: Path):
     """The model on the meta device (no memory) and a real rotary embedding."""
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32,
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                  attn_implementation="sdpa")
     rotary = type(model.model.rotary_emb)(config=config)
     return model, rotary

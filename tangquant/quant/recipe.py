@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tangquant.card import check_base_model_id
 from tangquant.errors import QuantizationError
 from tangquant.recipe import param, require
 
@@ -44,6 +45,9 @@ class QuantRecipe:
     eval_data: str | None = param(None, "held-out data for the fidelity report (default: every 10th "
                                   "document of --calib, not used for calibration)")
     eval_samples: int = param(8, "fidelity samples (0 skips)")
+    base_model_id: str | None = param(None, "Hub id of the base for the model card's base_model (e.g. "
+                                      "Qwen/Qwen1.5-7B-Chat); default: the one the input's card names",
+                                      metavar="ORG/NAME")
 
     def __post_init__(self):
         require(self.algo in ALGOS, f"unknown algorithm {self.algo!r}; choose one of {', '.join(ALGOS)}")
@@ -62,6 +66,7 @@ class QuantRecipe:
         require(self.algo != "autoround" or self.use_sym,
                 "--algo autoround writes AutoGPTQ v1, which cannot hold an asymmetric zero point of 0; "
                 "use --sym")
+        check_base_model_id(self.base_model_id)
 
     @property
     def format_version(self) -> int:
