@@ -19,7 +19,8 @@ mkdir -p "$tmp/wheels" "$tmp/site" "$repo/.carry"
 
 # Pure-Python or cp312 wheels. The Xeon image already has torch, numpy, safetensors, accelerate,
 # scipy, scikit-learn, networkx, pandas, pyarrow, rich, tabulate, tqdm, pyyaml, regex, requests,
-# httpx, fsspec, xxhash, psutil, py-cpuinfo, threadpoolctl, onnx, matplotlib.
+# httpx, fsspec, xxhash, psutil, py-cpuinfo, threadpoolctl, onnx, matplotlib, and what building
+# llama-cpp-python needs (cmake, ninja, scikit-build-core, pathspec, jinja2): gguf and diskcache travel.
 wheels=(
   openvino==2026.4.1 openvino-tokenizers==2026.4.1.0 openvino-genai==2026.4.1.0
   openvino-telemetry==2025.2.0 nncf==3.4.0 pydot==4.0.1 optimum==2.1.0 optimum-intel==1.27.0
@@ -27,6 +28,7 @@ wheels=(
   neural-compressor-pt==3.10 prettytable==3.17.0 wcwidth==0.2.14 pydantic==2.12.5
   pydantic-core==2.41.5 annotated-types==0.7.0 typing-inspection==0.4.2 torchao==0.14.1
   peft==0.19.1 datasets==4.4.1 kernels==0.11.7 dill==0.4.0 multiprocess==0.70.18
+  gguf==0.19.0 diskcache==5.6.3
 )
 "$py312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -43,3 +45,12 @@ find "$tmp/site" -name "__pycache__" -prune -exec rm -rf {} +
 rm -rf "$tmp/site"/bin
 tar -cf - -C "$tmp/site" . | xz -6 -T2 > "$repo/.carry/xeon-site.tar.xz"  # ~39 MB
 ls -la "$repo/.carry/xeon-site.tar.xz"
+# llama-cpp-python's source distribution (76.6 MB) without what the build never reads: its git objects,
+# the vendored llama.cpp's models/, docs/, media/, benches/, tests/, web UI and non-CPU backends (~4 MB).
+"$py312" -m pip download -q --no-deps --no-binary :all: -d "$tmp" llama-cpp-python==0.3.36
+tar -xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp"
+src="$tmp/llama_cpp_python-0.3.36"; v="$src/vendor/llama.cpp"
+rm -rf "$src/.git" "$src/examples" "$v"/{models,docs,media,benches,tests} "$v/tools/ui" "$v"/tools/mtmd/test-*.mp4 \
+  "$v"/ggml/src/ggml-{et,metal,hexagon,sycl,vulkan,cuda,opencl,cann,musa,webgpu,zdnn,rpc,blas,openvino,virtgpu,zendnn}
+tar -cf - -C "$tmp" llama_cpp_python-0.3.36 | xz -6 -T2 > "$repo/.carry/llama-cpp-python-src.tar.xz"
+ls -la "$repo/.carry/llama-cpp-python-src.tar.xz"

@@ -64,7 +64,9 @@ def compare(model_lp: list, ref_lp: list, samples: list) -> dict:
 
 def finite_metrics(metrics: dict) -> dict:
     """``metrics``, refused when a value is NaN or infinite: such a number must never be reported."""
-    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    # The KL divergence first: it is the number a reader looks for.
+    bad = sorted((k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)),
+                 key=lambda k: not k.startswith("kld"))
     if bad:
         raise NumericalError(f"the fidelity metrics {', '.join(bad[:4])} are not finite "
                              f"({', '.join(f'{k}={metrics[k]}' for k in bad[:4])}); a model's "
