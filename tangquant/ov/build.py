@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 from tangquant import card, checkpoint, files, load
 from tangquant.errors import ExportError, InputError
 from tangquant.gptq import GPTQCheckpoint
-from tangquant.ov import int4, ir
+from tangquant.ov import int4, ir, runtime
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def write_ir_dir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8",
     ir.write_model_card(out_dir, ckpt.path, metrics, embeddings,
                         card.lineage(ckpt.path) if lineage is None else lineage)
     metrics["size_bytes"] = files.dir_size(out_dir)
-    files.write_manifest(out_dir, "export", {"format": "openvino", "embeddings": embeddings},
+    files.write_manifest(out_dir, "export", {"format": "openvino", "embeddings": embeddings,
+                                             "runtime_options": runtime.export_record()},
                          {"model": str(ckpt.path)}, metrics)
     return metrics
 
@@ -100,6 +101,8 @@ def write_ir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8") -> d
         ov_model = _compress(staging / "ir" / ir.MODEL_XML, sym, ckpt.group_size, embeddings)
         phase(3)
         layers = int4.replace_constants(ov_model, ckpt)
+        # Only the runtime options tangquant chooses: optimum-intel's f16 KV-cache pin is dropped.
+        runtime.set_on_model(ov_model, runtime.export_options())
         ov.save_model(ov_model, str(out_dir / ir.MODEL_XML), compress_to_fp16=False)
         del ov_model
         _copy_side_files(staging / "ir", ckpt.path, out_dir)
