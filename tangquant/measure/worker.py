@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 # Keys of a candidate's options that are not OpenVINO properties.
-OV_OWN_KEYS = ("device", "adapter", "alpha", "lora_mode", "dtype")
+OV_OWN_KEYS = ("device", "adapter", "alpha", "lora_mode", "dtype", "cache_size",
+               "enable_prefix_caching")
 
 
 def _log(msg: str) -> None:
@@ -76,6 +77,21 @@ def _ov_value(value):
     return value
 
 
+def scheduler_config(options: dict):
+    """openvino-genai's SchedulerConfig from the ``cache_size`` (GB) and ``enable_prefix_caching``
+    options (``tangquant tune`` sweeps them), or None when neither is given."""
+    if "cache_size" not in options and "enable_prefix_caching" not in options:
+        return None
+    import openvino_genai as genai
+
+    sched = genai.SchedulerConfig()
+    if "cache_size" in options:
+        sched.cache_size = int(options["cache_size"])
+    if "enable_prefix_caching" in options:
+        sched.enable_prefix_caching = _ov_value(str(options["enable_prefix_caching"]))
+    return sched
+
+
 def _ov_adapter(options: dict):
     import openvino_genai as genai
 
@@ -99,6 +115,8 @@ def run_ov(spec: dict) -> dict:
     out = {}
     if spec["kind"] == "ov+lora":
         props["adapters"], out["lora_alpha_scale"] = _ov_adapter(options)
+    if scheduler_config(options) is not None:
+        props["scheduler_config"] = scheduler_config(options)
     start = time.perf_counter()
     pipe = genai.LLMPipeline(spec["path"], options.get("device", "CPU"), **props)
     out.update(load_s=time.perf_counter() - start, rss_loaded_bytes=_peak_rss())
@@ -285,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         op = spec.get("op", "generate")
         if op == "bandwidth":
             result = run_bandwidth(spec)
+        elif op == "fidelity":  # tangquant tune's gate: tangquant's environment only
+            from tangquant.ov import gate
+
+            result = gate.run(spec)
         elif spec["kind"] in ("ov", "ov+lora"):
             result = run_ov(spec)
         else:
