@@ -16,7 +16,6 @@ def test_lm_head_int4_export(tmp_path, gptq_dir, ov_export):
     import openvino_genai
 
     from tangquant.measure.roofline import bytes_per_token
-    from tangquant.ov import head
 
     out = tmp_path / "h4"
     assert main(["-q", "export", "--model", str(gptq_dir), "--output", str(out), "--lm-head", "int4",
