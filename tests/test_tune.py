@@ -121,3 +121,24 @@ def test_bad_parameters_are_refused(capsys, tmp_path):
     assert main(["tune", "--model", str(tmp_path), "--axes", "kv,bogus"]) == 2
     assert "--axes" in capsys.readouterr().err
     assert main(["tune", "--model", str(tmp_path), "--budget", "soon"]) == 2
+
+
+def test_quantize_export_tune(tmp_path, tiny_model_dir):
+    """`quantize --export openvino --tune`: the IR is tuned and applied at the end (a 1 s budget
+    runs the defaults only, so the IR keeps the export's runtime options)."""
+    from tangquant.ov import runtime
+
+    out = tmp_path / "q"
+    assert main(["-q", "quantize", "--model", str(tiny_model_dir), "--output", str(out), "--algo", "rtn",
+                 "--eval-samples", "0", "--export", "openvino", "--tune", "--tune-budget", "1s"]) == 0
+    rows = [json.loads(line) for line in (out / "tune.jsonl").read_text().splitlines()]
+    assert rows[0]["verdict"].startswith("winner") and all(r["verdict"] == "skipped (budget)"
+                                                           for r in rows[1:])
+    assert json.loads((out / "openvino" / "tangquant.json").read_text())["tune"]
+    assert runtime.read(out / "openvino") == runtime.export_options()
+
+
+def test_tune_needs_export(tmp_path, tiny_model_dir, capsys):
+    assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(tmp_path / "q"),
+                 "--algo", "rtn", "--tune"]) == 2
+    assert "--export openvino" in capsys.readouterr().err
