@@ -38,6 +38,7 @@ COMMANDS = (
     ("eval", "tangquant.evaluate"),
     ("export", "tangquant.export"),
     ("bench", "tangquant.bench"),
+    ("tune", "tangquant.tune"),
     ("chat", "tangquant.chat"),
     ("serve", "tangquant.serve"),
     ("ovms-repo", "tangquant.ovms_repo"),

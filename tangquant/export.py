@@ -27,12 +27,17 @@ logger = logging.getLogger(__name__)
 HELP = "export a GPTQ INT4 checkpoint to an OpenVINO IR with its exact INT4 weights"
 FORMATS = ("openvino",)
 EMBEDDINGS = ("int8", "fp16")
+LM_HEADS = ("int8", "int4")
 
 
 @dataclass(frozen=True)
 class ExportParams:
     format: str = param("openvino", "export format", choices=FORMATS)
     embeddings: str = param("int8", "precision of the embeddings and lm_head", choices=EMBEDDINGS)
+    lm_head: str = param("int8", "precision of the lm_head: int8 (the --embeddings precision, "
+                         "NNCF) or int4 (group-wise RTN from the checkpoint's fp16 head)",
+                         choices=LM_HEADS)
+    lm_head_group_size: int = param(128, "group size of --lm-head int4")
     base_model_id: str | None = param(None, "Hub id of the base for the model card's base_model (e.g. "
                                       "Qwen/Qwen1.5-7B-Chat); default: the one the checkpoint's card names",
                                       metavar="ORG/NAME")
@@ -42,6 +47,10 @@ class ExportParams:
                 f"{', '.join(FORMATS)}")
         require(self.embeddings in EMBEDDINGS, f"embeddings must be one of {', '.join(EMBEDDINGS)}, "
                 f"not {self.embeddings!r}")
+        require(self.lm_head in LM_HEADS, f"lm_head must be one of {', '.join(LM_HEADS)}, not "
+                f"{self.lm_head!r}")
+        require(self.lm_head_group_size >= 8, f"--lm-head-group-size must be at least 8, got "
+                f"{self.lm_head_group_size}")
         check_base_model_id(self.base_model_id)
 
 
@@ -68,7 +77,8 @@ def export(model, output, params: ExportParams | None = None, force: bool = Fals
     build.check_exportable(ckpt)
     with files.atomic_output_dir(out, force) as tmp:
         metrics = build.write_ir_dir(ckpt, tmp, embeddings=p.embeddings,
-                                     lineage=card.lineage(ckpt.path, p.base_model_id))
+                                     lineage=card.lineage(ckpt.path, p.base_model_id),
+                                     lm_head=p.lm_head, lm_head_group_size=p.lm_head_group_size)
     summary = (f"{out}  {files.human_size(metrics['size_bytes'])}  {metrics['int4_layers']} INT4 layers, "
                f"{metrics['int4_constants_checked']} constants equal to the checkpoint's  "
                f"({metrics['seconds']:.0f} s)")

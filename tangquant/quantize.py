@@ -44,12 +44,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="full-precision (merged) model directory")
     parser.add_argument("--output", required=True, help="output directory for the GPTQ checkpoint")
     parser.add_argument("--export", choices=EXPORTS, help="also write an OpenVINO IR in OUTPUT/openvino")
+    parser.add_argument("--tune", action="store_true", help="with --export: then `tangquant tune "
+                        "--apply` the IR on this machine (records in OUTPUT/tune.jsonl)")
+    parser.add_argument("--tune-budget", default="5m", metavar="DURATION",
+                        help="the tune's --budget (default 5m)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
 
 
 def run(args) -> dict:
-    return quantize(args.model, args.output, recipe.from_args(QuantRecipe, args), export=args.export,
-                    force=args.force)
+    if args.tune and args.export != "openvino":
+        raise ParameterError("--tune tunes the OpenVINO IR: give it with --export openvino")
+    result = quantize(args.model, args.output, recipe.from_args(QuantRecipe, args), export=args.export,
+                      force=args.force)
+    if args.tune:
+        from tangquant.tune import tune
+
+        tuned = tune(Path(result["output"]) / "openvino", apply=True,
+                     results=str(Path(result["output"]) / "tune.jsonl"), budget=args.tune_budget)
+        result["summary"] += "\n" + tuned["summary"]
+        result["report"] = tuned["report"]
+    return result
 
 
 def quantize(model, output, params: QuantRecipe | str | Path | None = None, export: str | None = None,

@@ -8,12 +8,17 @@ KV-cache reads (they grow with the context) are not counted.
 Nothing is loaded: OpenVINO IRs are read from their ``.xml`` (each Constant's
 byte size and the graph's edges), Hugging Face checkpoints from the
 safetensors headers.
+
+The roofline's bandwidth is :func:`read_bandwidth`, a read-only kernel: decode
+reads weights and writes almost nothing, while STREAM copy and triad also write
+(and a write costs a read for ownership too), so they understate what decode can reach.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -144,3 +149,25 @@ def bytes_per_token(kind: str, path: Path, options: dict) -> dict:
     return {"bytes_per_token": per_token, "weights_bytes": w["weights_bytes"],
             "embedding_bytes_skipped": w["embedding_bytes"] - row, "adapter_bytes": extra}
 
+
+
+def read_bandwidth(nbytes: int, trials: int = 6) -> float:
+    """Best GB/s of a max-reduction over an fp32 array of ``nbytes`` (torch's threads: the
+    caller sets them). A max, not a sum: torch's float sum is a cascade that, at 2 threads,
+    is compute-bound below the copy bandwidth; the max is one vector op per load.
+
+    The array is written once before timing, so its pages are resident; the kernel writes nothing.
+    """
+    import torch
+
+    n = max(2, int(nbytes) // 4)
+    a = torch.ones(n)
+    a[-1] = 2.0  # the answer lies in the last element: a kernel that skipped data is wrong
+    best = 0.0
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        top = float(a.amax())
+        best = max(best, 4 * n / (time.perf_counter() - t0) / 1e9)
+        if top != 2.0:
+            raise BenchError(f"read kernel returned {top}, expected 2.0")
+    return best

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 # Keys of a candidate's options that are not OpenVINO properties.
-OV_OWN_KEYS = ("device", "adapter", "alpha", "lora_mode", "dtype")
+OV_OWN_KEYS = ("device", "adapter", "alpha", "lora_mode", "dtype", "cache_size",
+               "enable_prefix_caching")
 
 
 def _log(msg: str) -> None:
@@ -76,6 +77,21 @@ def _ov_value(value):
     return value
 
 
+def scheduler_config(options: dict):
+    """openvino-genai's SchedulerConfig from the ``cache_size`` (GB) and ``enable_prefix_caching``
+    options (``tangquant tune`` sweeps them), or None when neither is given."""
+    if "cache_size" not in options and "enable_prefix_caching" not in options:
+        return None
+    import openvino_genai as genai
+
+    sched = genai.SchedulerConfig()
+    if "cache_size" in options:
+        sched.cache_size = int(options["cache_size"])
+    if "enable_prefix_caching" in options:
+        sched.enable_prefix_caching = _ov_value(str(options["enable_prefix_caching"]))
+    return sched
+
+
 def _ov_adapter(options: dict):
     import openvino_genai as genai
 
@@ -99,6 +115,8 @@ def run_ov(spec: dict) -> dict:
     out = {}
     if spec["kind"] == "ov+lora":
         props["adapters"], out["lora_alpha_scale"] = _ov_adapter(options)
+    if scheduler_config(options) is not None:
+        props["scheduler_config"] = scheduler_config(options)
     start = time.perf_counter()
     pipe = genai.LLMPipeline(spec["path"], options.get("device", "CPU"), **props)
     out.update(load_s=time.perf_counter() - start, rss_loaded_bytes=_peak_rss())
@@ -241,7 +259,8 @@ def _kernel_names(model) -> list[str]:
 # --- STREAM-style DRAM bandwidth -------------------------------------------------------------
 
 def run_bandwidth(spec: dict) -> dict:
-    """Copy (2 arrays) and triad (3 arrays) on >= 1 GB fp32 tensors; best of several, in GB/s."""
+    """Copy (2 arrays), triad (3 arrays) and a read-only sum on >= 1 GB fp32 tensors; best of
+    several, in GB/s."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -259,8 +278,11 @@ def run_bandwidth(spec: dict) -> dict:
         best["triad"] = max(best["triad"], 3 * 4 * n / (t2 - t1) / 1e9)
     if float(a[n // 2]) != 7.0:
         raise RuntimeError("triad gave a wrong result")
+    del a, b, c
+    from tangquant.measure.roofline import read_bandwidth  # only tangquant's python runs this op
+
     return {"copy_gbs": best["copy"], "triad_gbs": best["triad"], "array_bytes": 4 * n,
-            "torch": torch.__version__}
+            "read_gbs": read_bandwidth(4 * n, int(spec.get("trials", 6))), "torch": torch.__version__}
 
 
 def _versions() -> dict:
@@ -285,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         op = spec.get("op", "generate")
         if op == "bandwidth":
             result = run_bandwidth(spec)
+        elif op == "fidelity":  # tangquant tune's gate: tangquant's environment only
+            from tangquant.ov import gate
+
+            result = gate.run(spec)
         elif spec["kind"] in ("ov", "ov+lora"):
             result = run_ov(spec)
         else:

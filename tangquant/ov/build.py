@@ -32,11 +32,12 @@ from transformers import AutoTokenizer
 from tangquant import card, checkpoint, files, load
 from tangquant.errors import ExportError, InputError
 from tangquant.gptq import GPTQCheckpoint
-from tangquant.ov import int4, ir
+from tangquant.ov import head, int4, ir, runtime
 
 logger = logging.getLogger(__name__)
 
 EMBEDDINGS = ("int8", "fp16")
+LM_HEADS = ("int8", "int4")
 PHASES = ("dequantise", "trace", "compress", "hand-off", "verify")
 
 
@@ -60,24 +61,35 @@ def check_settings(bits: int, desc_act: bool, tokenizer_dir: Path, where) -> Non
 
 
 def write_ir_dir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8",
-                 lineage: dict | None = None) -> dict:
+                 lineage: dict | None = None, lm_head: str = "int8",
+                 lm_head_group_size: int = 128) -> dict:
     """The IR, its model card and manifest in the existing empty ``out_dir``; returns the metrics.
 
     ``lineage`` (``card.lineage``: base model, licence) defaults to what the checkpoint's card says.
     """
-    metrics = write_ir(ckpt, out_dir, embeddings)
+    metrics = write_ir(ckpt, out_dir, embeddings, lm_head, lm_head_group_size)
     ir.write_model_card(out_dir, ckpt.path, metrics, embeddings,
                         card.lineage(ckpt.path) if lineage is None else lineage)
     metrics["size_bytes"] = files.dir_size(out_dir)
-    files.write_manifest(out_dir, "export", {"format": "openvino", "embeddings": embeddings},
+    params = {"format": "openvino", "embeddings": embeddings, "lm_head": lm_head,
+              "runtime_options": runtime.export_record()}
+    if lm_head == "int4":
+        params["lm_head_group_size"] = lm_head_group_size
+    files.write_manifest(out_dir, "export", params,
                          {"model": str(ckpt.path)}, metrics)
     return metrics
 
 
-def write_ir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8") -> dict:
-    """Write the IR files into the existing empty ``out_dir``; returns the metrics."""
+def write_ir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8", lm_head: str = "int8",
+             lm_head_group_size: int = 128) -> dict:
+    """Write the IR files into the existing empty ``out_dir``; returns the metrics.
+
+    ``lm_head="int4"`` replaces the head NNCF compressed (INT8, or fp16 with ``embeddings="fp16"``)
+    by a group-wise INT4 RTN copy (:mod:`tangquant.ov.head`)."""
     if embeddings not in EMBEDDINGS:
         raise InputError(f"--embeddings must be one of {', '.join(EMBEDDINGS)}, not {embeddings!r}")
+    if lm_head not in LM_HEADS:
+        raise InputError(f"--lm-head must be one of {', '.join(LM_HEADS)}, not {lm_head!r}")
     check_exportable(ckpt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +112,10 @@ def write_ir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8") -> d
         ov_model = _compress(staging / "ir" / ir.MODEL_XML, sym, ckpt.group_size, embeddings)
         phase(3)
         layers = int4.replace_constants(ov_model, ckpt)
+        head_metrics = (head.replace_head(ov_model, ckpt, lm_head_group_size) if lm_head == "int4"
+                        else {"lm_head": embeddings})
+        # Only the runtime options tangquant chooses: optimum-intel's f16 KV-cache pin is dropped.
+        runtime.set_on_model(ov_model, runtime.export_options())
         ov.save_model(ov_model, str(out_dir / ir.MODEL_XML), compress_to_fp16=False)
         del ov_model
         _copy_side_files(staging / "ir", ckpt.path, out_dir)
@@ -112,7 +128,7 @@ def write_ir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8") -> d
         shutil.rmtree(staging, ignore_errors=True)
     return {"int4_layers": layers, "int4_constants_checked": checked,
             "int4_mode": "symmetric i4 (q - 8)" if sym else "asymmetric u4 with u4 zero points",
-            "group_size": ckpt.group_size, "embeddings": embeddings,
+            "group_size": ckpt.group_size, "embeddings": embeddings, **head_metrics,
             "seconds": round(time.perf_counter() - start, 1)}
 
 

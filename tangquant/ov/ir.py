@@ -64,6 +64,10 @@ def _check_xml(path: Path, data: bytes, error: type[TangquantError]) -> None:
 def write_model_card(out_dir: Path, source: Path, metrics: dict, embeddings: str, lineage: dict) -> None:
     mode = metrics["int4_mode"]
     name = files.final_name(source)
+    emb = "INT8 (asymmetric, per channel)" if embeddings == "int8" else "fp16"
+    head = (f"Embeddings and lm_head: {emb}" if metrics.get("lm_head", embeddings) == embeddings else
+            f"Embeddings: {emb}; lm_head: INT4 (round-to-nearest, asymmetric, group size "
+            f"{metrics.get('lm_head_group_size')})")
     meta = card.front_matter(lineage, "quantized", card.LIBRARY["ir"], tags=("openvino", "int4", "gptq", "nncf"))
     text = f"""# {name} — OpenVINO INT4 (exact GPTQ integers)
 
@@ -72,7 +76,7 @@ Exported by `tangquant export --format openvino` from the GPTQ checkpoint `{name
 - Linear layers: INT4, {mode}, group size {metrics['group_size']}; the {metrics['int4_layers']} layers'
   integers, fp16 scales and zero points are the checkpoint's own (checked on export:
   {metrics['int4_constants_checked']} constants equal).
-- Embeddings and lm_head: {"INT8 (asymmetric, per channel)" if embeddings == "int8" else "fp16"}.
+- {head}.
 - Stateful (KV cache inside the model); tokenizer and detokenizer as OpenVINO models; ChatML chat
   template; generation stops at `<|im_end|>`.
 

@@ -1,0 +1,195 @@
+"""Where a decoded token's time goes in an OpenVINO IR: a PERF_COUNT profile of the decode steps.
+
+Compiles the IR's ``openvino_model.xml`` on the CPU with ``PERF_COUNT`` (plus the IR's own
+runtime options, which OpenVINO's core applies, and any ``--prop``), prefills ``-p`` random
+token ids, steps ``-n`` decode tokens one at a time, and sums each node's ``real_time`` over
+the decode steps only, by node type (fully connected by weight precision, attention, gather,
+other) and by layer. Each fully-connected node's effective GB/s (the bytes of its constant
+inputs as the compiled model holds them, over its time) is set against the read bandwidth
+measured here with the same threads (``tangquant.measure.roofline.read_bandwidth``). The gap
+between the nodes' sum and the wall time of a step is the runtime's own per-step cost.
+
+This is plain OpenVINO with the stateful SDPA graph; openvino-genai's default pipeline swaps
+in paged attention, whose attention time this does not show.
+
+  python benchmarks/ov_profile.py --model /tmp/q05-ov -t 2 -p 128 -n 32 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+ROOT = Path(__file__).resolve().parent.parent  # this checkout's tangquant, not an installed one
+WARM = 3  # the prefill and two decode steps
+ATTENTION = ("ScaledDotProductAttention", "PagedAttention", "SDPA")
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def _rt(op, key: str) -> str:
+    info = op.get_rt_info()
+    return info[key].astype(str) if key in info else ""
+
+
+def fc_nodes(compiled) -> dict[str, dict]:
+    """Fully-connected nodes of the compiled model: weight precision and constant-input bytes."""
+    out = {}
+    for op in compiled.get_runtime_model().get_ops():
+        if not _rt(op, "layerType").startswith("FullyConnected"):
+            continue
+        nbytes = 0
+        for i in op.inputs():
+            src = i.get_source_output().get_node()
+            if _rt(src, "layerType") == "Const" and i.get_partial_shape().is_static:
+                numel = int(np.prod(i.get_partial_shape().to_shape())) if len(i.get_partial_shape()) else 1
+                nbytes += numel * i.get_element_type().bitwidth // 8
+        out[op.get_friendly_name()] = {"precision": _rt(op, "runtimePrecision"), "bytes": nbytes}
+    return out
+
+
+def category(node_type: str, name: str, fcs: dict) -> str:
+    if name in fcs:
+        return f"FullyConnected {fcs[name]['precision']}"
+    if any(a in node_type for a in ATTENTION):
+        return "attention"
+    if node_type.startswith("Gather"):
+        return "gather"
+    return "other"
+
+
+def layer_of(name: str) -> str:
+    m = _LAYER.search(name)
+    return f"layer {int(m.group(1)):02d}" if m else "lm_head" if "lm_head" in name else "outside layers"
+
+
+def profile(model: Path, threads: int, prompt: int, steps: int, props: dict) -> dict:
+    core = ov.Core()
+    compiled = core.compile_model(str(model / "openvino_model.xml"), "CPU",
+                                  {"PERF_COUNT": True, "INFERENCE_NUM_THREADS": threads, **props})
+    fcs = fc_nodes(compiled)
+    names = {p.get_any_name() for p in compiled.inputs}
+    req = compiled.create_infer_request()
+    req.reset_state()
+    rng = np.random.default_rng(0)
+    vocab = int(json.loads((model / "config.json").read_text())["vocab_size"])
+    ids = rng.integers(3, min(vocab, 151643), size=(1, prompt))
+    per_node, node_type, walls, past = collections.defaultdict(list), {}, [], 0
+    for step in range(steps + WARM):  # the prefill and the first decode steps (kernels JIT) don't count
+        n = ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, past + n), dtype=np.int64)}
+        if "position_ids" in names:
+            feed["position_ids"] = np.arange(past, past + n, dtype=np.int64)[None]
+        if "beam_idx" in names:
+            feed["beam_idx"] = np.zeros(1, dtype=np.int32)
+        t0 = time.perf_counter()
+        req.infer(feed)
+        wall = time.perf_counter() - t0
+        token = int(req.get_output_tensor(0).data[0, -1].argmax())
+        past += n
+        ids = np.array([[token]], dtype=np.int64)
+        if step < WARM:
+            continue
+        walls.append(wall)
+        for p in req.profiling_info:
+            per_node[p.node_name].append(p.real_time.total_seconds())
+            node_type[p.node_name] = p.node_type
+    # Medians per node and per step: a preempted step on a shared machine moves neither.
+    return {"fcs": fcs, "per_node": {k: float(np.median(v)) for k, v in per_node.items()},
+            "node_type": node_type, "wall_s": float(np.median(walls)),
+            "wall_mean_s": float(np.mean(walls)), "options": {
+                k: _shown(compiled.get_property(k)) for k in ("INFERENCE_PRECISION_HINT",
+                                                              "KV_CACHE_PRECISION",
+                                                              "DYNAMIC_QUANTIZATION_GROUP_SIZE")}}
+
+
+def _shown(value) -> str:
+    return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+
+def summarise(res: dict, read_gbs: float, bytes_per_token: int) -> dict:
+    by_cat, by_layer = collections.Counter(), collections.Counter()
+    for name, t in res["per_node"].items():
+        by_cat[category(res["node_type"][name], name, res["fcs"])] += t
+        by_layer[layer_of(name)] += t
+    nodes = sum(res["per_node"].values())
+    fc_rows = []
+    for name, info in res["fcs"].items():
+        t = res["per_node"].get(name, 0.0)
+        if t > 0:
+            gbs = info["bytes"] / t / 1e9
+            fc_rows.append({"node": name, **info, "us": t * 1e6, "gbs": gbs,
+                            "pct_read_bw": 100 * gbs / read_gbs})
+    fc_bytes = sum(r["bytes"] for r in fc_rows)
+    fc_time = sum(r["us"] for r in fc_rows) / 1e6
+    return {"wall_ms": res["wall_s"] * 1e3, "tg_tps": 1 / res["wall_s"], "nodes_ms": nodes * 1e3,
+            "runtime_gap_ms": (res["wall_s"] - nodes) * 1e3, "read_gbs": read_gbs,
+            "bytes_per_token": bytes_per_token,
+            "roofline_tps": read_gbs * 1e9 / bytes_per_token,
+            "roofline_pct": 100 * (1 / res["wall_s"]) / (read_gbs * 1e9 / bytes_per_token),
+            "fc_bytes": fc_bytes, "fc_gbs": fc_bytes / fc_time / 1e9 if fc_time else 0.0,
+            "by_category_ms": {k: v * 1e3 for k, v in by_cat.most_common()},
+            "by_layer_ms": {k: v * 1e3 for k, v in sorted(by_layer.items())},
+            "fc": sorted(fc_rows, key=lambda r: -r["us"]), "options": res["options"]}
+
+
+def markdown(s: dict, title: str) -> str:
+    lines = [f"### {title}", "",
+             f"decode step {s['wall_ms']:.2f} ms ({s['tg_tps']:.1f} t/s); nodes sum {s['nodes_ms']:.2f} ms, "
+             f"runtime gap {s['runtime_gap_ms']:.2f} ms; {s['bytes_per_token'] / 1e6:.1f} MB/token, read "
+             f"bandwidth {s['read_gbs']:.1f} GB/s → roofline {s['roofline_tps']:.1f} t/s, "
+             f"{s['roofline_pct']:.0f}% of it; FC nodes together {s['fc_gbs']:.1f} GB/s "
+             f"({100 * s['fc_gbs'] / s['read_gbs']:.0f}% of read bandwidth). Options: "
+             + ", ".join(f"{k}={v}" for k, v in s["options"].items()), "",
+             "| node type | ms/token | share of step |", "|---|---:|---:|"]
+    for k, v in s["by_category_ms"].items():
+        lines.append(f"| {k} | {v:.3f} | {100 * v / s['wall_ms']:.1f}% |")
+    lines.append(f"| runtime gap (wall − nodes) | {s['runtime_gap_ms']:.3f} | "
+                 f"{100 * s['runtime_gap_ms'] / s['wall_ms']:.1f}% |")
+    lines += ["", "| slowest FC nodes | precision | MB | µs | GB/s | % read bw |", "|---|---|---:|---:|---:|---:|"]
+    for r in s["fc"][:8]:
+        lines.append(f"| {r['node'].split('/')[0]} | {r['precision']} | {r['bytes'] / 1e6:.2f} | "
+                     f"{r['us']:.0f} | {r['gbs']:.1f} | {r['pct_read_bw']:.0f}% |")
+    layers = s["by_layer_ms"]
+    lines += ["", "per layer (ms/token): " + ", ".join(f"{k} {v:.2f}" for k, v in layers.items())]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-p", "--prompt-tokens", type=int, default=128)
+    ap.add_argument("-n", "--steps", type=int, default=32)
+    ap.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--bandwidth-mb", type=int, default=1024)
+    ap.add_argument("--title", default=None)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from tangquant.measure.roofline import bytes_per_token, read_bandwidth
+
+    torch.set_num_threads(args.threads)
+    read_gbs = read_bandwidth(args.bandwidth_mb << 20)
+    props = dict(p.split("=", 1) for p in args.prop)
+    res = profile(args.model, args.threads, args.prompt_tokens, args.steps, props)
+    s = summarise(res, read_gbs, bytes_per_token("ov", args.model, {})["bytes_per_token"])
+    s.update(model=str(args.model), threads=args.threads, prompt_tokens=args.prompt_tokens,
+             steps=args.steps, props=props)
+    if args.json:
+        args.json.write_text(json.dumps(s, indent=1))
+    print(markdown(s, args.title or args.model.name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The grid and the search behind ``tangquant tune``.
+
+Every candidate runs like a ``tangquant bench`` candidate (its own worker
+process, warm-up, repetitions; the median of the repetitions is what counts),
+then through the fidelity gate (:mod:`tangquant.ov.gate`, another worker).
+The search is coordinate-wise: the axes are visited in :data:`AXES` order, each
+value of an axis is tried on top of the best setting so far, and a value is
+kept only if it passes the gate and decodes at least :data:`MIN_GAIN` faster
+(so noise does not pin a setting). When the budget runs out the remaining
+candidates are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tangquant.errors import BenchError, TangquantError
+
+# Decode (tg) must improve by this fraction before a non-default value is kept.
+MIN_GAIN = 0.02
+AXES = ("kv", "dq", "precision", "attention", "threads", "scheduler")
+# Options only openvino-genai reads (never written into runtime_options).
+GENAI_KEYS = ("ATTENTION_BACKEND", "cache_size", "enable_prefix_caching")
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    name: str
+    values: tuple[dict, ...]   # each tried on top of the best so far; {} is the default
+    needs_pa: bool = False     # scheduler settings exist only on the paged-attention backend
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def physical_cores() -> int:
+    """Cores, not hyper-threads (unique (physical id, core id) pairs), else the logical count."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.cpu_count() or 1
+    pairs, phys = set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "physical id":
+            phys = value.strip()
+        elif key.strip() == "core id":
+            pairs.add((phys, value.strip()))
+    return len(pairs) or os.cpu_count() or 1
+
+
+def grid(names: tuple[str, ...], threads: int) -> list[Axis]:
+    """The documented grid (docs/commands.md#tune), restricted to ``names``."""
+    flags = cpu_flags()
+    precisions = [{"INFERENCE_PRECISION_HINT": "f32"}]
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        precisions.append({"INFERENCE_PRECISION_HINT": "bf16"})
+    near = sorted({t for t in (threads - 1, threads + 1, 2 * threads)
+                   if 1 <= t <= (os.cpu_count() or threads) and t != threads})
+    axes = {
+        "kv": Axis("kv", ({}, {"KV_CACHE_PRECISION": "f16"}, {"KV_CACHE_PRECISION": "u8"},
+                          {"KEY_CACHE_PRECISION": "u8", "VALUE_CACHE_PRECISION": "u4"},
+                          {"KEY_CACHE_PRECISION": "u4", "VALUE_CACHE_PRECISION": "u4"})),
+        "dq": Axis("dq", ({},) + tuple({"DYNAMIC_QUANTIZATION_GROUP_SIZE": str(g)}
+                                       for g in (0, 32, 64, 128))),
+        "precision": Axis("precision", ({},) + tuple(precisions)),
+        "attention": Axis("attention", ({}, {"ATTENTION_BACKEND": "SDPA"})),
+        "threads": Axis("threads", ({},) + tuple({"INFERENCE_NUM_THREADS": str(t)} for t in near)),
+        "scheduler": Axis("scheduler", ({}, {"enable_prefix_caching": "false"}, {"cache_size": "1"}),
+                          needs_pa=True),
+    }
+    return [axes[n] for n in names]
+
+
+def setting(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "IR defaults"
+
+
+class Search:
+    """Runs the candidates; ``rows`` keeps every one, in order, with its verdict."""
+
+    def __init__(self, ir: Path, params, texts: list[str], bar):
+        from tangquant.bench import BenchRecipe
+
+        self.ir, self.p, self.bar, self.rows = Path(ir), params, bar, []
+        self.rec = BenchRecipe(prompt_tokens=params.prompt_tokens, gen_tokens=params.gen_tokens,
+                               repetitions=params.repetitions, warmup=params.warmup,
+                               timeout_s=params.timeout_s)
+        self.start, self.cost = time.monotonic(), 0.0
+        self.tmp = tempfile.TemporaryDirectory(prefix="tangquant-tune-")
+        self.reference = str(Path(self.tmp.name) / "reference.npz")
+        self.prompts = self._reference(texts)
+
+    def close(self) -> None:
+        self.tmp.cleanup()
+
+    def _worker(self, spec: dict) -> dict:
+        from tangquant.bench import _worker  # the bench's own process convention
+
+        return _worker(spec, sys.executable, self.p.timeout_s)
+
+    def _reference(self, texts: list[str]) -> list[list[int]]:
+        self.bar.set_postfix_str("fidelity reference (exact mode)")
+        res = self._worker({"op": "fidelity", "path": str(self.ir), "threads": self.p.threads,
+                            "texts": texts, "steps": self.p.fidelity_steps,
+                            "reference_out": self.reference})
+        if not res.get("ok"):
+            raise BenchError(f"the exact-mode reference run failed: {res.get('error')}")
+        return res["prompts"]
+
+    def run(self, axes: list[Axis]) -> dict:
+        best = self.evaluate({}, "baseline")
+        if "tg_tps" not in best:
+            raise BenchError(f"the IR's defaults fail: {best['verdict']}")
+        if not best["fidelity"]["passes"]:  # any faithful candidate beats unfaithful defaults
+            best["verdict"] = "baseline (fails the gate)"
+        for axis in axes:
+            keys = {k for v in axis.values for k in v}
+            for value in axis.values[1:]:
+                if axis.needs_pa and best["options"].get("ATTENTION_BACKEND") == "SDPA":
+                    continue
+                # The axis's own keys are replaced, never combined with an earlier value of it.
+                options = {**{k: v for k, v in best["options"].items() if k not in keys}, **value}
+                row = self.evaluate(options, axis.name)
+                if row["verdict"] == "passes" and (not best["fidelity"]["passes"] or
+                                                   row["tg_tps"] > best["tg_tps"] * (1 + MIN_GAIN)):
+                    row["verdict"], best = "faster (kept)", row
+                elif row["verdict"] == "passes":
+                    row["verdict"] = "not faster"
+        best["verdict"] = "winner" if best["options"] else "winner (the IR's defaults)"
+        return best
+
+    def evaluate(self, options: dict, axis: str) -> dict:
+        row = {"axis": axis, "setting": setting(options), "options": options,
+               "threads": int(options.get("INFERENCE_NUM_THREADS", self.p.threads))}
+        self.rows.append(row)
+        self.bar.set_postfix_str(f"{axis}: {row['setting']}")
+        if axis != "baseline" and time.monotonic() - self.start + self.cost > self.p.budget_s:
+            row["verdict"] = "skipped (budget)"
+            self.bar.update(1)
+            return row
+        t0 = time.monotonic()
+        try:
+            row.update(self._speed(options, row["threads"]))
+            row["fidelity"] = self._fidelity(options, row["threads"])
+            row["verdict"] = "baseline" if axis == "baseline" else (
+                "passes" if row["fidelity"]["passes"] else "rejected (fidelity)")
+        except TangquantError as exc:
+            row["verdict"] = f"failed: {exc}"
+        self.cost = max(self.cost, time.monotonic() - t0)
+        self.bar.update(1)
+        return row
+
+    def _speed(self, options: dict, threads: int) -> dict:
+        from tangquant.bench import Candidate, _measure  # one bench candidate, as bench runs it
+
+        res = _measure(Candidate("tune", "ov", str(self.ir), dict(options)), threads, self.rec)
+        pp = [self.p.prompt_tokens * 1000 / r["ttft_ms"] for r in res["runs"]]
+        tg = [1000 / r["tpot_ms"] for r in res["runs"]]
+        return {"pp_tps": statistics.median(pp), "tg_tps": statistics.median(tg),
+                "pp_tps_all": pp, "tg_tps_all": tg, "bytes_per_token": res["bytes_per_token"],
+                "peak_rss_bytes": res.get("peak_rss_bytes")}
+
+    def _fidelity(self, options: dict, threads: int) -> dict:
+        res = self._worker({"op": "fidelity", "path": str(self.ir), "threads": threads,
+                            "options": options, "prompts": self.prompts,
+                            "steps": self.p.fidelity_steps, "reference": self.reference})
+        if not res.pop("ok", False):
+            raise BenchError(f"fidelity run failed: {res.get('error')}")
+        identical = res["genai_identical"] and all(d is None for d in res["greedy_first_diff"])
+        res.update(identical=identical, bound=self.p.kld_bound,
+                   passes=identical or res["kld"] <= self.p.kld_bound)
+        for k in ("peak_rss_bytes", "worker_versions", "pid"):
+            res.pop(k, None)
+        return res
+
+
+def fidelity_text(row: dict) -> str:
+    f = row.get("fidelity")
+    if not f:
+        return "—"
+    same = f"{f['steps']}/{f['steps']} tokens same" if f["identical"] else "tokens differ"
+    return f"{same}, KLD {f['kld']:.2e}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| axis | setting | pp t/s | tg t/s | fidelity | verdict |", "|---|---|---:|---:|---|---|"]
+    for r in rows:
+        pp = f"{r['pp_tps']:.1f}" if "pp_tps" in r else "—"
+        tg = f"{r['tg_tps']:.2f}" if "tg_tps" in r else "—"
+        lines.append(f"| {r['axis']} | {r['setting']} | {pp} | {tg} | {fidelity_text(r)} | "
+                     f"{r['verdict']} |")
+    return "\n".join(lines)
+
+
+def split_winner(options: dict) -> tuple[dict, dict]:
+    """(what goes into runtime_options, what only a caller can set: genai options, threads)."""
+    runtime = {k: v for k, v in options.items() if k not in GENAI_KEYS + ("INFERENCE_NUM_THREADS",)}
+    caller = {k: v for k, v in options.items() if k not in runtime}
+    return runtime, caller

@@ -1,0 +1,144 @@
+"""The clean export (no accidental runtime pins) and `tangquant tune` on the tiny IR."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+
+from tangquant.cli import main
+
+pytest_plugins = ["_quantize_fixtures", "_gptq_fixtures"]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, ov_export):
+    """`tune --apply` with a zero KLD bound (only identical greedy tokens pass) over the KV axis."""
+    ir, rc, _, _ = ov_export
+    assert rc == 0
+    work = tmp_path_factory.mktemp("tune") / "ir"
+    shutil.copytree(ir, work)
+    results = work.parent / "tune.jsonl"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["tune", "--model", str(work), "-t", "1", "--axes", "kv", "-p", "8", "-n", "4",
+                   "-r", "1", "--fidelity-prompts", "2", "--fidelity-steps", "16",
+                   "--kld-bound", "0", "--budget", "10m", "--results", str(results), "--apply"])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    return work, rc, out.getvalue(), rows
+
+
+def _prop(compiled, key: str) -> str:
+    value = compiled.get_property(key)
+    return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+
+def test_fresh_export_has_no_kv_cache_pin(ov_export):
+    import openvino as ov
+
+    from tangquant.ov import runtime
+
+    ir = ov_export[0]
+    options = ov.Core().read_model(str(ir / "openvino_model.xml")).get_rt_info()["runtime_options"]
+    assert "KV_CACHE_PRECISION" not in options
+    assert set(options) == set(runtime.EXPORT_OPTIONS)
+    record = json.loads((ir / "tangquant.json").read_text())["parameters"]["runtime_options"]
+    assert record["written"] == runtime.export_options() and set(record["why"]) == set(record["written"])
+
+
+def test_runtime_options_reach_the_compiled_model(tmp_path, ov_export):
+    """The keys `tune --apply` counts on the core to apply, written as tune writes them."""
+    import openvino as ov
+    import openvino_genai
+
+    from tangquant.ov import runtime
+
+    ir = tmp_path / "ir"
+    shutil.copytree(ov_export[0], ir)
+    size = (ir / "openvino_model.bin").stat().st_size
+    wanted = {"KEY_CACHE_PRECISION": "u4", "VALUE_CACHE_PRECISION": "u8",
+              "DYNAMIC_QUANTIZATION_GROUP_SIZE": "64"}
+    runtime.write(ir, {**runtime.export_options(), **wanted})
+    assert runtime.read(ir) == {**runtime.export_options(), **wanted}
+    assert (ir / "openvino_model.bin").stat().st_size == size
+    compiled = ov.Core().compile_model(str(ir / "openvino_model.xml"), "CPU")
+    assert _prop(compiled, "KEY_CACHE_PRECISION") == "u4"
+    assert _prop(compiled, "VALUE_CACHE_PRECISION") == "u8"
+    assert _prop(compiled, "DYNAMIC_QUANTIZATION_GROUP_SIZE") == "64"
+    assert openvino_genai.LLMPipeline(str(ir), "CPU").generate("写一首唐诗", max_new_tokens=2)
+
+
+def test_tune_apply_writes_exactly_the_winner(tuned):
+    import openvino as ov
+    import openvino_genai
+
+    from tangquant.ov import runtime, tuning
+
+    ir, rc, stdout, rows = tuned
+    assert rc == 0, stdout
+    assert "| axis | setting | pp t/s | tg t/s | fidelity | verdict |" in stdout
+    winners = [r for r in rows if r["verdict"].startswith("winner")]
+    assert len(winners) == 1 and winners[0]["fidelity"]["passes"]
+    in_ir, _ = tuning.split_winner(winners[0]["options"])
+    assert runtime.read(ir) == {**runtime.export_options(), **in_ir}
+    manifest = json.loads((ir / "tangquant.json").read_text())
+    assert manifest["tune"]["runtime_options"] == runtime.read(ir)
+    compiled = ov.Core().compile_model(str(ir / "openvino_model.xml"), "CPU")
+    for key, value in in_ir.items():
+        assert _prop(compiled, key) == value
+    assert openvino_genai.LLMPipeline(str(ir), "CPU").generate("写一首唐诗", max_new_tokens=2)
+
+
+def test_gate_rejects_settings_that_change_the_greedy_output(tuned):
+    rows = tuned[3]
+    measured = [r for r in rows if r.get("fidelity")]
+    assert len(measured) == 5  # the defaults and the four KV settings
+    differ = [r for r in measured if not r["fidelity"]["identical"]]
+    assert differ, "expected a 4-bit KV cache to change a greedy token of the tiny model"
+    for r in differ:
+        assert r["fidelity"]["kld"] > 0
+        assert r["axis"] == "baseline" or r["verdict"] == "rejected (fidelity)"
+
+
+def test_second_apply_needs_force(tuned, capsys):
+    ir = tuned[0]
+    rc = main(["tune", "--model", str(ir), "--axes", "kv", "--apply", "--results",
+               str(ir.parent / "again.jsonl")])
+    assert rc == 2 and "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,seconds", [("300", 300), ("90s", 90), ("5m", 300), ("1.5h", 5400)])
+def test_budget(text, seconds):
+    from tangquant.tune import budget_seconds
+
+    assert budget_seconds(text) == seconds
+
+
+def test_bad_parameters_are_refused(capsys, tmp_path):
+    assert main(["tune", "--model", str(tmp_path), "--axes", "kv,bogus"]) == 2
+    assert "--axes" in capsys.readouterr().err
+    assert main(["tune", "--model", str(tmp_path), "--budget", "soon"]) == 2
+
+
+def test_quantize_export_tune(tmp_path, tiny_model_dir):
+    """`quantize --export openvino --tune`: the IR is tuned and applied at the end (a 1 s budget
+    runs the defaults only, so the IR keeps the export's runtime options)."""
+    from tangquant.ov import runtime
+
+    out = tmp_path / "q"
+    assert main(["-q", "quantize", "--model", str(tiny_model_dir), "--output", str(out), "--algo", "rtn",
+                 "--eval-samples", "0", "--export", "openvino", "--tune", "--tune-budget", "1s"]) == 0
+    rows = [json.loads(line) for line in (out / "tune.jsonl").read_text().splitlines()]
+    assert rows[0]["verdict"].startswith("winner") and all(r["verdict"] == "skipped (budget)"
+                                                           for r in rows[1:])
+    assert json.loads((out / "openvino" / "tangquant.json").read_text())["tune"]
+    assert runtime.read(out / "openvino") == runtime.export_options()
+
+
+def test_tune_needs_export(tmp_path, tiny_model_dir, capsys):
+    assert main(["quantize", "--model", str(tiny_model_dir), "--output", str(tmp_path / "q"),
+                 "--algo", "rtn", "--tune"]) == 2
+    assert "--export openvino" in capsys.readouterr().err
