@@ -98,7 +98,7 @@ def _export_gguf(ckpt: GPTQCheckpoint, out, p: ExportParams, force: bool) -> dic
     build.check_exportable(ckpt)  # asymmetric or act-order: refused before anything is written
     with files.atomic_output_dir(out, force) as tmp:
         metrics = build.write_gguf_dir(ckpt, tmp, embeddings=p.gguf_embeddings,
-                                       lineage=card.lineage(ckpt.path, p.base_model_id))
+                                       base_model_id=p.base_model_id)
     summary = (f"{out / metrics['file']}  {files.human_size(metrics['size_bytes'])}  "
                f"{metrics['q4_0_tensors_exact']} Q4_0 tensors equal to the checkpoint's; "
                f"llama.cpp: {metrics['llama_cpp_check']}  ({metrics['seconds']:.0f} s)")

@@ -58,8 +58,11 @@ def check_exportable(ckpt: GPTQCheckpoint) -> None:
 
 
 def write_gguf_dir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "q8_0",
-                   lineage: dict | None = None) -> dict:
-    """The GGUF, tokenizer files, Modelfile, card and manifest in the empty ``out_dir``; metrics."""
+                   base_model_id: str | None = None) -> dict:
+    """The GGUF, tokenizer files, Modelfile, card and manifest in the empty ``out_dir``; metrics.
+
+    The card's lineage is looked up last, so a layer refused while packing fails with its one line.
+    """
     check_exportable(ckpt)
     start = time.perf_counter()
     path = Path(out_dir) / file_name(ckpt)
@@ -71,7 +74,7 @@ def write_gguf_dir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "q8_0"
                    gguf_version=_version("gguf"), seconds=round(time.perf_counter() - start, 1))
     files.copy_aux_files(ckpt.path, Path(out_dir))
     write_modelfile(Path(out_dir), path.name)
-    write_card(Path(out_dir), ckpt.path, metrics, card.lineage(ckpt.path) if lineage is None else lineage)
+    write_card(Path(out_dir), ckpt.path, metrics, card.lineage(ckpt.path, base_model_id))
     metrics["size_bytes"] = files.dir_size(out_dir)
     files.write_manifest(Path(out_dir), "export", {"format": "gguf", "gguf_embeddings": embeddings},
                          {"model": str(ckpt.path)}, metrics)
