@@ -180,3 +180,53 @@ def test_per_channel_and_f16_embeddings(tmp_path, tiny_model_dir):
     assert emb.tensor_type == gguf.GGMLQuantizationType.F16
     want = dict(GPTQCheckpoint.open(src).tensors())["model.embed_tokens.weight"]
     assert np.array_equal(dequantized(emb), want.half().float().numpy())
+
+
+@pytest.fixture(scope="session")
+def demo_poet(tmp_path_factory):
+    """The shipped poet as `tangquant demo` builds it: merge → GPTQ g128 → IR and GGUF."""
+    from tangquant.export import export
+    from tangquant.merge import merge
+    from tangquant.poet import ASSETS, demo_paths
+    from tangquant.quantize import quantize
+
+    paths, tmp = demo_paths(ASSETS), tmp_path_factory.mktemp("poet")
+    merge(paths["base"], paths["adapter"], tmp / "merged", dtype="fp32")
+    q = quantize(tmp / "merged", tmp / "gptq", ASSETS / "int4-gptq-g128.yaml", calib=str(ASSETS / "calib.json"))
+    export(q["checkpoint"], tmp / "ir")
+    export(q["checkpoint"], tmp / "gguf", format="gguf")
+    return tmp
+
+
+@pytest.mark.slow  # building the poet's GPTQ checkpoint, IR and GGUF: 136 s on 2 busy cores
+def test_demo_poet_gguf_greedy_matches_its_ir(demo_poet):
+    """The same first 8 greedy tokens as the IR (exact mode) on most held-out prompts."""
+    pytest.importorskip("llama_cpp", reason=NO_LLAMA)
+    import openvino as ov
+    import openvino_genai as genai
+
+    from tangquant import load
+    from tangquant.gguf.runtime import Session
+    from tangquant.measure import poems
+    from tangquant.ov.ir import EXACT_CONFIG
+    from tangquant.poet import ASSETS
+
+    prompts = [p["prompt"] for p in poems.load_prompts(ASSETS / "prompts.json")][:6]
+    tok = load.tokenizer(demo_poet / "gguf")
+    pipe = load.genai_pipeline(demo_poet / "ir", **EXACT_CONFIG)
+    cfg = genai.GenerationConfig()
+    cfg.max_new_tokens, cfg.do_sample, cfg.ignore_eos = 8, False, True
+    s = Session(_file(demo_poet / "gguf"), threads=2, n_ctx=256)
+    matches = []
+    try:
+        for prompt in prompts:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            arr = np.array([ids], dtype=np.int64)
+            ir = list(pipe.generate(genai.TokenizedInputs(ov.Tensor(arr), ov.Tensor(np.ones_like(arr))),
+                                    cfg).tokens[0])
+            matches.append(s.greedy(ids, 8) == ir)
+    finally:
+        s.close()
+    print(f"demo poet: GGUF = IR on the first 8 greedy tokens for {sum(matches)} of {len(matches)} prompts")
+    assert sum(matches) > len(matches) / 2, matches
