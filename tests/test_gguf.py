@@ -240,3 +240,22 @@ def test_eval_reads_a_gguf_as_its_exact_weights(tmp_path, gptq_dir, heldout_file
     assert _export(gptq_dir, out, "--gguf-embeddings", "f16")[0] == 0
     exact = evaluate(_file(out), gptq_dir, heldout_file, num_samples=2, seq_len=48)
     assert exact["kld_max"] < 1e-9 and exact["same_top"] == 1.0
+
+
+def test_bench_llamacpp_kind(tmp_path, gguf_export):
+    """pp/tg rows with the repack path recorded; a truncated GGUF is a failed row, never a speed."""
+    pytest.importorskip("llama_cpp", reason=NO_LLAMA)
+    from tangquant.bench import bench
+
+    broken = tmp_path / "broken.gguf"
+    data = _file(gguf_export[0]).read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    res = bench([f"on=llamacpp:{gguf_export[0]}", f"off=llamacpp:{_file(gguf_export[0])},repack=0",
+                 f"broken=llamacpp:{broken}"], prompt_tokens=16, gen_tokens=8, repetitions=1,
+                threads=(1,), bandwidth_mb=16, results_dir=str(tmp_path / "r.jsonl"))
+    on, off, bad = res["records"]
+    assert on["status"] == off["status"] == "ok" and bad["status"] == "failed" and "pp_tps" not in bad
+    assert on["repack"] is True and off["repack"] is False and off["repacked_tensors"] == {}
+    assert on["pp_tps"] > 0 and on["tg_tps"] > 0 and len(on["warmup_tokens"]) == 8
+    assert on["bytes_per_token"] < on["weights_bytes"] <= on["size_bytes"]  # one row of token_embd
+    assert res["exit_code"] == 1

@@ -83,6 +83,19 @@ def state_dict(path) -> tuple[dict, dict]:
     return cfg, state
 
 
+def bytes_per_token(path) -> dict:
+    """Weight bytes read per decoded token, counted as ``measure.roofline`` counts them: every
+    tensor once, but one row of token_embd when an output head is separate (tied, it is the head)."""
+    tensors = {t.name: t for t in open_reader(path).tensors}
+    total = sum(int(t.n_bytes) for t in tensors.values())
+    emb = tensors.get("token_embd.weight")
+    skipped = 0
+    if emb is not None and "output.weight" in tensors:
+        skipped = int(emb.n_bytes) - int(emb.n_bytes) // int(emb.shape[1])  # shape[1]: rows (ne1)
+    return {"bytes_per_token": total - skipped, "weights_bytes": total, "embedding_bytes_skipped": skipped,
+            "adapter_bytes": 0}
+
+
 def find(path) -> Path:
     """The GGUF file of ``path``: the file itself, or the one ``*.gguf`` in a directory."""
     p = Path(path)

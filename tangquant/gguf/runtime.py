@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 import sys
 
 import llama_cpp as L
 import numpy as np
 
-_QUIET = L.llama_log_callback(lambda level, text, data: None)  # kept alive: llama.cpp calls it
+_LOG: list[str] = []  # llama.cpp's log lines since the last load: how it placed the weights
+_COLLECT = L.llama_log_callback(lambda level, text, data: _LOG.append(text.decode("utf-8", "replace")))
+_REPACKED = re.compile(r"repack tensor (\S+) with (\S+)")
 
 
 class LlamaCppError(RuntimeError):
@@ -31,16 +34,16 @@ class Session:
     """One model and one context; ``decode`` appends tokens to the KV cache at ``pos``."""
 
     def __init__(self, path, threads: int | None = None, n_ctx: int = 512, n_batch: int = 512,
-                 repack: bool = True, quiet: bool = True):
-        if quiet:
-            L.llama_log_set(_QUIET, ctypes.c_void_p())
+                 repack: bool = True):
+        L.llama_log_set(_COLLECT, ctypes.c_void_p())  # kept off stderr, and read for the repack path
+        _LOG.clear()
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
         mp.use_extra_bufts = bool(repack)
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
-            raise LlamaCppError(f"llama.cpp could not load {path}")
+            raise LlamaCppError(f"llama.cpp could not load {path}: {_last_line()}")
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, min(n_batch, 512)
         if threads:
@@ -53,7 +56,14 @@ class Session:
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_batch = n_batch
         self.batch = L.llama_batch_init(n_batch, 0, 1)
-        self.repack = bool(repack)
+        self.load_log = "".join(_LOG)
+
+    def repacked(self) -> dict[str, int]:
+        """{layout: tensors} llama.cpp re-laid at load (e.g. {"q4_0_8x8": 168}); {} when none."""
+        out: dict[str, int] = {}
+        for _, layout in _REPACKED.findall(self.load_log):
+            out[layout] = out.get(layout, 0) + 1
+        return out
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         data = text.encode("utf-8")
@@ -111,6 +121,11 @@ class Session:
         L.llama_batch_free(self.batch)
         L.llama_free(self.ctx)
         L.llama_model_free(self.model)
+
+
+def _last_line() -> str:
+    lines = [l.strip() for l in "".join(_LOG).splitlines() if l.strip()]
+    return lines[-1][:300] if lines else "no message"
 
 
 def system_info() -> str:
