@@ -7,6 +7,9 @@ Each candidate is ``NAME=KIND:PATH[,key=value...]`` with KIND one of:
   torch-gptq+lora  the seed baseline: a GPTQ checkpoint plus the un-merged peft ``adapter=DIR``,
                    transformers + gptqmodel in bf16, run in the baseline environment's python
   torch            any Hugging Face directory via transformers (``dtype=bf16|fp32``, ``adapter=DIR``)
+  llamacpp         a GGUF file (or a directory holding one) through llama.cpp (llama-cpp-python's
+                   low-level API); ``repack=0|1`` turns llama.cpp's CPU weight repacking off or on
+                   (default on, as llama.cpp); the row records which tensors it really repacked
 
 Other keys: ``device=CPU``, ``lora_mode=auto|dynamic|static_rank`` (ov+lora), ``alpha=`` (override),
 and any OpenVINO property for the ov kinds (``KV_CACHE_PRECISION=u8``,
@@ -14,7 +17,8 @@ and any OpenVINO property for the ov kinds (``KV_CACHE_PRECISION=u8``,
 plus genai's scheduler ``cache_size=GB`` and ``enable_prefix_caching=false``.
 
 Every candidate runs in its own process (clean peak RSS). A run is pp (prefill of -p random token
-ids) and tg (decode of -n tokens, EOS ignored), after an uncounted warm-up that also checks the
+ids) and tg (decode of -n tokens, EOS ignored, after that prompt for every kind: llama-bench's
+tg128 starts on an empty context instead), after an uncounted warm-up that also checks the
 output is complete and finite; -r repetitions give mean ± std. DRAM bandwidth is measured on the
 spot (a read-only sum, the roofline, plus STREAM copy/triad, same threads) and decode is
 compared with read bandwidth / weight bytes read per token. A candidate that fails is reported as failed, never as a speed.
@@ -48,8 +52,9 @@ from tangquant.recipe import param, require
 logger = logging.getLogger(__name__)
 
 HELP = "tokens/s side by side (pp/tg, llama-bench style) against the bandwidth roofline"
-KINDS = ("ov", "ov+lora", "torch-gptq+lora", "torch")
-KIND_MODELS = {"ov": ("ir",), "ov+lora": ("ir",), "torch-gptq+lora": ("gptq",), "torch": ("hf", "gptq")}
+KINDS = ("ov", "ov+lora", "torch-gptq+lora", "torch", "llamacpp")
+KIND_MODELS = {"ov": ("ir",), "ov+lora": ("ir",), "torch-gptq+lora": ("gptq",), "torch": ("hf", "gptq"),
+               "llamacpp": ("gguf",)}
 MARKER = "random weights — speed only"
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 DEFAULT_BASELINE_PYTHON = "benchmarks/baseline/.venv/bin/python"
@@ -146,6 +151,8 @@ def _worker(spec: dict, python: str, timeout_s: int) -> dict:
         return {"ok": False, "error": f"timed out after {timeout_s} s"}
     except OSError as exc:
         return {"ok": False, "error": f"cannot start {python}: {exc.strerror or exc}"}
+    if proc.returncode < 0:  # a segfault in a runtime is a failed candidate, never a speed
+        return {"ok": False, "error": f"worker crashed (signal {-proc.returncode})"}
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     for line in errors:
         logger.debug("worker %s: %s", spec.get("kind", spec.get("op")), line)
@@ -168,9 +175,16 @@ def _bandwidth(threads: int, nbytes: int, timeout_s: int) -> dict:
 
 def _measure(c: Candidate, threads: int, rec: BenchRecipe) -> dict:
     config = _model_config(c)
-    out = {"size_bytes": dir_size(Path(c.path)) + (dir_size(Path(c.options["adapter"]))
-                                                   if c.options.get("adapter") else 0)}
-    out.update(bytes_per_token(c.kind, Path(c.path), c.options))
+    if c.kind == "llamacpp":
+        from tangquant.gguf.reader import bytes_per_token as gguf_bytes_per_token
+
+        path = load.inspect(c.path, kinds=("gguf",)).path  # the .gguf file itself
+        out = {"size_bytes": path.stat().st_size, **gguf_bytes_per_token(path)}
+    else:
+        path = Path(c.path)
+        out = {"size_bytes": dir_size(path) + (dir_size(Path(c.options["adapter"]))
+                                               if c.options.get("adapter") else 0)}
+        out.update(bytes_per_token(c.kind, path, c.options))
     python = sys.executable
     if c.kind == "torch-gptq+lora":
         python = rec.baseline_python
@@ -179,7 +193,7 @@ def _measure(c: Candidate, threads: int, rec: BenchRecipe) -> dict:
         if not Path(python).is_file():
             raise BenchError(f"baseline python {python} does not exist; build it with "
                              "benchmarks/baseline/setup.sh or pass --baseline-python")
-    spec = {"op": "generate", "kind": c.kind, "path": str(Path(c.path).resolve()),
+    spec = {"op": "generate", "kind": c.kind, "path": str(path.resolve()),
             "options": c.options, "prompt_tokens": rec.prompt_tokens, "gen_tokens": rec.gen_tokens,
             "repetitions": rec.repetitions, "warmup": rec.warmup, "threads": threads,
             "vocab": min(int(config.get("vocab_size") or 256), 151643)}

@@ -8,7 +8,9 @@ percentiles, Δp statistics and RMS, and how often both put the same token on
 top (Q is --model, base is --reference; KL(reference ‖ model), nats/token).
 Either model can be a full-precision Hugging Face directory (with
 --reference-adapter: base + LoRA), a GPTQ checkpoint (exact fp32
-dequantisation) or an OpenVINO IR (fp32 inference, no dynamic quantization).
+dequantisation), a qwen2 GGUF (dequantised exactly by gguf's numpy code: the
+weights' error, not llama.cpp's kernels) or an OpenVINO IR (fp32 inference, no
+dynamic quantization).
 
 With --tasks, lm-evaluation-harness runs the tasks on both models and prints
 them side by side, with the difference and its paired standard error. The
@@ -132,7 +134,7 @@ def evaluate(model, reference, data=None, params: EvalParams | None = None, toke
     if data is None and not p.tasks:
         raise ParameterError("nothing to evaluate: give --data (KL statistics), --tasks (lm_eval) or both")
     paths = [m for m in (model, reference) if isinstance(m, (str, Path))]
-    checked = {id(m): load.inspect(m) for m in paths}  # refuse a wrong path before any heavy work
+    checked = {id(m): load.inspect(m, kinds=load.LOGIT_KINDS) for m in paths}  # refuse a wrong path before any heavy work
     for md in checked.values() if data is not None else ():
         context = load.context_length(md.config)
         if context is not None and p.seq_len > context:

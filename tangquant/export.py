@@ -1,5 +1,6 @@
-"""Export a GPTQ INT4 checkpoint to an OpenVINO IR that keeps its exact integers.
+"""Export a GPTQ INT4 checkpoint to an OpenVINO IR or a GGUF file that keeps its exact integers.
 
+``--format openvino``:
 The checkpoint is dequantised into a temporary fp16 model, exported by
 optimum-intel as a stateful text-generation IR and compressed by NNCF to INT4
 with the checkpoint's group size (embeddings and lm_head INT8, or fp16); the
@@ -8,8 +9,16 @@ scales and zero points. Before the directory is published it is read back,
 every INT4 constant is compared with the checkpoint, and it is compiled and
 made to generate a token with openvino-genai.
 
-Example:
+``--format gguf`` (llama.cpp, llama-server, ollama): a symmetric GPTQ checkpoint without
+act-order is exactly Q4_0; its integers and fp16 scales are copied into Q4_0 blocks
+(embeddings and output head ``--gguf-embeddings q8_0`` or ``f16``, biases and norms f32),
+with Qwen2 metadata, the tokenizer and the chat template. Before the directory is
+published the file is read back and every Q4_0 tensor must dequantise to exactly the
+checkpoint's weights; then llama.cpp loads it and generates tokens.
+
+Examples:
   tangquant export --model out/poet-gptq --output out/poet-ov --format openvino
+  tangquant export --model out/poet-gptq --output out/poet-gguf --format gguf
 """
 
 from __future__ import annotations
@@ -24,20 +33,23 @@ from tangquant.recipe import param, require
 
 logger = logging.getLogger(__name__)
 
-HELP = "export a GPTQ INT4 checkpoint to an OpenVINO IR with its exact INT4 weights"
-FORMATS = ("openvino",)
+HELP = "export a GPTQ INT4 checkpoint to an OpenVINO IR or a GGUF with its exact INT4 weights"
+FORMATS = ("openvino", "gguf")
 EMBEDDINGS = ("int8", "fp16")
 LM_HEADS = ("int8", "int4")
+GGUF_EMBEDDINGS = ("q8_0", "f16")  # (tangquant.gguf.writer.EMBEDDINGS; not imported: that loads gguf)
 
 
 @dataclass(frozen=True)
 class ExportParams:
     format: str = param("openvino", "export format", choices=FORMATS)
-    embeddings: str = param("int8", "precision of the embeddings and lm_head", choices=EMBEDDINGS)
+    embeddings: str = param("int8", "precision of the embeddings and lm_head (openvino)", choices=EMBEDDINGS)
     lm_head: str = param("int8", "precision of the lm_head: int8 (the --embeddings precision, "
                          "NNCF) or int4 (group-wise RTN from the checkpoint's fp16 head)",
                          choices=LM_HEADS)
     lm_head_group_size: int = param(128, "group size of --lm-head int4")
+    gguf_embeddings: str = param("q8_0", "type of the embeddings and output head (gguf)",
+                                 choices=GGUF_EMBEDDINGS)
     base_model_id: str | None = param(None, "Hub id of the base for the model card's base_model (e.g. "
                                       "Qwen/Qwen1.5-7B-Chat); default: the one the checkpoint's card names",
                                       metavar="ORG/NAME")
@@ -51,6 +63,8 @@ class ExportParams:
                 f"{self.lm_head!r}")
         require(self.lm_head_group_size >= 8, f"--lm-head-group-size must be at least 8, got "
                 f"{self.lm_head_group_size}")
+        require(self.gguf_embeddings in GGUF_EMBEDDINGS, f"gguf_embeddings must be one of "
+                f"{', '.join(GGUF_EMBEDDINGS)}, not {self.gguf_embeddings!r}")
         check_base_model_id(self.base_model_id)
 
 
@@ -59,7 +73,8 @@ PARAMS = ExportParams
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="GPTQ INT4 checkpoint directory (tangquant quantize)")
-    parser.add_argument("--output", required=True, help="output directory for the OpenVINO IR")
+    parser.add_argument("--output", required=True, help="output directory (the OpenVINO IR, or the GGUF "
+                        "file with its Modelfile and card)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
 
 
@@ -69,11 +84,13 @@ def run(args) -> dict:
 
 def export(model, output, params: ExportParams | None = None, force: bool = False, **overrides) -> dict:
     """Export the GPTQ checkpoint ``model`` (a path or a GPTQCheckpoint) to ``output``; returns metrics."""
-    from tangquant.ov import build  # the engine: OpenVINO, NNCF, optimum-intel
-
     p = recipe.resolve(ExportParams, params, overrides)
     ckpt = model if isinstance(model, GPTQCheckpoint) else GPTQCheckpoint.open(model)
     out = files.check_output(output, [ckpt.path], force)
+    if p.format == "gguf":
+        return _export_gguf(ckpt, out, p, force)
+    from tangquant.ov import build  # the engine: OpenVINO, NNCF, optimum-intel
+
     build.check_exportable(ckpt)
     with files.atomic_output_dir(out, force) as tmp:
         metrics = build.write_ir_dir(ckpt, tmp, embeddings=p.embeddings,
@@ -82,4 +99,17 @@ def export(model, output, params: ExportParams | None = None, force: bool = Fals
     summary = (f"{out}  {files.human_size(metrics['size_bytes'])}  {metrics['int4_layers']} INT4 layers, "
                f"{metrics['int4_constants_checked']} constants equal to the checkpoint's  "
                f"({metrics['seconds']:.0f} s)")
+    return {"output": str(out), **metrics, "summary": summary}
+
+
+def _export_gguf(ckpt: GPTQCheckpoint, out, p: ExportParams, force: bool) -> dict:
+    from tangquant.gguf import build  # the engine: gguf (and llama-cpp-python for the check)
+
+    build.check_exportable(ckpt)  # asymmetric or act-order: refused before anything is written
+    with files.atomic_output_dir(out, force) as tmp:
+        metrics = build.write_gguf_dir(ckpt, tmp, embeddings=p.gguf_embeddings,
+                                       base_model_id=p.base_model_id)
+    summary = (f"{out / metrics['file']}  {files.human_size(metrics['size_bytes'])}  "
+               f"{metrics['q4_0_tensors_exact']} Q4_0 tensors equal to the checkpoint's; "
+               f"llama.cpp: {metrics['llama_cpp_check']}  ({metrics['seconds']:.0f} s)")
     return {"output": str(out), **metrics, "summary": summary}

@@ -1,14 +1,16 @@
 """The one loader: any model directory to the runtime object a stage needs, with one set of checks.
 
 :func:`inspect` tells what a directory is — an OpenVINO IR (``openvino_model.xml``),
-a GPTQ checkpoint (``quantization_config`` with ``quant_method: gptq``) or a
-full-precision Hugging Face model — and refuses, with one line naming the fix,
+a GPTQ checkpoint (``quantization_config`` with ``quant_method: gptq``), a
+full-precision Hugging Face model, or a qwen2 GGUF (a ``.gguf`` file, or a
+directory holding one and no ``config.json``) — and refuses, with one line naming the fix,
 what no stage reads: a LoRA adapter directory, another quantization method, a
 truncated IR, pickle-only weights without ``allow_pickle``. The loaders below
 all start from it:
 
 - :func:`torch_model`: a plain ``transformers`` model in fp32 (GPTQ layers
-  dequantised exactly), optionally with a peft adapter on top;
+  dequantised exactly, GGUF tensors dequantised by gguf's own numpy code),
+  optionally with a peft adapter on top;
 - :func:`logits_model`: something whose ``model(input_ids=...).logits`` works,
   for fidelity measurements (an IR compiled in exact mode);
 - :func:`genai_pipeline`: an openvino-genai ``LLMPipeline`` of an IR.
@@ -29,6 +31,7 @@ from tangquant.gptq import GPTQCheckpoint, is_gptq
 from tangquant.ov.ir import EXACT_CONFIG, MODEL_XML, check_ir_files, is_ir_dir
 
 KINDS = ("ir", "gptq", "hf")
+LOGIT_KINDS = KINDS + ("gguf",)  # what logits_model (eval) reads
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,32 @@ def inspect(path, kinds: tuple[str, ...] = KINDS, allow_pickle: bool = False,
         return path
     if isinstance(path, GPTQCheckpoint):
         return ModelDir(path.path, "gptq", path.config, path)
-    path = checkpoint.open_dir(path, what)
+    if is_gguf(path):
+        found = _gguf_dir(path)
+    else:
+        found = _model_dir(checkpoint.open_dir(path, what), kinds, allow_pickle)
+    if found.kind not in kinds:
+        names = {"ir": "an OpenVINO IR (tangquant export)", "gptq": "a GPTQ checkpoint",
+                 "hf": "a full-precision Hugging Face model", "gguf": "a GGUF file"}
+        raise InputError(f"{path} is {names[found.kind]}; this needs "
+                         + " or ".join(names[k] for k in kinds))
+    return found
+
+
+def is_gguf(path) -> bool:
+    p = Path(path)
+    return (p.is_file() and p.suffix == ".gguf") or (
+        p.is_dir() and not (p / "config.json").exists() and any(p.glob("*.gguf")))
+
+
+def _gguf_dir(path) -> ModelDir:
+    from tangquant.gguf import reader  # gguf and numpy, only for a GGUF
+
+    f = reader.find(path)
+    return ModelDir(f, "gguf", reader.config(reader.open_reader(f), f))
+
+
+def _model_dir(path: Path, kinds, allow_pickle: bool) -> ModelDir:
     if kinds == ("ir",) and not is_ir_dir(path):
         raise InputError(f"{path} is not an exported OpenVINO model (no {MODEL_XML}); make one with "
                          "`tangquant export --format openvino`")
@@ -73,11 +101,6 @@ def inspect(path, kinds: tuple[str, ...] = KINDS, allow_pickle: bool = False,
     if found.kind == "gptq" and "gptq" not in kinds:
         raise QuantizedModelError(f"{path} is already quantized (gptq); this needs its full-precision "
                                   "(merged) model")
-    if found.kind not in kinds:
-        names = {"ir": "an OpenVINO IR (tangquant export)", "gptq": "a GPTQ checkpoint",
-                 "hf": "a full-precision Hugging Face model"}
-        raise InputError(f"{path} is {names[found.kind]}; this needs "
-                         + " or ".join(names[k] for k in kinds))
     return found
 
 
@@ -86,9 +109,11 @@ def torch_model(path, adapter=None, allow_pickle: bool = False, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    md = inspect(path, kinds=("gptq", "hf"), allow_pickle=allow_pickle)
+    md = inspect(path, kinds=("gptq", "hf", "gguf"), allow_pickle=allow_pickle)
     if md.kind == "gptq":
         model = _dequantized_model(md.gptq)
+    elif md.kind == "gguf":
+        model = _gguf_model(md)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(md.path), dtype=torch.float32,
                                                      trust_remote_code=False,
@@ -108,15 +133,30 @@ def torch_model(path, adapter=None, allow_pickle: bool = False, dtype=None):
 
 def _dequantized_model(ckpt: GPTQCheckpoint):
     """A plain ``AutoModelForCausalLM`` holding the checkpoint's exact fp32 weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(ckpt.path, trust_remote_code=False)
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
+    return _from_state(config, ckpt.dequantized_state())
+
+
+def _gguf_model(md: ModelDir):
+    """A plain Qwen2 model holding a GGUF's tensors as gguf's dequantiser gives them, in fp32."""
+    from transformers import Qwen2Config
+
+    from tangquant.gguf import reader
+
+    _, state = reader.state_dict(md.path)
+    return _from_state(Qwen2Config(**md.config), state)
+
+
+def _from_state(config, state: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = ckpt.dequantized_state()
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -126,9 +166,9 @@ def _dequantized_model(ckpt: GPTQCheckpoint):
 
 
 def logits_model(path, adapter=None):
-    """A model for fidelity: HF or GPTQ in fp32 (+ adapter), or an IR in exact mode (f32, no
+    """A model for fidelity: HF, GPTQ or GGUF in fp32 (+ adapter), or an IR in exact mode (f32, no
     dynamic quantization), all answering ``model(input_ids=..., attention_mask=...).logits``."""
-    md = inspect(path)
+    md = inspect(path, kinds=LOGIT_KINDS)
     if md.kind != "ir":
         return torch_model(md, adapter=adapter)
     if adapter is not None:

@@ -292,7 +292,7 @@ def _versions() -> dict:
 
     out = {"python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "optimum", "gptqmodel", "openvino",
-                 "openvino-genai", "openvino-tokenizers"):
+                 "openvino-genai", "openvino-tokenizers", "llama-cpp-python", "gguf"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -313,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             result = gate.run(spec)
         elif spec["kind"] in ("ov", "ov+lora"):
             result = run_ov(spec)
+        elif spec["kind"] == "llamacpp":
+            from tangquant.measure.llamacpp import run_llamacpp  # imports llama_cpp
+
+            result = run_llamacpp(spec)
         else:
             result = run_torch(spec)
         result.update(ok=True, peak_rss_bytes=_peak_rss(), worker_versions=_versions(),

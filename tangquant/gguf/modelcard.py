@@ -1,0 +1,75 @@
+"""The GGUF export's model card and ollama ``Modelfile``: how to run the file in llama.cpp and ollama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tangquant import card, files
+
+# ChatML, as the checkpoint's chat template writes it; ollama needs it spelled in its own template syntax.
+MODELFILE = '''FROM ./{file}
+TEMPLATE """{{{{ if .System }}}}<|im_start|>system
+{{{{ .System }}}}<|im_end|>
+{{{{ end }}}}{{{{ if .Prompt }}}}<|im_start|>user
+{{{{ .Prompt }}}}<|im_end|>
+{{{{ end }}}}<|im_start|>assistant
+{{{{ .Response }}}}"""
+SYSTEM """You are a helpful assistant."""
+PARAMETER stop "<|im_end|>"
+PARAMETER stop "<|endoftext|>"
+'''
+
+
+def write_modelfile(out_dir: Path, gguf_file: str) -> Path:
+    path = Path(out_dir) / "Modelfile"
+    path.write_text(MODELFILE.format(file=gguf_file), encoding="utf-8")
+    return path
+
+
+def write_card(out_dir: Path, source: Path, metrics: dict, lineage: dict) -> None:
+    name, f = files.final_name(source), metrics["file"]
+    group = "per output channel" if metrics["group_size"] == -1 else f"group size {metrics['group_size']}"
+    meta = card.front_matter(lineage, "quantized", card.LIBRARY["gguf"],
+                             tags=("gguf", "llama.cpp", "q4_0", "gptq", "int4"))
+    text = f"""# {name} — GGUF Q4_0 (exact GPTQ integers)
+
+Exported by `tangquant export --format gguf` from the GPTQ checkpoint `{name}`.
+
+- Linear layers: Q4_0, the checkpoint's own 4-bit integers and fp16 scales ({group}, symmetric,
+  zero point 8), not re-quantized: read back on export, all {metrics['q4_0_tensors_exact']} Q4_0
+  tensors dequantise to exactly the checkpoint's weights (max |Δ| = 0).
+- Embeddings and output head: {metrics['embeddings']}; biases and norms f32.
+- Tokenizer: byte-level BPE (pre-tokenizer `{metrics['tokenizer']['pre_tokenizer']}`), ChatML chat
+  template; generation stops at `<|im_end|>`.
+- llama.cpp check on export: {metrics.get('llama_cpp_check', 'not run')}.
+
+## Use
+
+llama.cpp's server (OpenAI-compatible API; `--jinja` applies the chat template stored in the file):
+
+```sh
+llama-server -m {f} --jinja -c 2048 --port 8080
+curl http://localhost:8080/v1/chat/completions -d '{{"messages":[{{"role":"user","content":"写一首唐诗"}}]}}'
+```
+
+ollama, with the `Modelfile` beside the file:
+
+```sh
+ollama create {name.lower()} -f Modelfile
+ollama run {name.lower()} 写一首唐诗
+```
+
+Python (llama-cpp-python):
+
+```python
+from llama_cpp import Llama
+llm = Llama("{f}", n_ctx=2048)
+print(llm.create_chat_completion([{{"role": "user", "content": "写一首唐诗"}}])["choices"][0]["message"]["content"])
+```
+
+## Exactness
+
+llama.cpp quantizes activations to 8 bits for its Q4_0 dot products, so its logits are close to,
+not equal to, the fp32 dequantised reference; the weights themselves are exact.
+"""
+    card.write(out_dir, meta, text)

@@ -1,0 +1,108 @@
+"""Read a GGUF back: its tensors dequantised with gguf's own numpy code, and its Qwen2 config.
+
+This is both the export's check (every Q4_0 tensor must dequantise to exactly
+the checkpoint's weights) and what lets ``tangquant eval`` score any Qwen2 GGUF
+— tangquant's or llama-quantize's — as a plain fp32 torch model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from tangquant.errors import InputError
+from tangquant.files import parsing
+from tangquant.gguf.writer import gguf_name, name_map
+
+LAYER_TENSORS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
+                 "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
+                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                 "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
+TOP_TENSORS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+def open_reader(path) -> gguf.GGUFReader:
+    with parsing(path, "GGUF file", "export it again"):
+        return gguf.GGUFReader(str(path))
+
+
+def field(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.get_field(key)
+    return default if f is None else f.contents()
+
+
+def config(reader: gguf.GGUFReader, where) -> dict:
+    """The Hugging Face ``config.json`` of a qwen2 GGUF, from its metadata."""
+    arch = field(reader, "general.architecture")
+    if arch != "qwen2":
+        raise InputError(f"{where}: a {arch!r} GGUF; tangquant reads qwen2 GGUFs")
+    key = lambda k, d=None: field(reader, f"qwen2.{k}", d)  # noqa: E731
+    names = {t.name for t in reader.tensors}
+    heads = int(key("attention.head_count"))
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+            "hidden_size": int(key("embedding_length")), "intermediate_size": int(key("feed_forward_length")),
+            "num_hidden_layers": int(key("block_count")), "num_attention_heads": heads,
+            "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+            "max_position_embeddings": int(key("context_length")),
+            "rope_theta": float(key("rope.freq_base", 10000.0)),
+            "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+            "vocab_size": len(field(reader, "tokenizer.ggml.tokens")),
+            "tie_word_embeddings": "output.weight" not in names,
+            "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
+            "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
+            "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"), "use_cache": True}
+
+
+def tensor_names(n_layers: int) -> dict[str, str]:
+    """GGUF name -> Hugging Face name of every tensor a qwen2 GGUF may hold."""
+    tmap = name_map(n_layers)
+    hf = list(TOP_TENSORS) + [f"model.layers.{i}.{t}" for i in range(n_layers) for t in LAYER_TENSORS]
+    return {gguf_name(tmap, n): n for n in hf}
+
+
+def dequantized(tensor: gguf.ReaderTensor) -> np.ndarray:
+    """One tensor in fp32, [rows, cols] as in PyTorch, by gguf's dequantiser."""
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists ne0 (the row length) first
+    return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(shape)
+
+
+def state_dict(path) -> tuple[dict, dict]:
+    """(config, {HF name: fp32 torch tensor}) of a qwen2 GGUF."""
+    import torch
+
+    reader = open_reader(path)
+    cfg = config(reader, path)
+    names = tensor_names(cfg["num_hidden_layers"])
+    state = {}
+    for t in reader.tensors:
+        if t.name not in names:
+            raise InputError(f"{path}: tensor {t.name} has no place in a qwen2 model")
+        state[names[t.name]] = torch.from_numpy(dequantized(t).copy())
+    return cfg, state
+
+
+def bytes_per_token(path) -> dict:
+    """Weight bytes read per decoded token, counted as ``measure.roofline`` counts them: every
+    tensor once, but one row of token_embd when an output head is separate (tied, it is the head)."""
+    tensors = {t.name: t for t in open_reader(path).tensors}
+    total = sum(int(t.n_bytes) for t in tensors.values())
+    emb = tensors.get("token_embd.weight")
+    skipped = 0
+    if emb is not None and "output.weight" in tensors:
+        skipped = int(emb.n_bytes) - int(emb.n_bytes) // int(emb.shape[1])  # shape[1]: rows (ne1)
+    return {"bytes_per_token": total - skipped, "weights_bytes": total, "embedding_bytes_skipped": skipped,
+            "adapter_bytes": 0}
+
+
+def find(path) -> Path:
+    """The GGUF file of ``path``: the file itself, or the one ``*.gguf`` in a directory."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return p.resolve()
+    found = sorted(p.glob("*.gguf")) if p.is_dir() else []
+    if len(found) != 1:
+        raise InputError(f"{p} is not a .gguf file nor a directory holding exactly one"
+                         + (f" (it holds {len(found)})" if found else ""))
+    return found[0].resolve()

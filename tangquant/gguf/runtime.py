@@ -1,0 +1,154 @@
+"""llama.cpp through llama-cpp-python's low-level API: load a GGUF, decode batches, greedy tokens.
+
+The low-level API (``llama_decode`` on explicit batches) is used rather than the
+``Llama`` class because it exposes what a measurement must record: the weight
+repacking path (``use_extra_bufts``: llama.cpp's CPU "extra buffer types" that
+re-lay Q4_0 weights for its AVX2/AVX512/AMX kernels at load), the threads, and
+exactly which tokens are decoded when.
+
+``python -m tangquant.gguf.runtime SPEC_JSON`` is the export's smoke test in a
+separate process (a crash in llama.cpp must fail the export, not kill it); it
+prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+import sys
+
+import llama_cpp as L
+import numpy as np
+
+_LOG: list[str] = []  # llama.cpp's log lines since the last load: how it placed the weights
+_COLLECT = L.llama_log_callback(lambda level, text, data: _LOG.append(text.decode("utf-8", "replace")))
+_REPACKED = re.compile(r"repack tensor (\S+) with (\S+)")
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp refused the model or a batch (its own return codes, as a Python error)."""
+
+
+class Session:
+    """One model and one context; ``decode`` appends tokens to the KV cache at ``pos``."""
+
+    def __init__(self, path, threads: int | None = None, n_ctx: int = 512, n_batch: int = 512,
+                 repack: bool = True):
+        L.llama_log_set(_COLLECT, ctypes.c_void_p())  # kept off stderr, and read for the repack path
+        _LOG.clear()
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        mp.use_extra_bufts = bool(repack)
+        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise LlamaCppError(f"llama.cpp could not load {path}: {_last_line()}")
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, min(n_batch, 512)
+        if threads:
+            cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise LlamaCppError(f"llama.cpp could not make a context of {n_ctx} tokens for {path}")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_batch = n_batch
+        self.batch = L.llama_batch_init(n_batch, 0, 1)
+        self.load_log = "".join(_LOG)
+
+    def repacked(self) -> dict[str, int]:
+        """{layout: tensors} llama.cpp re-laid at load (e.g. {"q4_0_8x8": 168}); {} when none."""
+        out: dict[str, int] = {}
+        for _, layout in _REPACKED.findall(self.load_log):
+            out[layout] = out.get(layout, 0) + 1
+        return out
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        buf = (L.llama_token * (len(data) + 8))()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, special)
+        if n < 0:
+            raise LlamaCppError(f"llama.cpp could not tokenize {len(data)} bytes")
+        return list(buf[:n])
+
+    def eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self.vocab, token))
+
+    def clear(self) -> None:
+        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+
+    def decode(self, tokens: list[int], pos: int, all_logits: bool = False) -> np.ndarray:
+        """Decode ``tokens`` at positions ``pos``...; logits [len, vocab] if ``all_logits``, else
+        the last token's [vocab]. Prompts longer than the batch go in batch-sized chunks."""
+        rows = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last = start + len(chunk) == len(tokens)
+            b = self.batch
+            b.n_tokens = len(chunk)
+            for i, t in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i] = t, pos + start + i, 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = all_logits or (last and i == len(chunk) - 1)
+            rc = L.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise LlamaCppError(f"llama_decode returned {rc}")
+            if all_logits:
+                rows += [self._logits(i) for i in range(len(chunk))]
+        return np.stack(rows) if all_logits else self._logits(len(chunk) - 1)
+
+    def _logits(self, i: int) -> np.ndarray:
+        ptr = L.llama_get_logits_ith(self.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def greedy(self, prompt: list[int], n: int, stop_at_eog: bool = False) -> list[int]:
+        """``n`` greedy tokens after ``prompt`` in a fresh KV cache (EOS ignored unless ``stop_at_eog``)."""
+        self.clear()
+        logits = self.decode(prompt, 0)
+        out = []
+        for i in range(n):
+            tok = int(np.argmax(logits))
+            out.append(tok)
+            if stop_at_eog and self.eog(tok):
+                break
+            if i + 1 < n:
+                logits = self.decode([tok], len(prompt) + i)
+        return out
+
+    def close(self) -> None:
+        L.llama_batch_free(self.batch)
+        L.llama_free(self.ctx)
+        L.llama_model_free(self.model)
+
+
+def _last_line() -> str:
+    lines = [l.strip() for l in "".join(_LOG).splitlines() if l.strip()]
+    return lines[-1][:300] if lines else "no message"
+
+
+def system_info() -> str:
+    return L.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def smoke(spec: dict) -> dict:
+    """Load, tokenize ``text`` with the GGUF's own tokenizer, greedy-generate ``n`` tokens."""
+    s = Session(spec["path"], threads=spec.get("threads"), n_ctx=spec.get("n_ctx", 256),
+                repack=spec.get("repack", True))
+    try:
+        ids = s.tokenize(spec["text"])
+        tokens = s.greedy(ids, spec.get("n", 4))
+        if not all(0 <= t < s.n_vocab for t in tokens):
+            raise LlamaCppError(f"generated ids {tokens} outside the vocabulary")
+        return {"ids": ids, "tokens": tokens, "n_vocab": s.n_vocab, "system_info": system_info()}
+    finally:
+        s.close()
+
+
+if __name__ == "__main__":
+    try:
+        result = {"ok": True, **smoke(json.loads(sys.argv[1]))}
+    except Exception as exc:  # the parent turns any failure into an ExportError
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+    print("\n" + json.dumps(result), flush=True)
