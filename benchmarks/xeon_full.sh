@@ -2,8 +2,10 @@
 # The side-by-side Xeon run at one shape (7B by default) in two resumable phases, made for a lent
 # machine that gives 10-minute calls and forgets everything ~30 s after the last one:
 #
-#   xeon_full.sh build OUT [SHAPE]      artefacts: llama.cpp, shape model, INT4, IR, GGUFs, anchors
-#   xeon_full.sh bench OUT [THREADS]    one bench run over every candidate, then tune and re-bench
+#   xeon_full.sh build OUT [SHAPE]      llama.cpp, the shape model, its merge (for RSS), INT4, IR, GGUF
+#   xeon_full.sh anchors OUT            f16 GGUF of the shape model -> llama-quantize Q4_0, Q4_K_M
+#   xeon_full.sh tune OUT [THREADS]     tangquant tune --apply on a copy of the IR (tuned/)
+#   xeon_full.sh bench OUT [THREADS]    one bench run over every candidate there is
 #   xeon_full.sh status OUT             the log's tail and each step's wall time and peak RSS
 #
 # Start a phase in the background from a copy of the checkout, so that a later call (which
@@ -79,19 +81,27 @@ transformers.__version__, 'openvino', openvino.__version__)"; } || { stamp "stac
   step ir "${tq[@]}" export --model gptq --output ir --format openvino
   wait
   [ -d "$llama_site" ] || [ -n "${TQ_PYTHON:-}" ] || stamp "no llama.cpp build: no llama.cpp rows"
-  step anchors "$py" "$repo/benchmarks/llamacpp_anchor.py" --model base --output anchors --types Q4_0,Q4_K_M
-  du -sh "$work"/* 2>/dev/null
+  du -sh "$work"/* 2>/dev/null; df -h "$work" | tail -1
   stamp "build done"
+}
+
+# What a llama.cpp user makes of the same model (f16 GGUF -> llama-quantize); the f16 file is
+# removed once quantized (a 7B one is 15 GB of a 64 GB disk).
+anchors() {
+  [ -d base ] || { stamp "no base model: no anchors"; return 1; }
+  step anchors "$py" "$repo/benchmarks/llamacpp_anchor.py" --model base --output anchors --types q4_0,q4_k_m \
+    && rm -f anchors/*-F16.gguf
 }
 
 bench() {
   local threads="${1:-16}"
-  local b=("${tq[@]}" bench -p 512 -n 128 -r 3 -t "$threads" --baseline-python "$(command -v "$py")" --force)
+  local b=("${tq[@]}" bench ${TQ_BENCH_ARGS:--p 512 -n 128 -r 3} -t "$threads"
+           --baseline-python "${TQ_BASEPY:-$(command -v "$py")}" --force)
   local c=(--candidate tq-ir=ov:ir)
   [ -d tuned ] && c+=(--candidate tq-ir-tuned=ov:tuned)
-  [ -e gguf/model.gguf ] && c+=(--candidate tq-gguf=llamacpp:gguf/model.gguf)
+  [ -d gguf ] && c+=(--candidate tq-gguf=llamacpp:gguf)
   for t in Q4_0 Q4_K_M; do
-    [ -e "anchors/model-$t.gguf" ] && c+=(--candidate "llama-$t=llamacpp:anchors/model-$t.gguf")
+    for f in anchors/*-"$t".gguf; do [ -e "$f" ] && c+=(--candidate "llama-$t=llamacpp:$f"); done
   done
   c+=(--candidate ov+lora=ov+lora:ir,adapter=lora --candidate seed-gptq+lora=torch-gptq+lora:gptq,adapter=lora)
   stamp "bench: ${c[*]}"
@@ -102,13 +112,14 @@ bench() {
 tune() {
   local threads="${1:-16}"
   [ -d tuned ] || cp -r ir tuned
-  step tune.json "${tq[@]}" tune --model tuned -t "$threads" --budget "${TQ_TUNE_BUDGET:-4m}" --apply --json tune.json
-  cp tune.json "$out/tune.json" 2>/dev/null
+  step tune.done bash -c "$(printf '%q ' "${tq[@]}") tune --model tuned -t $threads --budget ${TQ_TUNE_BUDGET:-4m} \
+    --apply --results $out/tune.jsonl > $out/tune.md && touch tune.done"
 }
 
 case "$phase" in
   build) build "${3:-7b}" ;;
+  anchors) anchors ;;
   bench) bench "${3:-16}" ;;
   tune) tune "${3:-16}" ;;
-  *) echo "usage: xeon_full.sh build|bench|tune|status OUT [SHAPE|THREADS]" >&2; exit 2 ;;
+  *) echo "usage: xeon_full.sh build|anchors|tune|bench|status OUT [SHAPE|THREADS]" >&2; exit 2 ;;
 esac

@@ -245,6 +245,10 @@ def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) ->
                 row.update(_measure(c, t, rec), status="ok", error=None)
                 row["roofline_tps"] = bw["gbs"] * 1e9 / row["bytes_per_token"]
                 row["roofline_pct"] = 100 * row["tg_tps"] / row["roofline_tps"]
+                # The records are written at the end; this line keeps the figures if the run dies.
+                logger.info("%s at %d threads: pp %.1f t/s, tg %.2f t/s, peak RSS %.2f GB", c.name, t,
+                            row.get("pp_tps", float("nan")), row["tg_tps"],
+                            row.get("peak_rss_bytes", 0) / 1e9)
             except (TangquantError, OSError) as exc:
                 row.update(status="failed", error=str(exc))
                 logger.warning("candidate %s failed: %s", c.name, exc)
