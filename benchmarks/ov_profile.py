@@ -3,7 +3,8 @@
 Compiles the IR's ``openvino_model.xml`` on the CPU with ``PERF_COUNT`` (plus the IR's own
 runtime options, which OpenVINO's core applies, and any ``--prop``), prefills ``-p`` random
 token ids, steps ``-n`` decode tokens one at a time, and sums each node's ``real_time`` over
-the decode steps only, by node type (fully connected by weight precision, attention, gather,
+the decode steps only (a request's profiling_info is a running mean: two snapshots give the
+decode steps' own), by node type (fully connected by weight precision, attention, gather,
 other) and by layer. Each fully-connected node's effective GB/s (the bytes of its constant
 inputs as the compiled model holds them, over its time) is set against the read bandwidth
 measured here with the same threads (``tangquant.measure.roofline.read_bandwidth``). The gap
@@ -81,7 +82,7 @@ def profile(model: Path, threads: int, prompt: int, steps: int, props: dict) -> 
     rng = np.random.default_rng(0)
     vocab = int(json.loads((model / "config.json").read_text())["vocab_size"])
     ids = rng.integers(3, min(vocab, 151643), size=(1, prompt))
-    per_node, node_type, walls, past = collections.defaultdict(list), {}, [], 0
+    walls, past, snap = [], 0, {}
     for step in range(steps + WARM):  # the prefill and the first decode steps (kernels JIT) don't count
         n = ids.shape[1]
         feed = {"input_ids": ids, "attention_mask": np.ones((1, past + n), dtype=np.int64)}
@@ -95,16 +96,18 @@ def profile(model: Path, threads: int, prompt: int, steps: int, props: dict) -> 
         token = int(req.get_output_tensor(0).data[0, -1].argmax())
         past += n
         ids = np.array([[token]], dtype=np.int64)
-        if step < WARM:
-            continue
-        walls.append(wall)
-        for p in req.profiling_info:
-            per_node[p.node_name].append(p.real_time.total_seconds())
-            node_type[p.node_name] = p.node_type
-    # Medians per node and per step: a preempted step on a shared machine moves neither.
-    return {"fcs": fcs, "per_node": {k: float(np.median(v)) for k, v in per_node.items()},
-            "node_type": node_type, "wall_s": float(np.median(walls)),
-            "wall_mean_s": float(np.mean(walls)), "options": {
+        if step >= WARM:
+            walls.append(wall)
+        if step in (WARM - 1, steps + WARM - 1):
+            snap[step + 1] = {p.node_name: (p.real_time.total_seconds(), p.node_type)
+                              for p in req.profiling_info}
+    # A request's profiling_info is each node's mean over every infer so far (measured: it falls
+    # step by step after the prefill), so the decode steps' mean is recovered from two snapshots.
+    w, total = WARM, steps + WARM
+    per_node = {k: max(0.0, (total * t - w * snap[w].get(k, (0.0,))[0]) / steps)
+                for k, (t, _) in snap[total].items()}
+    return {"fcs": fcs, "per_node": per_node, "node_type": {k: v[1] for k, v in snap[total].items()},
+            "wall_s": float(np.median(walls)), "wall_mean_s": float(np.mean(walls)), "options": {
                 k: _shown(compiled.get_property(k)) for k in ("INFERENCE_PRECISION_HINT",
                                                               "KV_CACHE_PRECISION",
                                                               "DYNAMIC_QUANTIZATION_GROUP_SIZE")}}
@@ -115,6 +118,8 @@ def _shown(value) -> str:
 
 
 def summarise(res: dict, read_gbs: float, bytes_per_token: int) -> dict:
+    """Times per category and layer; ``runtime_gap_ms`` compares the nodes' mean with the mean
+    wall time of a step (both means over the same steps)."""
     by_cat, by_layer = collections.Counter(), collections.Counter()
     for name, t in res["per_node"].items():
         by_cat[category(res["node_type"][name], name, res["fcs"])] += t
@@ -130,7 +135,7 @@ def summarise(res: dict, read_gbs: float, bytes_per_token: int) -> dict:
     fc_bytes = sum(r["bytes"] for r in fc_rows)
     fc_time = sum(r["us"] for r in fc_rows) / 1e6
     return {"wall_ms": res["wall_s"] * 1e3, "tg_tps": 1 / res["wall_s"], "nodes_ms": nodes * 1e3,
-            "runtime_gap_ms": (res["wall_s"] - nodes) * 1e3, "read_gbs": read_gbs,
+            "runtime_gap_ms": (res["wall_mean_s"] - nodes) * 1e3, "wall_mean_ms": res["wall_mean_s"] * 1e3, "read_gbs": read_gbs,
             "bytes_per_token": bytes_per_token,
             "roofline_tps": read_gbs * 1e9 / bytes_per_token,
             "roofline_pct": 100 * (1 / res["wall_s"]) / (read_gbs * 1e9 / bytes_per_token),
@@ -142,17 +147,17 @@ def summarise(res: dict, read_gbs: float, bytes_per_token: int) -> dict:
 
 def markdown(s: dict, title: str) -> str:
     lines = [f"### {title}", "",
-             f"decode step {s['wall_ms']:.2f} ms ({s['tg_tps']:.1f} t/s); nodes sum {s['nodes_ms']:.2f} ms, "
-             f"runtime gap {s['runtime_gap_ms']:.2f} ms; {s['bytes_per_token'] / 1e6:.1f} MB/token, read "
+             f"decode step {s['wall_ms']:.2f} ms median ({s['tg_tps']:.1f} t/s), {s['wall_mean_ms']:.2f} ms "
+             f"mean; nodes sum {s['nodes_ms']:.2f} ms, runtime gap {s['runtime_gap_ms']:.2f} ms; {s['bytes_per_token'] / 1e6:.1f} MB/token, read "
              f"bandwidth {s['read_gbs']:.1f} GB/s → roofline {s['roofline_tps']:.1f} t/s, "
              f"{s['roofline_pct']:.0f}% of it; FC nodes together {s['fc_gbs']:.1f} GB/s "
              f"({100 * s['fc_gbs'] / s['read_gbs']:.0f}% of read bandwidth). Options: "
              + ", ".join(f"{k}={v}" for k, v in s["options"].items()), "",
              "| node type | ms/token | share of step |", "|---|---:|---:|"]
     for k, v in s["by_category_ms"].items():
-        lines.append(f"| {k} | {v:.3f} | {100 * v / s['wall_ms']:.1f}% |")
+        lines.append(f"| {k} | {v:.3f} | {100 * v / s['wall_mean_ms']:.1f}% |")
     lines.append(f"| runtime gap (wall − nodes) | {s['runtime_gap_ms']:.3f} | "
-                 f"{100 * s['runtime_gap_ms'] / s['wall_ms']:.1f}% |")
+                 f"{100 * s['runtime_gap_ms'] / s['wall_mean_ms']:.1f}% |")
     lines += ["", "| slowest FC nodes | precision | MB | µs | GB/s | % read bw |", "|---|---|---:|---:|---:|---:|"]
     for r in s["fc"][:8]:
         lines.append(f"| {r['node'].split('/')[0]} | {r['precision']} | {r['bytes'] / 1e6:.2f} | "

@@ -64,6 +64,8 @@ class TuneParams:
     fidelity_steps: int = param(16, "greedy steps the gate compares")
     kld_bound: float = param(1e-3, "mean KL(exact || candidate) per token a candidate whose "
                              "greedy tokens differ may still have")
+    confirm: int = param(2, "rounds of the defaults and the winner measured again alternately; "
+                         "the winner is applied only if it holds there")
     timeout_s: int = param(1800, "limit per worker run, in seconds")
 
     def __post_init__(self):
@@ -73,7 +75,8 @@ class TuneParams:
         require(min(self.prompt_tokens, self.gen_tokens, self.repetitions, self.fidelity_prompts,
                     self.fidelity_steps) >= 1 and self.warmup >= 0,
                 "-p, -n, -r, --fidelity-prompts and --fidelity-steps must be at least 1")
-        require(self.kld_bound >= 0 and self.timeout_s > 0, "--kld-bound >= 0, --timeout-s > 0")
+        require(self.kld_bound >= 0 and self.timeout_s > 0 and self.confirm >= 0,
+                "--kld-bound >= 0, --confirm >= 0, --timeout-s > 0")
         budget_seconds(self.budget)
 
     @property
@@ -131,19 +134,23 @@ def tune(model, params: TuneParams | None = None, apply: bool = False,
         if search is not None:
             search.close()
     env["loadavg_end"] = list(os.getloadavg())
-    rows = search.rows
+    rows, conf = search.rows, search.confirmation
     append_jsonl(jsonl, [{**env, "tool": "tune", "model": str(md.path), "runtime_options_before":
-                          before, **r} for r in rows])
+                          before, **r} for r in rows]
+                 + ([{**env, "tool": "tune", "model": str(md.path), "axis": "confirmation", **conf}]
+                    if conf else []))
     in_ir, caller = tuning.split_winner(winner["options"])
     applied = {**before, **in_ir}
     if apply:
         runtime.write(md.path, applied)
-        _record(md.path, manifest, p, winner, before, applied, caller, str(jsonl))
-    report = tuning.table(rows) + "\n\n" + _advice(winner, in_ir, caller, apply, md.path)
-    baseline = rows[0]
-    summary = (f"tune: winner {winner['setting']}: tg {winner['tg_tps']:.2f} t/s vs "
-               f"{baseline['tg_tps']:.2f} at the IR's defaults ({winner['tg_tps'] / baseline['tg_tps']:.2f}×), "
-               f"{len(rows)} candidates; records in {jsonl}")
+        _record(md.path, manifest, p, winner, before, applied, caller, str(jsonl), conf)
+    confirmed = "" if conf is None else (
+        f"\nconfirmation, side by side ({p.confirm} rounds): {conf['setting']} decodes "
+        f"{conf['ratio']:.2f}× the IR's defaults (median tg)")
+    report = tuning.table(rows) + confirmed + "\n\n" + _advice(winner, in_ir, caller, apply, md.path)
+    gain = (f"{conf['ratio']:.2f}× the defaults' decode side by side" if conf else
+            "no candidate beat the defaults" if not winner["options"] else "unconfirmed (--confirm 0)")
+    summary = f"tune: winner {winner['setting']}: {gain}; {len(rows)} candidates; records in {jsonl}"
     return {"rows": rows, "winner": winner, "runtime_options": applied if apply else before,
             "caller_options": caller, "report": report, "summary": summary}
 
@@ -168,12 +175,13 @@ def _advice(winner: dict, in_ir: dict, caller: dict, apply: bool, path: Path) ->
 
 
 def _record(path: Path, manifest: dict, p: TuneParams, winner: dict, before: dict, applied: dict,
-            caller: dict, jsonl: str) -> None:
+            caller: dict, jsonl: str, confirmation: dict | None) -> None:
     """The tune record in the IR's manifest, written atomically (temp file, then rename)."""
     manifest = dict(manifest)
     manifest["tune"] = {
         "parameters": dataclasses.asdict(p), "winner": winner["setting"],
         "tg_tps": winner["tg_tps"], "pp_tps": winner["pp_tps"], "fidelity": winner.get("fidelity"),
+        "confirmation": confirmation,
         "runtime_options_before": before, "runtime_options": applied, "caller_options": caller,
         "host": {"cpu": files.cpu_model(), "cores": os.cpu_count()},
         "records": jsonl}

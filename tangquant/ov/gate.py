@@ -28,6 +28,8 @@ from tangquant.ov.ir import EXACT_CONFIG, MODEL_XML
 REFERENCE = {**EXACT_CONFIG, "KV_CACHE_PRECISION": "f32"}
 # Options that only openvino-genai knows (not CPU plugin properties).
 GENAI_KEYS = ("ATTENTION_BACKEND", "cache_size", "enable_prefix_caching")
+DEFAULT_KEYS = ("KV_CACHE_PRECISION", "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION",
+                "DYNAMIC_QUANTIZATION_GROUP_SIZE", "INFERENCE_PRECISION_HINT")
 
 
 def run(spec: dict) -> dict:
@@ -45,7 +47,8 @@ def run(spec: dict) -> dict:
         np.savez(spec["reference_out"], genai=np.array(genai_tokens, dtype=np.int64),
                  tokens=np.array([t for t, _ in paths], dtype=np.int64),
                  logprobs=np.stack([lp for _, lp in paths]))
-        return {"reference": spec["reference_out"], "prompts": prompts, "genai_tokens": genai_tokens}
+        return {"reference": spec["reference_out"], "prompts": prompts, "genai_tokens": genai_tokens,
+                "defaults": plugin_defaults()}
     ref = np.load(spec["reference"])
     klds, first_diff = [], []
     for i, p in enumerate(prompts):
@@ -58,6 +61,18 @@ def run(spec: dict) -> dict:
     return {"kld": float(np.mean(klds)), "kld_max": float(np.max(klds)), "steps": steps,
             "prompts": len(prompts), "greedy_first_diff": first_diff, "genai_first_diff": genai_diff,
             "genai_identical": all(d is None for d in genai_diff)}
+
+
+def plugin_defaults() -> dict[str, str]:
+    """The CPU plugin's own values of the grid's keys (a candidate equal to them is not run)."""
+    core, out = ov.Core(), {}
+    for key in DEFAULT_KEYS:
+        try:
+            value = core.get_property("CPU", key)
+        except RuntimeError:
+            continue
+        out[key] = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+    return out
 
 
 def _tokenize(path: str, texts: list[str]) -> list[list[int]]:

@@ -98,7 +98,7 @@ class Search:
         self.rec = BenchRecipe(prompt_tokens=params.prompt_tokens, gen_tokens=params.gen_tokens,
                                repetitions=params.repetitions, warmup=params.warmup,
                                timeout_s=params.timeout_s)
-        self.start, self.cost = time.monotonic(), 0.0
+        self.start, self.cost, self.confirmation = time.monotonic(), 0.0, None
         self.tmp = tempfile.TemporaryDirectory(prefix="tangquant-tune-")
         self.reference = str(Path(self.tmp.name) / "reference.npz")
         self.prompts = self._reference(texts)
@@ -118,7 +118,14 @@ class Search:
                             "reference_out": self.reference})
         if not res.get("ok"):
             raise BenchError(f"the exact-mode reference run failed: {res.get('error')}")
+        from tangquant.ov import runtime
+
+        # What a candidate that sets nothing gets: the plugin's values, under the IR's own options.
+        self.defaults = {**res["defaults"], **runtime.read(self.ir)}
         return res["prompts"]
+
+    def is_default(self, value: dict) -> bool:
+        return all(self.defaults.get(k) == v for k, v in value.items())
 
     def run(self, axes: list[Axis]) -> dict:
         best = self.evaluate({}, "baseline")
@@ -133,14 +140,37 @@ class Search:
                     continue
                 # The axis's own keys are replaced, never combined with an earlier value of it.
                 options = {**{k: v for k, v in best["options"].items() if k not in keys}, **value}
+                if self.is_default(value):
+                    self.rows.append({"axis": axis.name, "setting": setting(options), "options": options,
+                                      "verdict": "the default here (not run)"})
+                    self.bar.update(1)
+                    continue
                 row = self.evaluate(options, axis.name)
                 if row["verdict"] == "passes" and (not best["fidelity"]["passes"] or
                                                    row["tg_tps"] > best["tg_tps"] * (1 + MIN_GAIN)):
                     row["verdict"], best = "faster (kept)", row
                 elif row["verdict"] == "passes":
                     row["verdict"] = "not faster"
+        if best["options"]:
+            best = self.confirm(self.rows[0], best)
         best["verdict"] = "winner" if best["options"] else "winner (the IR's defaults)"
         return best
+
+    def confirm(self, baseline: dict, best: dict) -> dict:
+        """Measure the defaults and the best candidate again, alternately (``--confirm`` rounds):
+        a gain the search saw under a load spike is not applied unless it holds side by side."""
+        tg = {"baseline": [], "best": []}
+        for i in range(self.p.confirm):
+            for name, row in (("baseline", baseline), ("best", best)):
+                self.bar.set_postfix_str(f"confirm {i + 1}/{self.p.confirm}: {name}")
+                tg[name].extend(self._speed(row["options"], row["threads"])["tg_tps_all"])
+        ratio = statistics.median(tg["best"]) / statistics.median(tg["baseline"])
+        self.confirmation = {"baseline_tg_tps": tg["baseline"], "best_tg_tps": tg["best"],
+                             "ratio": ratio, "setting": best["setting"]}
+        if ratio >= 1 + MIN_GAIN or not baseline["fidelity"]["passes"]:
+            return best
+        best["verdict"] = f"not confirmed ({ratio:.2f}× side by side)"
+        return baseline
 
     def evaluate(self, options: dict, axis: str) -> dict:
         row = {"axis": axis, "setting": setting(options), "options": options,
