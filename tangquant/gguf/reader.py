@@ -14,7 +14,7 @@ import numpy as np
 
 from tangquant.errors import InputError
 from tangquant.files import parsing
-from tangquant.gguf.writer import gguf_name, name_map
+from tangquant.gguf.writer import RANDOM, gguf_name, name_map
 
 LAYER_TENSORS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
                  "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
@@ -52,7 +52,8 @@ def config(reader: gguf.GGUFReader, where) -> dict:
             "tie_word_embeddings": "output.weight" not in names,
             "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
             "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
-            "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"), "use_cache": True}
+            "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"), "use_cache": True,
+            "tangquant_random_weights": field(reader, "general.description") == RANDOM}
 
 
 def tensor_names(n_layers: int) -> dict[str, str]:

@@ -30,6 +30,7 @@ EMBEDDINGS = ("q8_0", "f16")
 TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16,
          "f32": gguf.GGMLQuantizationType.F32}
 HEADS = ("model.embed_tokens.weight", "lm_head.weight")
+RANDOM = "random weights — speed only"  # benchmarks/shapes.py models: carried into general.description
 
 
 def check_config(config: dict, where) -> None:
@@ -58,6 +59,8 @@ def gguf_name(tmap, hf_name: str) -> str:
 def add_metadata(w: gguf.GGUFWriter, config: dict, name: str, file_type: int) -> None:
     heads = config["num_attention_heads"]
     w.add_name(name)
+    if config.get("tangquant_random_weights"):
+        w.add_description(RANDOM)
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
     w.add_block_count(config["num_hidden_layers"])

@@ -1,0 +1,93 @@
+"""What a llama.cpp user makes of the same merged model: f16 GGUF, then llama-quantize Q4_0 / Q4_K_M.
+
+The anchor of every speed and quality claim against llama.cpp. From a
+full-precision (merged) Qwen2 Hugging Face directory this writes
+
+  OUT/<name>-F16.gguf     every matrix f16, norms and biases f32 (tangquant.gguf.writer: the
+                          metadata and tokenizer `tangquant export --format gguf` writes, so the
+                          three files differ only in their weights)
+  OUT/<name>-Q4_0.gguf    llama_model_quantize(F16, Q4_0), llama-quantize's defaults
+  OUT/<name>-Q4_K_M.gguf  llama_model_quantize(F16, Q4_K_M), llama-quantize's defaults
+
+through llama-cpp-python's binding of llama.cpp's own quantizer (round-to-nearest, no imatrix),
+and prints one JSON line: the files, their sizes and tensor types. llama.cpp's
+``convert_hf_to_gguf.py`` is not used: it refuses tokenizers it does not know by hash (the
+random-shape models' and the demo poet's small trained ones).
+
+Usage:
+  python benchmarks/llamacpp_anchor.py --model W/merged --output W/anchor [--types q4_0,q4_k_m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's tangquant
+
+import gguf  # noqa: E402
+import llama_cpp  # noqa: E402
+
+from tangquant import checkpoint, files  # noqa: E402
+from tangquant.gguf import reader, writer  # noqa: E402
+
+FTYPES = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+SUFFIX = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M"}
+
+
+def hf_tensors(model_dir: Path):
+    for path in checkpoint.weight_files(model_dir):
+        yield from checkpoint.iter_tensors(path)
+
+
+def write_f16(model_dir: Path, out: Path) -> Path:
+    config = checkpoint.load_config(model_dir)
+    path = out / f"{files.final_name(model_dir)}-F16.gguf"
+    writer.write(path, config, model_dir, hf_tensors(model_dir), embeddings="f16",
+                 file_type=gguf.LlamaFileType.MOSTLY_F16, name=files.final_name(model_dir))
+    return path
+
+
+def quantize(src: Path, dst: Path, kind: str, threads: int) -> None:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = FTYPES[kind], threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize {kind} failed ({rc})")
+
+
+def types(path: Path) -> dict:
+    counts: dict[str, int] = {}
+    for t in reader.open_reader(path).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="full-precision (merged) Qwen2 HF directory")
+    ap.add_argument("--output", required=True, help="directory for the GGUF files (created)")
+    ap.add_argument("--types", default="q4_0,q4_k_m", help="comma list of q4_0, q4_k_m")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+    model, out = Path(args.model).resolve(), Path(args.output)
+    out.mkdir(parents=True, exist_ok=False)
+    t0 = time.time()
+    made = {"f16": write_f16(model, out)}
+    for kind in [k.strip() for k in args.types.split(",") if k.strip()]:
+        made[kind] = made["f16"].with_name(made["f16"].name.replace("-F16.", f"-{SUFFIX[kind]}."))
+        quantize(made["f16"], made[kind], kind, args.threads)
+    print(json.dumps({"model": str(model), "seconds": round(time.time() - t0, 1),
+                      "llama_cpp_python": llama_cpp.__version__,
+                      "files": {k: {"path": str(p), "bytes": p.stat().st_size, "tensor_types": types(p)}
+                                for k, p in made.items()}}, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
