@@ -12,6 +12,9 @@
 # replaces the checkout) cannot change the code under it, then poll it from later calls:
 #   rm -rf /tmp/tq-repo && cp -r . /tmp/tq-repo && (setsid bash /tmp/tq-repo/benchmarks/xeon_full.sh \
 #     build /tmp/xo 7b >/dev/null 2>&1 &); sleep 500; bash benchmarks/xeon_full.sh status /tmp/xo
+# Every call must copy OUT's files to $OUT *before* anything that can overrun it, and start long
+# work only in the background: on 2026-12-02 a call that waited in the foreground for the 7B
+# anchors ran past its limit and brought nothing back, and the device time was gone.
 #
 # Carried (git-ignored, made by benchmarks/xeon_pack.sh): .carry/xeon-site.tar.xz (OpenVINO,
 # transformers 4.57.6, optimum-intel, nncf, INC, gguf, the seed's gptqmodel stack) and

@@ -139,22 +139,41 @@ def smoke(path: Path, tokenizer_dir: Path, n: int = 4) -> dict:
     tok = load.tokenizer(tokenizer_dir)
     text = tok.apply_chat_template(SMOKE_PROMPT, tokenize=False, add_generation_prompt=True)
     hf_ids = tok(text)["input_ids"]
-    spec = json.dumps({"path": str(path), "text": text, "n": n, "threads": min(4, os.cpu_count() or 1)})
+    res, note = _run_smoke(path, text, n, repack=True), ""
+    if not res["ok"] and res.get("crashed"):
+        # llama.cpp 0c1e570's CPU weight repacking (its default) segfaults on some CPUs (seen on an AMX
+        # Xeon with a 7B Q4_0): the file is not at fault if the plain path runs it, so say how to run it.
+        first = res["error"]
+        res = _run_smoke(path, text, n, repack=False)
+        note = (f" with weight repacking off: llama.cpp {first} with its default repacking on this CPU "
+                "(run llama-server / llama-cli with --no-repack here)")
+        if res["ok"]:
+            logger.warning("llama.cpp %s loading %s with its default weight repacking; it runs with "
+                           "repacking off (--no-repack)", first, path.name)
+    if not res["ok"]:
+        raise ExportError(f"llama.cpp cannot run {path.name}: {first_line(Exception(res['error']))}")
+    if res["ids"] != hf_ids:
+        raise ExportError(f"llama.cpp tokenizes the chat prompt as {res['ids'][:12]}…, the model's tokenizer "
+                          f"as {hf_ids[:12]}…; the GGUF's tokenizer metadata is wrong")
+    return {"llama_cpp_check": f"loaded{note}, chat prompt tokenized as by the model's tokenizer "
+                               f"({len(hf_ids)} ids), generated {len(res['tokens'])} tokens",
+            "llama_cpp_repack_crashed": bool(note),
+            "llama_cpp_tokens": res["tokens"], "llama_cpp_version": _version("llama-cpp-python")}
+
+
+def _run_smoke(path: Path, text: str, n: int, repack: bool) -> dict:
+    """One smoke run of llama.cpp in its own process (a segfault must not take the export down)."""
+    spec = json.dumps({"path": str(path), "text": text, "n": n, "threads": min(4, os.cpu_count() or 1),
+                       "repack": repack})
     try:
         proc = subprocess.run([sys.executable, "-m", "tangquant.gguf.runtime", spec], capture_output=True,
                               text=True, timeout=SMOKE_TIMEOUT_S, env=_child_env())
     except subprocess.TimeoutExpired:
         raise ExportError(f"llama.cpp did not load {path.name} within {SMOKE_TIMEOUT_S} s") from None
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    res = json.loads(lines[-1]) if lines else {"ok": False, "error": _died(proc)}
-    if not res["ok"]:
-        raise ExportError(f"llama.cpp cannot run {path.name}: {first_line(Exception(res['error']))}")
-    if res["ids"] != hf_ids:
-        raise ExportError(f"llama.cpp tokenizes the chat prompt as {res['ids'][:12]}…, the model's tokenizer "
-                          f"as {hf_ids[:12]}…; the GGUF's tokenizer metadata is wrong")
-    return {"llama_cpp_check": f"loaded, chat prompt tokenized as by the model's tokenizer "
-                               f"({len(hf_ids)} ids), generated {len(res['tokens'])} tokens",
-            "llama_cpp_tokens": res["tokens"], "llama_cpp_version": _version("llama-cpp-python")}
+    if lines:
+        return json.loads(lines[-1])
+    return {"ok": False, "error": _died(proc), "crashed": proc.returncode < 0}
 
 
 def _died(proc) -> str:
