@@ -15,7 +15,7 @@ and prints one JSON line: the files, their sizes and tensor types. llama.cpp's
 random-shape models' and the demo poet's small trained ones).
 
 Usage:
-  python benchmarks/llamacpp_anchor.py --model W/merged --output W/anchor [--types q4_0,q4_k_m]
+  python benchmarks/llamacpp_anchor.py --model W/merged --output W/anchor [--types q4_0,q4_k_m] [--table-type q8_0]
 """
 
 from __future__ import annotations
@@ -53,9 +53,14 @@ def write_f16(model_dir: Path, out: Path) -> Path:
     return path
 
 
-def quantize(src: Path, dst: Path, kind: str, threads: int) -> None:
+TABLE_TYPES = {"q8_0": 8, "f16": 1}  # GGML_TYPE_Q8_0, GGML_TYPE_F16 (ggml.h)
+
+
+def quantize(src: Path, dst: Path, kind: str, threads: int, table: str | None = None) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = FTYPES[kind], threads
+    if table:  # llama-quantize --token-embedding-type/--output-tensor-type: equal bytes with tangquant's file
+        params.token_embedding_type = params.output_tensor_type = TABLE_TYPES[table]
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise SystemExit(f"llama_model_quantize {kind} failed ({rc})")
@@ -74,14 +79,17 @@ def main(argv=None) -> int:
     ap.add_argument("--output", required=True, help="directory for the GGUF files (created)")
     ap.add_argument("--types", default="q4_0,q4_k_m", help="comma list of q4_0, q4_k_m")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--table-type", choices=sorted(TABLE_TYPES), help="token embedding and output tensor type "
+                    "(default: llama-quantize's choice, Q6_K for Q4_0); q8_0 gives tangquant's export's bytes")
     args = ap.parse_args(argv)
     model, out = Path(args.model).resolve(), Path(args.output)
     out.mkdir(parents=True, exist_ok=False)
     t0 = time.time()
     made = {"f16": write_f16(model, out)}
     for kind in [k.strip() for k in args.types.split(",") if k.strip()]:
-        made[kind] = made["f16"].with_name(made["f16"].name.replace("-F16.", f"-{SUFFIX[kind]}."))
-        quantize(made["f16"], made[kind], kind, args.threads)
+        suffix = SUFFIX[kind] + (f"-table-{args.table_type}" if args.table_type else "")
+        made[kind] = made["f16"].with_name(made["f16"].name.replace("-F16.", f"-{suffix}."))
+        quantize(made["f16"], made[kind], kind, args.threads, args.table_type)
     print(json.dumps({"model": str(model), "seconds": round(time.time() - t0, 1),
                       "llama_cpp_python": llama_cpp.__version__,
                       "files": {k: {"path": str(p), "bytes": p.stat().st_size, "tensor_types": types(p)}
