@@ -30,6 +30,8 @@ import numpy as np
 import openvino as ov
 
 ROOT = Path(__file__).resolve().parent.parent  # this checkout's tangquant, not an installed one
+sys.path.insert(0, str(ROOT))
+from tangquant.ov.gate import stateful_feed  # noqa: E402
 WARM = 3  # the prefill and two decode steps
 ATTENTION = ("ScaledDotProductAttention", "PagedAttention", "SDPA")
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -85,11 +87,7 @@ def profile(model: Path, threads: int, prompt: int, steps: int, props: dict) -> 
     walls, past, snap = [], 0, {}
     for step in range(steps + WARM):  # the prefill and the first decode steps (kernels JIT) don't count
         n = ids.shape[1]
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, past + n), dtype=np.int64)}
-        if "position_ids" in names:
-            feed["position_ids"] = np.arange(past, past + n, dtype=np.int64)[None]
-        if "beam_idx" in names:
-            feed["beam_idx"] = np.zeros(1, dtype=np.int32)
+        feed = stateful_feed(names, ids, past)
         t0 = time.perf_counter()
         req.infer(feed)
         wall = time.perf_counter() - t0
@@ -180,7 +178,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from tangquant.measure.roofline import bytes_per_token, read_bandwidth
 
     torch.set_num_threads(args.threads)

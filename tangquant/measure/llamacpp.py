@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from tangquant.gguf.runtime import Session, system_info
-from tangquant.measure.worker import _check_tokens, _log, _peak_rss, _prompt, _summary
+from tangquant.measure.worker import _check_tokens, _peak_rss, _prompt, _repeat, _summary
 
 OWN_KEYS = ("repack",)
 
@@ -58,13 +58,6 @@ def run_llamacpp(spec: dict) -> dict:
         return {"ttft_ms": (t1 - t0) * 1000, "tpot_ms": (t2 - t1) * 1000 / max(1, n - 1),
                 "tokens": tokens[:16]}
 
-    warm = max(1, spec["warmup"])
-    for w in range(warm):
-        checked = once(w, check=True)
-    runs = []
-    for i in range(spec["repetitions"]):
-        runs.append(once(warm + i, check=False))
-        runs[-1].pop("tokens")
-        _log(f"rep {i + 1}: ttft {runs[-1]['ttft_ms']:.1f} ms, tpot {runs[-1]['tpot_ms']:.2f} ms")
+    runs, checked = _repeat(once, spec)
     s.close()
     return {**out, "runs": runs, **_summary(runs, p), "warmup_tokens": checked["tokens"]}

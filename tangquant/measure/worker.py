@@ -61,6 +61,20 @@ def _summary(runs: list[dict], p: int) -> dict:
     return out
 
 
+def _repeat(once, spec: dict) -> tuple[list[dict], dict]:
+    """``once(run, check)`` for the uncounted warm-up (checked: tokens and finite logits), then for
+    each repetition; returns the timed runs and the last warm-up's result."""
+    warm = max(1, spec["warmup"])
+    for w in range(warm):
+        checked = once(w, check=True)
+    runs = []
+    for i in range(spec["repetitions"]):
+        runs.append(once(warm + i, check=False))
+        runs[-1].pop("tokens")
+        _log(f"rep {i + 1}: ttft {runs[-1]['ttft_ms']:.1f} ms, tpot {runs[-1]['tpot_ms']:.2f} ms")
+    return runs, checked
+
+
 def _check_tokens(tokens, n: int) -> None:
     if len(tokens) != n:
         raise RuntimeError(f"produced {len(tokens)} of {n} tokens (empty or short output)")
@@ -238,14 +252,7 @@ def run_torch(spec: dict) -> dict:
         return {"ttft_ms": (first - t0) * 1000, "tpot_ms": (last - first) * 1000 / max(1, n - 1),
                 "tokens": tokens[:16]}
 
-    warm = max(1, spec["warmup"])
-    for w in range(warm):
-        checked = once(w, check=True)
-    runs = []
-    for i in range(spec["repetitions"]):
-        runs.append(once(warm + i, check=False))
-        runs[-1].pop("tokens")
-        _log(f"rep {i + 1}: ttft {runs[-1]['ttft_ms']:.1f} ms, tpot {runs[-1]['tpot_ms']:.2f} ms")
+    runs, checked = _repeat(once, spec)
     return {"load_s": load_s, "rss_loaded_bytes": rss_loaded, "runs": runs, **_summary(runs, p),
             "kernels": _kernel_names(model), "warmup_tokens": checked["tokens"],
             "lora_modules": sum(n.endswith(".lora_A") for n, _ in model.named_modules())}

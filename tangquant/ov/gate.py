@@ -108,6 +108,17 @@ def _genai_tokens(path: str, options: dict, prompts: list[list[int]], steps: int
     return out
 
 
+def stateful_feed(names: set[str], ids: np.ndarray, past: int) -> dict:
+    """One infer request's inputs for a stateful text-generation IR whose KV cache holds ``past``."""
+    n = ids.shape[1]
+    feed = {"input_ids": ids, "attention_mask": np.ones((1, past + n), dtype=np.int64)}
+    if "position_ids" in names:
+        feed["position_ids"] = np.arange(past, past + n, dtype=np.int64)[None]
+    if "beam_idx" in names:
+        feed["beam_idx"] = np.zeros(1, dtype=np.int32)
+    return feed
+
+
 def _decode(compiled, prompt: list[int], forced, steps: int):
     """(tokens, log-probabilities [steps, vocab]) of a stateful IR: prefill, then one token per
     step — exact mode's greedy choice, or ``forced`` (teacher forcing on the reference path)."""
@@ -118,12 +129,7 @@ def _decode(compiled, prompt: list[int], forced, steps: int):
     past = 0
     for step in range(steps):
         n = ids.shape[1]
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, past + n), dtype=np.int64)}
-        if "position_ids" in names:
-            feed["position_ids"] = np.arange(past, past + n, dtype=np.int64)[None]
-        if "beam_idx" in names:
-            feed["beam_idx"] = np.zeros(1, dtype=np.int32)
-        req.infer(feed)
+        req.infer(stateful_feed(names, ids, past))
         logits = req.get_output_tensor(0).data[0, -1].astype(np.float64)
         lp = logits - logits.max()
         lp = lp - np.log(np.exp(lp).sum())
