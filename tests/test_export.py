@@ -148,7 +148,6 @@ def test_fp16_embeddings_greedy_text_matches_reference(tmp_path, gptq_dir, tiny_
     from tangquant.ov.ir import EXACT_CONFIG
 
     ir16 = tmp_path / "ir16"
-    ir16.mkdir()
     assert export(gptq_dir, ir16, embeddings="fp16")["int4_layers"] == N_LAYERS
     types = {op.get_element_type().get_type_name() for op in _read(ir16).get_ops()
              if op.get_type_name() == "Constant" and len(op.shape) == 2 and op.shape[0] > 64}

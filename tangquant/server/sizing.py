@@ -12,8 +12,6 @@ sequences instead of exhausting the machine.
 from __future__ import annotations
 
 import logging
-import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import psutil
 
 from tangquant.errors import InputError
 from tangquant.files import human_size, read_json
+from tangquant.ov import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +63,8 @@ def kv_shape(model_dir: Path) -> KVShape:
 
 
 def runtime_options(model_dir: Path) -> dict[str, str]:
-    """``rt_info/runtime_options`` of the IR (what ``tangquant tune`` writes), read from the
-    XML's tail without loading the model."""
-    xml = Path(model_dir) / "openvino_model.xml"
-    with open(xml, "rb") as f:
-        f.seek(0, 2)
-        f.seek(max(0, f.tell() - (256 << 10)))
-        tail = f.read().decode("utf-8", "replace")
-    match = re.search(r"<rt_info>.*</rt_info>", tail, re.S)
-    if not match:
-        return {}
-    options = ET.fromstring(match.group(0)).find("runtime_options")
-    if options is None:
-        return {}
-    return {child.tag: child.get("value", "") for child in options}
+    """``rt_info/runtime_options`` of the IR (what export and ``tangquant tune`` write)."""
+    return runtime.read(model_dir)
 
 
 def plugin_properties(model_dir: Path, device: str, overrides: dict[str, str]) -> tuple[dict, dict]:
