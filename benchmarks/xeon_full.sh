@@ -106,6 +106,8 @@ bench() {
   for t in Q4_0 Q4_K_M; do
     for f in anchors/*-"$t".gguf; do [ -e "$f" ] && c+=(--candidate "llama-$t=llamacpp:$f"); done
   done
+  # llama.cpp's default repacking segfaulted on the AMX Xeon (2026-12-02): the plain path beside it.
+  for f in anchors/*-Q4_0.gguf; do [ -e "$f" ] && c+=(--candidate "llama-Q4_0-repack0=llamacpp:$f,repack=0"); done
   c+=(--candidate ov+lora=ov+lora:ir,adapter=lora --candidate seed-gptq+lora=torch-gptq+lora:gptq,adapter=lora)
   stamp "bench: ${c[*]}"
   "${b[@]}" "${c[@]}" --results "$out/bench-t$threads.jsonl" > "$out/bench-t$threads.md"

@@ -58,7 +58,7 @@ KIND_MODELS = {"ov": ("ir",), "ov+lora": ("ir",), "torch-gptq+lora": ("gptq",), 
 MARKER = "random weights — speed only"
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 DEFAULT_BASELINE_PYTHON = "benchmarks/baseline/.venv/bin/python"
-_ROOT = Path(__file__).resolve().parent.parent  # put on PYTHONPATH for the baseline's python
+_ROOT = Path(__file__).resolve().parent.parent  # the checkout (the baseline default, the git sha)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +137,9 @@ def _check_context(c: Candidate, rec: BenchRecipe) -> None:
                          f"past the model's context of {context}")
 
 
-def _worker(spec: dict, python: str, timeout_s: int) -> dict:
+def run_worker(spec: dict, python: str, timeout_s: int) -> dict:
     """Run one measurement in a fresh process; its last stdout line is the JSON result."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])))
+    env = files.child_env(OMP_NUM_THREADS=str(spec["threads"]))
     cmd = [python, "-m", "tangquant.measure.worker", json.dumps(spec)]
     try:
         # The worker's stderr (its per-repetition lines, its libraries' noise) goes to the log
@@ -164,8 +163,8 @@ def _worker(spec: dict, python: str, timeout_s: int) -> dict:
         return {"ok": False, "error": f"worker exited with code {proc.returncode} and no result{last}"}
 
 
-def _bandwidth(threads: int, nbytes: int, timeout_s: int) -> dict:
-    res = _worker({"op": "bandwidth", "threads": threads, "bytes": nbytes}, sys.executable, timeout_s)
+def measure_bandwidth(threads: int, nbytes: int, timeout_s: int) -> dict:
+    res = run_worker({"op": "bandwidth", "threads": threads, "bytes": nbytes}, sys.executable, timeout_s)
     if not res.get("ok"):
         raise BenchError(f"bandwidth measurement failed: {res.get('error')}")
     # The roofline is the read-only kernel's: decode reads weights; copy/triad stay in the record.
@@ -173,7 +172,7 @@ def _bandwidth(threads: int, nbytes: int, timeout_s: int) -> dict:
     return res
 
 
-def _measure(c: Candidate, threads: int, rec: BenchRecipe) -> dict:
+def measure_candidate(c: Candidate, threads: int, rec: BenchRecipe) -> dict:
     config = _model_config(c)
     if c.kind == "llamacpp":
         from tangquant.gguf.reader import bytes_per_token as gguf_bytes_per_token
@@ -197,7 +196,7 @@ def _measure(c: Candidate, threads: int, rec: BenchRecipe) -> dict:
             "options": c.options, "prompt_tokens": rec.prompt_tokens, "gen_tokens": rec.gen_tokens,
             "repetitions": rec.repetitions, "warmup": rec.warmup, "threads": threads,
             "vocab": min(int(config.get("vocab_size") or 256), 151643)}
-    res = _worker(spec, python, rec.timeout_s)
+    res = run_worker(spec, python, rec.timeout_s)
     if not res.pop("ok", False):
         raise BenchError(res.get("error") or "worker failed")
     out.update(res)
@@ -213,7 +212,7 @@ def _readme(path: str) -> str:
         return ""
 
 
-def _environment(rec: BenchRecipe) -> dict:
+def environment(rec: BenchRecipe) -> dict:
     try:
         sha = subprocess.run(["git", "-C", str(_ROOT), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
@@ -233,7 +232,7 @@ def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) ->
     bar = tqdm(total=len(parsed) * len(thread_list), desc="bench", file=sys.stderr, unit="run")
     for t in thread_list:
         bar.set_postfix_str(f"bandwidth, {t} threads")
-        bw = _bandwidth(t, rec.bandwidth_mb * 2**20, rec.timeout_s)
+        bw = measure_bandwidth(t, rec.bandwidth_mb * 2**20, rec.timeout_s)
         logger.info("bandwidth at %d threads: read %.1f GB/s (the roofline), copy %.1f GB/s, "
                     "triad %.1f GB/s", t, bw["read_gbs"], bw["copy_gbs"], bw["triad_gbs"])
         for c in parsed:
@@ -242,7 +241,7 @@ def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) ->
                    "threads": t, "bandwidth": {k: bw[k] for k in ("copy_gbs", "triad_gbs", "read_gbs",
                                                                    "gbs", "array_bytes")}}
             try:
-                row.update(_measure(c, t, rec), status="ok", error=None)
+                row.update(measure_candidate(c, t, rec), status="ok", error=None)
                 row["roofline_tps"] = bw["gbs"] * 1e9 / row["bytes_per_token"]
                 row["roofline_pct"] = 100 * row["tg_tps"] / row["roofline_tps"]
                 # The records are written at the end; this line keeps the figures if the run dies.
@@ -283,7 +282,7 @@ def bench(candidates=(), params: BenchRecipe | str | Path | None = None, plot: s
         files.check_output_file(plot, inputs + [jsonl], force)
     for c in parsed:
         _check_context(c, rec)
-    env = _environment(rec)
+    env = environment(rec)
     rows = _sweep(parsed, thread_list, rec)
     add_ratios(rows)
     env["loadavg_end"] = list(os.getloadavg())

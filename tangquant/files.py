@@ -307,6 +307,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python process that must import this tangquant, installed or
+    not (the bench worker, the baseline's interpreter, the llama.cpp check): the checkout first
+    on PYTHONPATH."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str]:
     versions = {"python": platform.python_version(), "tangquant": __version__}
     for name in names:

@@ -105,7 +105,7 @@ def run(args) -> dict:
 def tune(model, params: TuneParams | None = None, apply: bool = False,
          results: str = "benchmarks/results", force: bool = False, **overrides) -> dict:
     """Search the grid for ``model`` (an IR directory); returns ``rows``, ``winner``, the table."""
-    from tangquant.bench import _environment
+    from tangquant.bench import environment
     from tangquant.measure.report import append_jsonl
     from tangquant.ov import runtime, tuning
 
@@ -127,7 +127,7 @@ def tune(model, params: TuneParams | None = None, apply: bool = False,
     search = None
     try:
         search = tuning.Search(md.path, p, _held_out(p.fidelity_prompts), bar)
-        env = _environment(search.rec)
+        env = environment(search.rec)
         winner = search.run(axes)
     finally:
         bar.close()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 
 def test_read_bandwidth_is_positive_and_in_the_bandwidth_record():
-    from tangquant.bench import _bandwidth
+    from tangquant.bench import measure_bandwidth
     from tangquant.measure.roofline import read_bandwidth
 
     assert read_bandwidth(8 << 20, trials=2) > 0
-    bw = _bandwidth(1, 16 << 20, 120)
+    bw = measure_bandwidth(1, 16 << 20, 120)
     assert bw["gbs"] == bw["read_gbs"] > 0 and bw["copy_gbs"] > 0 and bw["triad_gbs"] > 0

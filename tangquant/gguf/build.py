@@ -71,7 +71,7 @@ def write_gguf_dir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "q8_0"
     metrics.update(verify(path, ckpt))
     metrics.update(smoke(path, ckpt.path))
     metrics.update(file=path.name, group_size=ckpt.group_size, embeddings=embeddings,
-                   gguf_version=_version("gguf"), seconds=round(time.perf_counter() - start, 1))
+                   gguf_version=files.package_versions(["gguf"]).get("gguf"), seconds=round(time.perf_counter() - start, 1))
     files.copy_aux_files(ckpt.path, Path(out_dir))
     write_modelfile(Path(out_dir), path.name)
     write_card(Path(out_dir), ckpt.path, metrics, card.lineage(ckpt.path, base_model_id))
@@ -158,7 +158,7 @@ def smoke(path: Path, tokenizer_dir: Path, n: int = 4) -> dict:
     return {"llama_cpp_check": f"loaded{note}, chat prompt tokenized as by the model's tokenizer "
                                f"({len(hf_ids)} ids), generated {len(res['tokens'])} tokens",
             "llama_cpp_repack_crashed": bool(note),
-            "llama_cpp_tokens": res["tokens"], "llama_cpp_version": _version("llama-cpp-python")}
+            "llama_cpp_tokens": res["tokens"], "llama_cpp_version": files.package_versions(["llama-cpp-python"]).get("llama-cpp-python")}
 
 
 def _run_smoke(path: Path, text: str, n: int, repack: bool) -> dict:
@@ -167,7 +167,7 @@ def _run_smoke(path: Path, text: str, n: int, repack: bool) -> dict:
                        "repack": repack})
     try:
         proc = subprocess.run([sys.executable, "-m", "tangquant.gguf.runtime", spec], capture_output=True,
-                              text=True, timeout=SMOKE_TIMEOUT_S, env=_child_env())
+                              text=True, timeout=SMOKE_TIMEOUT_S, env=files.child_env())
     except subprocess.TimeoutExpired:
         raise ExportError(f"llama.cpp did not load {path.name} within {SMOKE_TIMEOUT_S} s") from None
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
@@ -181,17 +181,3 @@ def _died(proc) -> str:
         return f"it crashed (signal {-proc.returncode})"
     tail = [l for l in proc.stderr.splitlines() if l.strip()]
     return f"exit code {proc.returncode}" + (f": {tail[-1][:300]}" if tail else "")
-
-
-def _child_env() -> dict:
-    root = str(Path(__file__).resolve().parents[2])  # this checkout's tangquant, installed or not
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None

@@ -107,9 +107,9 @@ class Search:
         self.tmp.cleanup()
 
     def _worker(self, spec: dict) -> dict:
-        from tangquant.bench import _worker  # the bench's own process convention
+        from tangquant.bench import run_worker  # the bench's own process convention
 
-        return _worker(spec, sys.executable, self.p.timeout_s)
+        return run_worker(spec, sys.executable, self.p.timeout_s)
 
     def _reference(self, texts: list[str]) -> list[list[int]]:
         self.bar.set_postfix_str("fidelity reference (exact mode)")
@@ -194,9 +194,9 @@ class Search:
         return row
 
     def _speed(self, options: dict, threads: int) -> dict:
-        from tangquant.bench import Candidate, _measure  # one bench candidate, as bench runs it
+        from tangquant.bench import Candidate, measure_candidate  # one bench candidate, as bench runs it
 
-        res = _measure(Candidate("tune", "ov", str(self.ir), dict(options)), threads, self.rec)
+        res = measure_candidate(Candidate("tune", "ov", str(self.ir), dict(options)), threads, self.rec)
         pp = [self.p.prompt_tokens * 1000 / r["ttft_ms"] for r in res["runs"]]
         tg = [1000 / r["tpot_ms"] for r in res["runs"]]
         return {"pp_tps": statistics.median(pp), "tg_tps": statistics.median(tg),
