@@ -259,3 +259,33 @@ def test_bench_llamacpp_kind(tmp_path, gguf_export):
     assert on["pp_tps"] > 0 and on["tg_tps"] > 0 and len(on["warmup_tokens"]) == 8
     assert on["bytes_per_token"] < on["weights_bytes"] <= on["size_bytes"]  # one row of token_embd
     assert res["exit_code"] == 1
+
+
+def test_a_repack_crash_falls_back_to_the_plain_path(tmp_path, gptq_dir, monkeypatch, caplog):
+    """llama.cpp's default repacking segfaulted on an AMX Xeon: the export then runs the plain path,
+    says so, and records it; a crash on both paths publishes nothing."""
+    pytest.importorskip("llama_cpp", reason=NO_LLAMA)
+    import subprocess
+
+    from tangquant.errors import ExportError
+    from tangquant.export import export
+    from tangquant.gguf import build
+
+    real = build._run_smoke
+    crash = {"ok": False, "crashed": True, "error": build._died(subprocess.CompletedProcess([], -11))}
+    assert crash["error"] == "it crashed (signal 11)"
+    calls = []
+
+    def repack_crashes(path, text, n, repack):  # stands in for this CPU's llama.cpp, repack on
+        calls.append(repack)
+        return crash if repack else real(path, text, n, repack)
+
+    monkeypatch.setattr(build, "_run_smoke", repack_crashes)
+    res = export(gptq_dir, tmp_path / "out", format="gguf")
+    assert calls == [True, False]
+    assert res["llama_cpp_repack_crashed"] is True and "repacking off" in res["llama_cpp_check"]
+    assert "--no-repack" in caplog.text
+    monkeypatch.setattr(build, "_run_smoke", lambda *a, **k: crash)
+    with pytest.raises(ExportError, match="cannot run .*crashed"):
+        export(gptq_dir, tmp_path / "never", format="gguf")
+    assert not (tmp_path / "never").exists()

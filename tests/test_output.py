@@ -161,6 +161,8 @@ def test_lm_eval_runs_offline_on_the_ir_and_its_reference(chain, capsys, tmp_pat
     assert "Δ (model − reference)" in printed
 
 
+NOISY = ("transformers.modeling_utils", "torch.utils._pytree", "datasets.load", "nncf",
+         "optimum.exporters", "torchao", "openvino_tokenizers")
 NOISE = """
 import logging, sys, warnings
 from tangquant.cli import _configure_logging
@@ -168,8 +170,7 @@ _configure_logging(verbose=sys.argv[1] == "-v", quiet=False)
 import torch, transformers, datasets, nncf, optimum.intel  # each sets its loggers up on import
 from neural_compressor.common import logger as inc_logger
 inc_logger.warning("noise: INC")
-for name in ("transformers.modeling_utils", "torch.utils._pytree", "datasets.load", "nncf",
-             "optimum.exporters", "torchao", "openvino_tokenizers"):
+for name in sys.argv[2:]:
     logging.getLogger(name).warning("noise: %s", name)
 warnings.warn_explicit("noise: a TracerWarning", UserWarning, "transformers/cache_utils.py", 1,
                        module="transformers.cache_utils")
@@ -181,13 +182,16 @@ logging.getLogger("tangquant.demo").info("own: a line of ours")
 def test_third_party_logs_are_held_back_even_after_their_import(verbose):
     """Libraries reset their loggers when imported (inside a stage, after cli.main configured
     logging); at the default verbosity none of their warnings may pass, with -v all of them."""
-    proc = subprocess.run([sys.executable, "-c", NOISE, "-v" if verbose else ""], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", NOISE, "-v" if verbose else "", *NOISY], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in os.environ.items() if not k.endswith(("_VERBOSITY", "TORCH_LOGS"))})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    noise = [line for line in proc.stderr.splitlines() if "noise:" in line]
+    both = proc.stderr + proc.stdout  # NNCF's own handler writes to stdout
     assert "own: a line of ours" in proc.stderr
     if verbose:
-        assert len(noise) == 9, proc.stderr
+        # Each source at least once: some libraries' handlers also propagate (a second copy), and
+        # whether they do depends on the environment.
+        for source in ("INC", *NOISY, "a TracerWarning"):
+            assert f"noise: {source}" in both, (source, both)
     else:
-        assert noise == [], proc.stderr
+        assert "noise:" not in both, both
