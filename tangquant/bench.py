@@ -239,7 +239,7 @@ def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) ->
             bar.set_postfix_str(f"{c.name}, {t} threads")
             row = {"name": c.name, "kind": c.kind, "path": c.path, "options": c.options,
                    "threads": t, "bandwidth": {k: bw[k] for k in ("copy_gbs", "triad_gbs", "read_gbs",
-                                                                   "gbs", "array_bytes")}}
+                                                                   "read_kernels_gbs", "gbs", "array_bytes")}}
             try:
                 row.update(measure_candidate(c, t, rec), status="ok", error=None)
                 row["roofline_tps"] = bw["gbs"] * 1e9 / row["bytes_per_token"]
