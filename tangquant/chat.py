@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tangquant import recipe
-from tangquant.errors import ParameterError
+from tangquant.errors import ParameterError, is_utf8
 from tangquant.generate import Sampling, SamplingError, open_generator
 from tangquant.recipe import param
 
@@ -66,7 +66,7 @@ def chat(model, params: ChatParams | None = None, adapter=None, prompt: str | No
     """Chat in the terminal, or answer ``prompt`` once."""
     p = recipe.resolve(ChatParams, params, overrides)
     for flag, text in (("--prompt", prompt), ("--system", p.system)):
-        if text is not None and not _is_utf8(text):
+        if text is not None and not is_utf8(text):
             raise ParameterError(f"{flag} is not valid UTF-8 text")
     generator = open_generator(model, adapter=adapter, allow_pickle=p.allow_pickle)
     prefix = [{"role": "system", "content": p.system}] if p.system else []
@@ -114,19 +114,11 @@ def _read(stdin, stdout) -> str | None:
             print("That line was not valid UTF-8 text; type it again.\nUser: ", end="", file=stdout,
                   flush=True)
             continue
-        if line and not _is_utf8(line):  # a surrogate-escaped stdin (C locale) lets bad bytes through
+        if line and not is_utf8(line):  # a surrogate-escaped stdin (C locale) lets bad bytes through
             print("That line was not valid UTF-8 text; type it again.\nUser: ", end="", file=stdout,
                   flush=True)
             continue
         return line.rstrip("\n") if line else None
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _answer(generator, messages: list[dict], sampling: Sampling, stdout) -> str:

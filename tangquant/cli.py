@@ -23,7 +23,7 @@ import warnings
 from tqdm import tqdm
 
 from tangquant import __version__, recipe
-from tangquant.errors import TangquantError, first_line
+from tangquant.errors import TangquantError, first_line, is_utf8
 
 # Loggers that report, at import, optional kernels a CPU install lacks (torchao's CUDA .so files and
 # triton, torch's pytree deprecations): noise before a user's error line; shown with -v.
@@ -157,7 +157,7 @@ def _interrupt_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    bad = next((i for i, a in enumerate(argv) if not _is_utf8(a)), None)
+    bad = next((i for i, a in enumerate(argv) if not is_utf8(a)), None)
     if bad is not None:  # a surrogate-escaped byte: nothing downstream could encode it again
         _error(f"argument {bad + 1} ({ascii(argv[bad])[:60]}) is not valid UTF-8; tangquant takes "
                "UTF-8 text and paths")
@@ -214,14 +214,6 @@ def _error(message: str) -> None:
     if len(line) > MAX_MESSAGE:
         line = line[:MAX_MESSAGE] + "…"
     print(f"tangquant: error: {line}", file=sys.stderr)
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -82,3 +82,12 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line if len(line) <= limit else line[:limit] + "…"
+
+
+def is_utf8(text: str) -> bool:
+    """False for a str holding lone surrogates (undecodable bytes from argv or a terminal)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

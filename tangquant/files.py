@@ -176,14 +176,7 @@ def atomic_output_dir(output: Path, force: bool = False) -> Iterator[Path]:
     output is refused, leftovers of dead runs are removed, and an output that appeared
     since :func:`check_output` is not replaced unless ``force``.
     """
-    output = Path(output)
-    with _mapped_os_errors(output):
-        output.parent.mkdir(parents=True, exist_ok=True)
-    with claim.claim(output):
-        if output.exists() and not force:
-            raise OutputExistsError(f"output {output} already exists (another run made it meanwhile); "
-                                    "pass --force to replace it")
-        tmp = claim.temporary_name(output, "tmp", uuid.uuid4().hex[:8])
+    with _claimed(output, force) as (output, tmp):
         with _mapped_os_errors(output):
             tmp.mkdir()
         try:
@@ -199,20 +192,26 @@ def atomic_output_dir(output: Path, force: bool = False) -> Iterator[Path]:
 def atomic_output_file(output: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``output`` that replaces it when the block succeeds
     (claimed like a directory, so a second run writing the same file is refused)."""
-    output = Path(output)
-    with _mapped_os_errors(output):
-        output.parent.mkdir(parents=True, exist_ok=True)
-    with claim.claim(output):
-        if output.exists() and not force:
-            raise OutputExistsError(f"{output} already exists (another run made it meanwhile); "
-                                    "pass --force to replace it")
-        tmp = claim.temporary_name(output, "tmp", uuid.uuid4().hex[:8])
+    with _claimed(output, force) as (output, tmp):
         try:
             with _mapped_os_errors(output):
                 yield tmp
                 os.replace(tmp, output)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _claimed(output: Path, force: bool) -> Iterator[tuple[Path, Path]]:
+    """Hold the claim on ``output`` and yield it with a fresh temporary name beside it."""
+    output = Path(output)
+    with _mapped_os_errors(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+    with claim.claim(output):
+        if output.exists() and not force:
+            raise OutputExistsError(f"output {output} already exists (another run made it meanwhile); "
+                                    "pass --force to replace it")
+        yield output, claim.temporary_name(output, "tmp", uuid.uuid4().hex[:8])
 
 
 def os_error(exc: BaseException) -> OSError | None:
