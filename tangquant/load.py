@@ -193,11 +193,17 @@ def tokenizer(path):
     """The Hugging Face tokenizer of a model directory (remote code never runs)."""
     from transformers import AutoTokenizer
 
+    gguf_file = None
+    if isinstance(path, ModelDir) and path.kind == "gguf":
+        # The files tangquant's GGUF export puts beside it, else the vocabulary inside the GGUF
+        # (what llama-quantize's files hold), which transformers reads with gguf's own reader.
+        gguf_file = None if (path.path.parent / "tokenizer_config.json").is_file() else path.path.name
+        path = path.path.parent
     path = Path(path.path if isinstance(path, ModelDir) else path)
     checkpoint.check_contained(path)
     # The tokenizers library raises a bare Exception on a malformed tokenizer.json.
     with parsing(path, "the tokenizer files in", "copy them again from the model they belong to"):
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, gguf_file=gguf_file)
 
 
 def context_length(config: dict) -> int | None:

@@ -242,6 +242,25 @@ def test_eval_reads_a_gguf_as_its_exact_weights(tmp_path, gptq_dir, heldout_file
     assert exact["kld_max"] < 1e-9 and exact["same_top"] == 1.0
 
 
+def test_lm_eval_on_a_lone_gguf(tmp_path, gptq_dir, tiny_tokenizer):
+    """lm_eval runs a GGUF that has no tokenizer files beside it (as llama-quantize writes them):
+    its vocabulary comes from the file, and its exact weights score as the checkpoint does."""
+    pytest.importorskip("lm_eval")
+    from tangquant import load
+    from tangquant.evaluate import evaluate
+
+    out = tmp_path / "f16-emb"
+    assert _export(gptq_dir, out, "--gguf-embeddings", "f16")[0] == 0
+    for f in out.iterdir():
+        if f.suffix != ".gguf":
+            f.unlink()
+    text = "床前明月光，疑是地上霜。<|im_end|>"
+    assert load.tokenizer(load.inspect(_file(out), kinds=("gguf",)))(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
+    res = evaluate(_file(out), gptq_dir, tasks=("tang_couplet",), limit=3)
+    rows = res["lm_eval"]["rows"]
+    assert rows and all(r["n"] == 3 and r["delta"] == 0 for r in rows), rows
+
+
 def test_bench_llamacpp_kind(tmp_path, gguf_export):
     """pp/tg rows with the repack path recorded; a truncated GGUF is a failed row, never a speed."""
     pytest.importorskip("llama_cpp", reason=NO_LLAMA)
