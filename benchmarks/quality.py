@@ -14,8 +14,8 @@ The reference is what the fine-tune runs as before tangquant: base + LoRA
 Default candidates, built into ``--workdir`` unless already there: the merged
 model in fp16, the GPTQ checkpoint (the demo's recipe and calibration), its
 OpenVINO IR, and the RTN IR (same grid, no calibration). ``--candidate
-NAME=PATH`` adds any directory ``tangquant.load`` reads (the GPTQ GGUF and
-llama-quantize's Q4_0 once the loader and ``measure.harness`` know GGUF).
+NAME=PATH`` adds any model ``tangquant.load`` reads, GGUF files included (dequantised
+exactly; a lone llama-quantize file's tokenizer comes from its own vocabulary).
 Writes one JSON record (versions, CPU, threads, date, load average) to
 ``--out``.
 
@@ -90,8 +90,8 @@ def lm_eval_tables(candidates: dict, paths: dict, args) -> tuple[dict, dict]:
     tables = {}
     for name, path in candidates.items():
         t0 = time.perf_counter()
-        res = harness.run_one(load.inspect(path), None, TASKS, manager, args.limit, args.batch_size,
-                              args.tasks_exact, f"lm_eval {name}")
+        res = harness.run_one(load.inspect(path, kinds=load.LOGIT_KINDS), None, TASKS, manager, args.limit,
+                              args.batch_size, args.tasks_exact, f"lm_eval {name}")
         tables[name] = {"rows": harness.paired_rows(ref, res), "seconds": round(time.perf_counter() - t0, 1),
                         "results": harness.plain_results(res)}
     return harness.plain_results(ref), tables

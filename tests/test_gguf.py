@@ -292,7 +292,7 @@ def test_a_repack_crash_falls_back_to_the_plain_path(tmp_path, gptq_dir, monkeyp
 
     real = build._run_smoke
     crash = {"ok": False, "crashed": True, "error": build._died(subprocess.CompletedProcess([], -11))}
-    assert crash["error"] == "it crashed (signal 11)"
+    assert crash["error"] == "crashed (signal 11)"
     calls = []
 
     def repack_crashes(path, text, n, repack):  # stands in for this CPU's llama.cpp, repack on

@@ -178,6 +178,6 @@ def _run_smoke(path: Path, text: str, n: int, repack: bool) -> dict:
 
 def _died(proc) -> str:
     if proc.returncode < 0:
-        return f"it crashed (signal {-proc.returncode})"
+        return f"crashed (signal {-proc.returncode})"
     tail = [l for l in proc.stderr.splitlines() if l.strip()]
-    return f"exit code {proc.returncode}" + (f": {tail[-1][:300]}" if tail else "")
+    return f"exited with code {proc.returncode}" + (f": {tail[-1][:300]}" if tail else "")
