@@ -19,7 +19,7 @@
 # Carried (git-ignored, made by benchmarks/xeon_pack.sh): .carry/xeon-site.tar.xz (OpenVINO,
 # transformers 4.57.6, optimum-intel, nncf, INC, gguf, the seed's gptqmodel stack) and
 # .carry/llama-cpp-python-src.tar.xz (llama-cpp-python 0.3.36, its vendored llama.cpp 0c1e570),
-# compiled there with the machine's own instructions as `pip install llama-cpp-python` does.
+# compiled there with the machine's own instructions but AMX (.ci/llama-cmake-args), as .ci/run does.
 # Elsewhere TQ_PYTHON names a ready environment and nothing is unpacked or built.
 #
 # Random weights, speed only. The speed rows use the shape model itself as "merged" (a merge
@@ -71,7 +71,7 @@ build() {
 transformers.__version__, 'openvino', openvino.__version__)"; } || { stamp "stack broken"; exit 4; }
   if [ -z "${TQ_PYTHON:-}" ] && [ ! -d "$llama_site" ]; then
     ( rm -rf /tmp/lcp "$llama_site.tmp" && mkdir -p /tmp/lcp && tar -xJf "$repo/.carry/llama-cpp-python-src.tar.xz" -C /tmp/lcp \
-      && CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build "$py" -m pip install -q \
+      && CMAKE_ARGS="$(sh "$repo/.ci/llama-cmake-args")" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build "$py" -m pip install -q \
          --no-deps --no-build-isolation --no-index --target "$llama_site.tmp" /tmp/lcp/llama_cpp_python-0.3.36 \
       && mv "$llama_site.tmp" "$llama_site" ) &
   fi
@@ -106,7 +106,8 @@ bench() {
   for t in Q4_0 Q4_K_M; do
     for f in anchors/*-"$t".gguf; do [ -e "$f" ] && c+=(--candidate "llama-$t=llamacpp:$f"); done
   done
-  # llama.cpp's default repacking segfaulted on the AMX Xeon (2026-12-02): the plain path beside it.
+  # llama.cpp's default repacking segfaulted on the AMX Xeon (2026-12-02) when built with AMX; it is
+  # built without AMX now (.ci/llama-cmake-args), and the plain path stays beside it for the record.
   for f in anchors/*-Q4_0.gguf; do [ -e "$f" ] && c+=(--candidate "llama-Q4_0-repack0=llamacpp:$f,repack=0"); done
   c+=(--candidate ov+lora=ov+lora:ir,adapter=lora --candidate seed-gptq+lora=torch-gptq+lora:gptq,adapter=lora)
   stamp "bench: ${c[*]}"
