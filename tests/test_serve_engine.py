@@ -303,13 +303,25 @@ def test_ir_runtime_options_are_read_and_applied(ir, tmp_path):
     xml = tuned / "openvino_model.xml"
     text = xml.read_text(encoding="utf-8")
     text = text.replace("<runtime_options>", "<runtime_options>\n\t\t\t<INFERENCE_NUM_THREADS "
-                        "value=\"1\" />\n\t\t\t<ATTENTION_BACKEND value=\"SDPA\" />", 1)
+                        "value=\"2\" />\n\t\t\t<ATTENTION_BACKEND value=\"SDPA\" />", 1)
     xml.write_text(text, encoding="utf-8")
-    assert sizing.runtime_options(tuned)["INFERENCE_NUM_THREADS"] == "1"
+    assert sizing.runtime_options(tuned)["INFERENCE_NUM_THREADS"] == "2"
     props, skipped = sizing.plugin_properties(tuned, "CPU", {"KV_CACHE_PRECISION": "u8"})
-    assert props["INFERENCE_NUM_THREADS"] == "1" and props["KV_CACHE_PRECISION"] == "u8"
+    assert props["INFERENCE_NUM_THREADS"] == "2" and props["KV_CACHE_PRECISION"] == "u8"
     assert "ATTENTION_BACKEND" in skipped and "ATTENTION_BACKEND" not in props
     with running_server(tuned, max_num_seqs=2) as srv:
-        assert srv.engine.properties["INFERENCE_NUM_THREADS"] == "1"
+        assert srv.engine.properties["INFERENCE_NUM_THREADS"] == "2"
         assert srv.engine.plan_.kv_type == "f16"  # sized from the IR's own KV_CACHE_PRECISION
         assert post_json(srv, CHAT, {"messages": PROMPT, "max_tokens": 3}, key=None)[0] == 200
+
+
+def test_one_bf16_thread_on_amx_is_left_out():
+    """OpenVINO 2026.4 dies (SIGFPE) running bf16 on one thread of an AMX CPU: a tuned IR from
+    another machine must not take the server down there; f32, or any other CPU, keeps the setting."""
+    from tangquant.server.sizing import single_thread_crash
+
+    one = {"INFERENCE_NUM_THREADS": "1"}
+    assert "AMX" in single_thread_crash(one, "CPU", {"avx512f", "amx_bf16"})
+    assert single_thread_crash({**one, "INFERENCE_PRECISION_HINT": "f32"}, "CPU", {"amx_bf16"}) is None
+    assert single_thread_crash(one, "CPU", {"avx512f", "avx512_bf16"}) is None
+    assert single_thread_crash({"INFERENCE_NUM_THREADS": "2"}, "CPU", {"amx_bf16"}) is None
