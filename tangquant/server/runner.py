@@ -151,7 +151,9 @@ def open_engine(model_dir, cfg: ServeConfig, name: str):
     """The engine ``cfg.engine`` names, with the IR's runtime options and ``--ov-config``."""
     props, skipped = sizing.plugin_properties(model_dir, cfg.device, cfg.ov_properties())
     for key, why in skipped.items():  # e.g. optimum's ACTIVATIONS_SCALE_FACTOR, a GPU hint
-        logger.debug("runtime option %s left out: %s", key, why)
+        # Only the thread count is a setting someone chose for speed: say so when it is dropped.
+        level = logging.WARNING if key == "INFERENCE_NUM_THREADS" else logging.DEBUG
+        logger.log(level, "runtime option %s left out: %s", key, why)
     if cfg.engine == "pipelines":
         from tangquant.server.pool import PoolEngine
 
