@@ -197,9 +197,12 @@ def tokenizer(path):
     if isinstance(path, ModelDir) and path.kind == "gguf":
         # The files tangquant's GGUF export puts beside it, else the vocabulary inside the GGUF
         # (what llama-quantize's files hold), which transformers reads with gguf's own reader.
-        gguf_file = None if (path.path.parent / "tokenizer_config.json").is_file() else path.path.name
+        if not (path.path.parent / "tokenizer_config.json").is_file():
+            gguf_file = path.path.name
         path = path.path.parent
-    path = Path(path.path if isinstance(path, ModelDir) else path)
+    elif isinstance(path, ModelDir):
+        path = path.path
+    path = Path(path)
     checkpoint.check_contained(path)
     # The tokenizers library raises a bare Exception on a malformed tokenizer.json.
     with parsing(path, "the tokenizer files in", "copy them again from the model they belong to"):

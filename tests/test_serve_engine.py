@@ -325,3 +325,20 @@ def test_one_bf16_thread_on_amx_is_left_out():
     assert single_thread_crash({**one, "INFERENCE_PRECISION_HINT": "f32"}, "CPU", {"amx_bf16"}) is None
     assert single_thread_crash(one, "CPU", {"avx512f", "avx512_bf16"}) is None
     assert single_thread_crash({"INFERENCE_NUM_THREADS": "2"}, "CPU", {"amx_bf16"}) is None
+
+
+def test_a_one_thread_ir_serves_on_any_cpu(ir, tmp_path):
+    """An IR tuned to one thread elsewhere still answers here (on an AMX CPU without that setting)."""
+    import shutil
+
+    from tangquant.ov.tuning import cpu_flags
+
+    tuned = tmp_path / "one-thread"
+    shutil.copytree(ir, tuned)
+    xml = tuned / "openvino_model.xml"
+    xml.write_text(xml.read_text(encoding="utf-8").replace(
+        "<runtime_options>", "<runtime_options>\n\t\t\t<INFERENCE_NUM_THREADS value=\"1\" />", 1), encoding="utf-8")
+    with running_server(tuned, max_num_seqs=2) as srv:
+        kept = srv.engine.properties.get("INFERENCE_NUM_THREADS")
+        assert kept == (None if "amx_bf16" in cpu_flags() else "1")
+        assert post_json(srv, CHAT, {"messages": PROMPT, "max_tokens": 3}, key=None)[0] == 200

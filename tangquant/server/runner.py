@@ -25,6 +25,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tangquant.errors import ServeError
+from tangquant.ov import tuning
 from tangquant.server import adapters as lora
 from tangquant.server import sizing
 from tangquant.server.api import create_app
@@ -151,9 +152,12 @@ def open_engine(model_dir, cfg: ServeConfig, name: str):
     """The engine ``cfg.engine`` names, with the IR's runtime options and ``--ov-config``."""
     props, skipped = sizing.plugin_properties(model_dir, cfg.device, cfg.ov_properties())
     for key, why in skipped.items():  # e.g. optimum's ACTIVATIONS_SCALE_FACTOR, a GPU hint
-        # Only the thread count is a setting someone chose for speed: say so when it is dropped.
-        level = logging.WARNING if key == "INFERENCE_NUM_THREADS" else logging.DEBUG
-        logger.log(level, "runtime option %s left out: %s", key, why)
+        logger.debug("runtime option %s left out: %s", key, why)
+    # Checked here, where OpenVINO runs, not in plugin_properties (an OVMS repo may run elsewhere).
+    crash = sizing.single_thread_crash(props, cfg.device, tuning.cpu_flags())
+    if crash:
+        logger.warning("INFERENCE_NUM_THREADS=1 left out: %s", crash)
+        del props["INFERENCE_NUM_THREADS"]
     if cfg.engine == "pipelines":
         from tangquant.server.pool import PoolEngine
 

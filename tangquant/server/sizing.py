@@ -21,7 +21,7 @@ import psutil
 
 from tangquant.errors import InputError
 from tangquant.files import human_size, read_json
-from tangquant.ov import runtime, tuning
+from tangquant.ov import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +80,13 @@ def plugin_properties(model_dir: Path, device: str, overrides: dict[str, str]) -
             skipped[key] = f"not a {device} property"
         else:
             props[key] = value
-    reason = single_thread_crash(props, device, tuning.cpu_flags())
-    if reason:
-        skipped["INFERENCE_NUM_THREADS"] = reason
-        del props["INFERENCE_NUM_THREADS"]
     return props, skipped
 
 
 def single_thread_crash(props: dict, device: str, flags: set[str]) -> str | None:
     """Why one inference thread must not be set here, or None. OpenVINO 2026.4's CPU plugin dies
     with SIGFPE running bf16 (its default where AMX is) on one thread (measured on an AMX Xeon,
-    2026-12-02; f32 on one thread, and bf16 on two, ran): the server would die at its first step."""
+    2026-12-02; f32 on one thread, and bf16 on two, ran): a server would die at its first step."""
     if device != "CPU" or str(props.get("INFERENCE_NUM_THREADS")) != "1" or "amx_bf16" not in flags:
         return None
     if str(props.get("INFERENCE_PRECISION_HINT", "bf16")).lower() in ("f32", "float32", "float"):
