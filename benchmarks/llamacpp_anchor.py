@@ -16,6 +16,7 @@ random-shape models' and the demo poet's small trained ones).
 
 Usage:
   python benchmarks/llamacpp_anchor.py --model W/merged --output W/anchor [--types q4_0,q4_k_m] [--table-type q8_0]
+  python benchmarks/llamacpp_anchor.py --from-gguf W/gguf/x-Q4_0.gguf --output W/anchor   (speed rows only)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,9 +58,10 @@ def write_f16(model_dir: Path, out: Path) -> Path:
 TABLE_TYPES = {"q8_0": 8, "f16": 1}  # GGML_TYPE_Q8_0, GGML_TYPE_F16 (ggml.h)
 
 
-def quantize(src: Path, dst: Path, kind: str, threads: int, table: str | None = None) -> None:
+def quantize(src: Path, dst: Path, kind: str, threads: int, table: str | None = None,
+             requantize: bool = False) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = FTYPES[kind], threads
+    params.ftype, params.nthread, params.allow_requantize = FTYPES[kind], threads, requantize
     if table:  # llama-quantize --token-embedding-type/--output-tensor-type: equal bytes with tangquant's file
         params.token_embedding_type = params.output_tensor_type = TABLE_TYPES[table]
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
@@ -75,21 +78,27 @@ def types(path: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="full-precision (merged) Qwen2 HF directory")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="full-precision (merged) Qwen2 HF directory")
+    src.add_argument("--from-gguf", metavar="FILE", help="requantize this GGUF instead (llama-quantize "
+                     "--allow-requantize): the tensor types and bytes an f16 source gives, not its values; "
+                     "for random-weight speed rows where a 15 GB f16 file does not fit the disk")
     ap.add_argument("--output", required=True, help="directory for the GGUF files (created)")
     ap.add_argument("--types", default="q4_0,q4_k_m", help="comma list of q4_0, q4_k_m")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--table-type", choices=sorted(TABLE_TYPES), help="token embedding and output tensor type "
                     "(default: llama-quantize's choice, Q6_K for Q4_0); q8_0 gives tangquant's export's bytes")
     args = ap.parse_args(argv)
-    model, out = Path(args.model).resolve(), Path(args.output)
+    model, out = Path(args.model or args.from_gguf).resolve(), Path(args.output)
     out.mkdir(parents=True, exist_ok=False)
     t0 = time.time()
-    made = {"f16": write_f16(model, out)}
+    source = model if args.from_gguf else write_f16(model, out)
+    stem = re.sub(r"-(F16|Q4_0|Q8_0)$", "", source.name.removesuffix(".gguf"))
+    made = {} if args.from_gguf else {"f16": source}
     for kind in [k.strip() for k in args.types.split(",") if k.strip()]:
         suffix = SUFFIX[kind] + (f"-table-{args.table_type}" if args.table_type else "")
-        made[kind] = made["f16"].with_name(made["f16"].name.replace("-F16.", f"-{suffix}."))
-        quantize(made["f16"], made[kind], kind, args.threads, args.table_type)
+        made[kind] = out / f"{stem}-{suffix}.gguf"
+        quantize(source, made[kind], kind, args.threads, args.table_type, requantize=bool(args.from_gguf))
     print(json.dumps({"model": str(model), "seconds": round(time.time() - t0, 1),
                       "llama_cpp_python": llama_cpp.__version__,
                       "files": {k: {"path": str(p), "bytes": p.stat().st_size, "tensor_types": types(p)}

@@ -23,7 +23,7 @@ builder never holds more than one tensor, let alone a full fp32 model.
 Usage (benchmarks/ is not a package: run it as a script, or put the folder
 on ``sys.path`` and ``import shapes``)::
 
-    python benchmarks/shapes.py --shape 1.8b --output /tmp/q18 [--adapter /tmp/q18-lora]
+    python benchmarks/shapes.py --shape 1.8b --output /tmp/q18 [--adapter /tmp/q18-lora] [--gptq /tmp/q18-gptq]
 
 Needs torch and safetensors; the tokenizer needs ``tangquant.poet.tiny`` (the
 project installed) and tokenizers/transformers 4.57 or 5.x.
@@ -221,6 +221,48 @@ def _dump(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def build_gptq(shape: str, out_dir, seed: int = 0, group_size: int = 128,
+               max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """A random symmetric INT4 GPTQ checkpoint of Qwen1.5-{shape}-Chat; return its path.
+
+    The layout and bytes of ``tangquant quantize --bits 4 --sym --group-size G`` (GPTQ v1:
+    qweight/qzeros/scales/g_idx, fp16 biases, embeddings, norms and head), with uniformly random
+    integers: what a speed run needs, without the minutes RTN or GPTQ spend at 7B."""
+    import torch
+
+    from tangquant import checkpoint, gptq
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = qwen_config(shape)
+    config["tangquant_random_weights"] = MARKER
+    _save_tokenizer(out_dir, config)
+    writer = checkpoint.ShardWriter(out_dir, max_shard_bytes, metadata={"tangquant_shapes": MARKER})
+    zero_word = 0x77777777  # v1 stores zero - 1 = 7 in each nibble
+    for name, shape_ in tensor_shapes(config):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + _stable_hash(name))
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module.endswith("_proj"):
+            out_f, in_f = shape_
+            groups = in_f // group_size
+            # Random int32 words hold uniformly random nibbles: random INT4 integers.
+            words = torch.randint(0, 256, (in_f // 8 * out_f * 4,), generator=gen, dtype=torch.uint8)
+            writer.add(f"{module}.qweight", words.view(torch.int32).reshape(in_f // 8, out_f))
+            writer.add(f"{module}.qzeros", torch.full((groups, out_f // 8), zero_word, dtype=torch.int32))
+            scales = 0.004 * (0.5 + torch.rand((groups, out_f), generator=gen))
+            writer.add(f"{module}.scales", scales.to(torch.float16))
+            writer.add(f"{module}.g_idx", (torch.arange(in_f) // group_size).to(torch.int32))
+        elif name.endswith("norm.weight"):
+            writer.add(name, (1.0 + 0.02 * torch.randn(shape_, generator=gen)).to(torch.float16))
+        else:  # embeddings, head, q/k/v biases
+            writer.add(name, (0.02 * torch.randn(shape_, generator=gen)).to(torch.float16))
+    writer.close()
+    checkpoint.write_config(out_dir, config, "float16", gptq.quantization_config(
+        bits=4, group_size=group_size, sym=True, desc_act=False, damp_percent=0.01))
+    _readme(out_dir, f"Qwen1.5-{shape.upper()}-Chat shape, random symmetric INT4 GPTQ g{group_size}")
+    return out_dir
+
+
 def build_adapter(shape_or_config_dir, out_dir, r: int = 8, alpha: int = 16,
                   targets=("q_proj", "v_proj"), seed: int = 0) -> Path:
     """A random LoRA adapter (A and B non-zero) in peft's on-disk layout; return its path."""
@@ -265,20 +307,27 @@ def build_adapter(shape_or_config_dir, out_dir, r: int = 8, alpha: int = 16,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", required=True, choices=SHAPES)
-    parser.add_argument("--output", required=True, help="model directory to write")
+    parser.add_argument("--output", help="model directory to write")
     parser.add_argument("--adapter", help="also write a random r=8 alpha=16 q/v LoRA here")
+    parser.add_argument("--gptq", help="also write a random symmetric INT4 g128 GPTQ checkpoint here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bf16", choices=tuple(_DTYPES))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
-        parser.error(f"{out} exists and is not empty")
-    build_shape(args.shape, out, seed=args.seed, dtype=args.dtype)
-    print(f"model: {out} ({MARKER})")
+    if not (args.output or args.adapter or args.gptq):
+        parser.error("nothing to write: give --output, --adapter or --gptq")
+    for d in filter(None, (args.output, args.adapter, args.gptq)):
+        if Path(d).exists() and any(Path(d).iterdir()):
+            parser.error(f"{d} exists and is not empty")
+    if args.output:
+        build_shape(args.shape, args.output, seed=args.seed, dtype=args.dtype)
+        print(f"model: {args.output} ({MARKER})")
     if args.adapter:
-        build_adapter(out, args.adapter, seed=args.seed)
+        build_adapter(args.output or args.shape, args.adapter, seed=args.seed)
         print(f"adapter: {args.adapter} ({MARKER})")
+    if args.gptq:
+        build_gptq(args.shape, args.gptq, seed=args.seed)
+        print(f"gptq: {args.gptq} ({MARKER})")
     return 0
 
 

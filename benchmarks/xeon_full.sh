@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The side-by-side Xeon run at one shape (7B by default) in two resumable phases, made for a lent
+# The side-by-side Xeon run at one shape (7B by default) in resumable phases, made for a lent
 # machine that gives 10-minute calls and forgets everything ~30 s after the last one:
 #
-#   xeon_full.sh build OUT [SHAPE]      llama.cpp, the shape model, its merge (for RSS), INT4, IR, GGUF
-#   xeon_full.sh anchors OUT            f16 GGUF of the shape model -> llama-quantize Q4_0, Q4_K_M
+#   xeon_full.sh build OUT [SHAPE]      llama.cpp, the INT4 checkpoint (random, or TQ_GPTQ=rtn: the
+#                                       bf16 shape model, TQ_MERGE=1 its merge for RSS, RTN), IR, GGUF,
+#                                       the llama-quantize anchors (Q4_0, Q4_K_M)
 #   xeon_full.sh tune OUT [THREADS]     tangquant tune --apply on a copy of the IR (tuned/)
-#   xeon_full.sh bench OUT [THREADS]    one bench run over every candidate there is
+#   xeon_full.sh bench OUT [THREADS [tuned]]  one bench run over every candidate there is
+#   xeon_full.sh all OUT [SHAPE]        build, bench 16, tune 16, bench 16 tuned, bench 8
 #   xeon_full.sh status OUT             the log's tail and each step's wall time and peak RSS
 #
 # Start a phase in the background from a copy of the checkout, so that a later call (which
@@ -22,10 +24,12 @@
 # compiled there with the machine's own instructions but AMX (.ci/llama-cmake-args), as .ci/run does.
 # Elsewhere TQ_PYTHON names a ready environment and nothing is unpacked or built.
 #
-# Random weights, speed only. The speed rows use the shape model itself as "merged" (a merge
-# changes values, not shapes or bytes); `tangquant merge` runs once for its peak RSS. RTN INT4 has
-# the GPTQ layout and bytes. Steps run at once where they can (16 cores); each one's wall time and
-# peak RSS (os.wait4 of its process) go to OUT/steps.jsonl, bench records to OUT/*.jsonl.
+# Random weights, speed only. The INT4 checkpoint stands for the merged fine-tune's (a merge changes
+# values, not shapes or bytes): by default random integers in the GPTQ layout (benchmarks/shapes.py
+# --gptq, seconds), with TQ_GPTQ=rtn `tangquant quantize --algo rtn` of the bf16 shape model (7 minutes
+# at 7B; TQ_MERGE=1 also runs `tangquant merge` once for its peak RSS). Steps run at once where they
+# can (16 cores); each one's wall time and peak RSS (os.wait4 of its process) go to OUT/steps.jsonl,
+# bench records to OUT/*.jsonl.
 set -uo pipefail
 phase="$1"; out="$(mkdir -p "$2" && cd "$2" && pwd)"
 if [ "$phase" = status ]; then tail -n 30 "$out/xeon.log"; cat "$out/steps.jsonl" 2>/dev/null; exit 0; fi
@@ -69,18 +73,26 @@ build() {
   { lscpu | grep -E "Model name|^CPU\(s\)|Thread|Socket|NUMA node|L3"; free -g | head -2; df -h /tmp | tail -1
     "$py" -c "import torch, transformers, openvino; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'openvino', openvino.__version__)"; } || { stamp "stack broken"; exit 4; }
+  local llama_pid=
   if [ -z "${TQ_PYTHON:-}" ] && [ ! -d "$llama_site" ]; then
     ( rm -rf /tmp/lcp "$llama_site.tmp" && mkdir -p /tmp/lcp && tar -xJf "$repo/.carry/llama-cpp-python-src.tar.xz" -C /tmp/lcp \
       && CMAKE_ARGS="$(sh "$repo/.ci/llama-cmake-args")" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build "$py" -m pip install -q \
          --no-deps --no-build-isolation --no-index --target "$llama_site.tmp" /tmp/lcp/llama_cpp_python-0.3.36 \
-      && mv "$llama_site.tmp" "$llama_site" ) &
+      && mv "$llama_site.tmp" "$llama_site" ) & llama_pid=$!
   fi
-  step base "$py" "$repo/benchmarks/shapes.py" --shape "$shape" --output base --adapter lora || exit 6
-  step merged "${tq[@]}" merge --model base --adapter lora --output merged & local merge_pid=$!
-  step gptq "${tq[@]}" quantize --model base --output gptq --algo rtn --bits 4 --group-size 128 --sym \
-    --layer-wise --eval-samples 0 || exit 8
-  wait "$merge_pid"; rm -f merged/*.safetensors  # only its peak RSS was wanted; disk is finite
-  step gguf "${tq[@]}" export --model gptq --output gguf --format gguf &
+  step lora "$py" "$repo/benchmarks/shapes.py" --shape "$shape" --adapter lora || exit 6
+  if [ "${TQ_GPTQ:-random}" = rtn ]; then  # the bf16 shape model, then tangquant quantize --algo rtn
+    step base "$py" "$repo/benchmarks/shapes.py" --shape "$shape" --output base || exit 6
+    [ -z "${TQ_MERGE:-}" ] || step merged "${tq[@]}" merge --model base --adapter lora --output merged
+    rm -f merged/*.safetensors  # only its peak RSS was wanted; disk is finite
+    step gptq "${tq[@]}" quantize --model base --output gptq --algo rtn --bits 4 --group-size 128 --sym \
+      --layer-wise --eval-samples 0 || exit 8
+  else  # random INT4 in the same layout and bytes (shapes.build_gptq): minutes fewer at 7B
+    step gptq "$py" "$repo/benchmarks/shapes.py" --shape "$shape" --gptq gptq || exit 8
+  fi
+  # (the llama.cpp build is the parent's child: a subshell cannot wait for it, so it polls)
+  ( while [ -n "$llama_pid" ] && [ ! -d "$llama_site" ] && kill -0 "$llama_pid" 2>/dev/null; do sleep 2; done
+    step gguf "${tq[@]}" export --model gptq --output gguf --format gguf && anchors ) &
   step ir "${tq[@]}" export --model gptq --output ir --format openvino
   wait
   [ -d "$llama_site" ] || [ -n "${TQ_PYTHON:-}" ] || stamp "no llama.cpp build: no llama.cpp rows"
@@ -88,31 +100,44 @@ transformers.__version__, 'openvino', openvino.__version__)"; } || { stamp "stac
   stamp "build done"
 }
 
-# What a llama.cpp user makes of the same model (f16 GGUF -> llama-quantize); the f16 file is
-# removed once quantized (a 7B one is 15 GB of a 64 GB disk).
+# What a llama.cpp user makes of the same model with llama-quantize. From the bf16 shape model
+# when there is one (its f16 GGUF, removed once quantized); otherwise requantized from tangquant's
+# GGUF: the tensor types and bytes an f16 source gives (speed only), without the 15 GB f16 file
+# that does not fit the disk beside a 7B export.
 anchors() {
-  [ -d base ] || { stamp "no base model: no anchors"; return 1; }
-  step anchors "$py" "$repo/benchmarks/llamacpp_anchor.py" --model base --output anchors --types q4_0,q4_k_m \
-    && rm -f anchors/*-F16.gguf
+  if [ -d base ]; then
+    step anchors "$py" "$repo/benchmarks/llamacpp_anchor.py" --model base --output anchors --types q4_0,q4_k_m \
+      && rm -f anchors/*-F16.gguf
+  else
+    local src=(gguf/*.gguf)
+    [ -e "${src[0]}" ] || { stamp "no base model or GGUF: no anchors"; return 1; }
+    step anchors "$py" "$repo/benchmarks/llamacpp_anchor.py" --from-gguf "${src[0]}" --output anchors --types q4_0,q4_k_m
+  fi
 }
 
+# bench THREADS [LABEL]: every candidate there is; LABEL "tuned" benches only the IR before and
+# after tangquant tune beside tangquant's GGUF and llama.cpp Q4_0 (a shorter second run).
 bench() {
-  local threads="${1:-16}"
+  local threads="${1:-16}" label="${2:-all}"
   local b=("${tq[@]}" bench ${TQ_BENCH_ARGS:--p 512 -n 128 -r 3} -t "$threads"
            --baseline-python "${TQ_BASEPY:-$(command -v "$py")}" --force)
   local c=(--candidate tq-ir=ov:ir)
-  [ -d tuned ] && c+=(--candidate tq-ir-tuned=ov:tuned)
+  [ -d tuned ] && [ -e tune.done ] && c+=(--candidate tq-ir-tuned=ov:tuned)
   [ -d gguf ] && c+=(--candidate tq-gguf=llamacpp:gguf)
   for t in Q4_0 Q4_K_M; do
+    [ "$label" = tuned ] && [ "$t" = Q4_K_M ] && continue
     for f in anchors/*-"$t".gguf; do [ -e "$f" ] && c+=(--candidate "llama-$t=llamacpp:$f"); done
   done
-  # llama.cpp's default repacking segfaulted on the AMX Xeon (2026-12-02) when built with AMX; it is
-  # built without AMX now (.ci/llama-cmake-args), and the plain path stays beside it for the record.
-  for f in anchors/*-Q4_0.gguf; do [ -e "$f" ] && c+=(--candidate "llama-Q4_0-repack0=llamacpp:$f,repack=0"); done
-  c+=(--candidate ov+lora=ov+lora:ir,adapter=lora --candidate seed-gptq+lora=torch-gptq+lora:gptq,adapter=lora)
-  stamp "bench: ${c[*]}"
-  "${b[@]}" "${c[@]}" --results "$out/bench-t$threads.jsonl" > "$out/bench-t$threads.md"
-  stamp "bench rc=$?"
+  if [ "$label" != tuned ]; then
+    # llama.cpp's default repacking segfaulted on the AMX Xeon (2026-12-02) when built with AMX; it
+    # is built without AMX now (.ci/llama-cmake-args); TQ_REPACK0=1 adds the plain path for the record.
+    [ -z "${TQ_REPACK0:-}" ] || for f in anchors/*-Q4_0.gguf; do
+      [ -e "$f" ] && c+=(--candidate "llama-Q4_0-repack0=llamacpp:$f,repack=0"); done
+    c+=(--candidate ov+lora=ov+lora:ir,adapter=lora --candidate seed-gptq+lora=torch-gptq+lora:gptq,adapter=lora)
+  fi
+  stamp "bench $label: ${c[*]}"
+  "${b[@]}" "${c[@]}" --results "$out/bench-$label-t$threads.jsonl" > "$out/bench-$label-t$threads.md"
+  stamp "bench $label rc=$?"
 }
 
 tune() {
@@ -125,7 +150,10 @@ tune() {
 case "$phase" in
   build) build "${3:-7b}" ;;
   anchors) anchors ;;
-  bench) bench "${3:-16}" ;;
+  bench) bench "${3:-16}" "${4:-all}" ;;
   tune) tune "${3:-16}" ;;
-  *) echo "usage: xeon_full.sh build|anchors|tune|bench|status OUT [SHAPE|THREADS]" >&2; exit 2 ;;
+  # everything in one background run, the headline first: build, the full bench at 16 threads,
+  # tune, the tuned bench, the full bench at 8 threads
+  all) build "${3:-7b}" && bench 16 && tune 16 && bench 16 tuned && bench 8; stamp "all done" ;;
+  *) echo "usage: xeon_full.sh build|anchors|tune|bench|all|status OUT [SHAPE|THREADS [LABEL]]" >&2; exit 2 ;;
 esac

@@ -108,6 +108,7 @@ def write_ir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8", lm_h
         sym = write_staging_model(ckpt, staging / "hf")
         phase(1)
         _trace(staging / "hf", staging / "ir")
+        shutil.rmtree(staging / "hf")  # a 7B model's fp16 copy: 15 GB of disk the next phases need
         phase(2)
         ov_model = _compress(staging / "ir" / ir.MODEL_XML, sym, ckpt.group_size, embeddings)
         phase(3)
