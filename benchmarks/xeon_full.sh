@@ -78,7 +78,10 @@ transformers.__version__, 'openvino', openvino.__version__)"; } || { stamp "stac
     ( rm -rf /tmp/lcp "$llama_site.tmp" && mkdir -p /tmp/lcp && tar -xJf "$repo/.carry/llama-cpp-python-src.tar.xz" -C /tmp/lcp \
       && CMAKE_ARGS="$(sh "$repo/.ci/llama-cmake-args")" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build "$py" -m pip install -q \
          --no-deps --no-build-isolation --no-index --target "$llama_site.tmp" /tmp/lcp/llama_cpp_python-0.3.36 \
-      && mv "$llama_site.tmp" "$llama_site" ) & llama_pid=$!
+      && mv "$llama_site.tmp" "$llama_site" \
+      && { echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; ldd "$llama_site"/llama_cpp/lib/libllama.so; } ) & llama_pid=$!
+    # (llama.cpp 0c1e570 built there segfaulted loading any GGUF on 2026-12-02, in print_info: the
+    # libraries it binds to are the next thing to look at; xeon-7b-20261202-run2.md)
   fi
   step lora "$py" "$repo/benchmarks/shapes.py" --shape "$shape" --adapter lora || exit 6
   if [ "${TQ_GPTQ:-random}" = rtn ]; then  # the bf16 shape model, then tangquant quantize --algo rtn

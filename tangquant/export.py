@@ -50,6 +50,9 @@ class ExportParams:
     lm_head_group_size: int = param(128, "group size of --lm-head int4")
     gguf_embeddings: str = param("q8_0", "type of the embeddings and output head (gguf)",
                                  choices=GGUF_EMBEDDINGS)
+    llama_check: bool = param(True, "load the GGUF in llama.cpp and generate before publishing (gguf); "
+                              "--no-llama-check publishes a file whose tensors were checked exact, for a "
+                              "machine whose llama.cpp cannot run")
     base_model_id: str | None = param(None, "Hub id of the base for the model card's base_model (e.g. "
                                       "Qwen/Qwen1.5-7B-Chat); default: the one the checkpoint's card names",
                                       metavar="ORG/NAME")
@@ -108,7 +111,7 @@ def _export_gguf(ckpt: GPTQCheckpoint, out, p: ExportParams, force: bool) -> dic
     build.check_exportable(ckpt)  # asymmetric or act-order: refused before anything is written
     with files.atomic_output_dir(out, force) as tmp:
         metrics = build.write_gguf_dir(ckpt, tmp, embeddings=p.gguf_embeddings,
-                                       base_model_id=p.base_model_id)
+                                       base_model_id=p.base_model_id, llama_check=p.llama_check)
     summary = (f"{out / metrics['file']}  {files.human_size(metrics['size_bytes'])}  "
                f"{metrics['q4_0_tensors_exact']} Q4_0 tensors equal to the checkpoint's; "
                f"llama.cpp: {metrics['llama_cpp_check']}  ({metrics['seconds']:.0f} s)")

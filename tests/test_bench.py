@@ -18,8 +18,8 @@ SMALL = {"prompt_tokens": 16, "gen_tokens": 4, "repetitions": 1, "threads": (2,)
 FIELDS = ("date", "command", "cpu", "cores", "git_sha", "versions", "loadavg_start", "loadavg_end",
           "flags", "name", "kind", "path", "options", "threads", "bandwidth", "status", "error",
           "ratio_pp", "ratio_tg")
-OK_FIELDS = ("pp_tps", "pp_tps_std", "tg_tps", "tg_tps_std", "ttft_ms", "ttft_ms_std", "tpot_ms",
-             "peak_rss_bytes", "size_bytes", "bytes_per_token", "weights_bytes", "load_s",
+OK_FIELDS = ("pp_tps", "pp_tps_std", "tg_tps", "tg_tps_std", "pp_tps_median", "tg_tps_median", "ttft_ms",
+             "ttft_ms_std", "tpot_ms", "peak_rss_bytes", "size_bytes", "bytes_per_token", "weights_bytes", "load_s",
              "roofline_tps", "roofline_pct", "runs", "worker_versions")
 
 

@@ -305,6 +305,10 @@ def test_a_repack_crash_falls_back_to_the_plain_path(tmp_path, gptq_dir, monkeyp
     assert res["llama_cpp_repack_crashed"] is True and "repacking off" in res["llama_cpp_check"]
     assert "--no-repack" in caplog.text
     monkeypatch.setattr(build, "_run_smoke", lambda *a, **k: crash)
-    with pytest.raises(ExportError, match="cannot run .*crashed"):
+    with pytest.raises(ExportError, match="cannot run .*crashed .*--no-llama-check"):
         export(gptq_dir, tmp_path / "never", format="gguf")
     assert not (tmp_path / "never").exists()
+    # A machine whose llama.cpp crashes on every file: the exact file can still be published, and says so.
+    res = export(gptq_dir, tmp_path / "unchecked", format="gguf", llama_check=False)
+    assert res["llama_cpp_check"] == "skipped (--no-llama-check)" and res["q4_0_tensors_exact"] > 0
+    assert "--no-llama-check" in (tmp_path / "unchecked" / "README.md").read_text(encoding="utf-8")

@@ -55,7 +55,9 @@ def _summary(runs: list[dict], p: int) -> dict:
     pp = [p / (r["ttft_ms"] / 1000) for r in runs]
     tg = [1000 / r["tpot_ms"] for r in runs]
     out = {"pp_tps": statistics.fmean(pp), "pp_tps_std": statistics.pstdev(pp) if len(pp) > 1 else 0.0,
-           "tg_tps": statistics.fmean(tg), "tg_tps_std": statistics.pstdev(tg) if len(tg) > 1 else 0.0}
+           "tg_tps": statistics.fmean(tg), "tg_tps_std": statistics.pstdev(tg) if len(tg) > 1 else 0.0,
+           # llama-bench reports mean ± sd; the medians stay beside them for noisy hosts (one slow run)
+           "pp_tps_median": statistics.median(pp), "tg_tps_median": statistics.median(tg)}
     out["ttft_ms"], out["ttft_ms_std"] = ms("ttft_ms")
     out["tpot_ms"], out["tpot_ms_std"] = ms("tpot_ms")
     return out
