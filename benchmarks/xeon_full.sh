@@ -122,7 +122,7 @@ anchors() {
 # after tangquant tune beside tangquant's GGUF and llama.cpp Q4_0 (a shorter second run).
 bench() {
   local threads="${1:-16}" label="${2:-all}"
-  local b=("${tq[@]}" bench ${TQ_BENCH_ARGS:--p 512 -n 128 -r 3} -t "$threads"
+  local b=("${tq[@]}" bench ${TQ_BENCH_ARGS:--p 512 -n 128 -r 1 --rounds 3} -t "$threads"
            --baseline-python "${TQ_BASEPY:-$(command -v "$py")}" --force)
   local c=(--candidate tq-ir=ov:ir)
   [ -d tuned ] && [ -e tune.done ] && c+=(--candidate tq-ir-tuned=ov:tuned)

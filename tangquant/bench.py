@@ -19,7 +19,8 @@ plus genai's scheduler ``cache_size=GB`` and ``enable_prefix_caching=false``.
 Every candidate runs in its own process (clean peak RSS). A run is pp (prefill of -p random token
 ids) and tg (decode of -n tokens, EOS ignored, after that prompt for every kind: llama-bench's
 tg128 starts on an empty context instead), after an uncounted warm-up that also checks the
-output is complete and finite; -r repetitions give mean ± std. DRAM bandwidth is measured on the
+output is complete and finite; -r repetitions give mean ± std (medians in the records); --rounds N
+runs the candidates in turn N times and pools the runs. DRAM bandwidth is measured on the
 spot (a read-only sum, the roofline, plus STREAM copy/triad, same threads) and decode is
 compared with read bandwidth / weight bytes read per token. A candidate that fails is reported as failed, never as a speed.
 
@@ -44,15 +45,16 @@ from tqdm import tqdm
 from tangquant import files, load, recipe
 from tangquant.errors import BenchError, TangquantError
 from tangquant.files import cpu_model, dir_size, existing_dir, package_versions
+from tangquant.measure.candidate import KINDS, Candidate, parse_candidate
 from tangquant.measure.report import add_ratios, append_jsonl, markdown_table
 from tangquant.measure.report import plot as draw
 from tangquant.measure.roofline import bytes_per_token
+from tangquant.measure.rounds import pool
 from tangquant.recipe import param, require
 
 logger = logging.getLogger(__name__)
 
 HELP = "tokens/s side by side (pp/tg, llama-bench style) against the bandwidth roofline"
-KINDS = ("ov", "ov+lora", "torch-gptq+lora", "torch", "llamacpp")
 KIND_MODELS = {"ov": ("ir",), "ov+lora": ("ir",), "torch-gptq+lora": ("gptq",), "torch": ("hf", "gptq"),
                "llamacpp": ("gguf",)}
 MARKER = "random weights — speed only"
@@ -69,6 +71,8 @@ class BenchRecipe:
     prompt_tokens: int = param(512, "prefill length", short="-p")
     gen_tokens: int = param(128, "decoded tokens", short="-n")
     repetitions: int = param(5, "timed repetitions", short="-r")
+    rounds: int = param(1, "run the candidates in turn this many times, each a fresh process with -r "
+                        "repetitions, and pool the runs: a drifting host's speed falls on all alike")
     threads: tuple[int, ...] = param((), "thread count, or a comma list to sweep (default: all cores)",
                                      short="-t")
     warmup: int = param(1, "uncounted warm-up runs (at least one runs: it checks the output)")
@@ -77,44 +81,14 @@ class BenchRecipe:
     bandwidth_mb: int = param(1024, "size of each STREAM array, MiB")
 
     def __post_init__(self):
-        require(min(self.prompt_tokens, self.gen_tokens, self.repetitions) >= 1 and self.warmup >= 0,
-                "-p, -n and -r must be at least 1 and the warm-up at least 0")
+        require(min(self.prompt_tokens, self.gen_tokens, self.repetitions, self.rounds) >= 1
+                and self.warmup >= 0, "-p, -n, -r and --rounds must be at least 1 and the warm-up at least 0")
         require(all(t >= 1 for t in self.threads), f"-t must be positive, got {self.threads}")
         require(self.timeout_s > 0 and self.bandwidth_mb >= 1, "timeout_s and bandwidth_mb must be positive")
 
 
 PARAMS = BenchRecipe
 RECIPE_HELP = "a bench recipe (e.g. recipes/bench-llama-bench.yaml); flags override it"
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    name: str
-    kind: str
-    path: str
-    options: dict
-
-
-def parse_candidate(text: str) -> Candidate:
-    """``NAME=KIND:PATH[,key=value...]`` -> Candidate (the path need not exist yet)."""
-    name, sep, rest = str(text).partition("=")
-    kind, sep2, rest = rest.partition(":")
-    if not (sep and sep2 and name.strip() and rest):
-        raise BenchError(f"candidate {text!r} must look like NAME=KIND:PATH[,key=value...]")
-    if kind not in KINDS:
-        raise BenchError(f"candidate {name}: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    path, *pairs = rest.split(",")
-    options = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not (eq and key.strip()):
-            raise BenchError(f"candidate {name}: option {pair!r} must be key=value")
-        options[key.strip()] = value.strip()
-    if kind == "ov+lora" and "adapter" not in options:
-        raise BenchError(f"candidate {name}: kind ov+lora needs adapter=DIR")
-    if options.get("dtype", "bf16") not in ("bf16", "fp16", "fp32"):
-        raise BenchError(f"candidate {name}: dtype must be bf16, fp16 or fp32")
-    return Candidate(name.strip(), kind, path, options)
 
 
 def _model_config(c: Candidate) -> dict:
@@ -223,38 +197,56 @@ def environment(rec: BenchRecipe) -> dict:
             "command": " ".join(sys.argv), "cpu": cpu_model(), "cores": os.cpu_count(),
             "git_sha": sha, "versions": package_versions(), "loadavg_start": list(os.getloadavg()),
             "flags": {"prompt_tokens": rec.prompt_tokens, "gen_tokens": rec.gen_tokens,
-                      "repetitions": rec.repetitions, "warmup": rec.warmup}}
+                      "repetitions": rec.repetitions, "rounds": rec.rounds, "warmup": rec.warmup}}
 
 
 def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) -> list[dict]:
     """Every candidate at every thread count, bandwidth first; failures become failed rows."""
     rows = []
-    bar = tqdm(total=len(parsed) * len(thread_list), desc="bench", file=sys.stderr, unit="run")
+    bar = tqdm(total=len(parsed) * len(thread_list) * rec.rounds, desc="bench", file=sys.stderr, unit="run")
     for t in thread_list:
         bar.set_postfix_str(f"bandwidth, {t} threads")
         bw = measure_bandwidth(t, rec.bandwidth_mb * 2**20, rec.timeout_s)
         logger.info("bandwidth at %d threads: read %.1f GB/s (the roofline), copy %.1f GB/s, "
                     "triad %.1f GB/s", t, bw["read_gbs"], bw["copy_gbs"], bw["triad_gbs"])
+        results = {c.name: [] for c in parsed}
+        errors: dict[str, str] = {}
+        for rnd in range(rec.rounds):
+            for c in parsed:
+                bar.set_postfix_str(f"{c.name}, {t} threads" + (f", round {rnd + 1}" if rec.rounds > 1 else ""))
+                if c.name not in errors:
+                    _one_round(c, t, rec, rnd, results[c.name], errors)
+                bar.update(1)
         for c in parsed:
-            bar.set_postfix_str(f"{c.name}, {t} threads")
-            row = {"name": c.name, "kind": c.kind, "path": c.path, "options": c.options,
-                   "threads": t, "bandwidth": {k: bw[k] for k in ("copy_gbs", "triad_gbs", "read_gbs",
-                                                                   "read_kernels_gbs", "gbs", "array_bytes")}}
-            try:
-                row.update(measure_candidate(c, t, rec), status="ok", error=None)
-                row["roofline_tps"] = bw["gbs"] * 1e9 / row["bytes_per_token"]
-                row["roofline_pct"] = 100 * row["tg_tps"] / row["roofline_tps"]
-                # The records are written at the end; this line keeps the figures if the run dies.
-                logger.info("%s at %d threads: pp %.1f t/s, tg %.2f t/s, peak RSS %.2f GB", c.name, t,
-                            row.get("pp_tps", float("nan")), row["tg_tps"],
-                            row.get("peak_rss_bytes", 0) / 1e9)
-            except (TangquantError, OSError) as exc:
-                row.update(status="failed", error=str(exc))
-                logger.warning("candidate %s failed: %s", c.name, exc)
-            rows.append(row)
-            bar.update(1)
+            rows.append(_row(c, t, bw, results[c.name], errors.get(c.name), rec))
     bar.close()
     return rows
+
+
+def _one_round(c: Candidate, t: int, rec: BenchRecipe, rnd: int, results: list, errors: dict) -> None:
+    try:
+        res = measure_candidate(c, t, rec)
+    except (TangquantError, OSError) as exc:
+        errors[c.name] = f"round {rnd + 1}: {exc}" if rec.rounds > 1 else str(exc)
+        logger.warning("candidate %s failed: %s", c.name, errors[c.name])
+        return
+    results.append(res)
+    # The records are written at the end; this line keeps the figures if the run dies.
+    logger.info("%s at %d threads%s: pp %.1f t/s, tg %.2f t/s, peak RSS %.2f GB", c.name, t,
+                f", round {rnd + 1}" if rec.rounds > 1 else "", res.get("pp_tps", float("nan")),
+                res["tg_tps"], res.get("peak_rss_bytes", 0) / 1e9)
+
+
+def _row(c: Candidate, t: int, bw: dict, results: list[dict], error: str | None, rec: BenchRecipe) -> dict:
+    row = {"name": c.name, "kind": c.kind, "path": c.path, "options": c.options, "threads": t,
+           "bandwidth": {k: bw[k] for k in ("copy_gbs", "triad_gbs", "read_gbs", "read_kernels_gbs", "gbs",
+                                             "array_bytes")}}
+    if error is not None:  # a failure in any round fails the row: never a speed from part of it
+        return {**row, "status": "failed", "error": error}
+    row.update(pool(results, rec.prompt_tokens), status="ok", error=None)
+    row["roofline_tps"] = bw["gbs"] * 1e9 / row["bytes_per_token"]
+    row["roofline_pct"] = 100 * row["tg_tps"] / row["roofline_tps"]
+    return row
 
 
 def bench(candidates=(), params: BenchRecipe | str | Path | None = None, plot: str | None = None,

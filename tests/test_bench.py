@@ -81,7 +81,7 @@ def test_bench_table_jsonl_and_failures(tiny_ir, tiny_model_dir, qv_adapter_dir,
     assert len(by_name["merged"]["warmup_tokens"]) == 4
     assert by_name["lora"]["warmup_tokens"] != by_name["merged"]["warmup_tokens"]
     assert by_name["merged"]["flags"] == {"prompt_tokens": 16, "gen_tokens": 4, "repetitions": 1,
-                                          "warmup": 1}
+                                          "rounds": 1, "warmup": 1}
 
     lines = (results / "bench.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(l)["name"] for l in lines] == ["merged", "lora", "ref", "nan", "missing"]
@@ -92,6 +92,27 @@ def test_bench_table_jsonl_and_failures(tiny_ir, tiny_model_dir, qv_adapter_dir,
     assert "FAILED" in table[5] and "FAILED" in table[6] and "FAILED" not in "".join(table[2:5])
     assert "3 ok, 2 failed" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rounds_interleave_the_candidates_and_pool_their_runs(tiny_ir, tmp_path, caplog):
+    """--rounds 2: merged, lora, merged, lora (each a fresh process); one row per candidate whose
+    figures are those of all its runs, and a failure in any round fails the row."""
+    import logging
+    import statistics
+
+    caplog.set_level(logging.INFO, logger="tangquant.bench")
+    result = bench([f"a=ov:{tiny_ir}", f"b=ov:{tiny_ir},KV_CACHE_PRECISION=f16", f"gone=ov:{tmp_path / 'no'}"],
+                   results_dir=str(tmp_path / "r.jsonl"), rounds=2, **{**SMALL, "repetitions": 2})
+    order = [m.split(" at ")[0] for m in caplog.messages if " threads, round " in m]
+    assert order == ["a", "b", "a", "b"]
+    a, b, gone = result["records"]
+    for r in (a, b):
+        assert r["flags"]["rounds"] == 2 and len(r["runs"]) == 4 and len(r["rounds"]) == 2
+        tg = [1000 / run["tpot_ms"] for run in r["runs"]]
+        assert r["tg_tps"] == pytest.approx(statistics.fmean(tg))
+        assert r["tg_tps_median"] == pytest.approx(statistics.median(tg))
+        assert min(x["tg_tps"] for x in r["rounds"]) <= r["tg_tps"] <= max(x["tg_tps"] for x in r["rounds"])
+    assert gone["status"] == "failed" and gone["error"].startswith("round 1: ") and "tg_tps" not in gone
 
 
 def test_cli_reports_failed_candidate(tmp_path, capsys):

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from tangquant.gguf.runtime import Session, system_info
-from tangquant.measure.worker import _check_tokens, _peak_rss, _prompt, _repeat, _summary
+from tangquant.measure.worker import _check_tokens, _peak_rss, _prompt, _repeat, summary
 
 OWN_KEYS = ("repack",)
 
@@ -60,4 +60,4 @@ def run_llamacpp(spec: dict) -> dict:
 
     runs, checked = _repeat(once, spec)
     s.close()
-    return {**out, "runs": runs, **_summary(runs, p), "warmup_tokens": checked["tokens"]}
+    return {**out, "runs": runs, **summary(runs, p), "warmup_tokens": checked["tokens"]}

@@ -47,7 +47,7 @@ def _prompt(vocab: int, n: int, run: int) -> list[int]:
     return [rng.randrange(3, max(4, vocab)) for _ in range(n)]
 
 
-def _summary(runs: list[dict], p: int) -> dict:
+def summary(runs: list[dict], p: int) -> dict:
     def ms(key):
         vals = [r[key] for r in runs]
         return statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0
@@ -164,7 +164,7 @@ def run_ov(spec: dict) -> dict:
         runs.append({"ttft_ms": ttft, "tpot_ms": (total - ttft) / max(1, n - 1),
                      "genai_tpot_ms": pm.get_tpot().mean})
         _log(f"rep {i + 1}: ttft {ttft:.1f} ms, tpot {runs[-1]['tpot_ms']:.2f} ms")
-    return {**out, "runs": runs, **_summary(runs, p)}
+    return {**out, "runs": runs, **summary(runs, p)}
 
 
 # --- PyTorch / transformers ------------------------------------------------------------------
@@ -255,7 +255,7 @@ def run_torch(spec: dict) -> dict:
                 "tokens": tokens[:16]}
 
     runs, checked = _repeat(once, spec)
-    return {"load_s": load_s, "rss_loaded_bytes": rss_loaded, "runs": runs, **_summary(runs, p),
+    return {"load_s": load_s, "rss_loaded_bytes": rss_loaded, "runs": runs, **summary(runs, p),
             "kernels": _kernel_names(model), "warmup_tokens": checked["tokens"],
             "lora_modules": sum(n.endswith(".lora_A") for n, _ in model.named_modules())}
 

@@ -1,0 +1,30 @@
+"""One record from a candidate's rounds (``tangquant bench --rounds N``).
+
+With rounds, every candidate runs in turn, N times over, each time in a fresh process with its
+own warm-up and ``-r`` repetitions. A host whose speed drifts (a shared or thermally limited
+machine: ±7% between runs minutes apart on the lent Xeon) then slows every candidate alike, where
+running one candidate's repetitions back to back would charge the drift to whichever ran then.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from tangquant.measure.worker import summary
+
+
+def pool(results: list[dict], prompt_tokens: int) -> dict:
+    """The worker results of one candidate's rounds as one: runs pooled, the peak RSS the largest,
+    the load time the median, and each round's own means kept under ``rounds``."""
+    out = dict(results[0])
+    runs = [run for res in results for run in res["runs"]]
+    out.update(runs=runs, **summary(runs, prompt_tokens))
+    if len(results) > 1:
+        peaks = [res["peak_rss_bytes"] for res in results if "peak_rss_bytes" in res]
+        if peaks:
+            out["peak_rss_bytes"] = max(peaks)
+        loads = [res["load_s"] for res in results if "load_s" in res]
+        if loads:
+            out["load_s"] = statistics.median(loads)
+    out["rounds"] = [{"pp_tps": res["pp_tps"], "tg_tps": res["tg_tps"]} for res in results]
+    return out
