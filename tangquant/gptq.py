@@ -20,6 +20,7 @@ neither gptqmodel nor IPEX is needed.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -67,6 +68,8 @@ def _pack(values, bits: int, dim: int):
 
 
 def _unpack(words, bits: int, dim: int):
+    if bits in (4, 8) and sys.byteorder == "little":
+        return _unpack_bytes(words, bits, dim)
     import torch
 
     per_word = 32 // bits
@@ -75,6 +78,19 @@ def _unpack(words, bits: int, dim: int):
     v = (w.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     v = v.reshape(w.shape[0] * per_word, *w.shape[1:])
     return v.movedim(0, dim).contiguous()
+
+
+def _unpack_bytes(words, bits: int, dim: int):
+    """``_unpack`` for 4 and 8 bits through the words' bytes: an order of magnitude faster and
+    8x less memory than int64 shifts, which made unpacking a 7B checkpoint minutes of an export."""
+    import torch
+
+    w = words.movedim(dim, 0).contiguous()
+    # (flattened first: a size-1 dimension may keep any stride, which view() refuses)
+    b = w.reshape(-1).view(torch.uint8).reshape(*w.shape, 4)  # little-endian: byte j holds bits 8j..8j+7
+    values = torch.stack([b & 15, b >> 4], dim=-1).reshape(*w.shape, 8) if bits == 4 else b
+    values = values.movedim(-1, 1).reshape(w.shape[0] * values.shape[-1], *w.shape[1:])
+    return values.movedim(0, dim)  # uint8: the callers widen what needs it
 
 
 def pack_layer(q, zeros, scales, g_idx, bits: int, bias=None, format_version: int = 1) -> dict:
@@ -101,12 +117,12 @@ def pack_layer(q, zeros, scales, g_idx, bits: int, bias=None, format_version: in
 def unpack_layer(tensors: dict, bits: int, format_version: int = 1) -> QuantizedLinear:
     import torch
 
-    q = _unpack(tensors["qweight"], bits, dim=0).t().contiguous()
-    zeros = _unpack(tensors["qzeros"], bits, dim=1)
+    q = _unpack(tensors["qweight"], bits, dim=0).to(torch.uint8).t().contiguous()
+    zeros = _unpack(tensors["qzeros"], bits, dim=1).to(torch.int64)
     if format_version == 1:
         # v1 stores zero-1 modulo 2^bits; AutoGPTQ and gptqmodel add the one back unmasked.
         zeros = zeros + 1
-    return QuantizedLinear(q=q.to(dtype=torch.uint8),
+    return QuantizedLinear(q=q,
                            zeros=zeros, scales=tensors["scales"], g_idx=tensors["g_idx"], bits=bits)
 
 
