@@ -44,6 +44,17 @@ class QuantizedLinear:
     bits: int
 
     def dequantize(self):
+        import torch
+
+        out_f, in_f = self.q.shape
+        groups = self.scales.shape[0]
+        size = in_f // groups if groups and in_f % groups == 0 else 0
+        if size and torch.equal(self.g_idx.long(), torch.arange(in_f) // size):
+            # Consecutive groups (all but act-order): the same fp32 products, without the [in, out]
+            # gathers and transposes, several times faster on a 7B layer.
+            q = self.q.reshape(out_f, groups, size).float()
+            w = (q - self.zeros.t().float().unsqueeze(-1)) * self.scales.t().float().unsqueeze(-1)
+            return w.reshape(out_f, in_f)
         g = self.g_idx.long()
         scales = self.scales.float()[g]            # [in, out]
         zeros = self.zeros.float()[g]              # [in, out]
