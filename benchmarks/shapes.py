@@ -221,9 +221,10 @@ def _dump(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def build_gptq(shape: str, out_dir, seed: int = 0, group_size: int = 128,
+def build_gptq(shape, out_dir, seed: int = 0, group_size: int = 128,
                max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """A random symmetric INT4 GPTQ checkpoint of Qwen1.5-{shape}-Chat; return its path.
+    """A random symmetric INT4 GPTQ checkpoint of Qwen1.5-{shape}-Chat (or of a config dict's
+    shape); return its path.
 
     The layout and bytes of ``tangquant quantize --bits 4 --sym --group-size G`` (GPTQ v1:
     qweight/qzeros/scales/g_idx, fp16 biases, embeddings, norms and head), with uniformly random
@@ -234,7 +235,7 @@ def build_gptq(shape: str, out_dir, seed: int = 0, group_size: int = 128,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = qwen_config(shape)
+    config = dict(shape) if isinstance(shape, dict) else qwen_config(shape)
     config["tangquant_random_weights"] = MARKER
     _save_tokenizer(out_dir, config)
     writer = checkpoint.ShardWriter(out_dir, max_shard_bytes, metadata={"tangquant_shapes": MARKER})
@@ -259,7 +260,8 @@ def build_gptq(shape: str, out_dir, seed: int = 0, group_size: int = 128,
     writer.close()
     checkpoint.write_config(out_dir, config, "float16", gptq.quantization_config(
         bits=4, group_size=group_size, sym=True, desc_act=False, damp_percent=0.01))
-    _readme(out_dir, f"Qwen1.5-{shape.upper()}-Chat shape, random symmetric INT4 GPTQ g{group_size}")
+    what = "a test" if isinstance(shape, dict) else f"Qwen1.5-{shape.upper()}-Chat"
+    _readme(out_dir, f"{what} shape, random symmetric INT4 GPTQ g{group_size}")
     return out_dir
 
 

@@ -354,3 +354,21 @@ def test_shapes_streamed_safetensors_and_adapter(tmp_path, tiny_model_dir):
     assert "speed only" in (adapter / "README.md").read_text()
     out = tmp_path / "merged"
     assert merge(tiny_model_dir, adapter, out, verify=1)["max_abs_logit_delta"] <= TOL
+
+
+def test_shapes_random_gptq_is_a_symmetric_checkpoint_tangquant_exports(tmp_path):
+    """The speed runs' INT4 stand-in: the GPTQ layout quantize writes (zero points 8, integers
+    over all of 0..15), which the GGUF export takes as exact Q4_0 and llama.cpp runs."""
+    from tangquant.export import export
+    from tangquant.gptq import GPTQCheckpoint
+
+    shapes = _shapes_module()
+    config = {**shapes.qwen_config("0.5b"), "hidden_size": 128, "intermediate_size": 256,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 2048}
+    ckpt = GPTQCheckpoint.open(shapes.build_gptq(config, tmp_path / "gptq"))
+    assert (ckpt.bits, ckpt.group_size, ckpt.sym, ckpt.desc_act) == (4, 128, True, False)
+    assert len(ckpt.layer_names) == 2 * 7
+    for _, layer, _ in ckpt.layers():
+        assert (layer.zeros == 8).all() and int(layer.q.min()) == 0 and int(layer.q.max()) == 15
+    res = export(ckpt, tmp_path / "gguf", format="gguf")
+    assert res["q4_0_tensors_exact"] == 14
