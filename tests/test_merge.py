@@ -356,14 +356,14 @@ def test_shapes_streamed_safetensors_and_adapter(tmp_path, tiny_model_dir):
     assert merge(tiny_model_dir, adapter, out, verify=1)["max_abs_logit_delta"] <= TOL
 
 
-def test_shapes_random_gptq_is_a_symmetric_checkpoint_tangquant_exports(tmp_path):
+def test_shapes_random_gptq_is_a_symmetric_checkpoint_tangquant_exports(tmp_path, capsys):
     """The speed runs' INT4 stand-in: the GPTQ layout quantize writes (zero points 8, integers
     over all of 0..15), which the GGUF export takes as exact Q4_0 and llama.cpp runs."""
     from tangquant.export import export
     from tangquant.gptq import GPTQCheckpoint
 
     shapes = _shapes_module()
-    config = {**shapes.qwen_config("0.5b"), "hidden_size": 128, "intermediate_size": 256,
+    config = {**shapes.qwen_config("0.5b"), "hidden_size": 256, "intermediate_size": 512,  # k-quant rows
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 2048}
     ckpt = GPTQCheckpoint.open(shapes.build_gptq(config, tmp_path / "gptq"))
     assert (ckpt.bits, ckpt.group_size, ckpt.sym, ckpt.desc_act) == (4, 128, True, False)
@@ -372,3 +372,14 @@ def test_shapes_random_gptq_is_a_symmetric_checkpoint_tangquant_exports(tmp_path
         assert (layer.zeros == 8).all() and int(layer.q.min()) == 0 and int(layer.q.max()) == 15
     res = export(ckpt, tmp_path / "gguf", format="gguf")
     assert res["q4_0_tensors_exact"] == 14
+    # llamacpp_anchor.py --from-gguf: llama-quantize's tensor types from tangquant's file (speed rows).
+    pytest.importorskip("llama_cpp")
+    import importlib
+    import json
+
+    anchor = importlib.import_module("llamacpp_anchor")
+    assert anchor.main(["--from-gguf", str(tmp_path / "gguf" / res["file"]), "--output", str(tmp_path / "a")]) == 0
+    made = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["files"]
+    assert set(made) == {"q4_0", "q4_k_m"} and made["q4_0"]["path"].endswith("gptq-Q4_0.gguf")
+    assert made["q4_0"]["tensor_types"]["Q4_0"] == 14 and "Q6_K" in made["q4_0"]["tensor_types"]
+    assert {"Q4_K", "Q6_K"} <= set(made["q4_k_m"]["tensor_types"]) and "Q4_0" not in made["q4_k_m"]["tensor_types"]
