@@ -68,6 +68,22 @@ PY
   stamp "done $name"
 }
 
+# llama.cpp 0c1e570 built on the lent Xeon segfaulted loading any GGUF on 2026-12-02 (in print_info;
+# xeon-7b-20261202-run2.md): probe the build on a tiny file first (benchmarks/llama_probe.py logs
+# the libraries it binds to), and if it crashes try a build without OpenMP, the next suspect.
+probe_llama() {
+  echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  step llama-probe "$py" "$repo/benchmarks/llama_probe.py" /tmp/llama-probe; local rc=$?
+  cp /tmp/llama-probe/probe.json "$out/llama-probe.json" 2>/dev/null; [ $rc = 0 ] && return 0
+  stamp "llama.cpp does not run a GGUF here: trying a build without OpenMP"
+  CMAKE_ARGS="$(sh "$repo/.ci/llama-cmake-args") -DGGML_OPENMP=OFF" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build-noomp \
+    "$py" -m pip install -q --no-deps --no-build-isolation --no-index --target "$llama_site.noomp" \
+    /tmp/lcp/llama_cpp_python-0.3.36 || return 1
+  mv "$llama_site" "$llama_site.omp" && mv "$llama_site.noomp" "$llama_site"
+  step llama-probe-noomp "$py" "$repo/benchmarks/llama_probe.py" /tmp/llama-probe; rc=$?
+  cp /tmp/llama-probe/probe.json "$out/llama-probe-noomp.json" 2>/dev/null; return $rc
+}
+
 build() {
   local shape="${1:-7b}"
   { lscpu | grep -E "Model name|^CPU\(s\)|Thread|Socket|NUMA node|L3"; free -g | head -2; df -h /tmp | tail -1
@@ -78,10 +94,7 @@ transformers.__version__, 'openvino', openvino.__version__)"; } || { stamp "stac
     ( rm -rf /tmp/lcp "$llama_site.tmp" && mkdir -p /tmp/lcp && tar -xJf "$repo/.carry/llama-cpp-python-src.tar.xz" -C /tmp/lcp \
       && CMAKE_ARGS="$(sh "$repo/.ci/llama-cmake-args")" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build "$py" -m pip install -q \
          --no-deps --no-build-isolation --no-index --target "$llama_site.tmp" /tmp/lcp/llama_cpp_python-0.3.36 \
-      && mv "$llama_site.tmp" "$llama_site" \
-      && { echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; ldd "$llama_site"/llama_cpp/lib/libllama.so; } ) & llama_pid=$!
-    # (llama.cpp 0c1e570 built there segfaulted loading any GGUF on 2026-12-02, in print_info: the
-    # libraries it binds to are the next thing to look at; xeon-7b-20261202-run2.md)
+      && mv "$llama_site.tmp" "$llama_site" && probe_llama ) & llama_pid=$!
   fi
   step lora "$py" "$repo/benchmarks/shapes.py" --shape "$shape" --adapter lora || exit 6
   if [ "${TQ_GPTQ:-random}" = rtn ]; then  # the bf16 shape model, then tangquant quantize --algo rtn
@@ -93,9 +106,11 @@ transformers.__version__, 'openvino', openvino.__version__)"; } || { stamp "stac
   else  # random INT4 in the same layout and bytes (shapes.build_gptq): minutes fewer at 7B
     step gptq "$py" "$repo/benchmarks/shapes.py" --shape "$shape" --gptq gptq || exit 8
   fi
-  # (the llama.cpp build is the parent's child: a subshell cannot wait for it, so it polls)
-  ( while [ -n "$llama_pid" ] && [ ! -d "$llama_site" ] && kill -0 "$llama_pid" 2>/dev/null; do sleep 2; done
-    step gguf "${tq[@]}" export --model gptq --output gguf --format gguf && anchors ) &
+  # (the llama.cpp build and probe are the parent's child: a subshell cannot wait for it, so it polls)
+  ( while [ -n "$llama_pid" ] && kill -0 "$llama_pid" 2>/dev/null; do sleep 2; done
+    # a crash of llama.cpp's load check still leaves a file to bench: its rows then fail, on record
+    { step gguf "${tq[@]}" export --model gptq --output gguf --format gguf \
+      || step gguf "${tq[@]}" export --model gptq --output gguf --format gguf --no-llama-check; } && anchors ) &
   step ir "${tq[@]}" export --model gptq --output ir --format openvino
   wait
   [ -d "$llama_site" ] || [ -n "${TQ_PYTHON:-}" ] || stamp "no llama.cpp build: no llama.cpp rows"
