@@ -13,7 +13,9 @@
 # Start a phase in the background from a copy of the checkout, so that a later call (which
 # replaces the checkout) cannot change the code under it, then poll it from later calls:
 #   rm -rf /tmp/tq-repo && cp -r . /tmp/tq-repo && (setsid bash /tmp/tq-repo/benchmarks/xeon_full.sh \
-#     build /tmp/xo 7b >/dev/null 2>&1 &); sleep 500; bash benchmarks/xeon_full.sh status /tmp/xo
+#     all /tmp/xo 7b >/dev/null 2>&1 &); for i in $(seq 55); do sleep 10; tar -czf $OUT/xo.tgz -C /tmp/xo .; done
+# and from each later call (issued at once: the machine goes back 30 s after a call) the same loop.
+# On 2026-12-02 `all` at 7B took 22 minutes to the end of the tuned bench (xeon-7b-20261202-run2.md).
 # Every call must copy OUT's files to $OUT *before* anything that can overrun it, and start long
 # work only in the background: on 2026-12-02 a call that waited in the foreground for the 7B
 # anchors ran past its limit and brought nothing back, and the device time was gone.
