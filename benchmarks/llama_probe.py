@@ -23,21 +23,11 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import shapes  # noqa: E402
 
-from tangquant import files  # noqa: E402
 from tangquant.export import export  # noqa: E402
+from tangquant.gguf.build import _run_smoke  # noqa: E402  (the export's own check)
 
 TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 4, "vocab_size": 2048}
-
-
-def smoke(path: Path, repack: bool) -> dict:
-    spec = json.dumps({"path": str(path), "text": "hello", "n": 2, "threads": 2, "repack": repack})
-    proc = subprocess.run([sys.executable, "-m", "tangquant.gguf.runtime", spec], capture_output=True,
-                          text=True, timeout=120, env=files.child_env())
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if lines:
-        return json.loads(lines[-1])
-    return {"ok": False, "error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-600:]}
 
 
 def linked_libraries() -> list[str]:
@@ -56,7 +46,8 @@ def main(argv=None) -> int:
     gptq = shapes.build_gptq({**shapes.qwen_config("0.5b"), **TINY}, work / "probe-gptq")
     res = export(gptq, work / "probe-gguf", format="gguf", llama_check=False, force=True)
     path = work / "probe-gguf" / res["file"]
-    out = {"file": str(path), "repack": smoke(path, True), "no_repack": smoke(path, False),
+    out = {"file": str(path), "repack": _run_smoke(path, "hello", 2, repack=True),
+           "no_repack": _run_smoke(path, "hello", 2, repack=False),
            "libllama": [line.strip() for line in linked_libraries() if line.strip()]}
     (work / "probe.json").write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(out, ensure_ascii=False))

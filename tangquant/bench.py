@@ -215,7 +215,11 @@ def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) ->
             for c in parsed:
                 bar.set_postfix_str(f"{c.name}, {t} threads" + (f", round {rnd + 1}" if rec.rounds > 1 else ""))
                 if c.name not in errors:
-                    _one_round(c, t, rec, rnd, results[c.name], errors)
+                    try:
+                        results[c.name].append(_one_round(c, t, rec, rnd))
+                    except (TangquantError, OSError) as exc:
+                        errors[c.name] = f"round {rnd + 1}: {exc}" if rec.rounds > 1 else str(exc)
+                        logger.warning("candidate %s failed: %s", c.name, errors[c.name])
                 bar.update(1)
         for c in parsed:
             rows.append(_row(c, t, bw, results[c.name], errors.get(c.name), rec))
@@ -223,18 +227,13 @@ def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) ->
     return rows
 
 
-def _one_round(c: Candidate, t: int, rec: BenchRecipe, rnd: int, results: list, errors: dict) -> None:
-    try:
-        res = measure_candidate(c, t, rec)
-    except (TangquantError, OSError) as exc:
-        errors[c.name] = f"round {rnd + 1}: {exc}" if rec.rounds > 1 else str(exc)
-        logger.warning("candidate %s failed: %s", c.name, errors[c.name])
-        return
-    results.append(res)
+def _one_round(c: Candidate, t: int, rec: BenchRecipe, rnd: int) -> dict:
+    res = measure_candidate(c, t, rec)
     # The records are written at the end; this line keeps the figures if the run dies.
     logger.info("%s at %d threads%s: pp %.1f t/s, tg %.2f t/s, peak RSS %.2f GB", c.name, t,
                 f", round {rnd + 1}" if rec.rounds > 1 else "", res.get("pp_tps", float("nan")),
                 res["tg_tps"], res.get("peak_rss_bytes", 0) / 1e9)
+    return res
 
 
 def _row(c: Candidate, t: int, bw: dict, results: list[dict], error: str | None, rec: BenchRecipe) -> dict:

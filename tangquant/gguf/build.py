@@ -151,14 +151,13 @@ def smoke(path: Path, tokenizer_dir: Path, n: int = 4) -> dict:
         if res["ok"]:
             logger.warning("llama.cpp %s loading %s with its default weight repacking; it runs with "
                            "repacking off (--no-repack)", first, path.name)
-    if not res["ok"] and res.get("crashed"):
+    if not res["ok"]:
         # Every tensor read back exact before this: a crash on both paths is this machine's llama.cpp
         # (seen on a 16-core Xeon whose build crashed on every file, one that runs elsewhere too).
-        raise ExportError(f"llama.cpp cannot run {path.name}: {res['error']} with repacking on and off, "
-                          "though every tensor read back exact; if this machine's llama-cpp-python crashes on "
-                          "any GGUF, --no-llama-check publishes the file without this check")
-    if not res["ok"]:
-        raise ExportError(f"llama.cpp cannot run {path.name}: {first_line(Exception(res['error']))}")
+        hint = (" with repacking on and off, though every tensor read back exact; if this machine's "
+                "llama-cpp-python crashes on any GGUF, --no-llama-check publishes the file without this "
+                "check") if res.get("crashed") else ""
+        raise ExportError(f"llama.cpp cannot run {path.name}: {first_line(Exception(res['error']))}{hint}")
     if res["ids"] != hf_ids:
         raise ExportError(f"llama.cpp tokenizes the chat prompt as {res['ids'][:12]}…, the model's tokenizer "
                           f"as {hf_ids[:12]}…; the GGUF's tokenizer metadata is wrong")

@@ -18,13 +18,8 @@ def pool(results: list[dict], prompt_tokens: int) -> dict:
     the load time the median, and each round's own means kept under ``rounds``."""
     out = dict(results[0])
     runs = [run for res in results for run in res["runs"]]
-    out.update(runs=runs, **summary(runs, prompt_tokens))
-    if len(results) > 1:
-        peaks = [res["peak_rss_bytes"] for res in results if "peak_rss_bytes" in res]
-        if peaks:
-            out["peak_rss_bytes"] = max(peaks)
-        loads = [res["load_s"] for res in results if "load_s" in res]
-        if loads:
-            out["load_s"] = statistics.median(loads)
+    out.update(runs=runs, **summary(runs, prompt_tokens),
+               peak_rss_bytes=max(res["peak_rss_bytes"] for res in results),
+               load_s=statistics.median(res["load_s"] for res in results))
     out["rounds"] = [{"pp_tps": res["pp_tps"], "tg_tps": res["tg_tps"]} for res in results]
     return out

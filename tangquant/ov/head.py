@@ -24,7 +24,7 @@ from openvino import Type
 from openvino import opset13 as ops
 
 from tangquant.errors import ExportError
-from tangquant.ov.int4 import nibble_constant
+from tangquant.ov.int4 import constant
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,9 @@ def replace_head(ov_model, ckpt, group_size: int) -> dict:
                           f"{list(weight.shape)}")
     q, zeros, scales = rtn_int4(weight, group_size)
     name = "lm_head.weight_int4"
-    w, zp = nibble_constant(q, Type.u4), nibble_constant(zeros, Type.u4)
-    w.set_friendly_name(name)
-    zp.set_friendly_name(f"{name}/zero_point")
-    w, zp = ops.convert(w, Type.f16), ops.convert(zp, Type.f16)
-    dq = ops.multiply(ops.subtract(w, zp), ops.constant(scales, dtype=Type.f16, name=f"{name}/scale"))
+    w = ops.convert(constant(q, Type.u4, name), Type.f16)
+    zp = ops.convert(constant(zeros, Type.u4, f"{name}/zero_point"), Type.f16)
+    dq = ops.multiply(ops.subtract(w, zp), constant(scales, Type.f16, f"{name}/scale"))
     dq = ops.reshape(dq, ops.constant(np.array(weight.shape, dtype=np.int64)), special_zero=False)
     if target.get_element_type() != Type.f16:
         dq = ops.convert(dq, target.get_element_type())

@@ -114,18 +114,22 @@ def unpack_nibbles(const) -> "object":
     return values
 
 
-def nibble_constant(values, dtype):
-    """A u4/i4 Constant of ``values`` (an integer array in range), packed here, low nibble first.
+def constant(values, dtype, name: str):
+    """A Constant of ``values`` (integers in range for u4/i4) of ``dtype``, named ``name``.
 
-    ``opset13.constant`` builds a packed type from ``values.tolist()``: a Python int per weight,
-    minutes and gigabytes for a 7B model; this is one vectorised pass."""
+    u4/i4 are packed here, low nibble first: ``opset13.constant`` builds a packed type from
+    ``values.tolist()``, a Python int per weight, minutes and gigabytes for a 7B model."""
+    if dtype not in (Type.u4, Type.i4):
+        return ops.constant(values, dtype=dtype, name=name)
     flat = values.reshape(-1)
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, flat.dtype)])
     tensor = Tensor(dtype, Shape(list(values.shape)))
     packed = np.asarray(tensor.data).view(np.uint8).reshape(-1)
     packed[:] = ((flat[0::2] & 15) | ((flat[1::2] & 15) << 4)).astype(np.uint8)
-    return Constant(tensor, shared_memory=False)
+    node = Constant(tensor, shared_memory=False)
+    node.set_friendly_name(name)
+    return node
 
 
 def expected_arrays(layer, ir: IRWeight) -> dict[str, "object"]:
@@ -192,8 +196,7 @@ def replace_constants(ov_model, ckpt) -> int:
             if key == "zero_point" and values.max() > 15:
                 # AutoGPTQ v1 reads a stored zero of -1 as 16, which u4 cannot hold.
                 dtype = Type.u8
-            new = nibble_constant(values, dtype) if dtype in (Type.u4, Type.i4) else ops.constant(values, dtype=dtype)
-            new.set_friendly_name(old.get_friendly_name())
+            new = constant(values, dtype, old.get_friendly_name())
             old.output(0).replace(new.output(0))
         done.add(module)
     _missing(ckpt.layer_names, done)
