@@ -78,7 +78,7 @@ probe_llama() {
   step llama-probe "$py" "$repo/benchmarks/llama_probe.py" /tmp/llama-probe; local rc=$?
   cp /tmp/llama-probe/probe.json "$out/llama-probe.json" 2>/dev/null; [ $rc = 0 ] && return 0
   stamp "llama.cpp does not run a GGUF here: trying a build without OpenMP"
-  CMAKE_ARGS="$(sh "$repo/.ci/llama-cmake-args") -DGGML_OPENMP=OFF" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build-noomp \
+  CC="$cc" CXX="$cxx" CMAKE_ARGS="$(sh "$repo/.ci/llama-cmake-args") -DGGML_OPENMP=OFF" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build-noomp \
     "$py" -m pip install -q --no-deps --no-build-isolation --no-index --target "$llama_site.noomp" \
     /tmp/lcp/llama_cpp_python-0.3.36 || return 1
   mv "$llama_site" "$llama_site.omp" && mv "$llama_site.noomp" "$llama_site"
@@ -92,9 +92,13 @@ build() {
     "$py" -c "import torch, transformers, openvino; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'openvino', openvino.__version__)"; } || { stamp "stack broken"; exit 4; }
   local llama_pid=
+  # The lent Xeon's CC/CXX (/opt/gcc) link libstdc++ statically into libggml.so: llama.cpp's tools
+  # run, but from Python every GGUF load segfaulted in print_info (2026-12-02, llama_diag.sh). The
+  # distribution's compilers on PATH link it dynamically, as a Python extension needs.
+  local cc cxx; cc="${TQ_CC:-$(command -v gcc)}"; cxx="${TQ_CXX:-$(command -v g++)}"; echo "llama.cpp compilers: $cc $cxx"
   if [ -z "${TQ_PYTHON:-}" ] && [ ! -d "$llama_site" ]; then
     ( rm -rf /tmp/lcp "$llama_site.tmp" && mkdir -p /tmp/lcp && tar -xJf "$repo/.carry/llama-cpp-python-src.tar.xz" -C /tmp/lcp \
-      && CMAKE_ARGS="$(sh "$repo/.ci/llama-cmake-args")" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build "$py" -m pip install -q \
+      && CC="$cc" CXX="$cxx" CMAKE_ARGS="$(sh "$repo/.ci/llama-cmake-args")" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build "$py" -m pip install -q \
          --no-deps --no-build-isolation --no-index --target "$llama_site.tmp" /tmp/lcp/llama_cpp_python-0.3.36 \
       && mv "$llama_site.tmp" "$llama_site" && probe_llama ) & llama_pid=$!
   fi
