@@ -312,3 +312,28 @@ def test_a_repack_crash_falls_back_to_the_plain_path(tmp_path, gptq_dir, monkeyp
     res = export(gptq_dir, tmp_path / "unchecked", format="gguf", llama_check=False)
     assert res["llama_cpp_check"] == "skipped (--no-llama-check)" and res["q4_0_tensors_exact"] > 0
     assert "--no-llama-check" in (tmp_path / "unchecked" / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_crash_names_a_static_libstdcxx(tmp_path, monkeypatch):
+    """The lent Xeon's toolchain linked libstdc++ statically into libggml.so, and every load from Python
+    segfaulted: the crash message says so when the installed library shows it, and only then."""
+    pytest.importorskip("llama_cpp", reason=NO_LLAMA)
+    import shutil
+    import subprocess
+    from importlib.machinery import ModuleSpec
+
+    import _ctypes
+
+    from tangquant.gguf import build
+
+    if shutil.which("ldd") is None or not getattr(_ctypes, "__file__", None):
+        pytest.skip("no ldd, or _ctypes is built into this Python")
+    assert build._libstdcxx_hint() == ""  # this installation links the shared libstdc++
+    (tmp_path / "llama_cpp" / "lib").mkdir(parents=True)
+    c_only = tmp_path / "llama_cpp" / "lib" / "libggml.so"
+    shutil.copy(_ctypes.__file__, c_only)  # a real shared object that needs no libstdc++
+    assert "libstdc++" not in subprocess.run(["ldd", str(c_only)], capture_output=True, text=True).stdout
+    spec = ModuleSpec("llama_cpp", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path / "llama_cpp")]
+    monkeypatch.setattr(build, "find_spec", lambda name: spec)
+    assert "links no libstdc++" in build._libstdcxx_hint() and "CXX=g++" in build._libstdcxx_hint()

@@ -154,9 +154,9 @@ def smoke(path: Path, tokenizer_dir: Path, n: int = 4) -> dict:
     if not res["ok"]:
         # Every tensor read back exact before this: a crash on both paths is this machine's llama.cpp
         # (seen on a 16-core Xeon whose build crashed on every file, one that runs elsewhere too).
-        hint = (" with repacking on and off, though every tensor read back exact; if this machine's "
-                "llama-cpp-python crashes on any GGUF, --no-llama-check publishes the file without this "
-                "check") if res.get("crashed") else ""
+        hint = (" with repacking on and off, though every tensor read back exact"
+                f"{_libstdcxx_hint()}; if this machine's llama-cpp-python crashes on any GGUF, "
+                "--no-llama-check publishes the file without this check") if res.get("crashed") else ""
         raise ExportError(f"llama.cpp cannot run {path.name}: {first_line(Exception(res['error']))}{hint}")
     if res["ids"] != hf_ids:
         raise ExportError(f"llama.cpp tokenizes the chat prompt as {res['ids'][:12]}…, the model's tokenizer "
@@ -180,6 +180,28 @@ def _run_smoke(path: Path, text: str, n: int, repack: bool) -> dict:
     if lines:
         return json.loads(lines[-1])
     return {"ok": False, "error": _died(proc), "crashed": proc.returncode < 0}
+
+
+def _libstdcxx_hint() -> str:
+    """Name the one cause of "crashes on any GGUF" seen so far, if this installation shows it.
+
+    A toolchain that links libstdc++ statically (the lent Xeon's /opt/gcc, 2026-12-02) builds a
+    libggml.so that runs inside llama.cpp's own tools but segfaults in a Python process on every
+    model load; the same source built with the distribution's g++ runs.
+    """
+    spec = find_spec("llama_cpp")
+    lib = Path(next(iter(spec.submodule_search_locations or []), "")) / "lib" / "libggml.so" if spec else None
+    if lib is None or not lib.exists():
+        return ""
+    try:
+        needed = subprocess.run(["ldd", str(lib)], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if "libstdc++" in needed:
+        return ""
+    return ("; its libggml.so links no libstdc++ (the compiler that built it linked it statically): "
+            "rebuild it with the system compiler, CC=gcc CXX=g++ pip install --force-reinstall "
+            "--no-cache-dir llama-cpp-python")
 
 
 def _died(proc) -> str:
