@@ -200,8 +200,11 @@ def environment(rec: BenchRecipe) -> dict:
                       "repetitions": rec.repetitions, "rounds": rec.rounds, "warmup": rec.warmup}}
 
 
-def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) -> list[dict]:
-    """Every candidate at every thread count, bandwidth first; failures become failed rows."""
+def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe, partial: Path) -> list[dict]:
+    """Every candidate at every thread count, bandwidth first; failures become failed rows.
+
+    Each round's result is also appended to ``partial`` as it ends: a run killed before its
+    records are written (a lent machine taken back) still leaves its figures machine-readable."""
     rows = []
     bar = tqdm(total=len(parsed) * len(thread_list) * rec.rounds, desc="bench", file=sys.stderr, unit="run")
     for t in thread_list:
@@ -217,6 +220,8 @@ def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) ->
                 if c.name not in errors:
                     try:
                         results[c.name].append(_one_round(c, t, rec, rnd))
+                        append_jsonl(partial, [{"name": c.name, "kind": c.kind, "path": c.path, "threads": t,
+                                                "round": rnd + 1, **results[c.name][-1]}])
                     except (TangquantError, OSError) as exc:
                         errors[c.name] = f"round {rnd + 1}: {exc}" if rec.rounds > 1 else str(exc)
                         logger.warning("candidate %s failed: %s", c.name, errors[c.name])
@@ -229,7 +234,6 @@ def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe) ->
 
 def _one_round(c: Candidate, t: int, rec: BenchRecipe, rnd: int) -> dict:
     res = measure_candidate(c, t, rec)
-    # The records are written at the end; this line keeps the figures if the run dies.
     logger.info("%s at %d threads%s: pp %.1f t/s, tg %.2f t/s, peak RSS %.2f GB", c.name, t,
                 f", round {rnd + 1}" if rec.rounds > 1 else "", res.get("pp_tps", float("nan")),
                 res["tg_tps"], res.get("peak_rss_bytes", 0) / 1e9)
@@ -274,11 +278,15 @@ def bench(candidates=(), params: BenchRecipe | str | Path | None = None, plot: s
     for c in parsed:
         _check_context(c, rec)
     env = environment(rec)
-    rows = _sweep(parsed, thread_list, rec)
+    partial = jsonl.with_name(f"{jsonl.name}.{env['date'][:19].replace(':', '')}.partial")
+    append_jsonl(partial, [{"partial_of": str(jsonl), **env}])
+    logger.info("each round goes to %s until the records are appended to %s", partial, jsonl)
+    rows = _sweep(parsed, thread_list, rec, partial)
     add_ratios(rows)
     env["loadavg_end"] = list(os.getloadavg())
     records = [{**env, **row} for row in rows]
     append_jsonl(jsonl, records)
+    partial.unlink()
     if plot:
         draw(rows, Path(plot), rec.prompt_tokens, rec.gen_tokens)
     failed = sum(r["status"] != "ok" for r in rows)

@@ -113,6 +113,24 @@ def test_rounds_interleave_the_candidates_and_pool_their_runs(tiny_ir, tmp_path,
         assert r["tg_tps_median"] == pytest.approx(statistics.median(tg))
         assert min(x["tg_tps"] for x in r["rounds"]) <= r["tg_tps"] <= max(x["tg_tps"] for x in r["rounds"])
     assert gone["status"] == "failed" and gone["error"].startswith("round 1: ") and "tg_tps" not in gone
+    assert not list(tmp_path.glob("*.partial"))  # written records replace the rounds' checkpoint
+
+
+def test_a_run_killed_before_its_records_leaves_each_round_on_disk(tiny_ir, tmp_path, monkeypatch):
+    """A lent machine taken back mid-run: the rounds that finished are in the .partial file."""
+    from tangquant import bench as bench_mod
+
+    def killed(rows):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench_mod, "add_ratios", killed)  # dies after the sweep, before the records
+    with pytest.raises(KeyboardInterrupt):
+        bench([f"a=ov:{tiny_ir}"], results_dir=str(tmp_path / "r.jsonl"), rounds=2, **SMALL)
+    assert not (tmp_path / "r.jsonl").exists()
+    (partial,) = tmp_path.glob("r.jsonl.*.partial")
+    head, *rounds = [json.loads(line) for line in partial.read_text(encoding="utf-8").splitlines()]
+    assert head["partial_of"] == str(tmp_path / "r.jsonl") and head["flags"]["rounds"] == 2
+    assert [(r["name"], r["round"]) for r in rounds] == [("a", 1), ("a", 2)]
+    assert all(r["tg_tps"] > 0 and r["runs"] for r in rounds)
 
 
 def test_cli_reports_failed_candidate(tmp_path, capsys):
