@@ -15,7 +15,10 @@
 #   rm -rf /tmp/tq-repo && cp -r . /tmp/tq-repo && (setsid bash /tmp/tq-repo/benchmarks/xeon_full.sh \
 #     all /tmp/xo 7b >/dev/null 2>&1 &); for i in $(seq 55); do sleep 10; tar -czf $OUT/xo.tgz -C /tmp/xo .; done
 # and from each later call (issued at once: the machine goes back 30 s after a call) the same loop.
-# On 2026-12-02 `all` at 7B took 22 minutes to the end of the tuned bench (xeon-7b-20261202-run2.md).
+# On 2026-12-02 `all` at 7B took 22 minutes to the end of the tuned bench (xeon-7b-20261202-run2.md), and
+# `build` alone 7.5 minutes once the exports were faster (xeon-20261202-run3.md). A call that comes later
+# than ~30 s after the last one finds a fresh machine: that lost the 7B bench of the third session.
+# pkill patterns must not match the calling command's own text (it runs as `bash -c COMMAND`).
 # Every call must copy OUT's files to $OUT *before* anything that can overrun it, and start long
 # work only in the background: on 2026-12-02 a call that waited in the foreground for the 7B
 # anchors ran past its limit and brought nothing back, and the device time was gone.
@@ -70,9 +73,10 @@ PY
   stamp "done $name"
 }
 
-# llama.cpp 0c1e570 built on the lent Xeon segfaulted loading any GGUF on 2026-12-02 (in print_info;
-# xeon-7b-20261202-run2.md): probe the build on a tiny file first (benchmarks/llama_probe.py logs
-# the libraries it binds to), and if it crashes try a build without OpenMP, the next suspect.
+# llama.cpp 0c1e570 built on the lent Xeon segfaulted loading any GGUF on 2026-12-02 (in print_info):
+# its CC/CXX linked libstdc++ statically (xeon-20261202-run3.md; build() now uses the system compilers).
+# Probe the build on a tiny file before any 7B work (benchmarks/llama_probe.py logs the libraries it
+# binds to), and if it crashes try a build without OpenMP; benchmarks/llama_diag.sh takes it further.
 probe_llama() {
   echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
   step llama-probe "$py" "$repo/benchmarks/llama_probe.py" /tmp/llama-probe; local rc=$?
