@@ -5,7 +5,9 @@
 # the same library through llama-cpp-python, each with a SIGSEGV handler (LD_PRELOAD) that prints
 # the native backtrace, resolved with addr2line.
 #
-# Usage: llama_diag.sh GGUF OUT     (.carry/llama-cpp-python-src.tar.xz from benchmarks/xeon_pack.sh)
+# Usage: llama_diag.sh GGUF OUT     (.carry/llama-cpp-python-src.tar.xz from benchmarks/xeon_pack.sh; a tiny
+# GGUF from `python benchmarks/llama_probe.py WORK`, WORK/probe-gguf/*.gguf, carried as .carry/probe/tiny-Q4_0.gguf)
+# Run on 2026-12-02: it found the cause (xeon-20261202-run3-llama-diag.log).
 set -u
 gguf="$(realpath "$1")"; out="$(mkdir -p "$2" && cd "$2" && pwd)"; repo="$(cd "$(dirname "$0")/.." && pwd)"
 w=/tmp/ld; rm -rf "$w"; mkdir -p "$w"; exec > >(tee -a "$out/diag.log") 2>&1
