@@ -159,9 +159,10 @@ def storm_server(ir: Path, serve_args: tuple = (), **kwargs) -> dict:
     storm it twice, stop it."""
     import psutil
 
+    limit = max(1000, kwargs.get("stream_tokens", 0))
     proc = subprocess.Popen(
         [sys.executable, "-m", "tangquant", "-q", "serve", "--model", str(ir), "--port", "0",
-         "--max-num-seqs", "8", "--queue-size", "64", "--max-tokens-limit", "1000",
+         "--max-num-seqs", "8", "--queue-size", "64", "--max-tokens-limit", str(limit),
          "--timeout", "300", *serve_args], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

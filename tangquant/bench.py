@@ -217,14 +217,13 @@ def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe, pa
         for rnd in range(rec.rounds):
             for c in parsed:
                 bar.set_postfix_str(f"{c.name}, {t} threads" + (f", round {rnd + 1}" if rec.rounds > 1 else ""))
-                if c.name not in errors:
-                    try:
-                        results[c.name].append(_one_round(c, t, rec, rnd))
-                        append_jsonl(partial, [{"name": c.name, "kind": c.kind, "path": c.path, "threads": t,
-                                                "round": rnd + 1, **results[c.name][-1]}])
-                    except (TangquantError, OSError) as exc:
-                        errors[c.name] = f"round {rnd + 1}: {exc}" if rec.rounds > 1 else str(exc)
-                        logger.warning("candidate %s failed: %s", c.name, errors[c.name])
+                if c.name not in errors:  # a failed round fails the candidate: its later rounds are skipped
+                    res, error = _one_round(c, t, rec, rnd, partial)
+                    if error is None:
+                        results[c.name].append(res)
+                    else:
+                        errors[c.name] = error
+                        logger.warning("candidate %s failed: %s", c.name, error)
                 bar.update(1)
         for c in parsed:
             rows.append(_row(c, t, bw, results[c.name], errors.get(c.name), rec))
@@ -232,12 +231,17 @@ def _sweep(parsed: list[Candidate], thread_list: list[int], rec: BenchRecipe, pa
     return rows
 
 
-def _one_round(c: Candidate, t: int, rec: BenchRecipe, rnd: int) -> dict:
-    res = measure_candidate(c, t, rec)
+def _one_round(c: Candidate, t: int, rec: BenchRecipe, rnd: int, partial: Path) -> tuple[dict | None, str | None]:
+    """One round of one candidate: its result (logged, and appended to ``partial``), or why it failed."""
+    try:
+        res = measure_candidate(c, t, rec)
+    except (TangquantError, OSError) as exc:
+        return None, f"round {rnd + 1}: {exc}" if rec.rounds > 1 else str(exc)
     logger.info("%s at %d threads%s: pp %.1f t/s, tg %.2f t/s, peak RSS %.2f GB", c.name, t,
                 f", round {rnd + 1}" if rec.rounds > 1 else "", res.get("pp_tps", float("nan")),
                 res["tg_tps"], res.get("peak_rss_bytes", 0) / 1e9)
-    return res
+    append_jsonl(partial, [{"name": c.name, "kind": c.kind, "path": c.path, "threads": t, "round": rnd + 1, **res}])
+    return res, None
 
 
 def _row(c: Candidate, t: int, bw: dict, results: list[dict], error: str | None, rec: BenchRecipe) -> dict:

@@ -328,6 +328,7 @@ def test_a_crash_names_a_static_libstdcxx(tmp_path, monkeypatch):
 
     if shutil.which("ldd") is None or not getattr(_ctypes, "__file__", None):
         pytest.skip("no ldd, or _ctypes is built into this Python")
+    assert build.installed_libggml() is not None
     assert build._libstdcxx_hint() == ""  # this installation links the shared libstdc++
     (tmp_path / "llama_cpp" / "lib").mkdir(parents=True)
     c_only = tmp_path / "llama_cpp" / "lib" / "libggml.so"

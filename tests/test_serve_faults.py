@@ -6,14 +6,27 @@ import sys
 from pathlib import Path
 
 import pytest
-from _serve_fixtures import tiny_ir
+from _serve_fixtures import build_ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+# Long enough that no dropped stream can finish before its client is scheduled again: the tiny
+# model decodes ~1 ms a step, and a client thread on a loaded 2-core runner can wait a second.
+STREAM_TOKENS = 12000
+
 
 @pytest.fixture(scope="module")
-def ir(tmp_path_factory, tiny_model_dir):
-    return tiny_ir(tmp_path_factory, tiny_model_dir)
+def ir(tmp_path_factory, tiny_tokenizer):
+    """The tiny model's shape with a 16k context, exported to an IR."""
+    import torch
+
+    from tangquant.poet.tiny import build_model, qwen2_config, save_model, set_special_ids
+
+    config = qwen2_config(-(-len(tiny_tokenizer) // 64) * 64, max_position_embeddings=16384)
+    set_special_ids(config, tiny_tokenizer)
+    root = tmp_path_factory.mktemp("storm")
+    save_model(build_model(config, seed=7), tiny_tokenizer, root / "hf", dtype=torch.float32)
+    return build_ir(root / "hf", root / "ir")
 
 
 def test_fault_storm_leaves_the_server_healthy(ir):
@@ -22,7 +35,7 @@ def test_fault_storm_leaves_the_server_healthy(ir):
     normal request succeeds and the RSS is back near its level before the storm."""
     import serve_faults
 
-    out = serve_faults.storm_server(ir, stream_tokens=900)
+    out = serve_faults.storm_server(ir, stream_tokens=STREAM_TOKENS)
     assert out["statuses"]["abandon"] == ["200"], out
     assert out["statuses"]["slow"] == ["200"], out  # slow but complete: served, with [DONE]
     assert set(out["statuses"]["big"]) <= {"413", "reset"}, out

@@ -182,6 +182,16 @@ def _run_smoke(path: Path, text: str, n: int, repack: bool) -> dict:
     return {"ok": False, "error": _died(proc), "crashed": proc.returncode < 0}
 
 
+def installed_libggml() -> Path | None:
+    """llama-cpp-python's ``lib/libggml.so``, found without importing (and so loading) llama.cpp."""
+    spec = find_spec("llama_cpp")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        lib = Path(location) / "lib" / "libggml.so"
+        if lib.exists():
+            return lib
+    return None
+
+
 def _libstdcxx_hint() -> str:
     """Name the one cause of "crashes on any GGUF" seen so far, if this installation shows it.
 
@@ -189,9 +199,8 @@ def _libstdcxx_hint() -> str:
     libggml.so that runs inside llama.cpp's own tools but segfaults in a Python process on every
     model load; the same source built with the distribution's g++ runs.
     """
-    spec = find_spec("llama_cpp")
-    lib = Path(next(iter(spec.submodule_search_locations or []), "")) / "lib" / "libggml.so" if spec else None
-    if lib is None or not lib.exists():
+    lib = installed_libggml()
+    if lib is None:
         return ""
     try:
         needed = subprocess.run(["ldd", str(lib)], capture_output=True, text=True, timeout=30).stdout
