@@ -154,15 +154,14 @@ def storm(port: int, rss, streams: int = 50, slow: int = 10, big: int = 10,
     }
 
 
-def storm_server(ir: Path, serve_args: tuple = (), **kwargs) -> dict:
+def storm_server(ir: Path, serve_args: tuple = (), stream_tokens: int = 200, **kwargs) -> dict:
     """Start `tangquant serve` on ``ir`` (batch engine, 8 sequences, plus ``serve_args``),
     storm it twice, stop it."""
     import psutil
 
-    limit = max(1000, kwargs.get("stream_tokens", 0))
     proc = subprocess.Popen(
         [sys.executable, "-m", "tangquant", "-q", "serve", "--model", str(ir), "--port", "0",
-         "--max-num-seqs", "8", "--queue-size", "64", "--max-tokens-limit", str(limit),
+         "--max-num-seqs", "8", "--queue-size", "64", "--max-tokens-limit", str(stream_tokens),
          "--timeout", "300", *serve_args], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -170,10 +169,15 @@ def storm_server(ir: Path, serve_args: tuple = (), **kwargs) -> dict:
             raise RuntimeError(f"server did not start: {line!r}")
         port = int(line.split("http://127.0.0.1:")[1].split()[0])
         server = psutil.Process(proc.pid)
-        first = storm(port, lambda: server.memory_info().rss, **kwargs)
+
+        def run() -> dict:
+            return storm(port, lambda: server.memory_info().rss, stream_tokens=stream_tokens,
+                         **kwargs)
+
+        first = run()
         # A second storm on the same server: what the first grew (the KV cache, which
         # openvino-genai keeps once grown) is reused, not grown again.
-        second = storm(port, lambda: server.memory_info().rss, **kwargs)
+        second = run()
         return {**first, "second_storm": {k: second[k] for k in (
             "cancelled", "health_during_storm_max_s", "health_after", "normal_request_after",
             "rss_before_mib", "rss_after_mib")}}

@@ -58,20 +58,26 @@ def tiny_tokenizer():
     return train_tokenizer(poem_texts() * 4, vocab_size=384, min_frequency=1)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A fp32 Qwen2 model (hidden 128, 2 layers, untied) saved in several shards."""
+def save_tiny_model(tokenizer, out: Path, seed: int = 1234, max_shard_size: str = "5GB",
+                    **config) -> Path:
+    """Save a fp32 Qwen2 model (hidden 128, 2 layers, untied unless ``config`` says) for ``tokenizer``."""
     import torch
 
     from tangquant.poet.tiny import build_model, qwen2_config, save_model, set_special_ids
 
-    vocab = -(-len(tiny_tokenizer) // 64) * 64  # padded, like Qwen's 151936
-    config = qwen2_config(vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=256)
-    set_special_ids(config, tiny_tokenizer)
-    model = build_model(config, seed=1234)
+    vocab = -(-len(tokenizer) // 64) * 64  # padded, like Qwen's 151936
+    cfg = qwen2_config(vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=256, **config)
+    set_special_ids(cfg, tokenizer)
+    return save_model(build_model(cfg, seed=seed), tokenizer, out, max_shard_size=max_shard_size,
+                      dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """The tiny model, saved in several shards."""
     out = tmp_path_factory.mktemp("tiny") / "base"
-    save_model(model, tiny_tokenizer, out, max_shard_size="400KB", dtype=torch.float32)
+    save_tiny_model(tiny_tokenizer, out, max_shard_size="400KB")
     assert len(list(out.glob("*.safetensors"))) >= 2
     return out
 
