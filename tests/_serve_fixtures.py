@@ -45,6 +45,25 @@ def tiny_ir(tmp_path_factory, tiny_model_dir: Path) -> Path:
     return out
 
 
+# Long enough that no generation meant to be in flight can finish before the test acts on it, on a
+# loaded runner: at 900 tokens of a 1024-token context some did in CI (8 of 50 dropped streams
+# counted as completed; a stream done before the request meant to be refused with 429).
+LONG_TOKENS = 12000
+
+
+def long_context_ir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """The session's IR of the tiny model with a 16k context, for generations that must be
+    still running when the test acts (built on first use)."""
+    from conftest import save_tiny_model
+
+    out = tmp_path_factory.getbasetemp() / "serve_ir_16k" / "tiny-poet"
+    if not out.is_dir():
+        out.parent.mkdir(exist_ok=True)
+        save_tiny_model(tiny_tokenizer, out.parent / "hf", seed=7, max_position_embeddings=16384)
+        build_ir(out.parent / "hf", out)
+    return out
+
+
 @contextlib.contextmanager
 def running_server(model: Path, **kwargs):
     """A server on a free port in a background thread; yields it and stops it afterwards."""

@@ -8,8 +8,8 @@ import socket
 import time
 
 import pytest
-from _serve_fixtures import (API_KEY, post_json, raw_request, running_server, tiny_ir,
-                             wait_idle)
+from _serve_fixtures import (API_KEY, LONG_TOKENS, long_context_ir, post_json, raw_request,
+                             running_server, tiny_ir, wait_idle)
 
 from tangquant.cli import main
 from tangquant.errors import InputError, ParameterError, ServeError
@@ -22,6 +22,11 @@ LIMIT = 1000  # --max-tokens-limit of the shared server; the tiny model's contex
 @pytest.fixture(scope="module")
 def ir(tmp_path_factory, tiny_model_dir):
     return tiny_ir(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def long_ir(tmp_path_factory, tiny_tokenizer):
+    return long_context_ir(tmp_path_factory, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -269,9 +274,18 @@ def _open_stream(server, payload) -> tuple[http.client.HTTPConnection, http.clie
     return conn, resp
 
 
-def test_queue_full_is_429_and_disconnect_cancels(server):
+@pytest.fixture(scope="module")
+def one_slot(long_ir):
+    """One generation at a time, no queue, and a model whose generations outlast the test's acts."""
+    with running_server(long_ir, api_key=API_KEY, max_concurrency=1, queue_size=0,
+                        max_tokens_limit=LONG_TOKENS, timeout=60) as srv:
+        yield srv
+
+
+def test_queue_full_is_429_and_disconnect_cancels(one_slot):
+    server = one_slot
     before = wait_idle(server)
-    long = _user(max_tokens=900, temperature=0, ignore_eos=True)
+    long = _user(max_tokens=LONG_TOKENS, temperature=0, ignore_eos=True)
     conn, resp = _open_stream(server, {**long, "stream": True})
     status, headers, body = post_json(server, CHAT, _user(max_tokens=2))
     assert status == 429 and int(headers["retry-after"]) >= 1
@@ -298,15 +312,16 @@ def test_queue_full_is_429_and_disconnect_cancels(server):
     assert post_json(server, CHAT, _user(max_tokens=2))[0] == 200
 
 
-def test_timeout(ir):
+def test_timeout(long_ir):
     import openai
 
-    with running_server(ir, timeout=0.3, max_tokens_limit=1000) as srv:
-        long = _user(max_tokens=900, temperature=0, ignore_eos=True)
+    with running_server(long_ir, timeout=0.3, max_tokens_limit=LONG_TOKENS) as srv:
+        long = _user(max_tokens=LONG_TOKENS, temperature=0, ignore_eos=True)
         status, _, body = post_json(srv, CHAT, long, key=None)
         assert status == 504 and body["error"]["code"] == "timeout"
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-        stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=900,
+        stream = client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                max_tokens=LONG_TOKENS,
                                                 temperature=0, stream=True,
                                                 extra_body={"ignore_eos": True})
         with pytest.raises(openai.APIError, match="timed out"):

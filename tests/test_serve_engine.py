@@ -6,7 +6,8 @@ import concurrent.futures
 import json
 
 import pytest
-from _serve_fixtures import API_KEY, post_json, raw_request, running_server, tiny_ir, wait_idle
+from _serve_fixtures import (API_KEY, LONG_TOKENS, long_context_ir, post_json, raw_request,
+                             running_server, tiny_ir, wait_idle)
 
 from tangquant.errors import AdapterError, ParameterError
 
@@ -157,14 +158,15 @@ def test_metrics_count_requests_tokens_and_latencies(server):
         assert (f"tangquant_requests_{counter}_total", ()) in after
 
 
-def test_metrics_public_flag_and_refused_count(ir):
+def test_metrics_public_flag_and_refused_count(tmp_path_factory, tiny_tokenizer):
+    ir = long_context_ir(tmp_path_factory, tiny_tokenizer)
     with running_server(ir, api_key=API_KEY, metrics_public=True, max_num_seqs=1,
-                        queue_size=0, max_tokens_limit=900) as srv:
+                        queue_size=0, max_tokens_limit=LONG_TOKENS) as srv:
         import http.client
         import socket
 
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
-        conn.request("POST", CHAT, json.dumps({"messages": PROMPT, "max_tokens": 900,
+        conn.request("POST", CHAT, json.dumps({"messages": PROMPT, "max_tokens": LONG_TOKENS,
                                                "ignore_eos": True, "stream": True}),
                      {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
         resp = conn.getresponse()

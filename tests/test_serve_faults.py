@@ -6,22 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from _serve_fixtures import build_ir
-from conftest import save_tiny_model
+from _serve_fixtures import LONG_TOKENS, long_context_ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-# Long enough that no dropped stream can finish before its client thread runs again on a loaded
-# runner: at 900 tokens of a 1024-token context, 8 of 50 did in CI and were counted as completed.
-STREAM_TOKENS = 12000
 
 
 @pytest.fixture(scope="module")
 def ir(tmp_path_factory, tiny_tokenizer):
-    """The tiny model with a 16k context, exported to an IR."""
-    root = tmp_path_factory.mktemp("storm")
-    save_tiny_model(tiny_tokenizer, root / "hf", seed=7, max_position_embeddings=16384)
-    return build_ir(root / "hf", root / "ir")
+    return long_context_ir(tmp_path_factory, tiny_tokenizer)
 
 
 def test_fault_storm_leaves_the_server_healthy(ir):
@@ -30,7 +22,7 @@ def test_fault_storm_leaves_the_server_healthy(ir):
     normal request succeeds and the RSS is back near its level before the storm."""
     import serve_faults
 
-    out = serve_faults.storm_server(ir, stream_tokens=STREAM_TOKENS)
+    out = serve_faults.storm_server(ir, stream_tokens=LONG_TOKENS)
     assert out["statuses"]["abandon"] == ["200"], out
     assert out["statuses"]["slow"] == ["200"], out  # slow but complete: served, with [DONE]
     assert set(out["statuses"]["big"]) <= {"413", "reset"}, out
