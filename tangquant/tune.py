@@ -8,8 +8,9 @@ caching, a fixed cache). Each candidate runs as a `tangquant bench` candidate (o
 process, warm-up, repetitions, median) and through a fidelity gate against exact mode
 (f32, no dynamic quantization, f32 KV cache) on held-out prompts: greedy tokens
 identical for --fidelity-steps steps, or mean KLD per token under --kld-bound. A
-setting that fails the gate is reported and rejected. The search is coordinate-wise
-and stops at --budget.
+setting that fails the gate is reported and rejected; one that decodes faster but
+prefills slower than --min-prefill-ratio of the best so far is not kept. The search
+is coordinate-wise and stops at --budget.
 
 --apply writes the winner's plugin settings into the IR's rt_info/runtime_options
 (OpenVINO's core applies the KV-cache and dynamic-quantization ones for every runtime;
@@ -64,6 +65,9 @@ class TuneParams:
     fidelity_steps: int = param(16, "greedy steps the gate compares")
     kld_bound: float = param(1e-3, "mean KL(exact || candidate) per token a candidate whose "
                              "greedy tokens differ may still have")
+    min_prefill_ratio: float = param(0.9, "a faster-decoding candidate is kept only if its "
+                                     "prefill is at least this fraction of the best so far's "
+                                     "(0 accepts any prefill)")
     confirm: int = param(2, "rounds of the defaults and the winner measured again alternately; "
                          "the winner is applied only if it holds there")
     timeout_s: int = param(1800, "limit per worker run, in seconds")
@@ -77,6 +81,8 @@ class TuneParams:
                 "-p, -n, -r, --fidelity-prompts and --fidelity-steps must be at least 1")
         require(self.kld_bound >= 0 and self.timeout_s > 0 and self.confirm >= 0,
                 "--kld-bound >= 0, --confirm >= 0, --timeout-s > 0")
+        require(0 <= self.min_prefill_ratio <= 1,
+                f"--min-prefill-ratio takes 0..1, got {self.min_prefill_ratio}")
         budget_seconds(self.budget)
 
     @property
