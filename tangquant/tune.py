@@ -9,7 +9,7 @@ process, warm-up, repetitions, median) and through a fidelity gate against exact
 (f32, no dynamic quantization, f32 KV cache) on held-out prompts: greedy tokens
 identical for --fidelity-steps steps, or mean KLD per token under --kld-bound. A
 setting that fails the gate is reported and rejected; one that decodes faster but
-prefills slower than --min-prefill-ratio of the best so far is not kept. The search
+prefills slower than --min-prefill-ratio of the defaults is not kept. The search
 is coordinate-wise and stops at --budget.
 
 --apply writes the winner's plugin settings into the IR's rt_info/runtime_options
@@ -66,7 +66,7 @@ class TuneParams:
     kld_bound: float = param(1e-3, "mean KL(exact || candidate) per token a candidate whose "
                              "greedy tokens differ may still have")
     min_prefill_ratio: float = param(0.9, "a faster-decoding candidate is kept only if its "
-                                     "prefill is at least this fraction of the best so far's "
+                                     "prefill is at least this fraction of the defaults' "
                                      "(0 accepts any prefill)")
     confirm: int = param(2, "rounds of the defaults and the winner measured again alternately; "
                          "the winner is applied only if it holds there")
