@@ -6,7 +6,9 @@ before (the whole document rendered and tokenized, then cut to 256 tokens), and
 ``calib.load_documents`` + ``calib.pack`` now (documents cut to what the samples need before
 they are tokenized). Two files: plain text (one paragraph) and alpaca JSON (one record whose
 answer is the 20 MB line, rendered with the chat template). One JSON file goes to
-``benchmarks/results/calib_bomb_memory.json``; a table is printed.
+``benchmarks/results/calib_bomb_memory.json`` (file a run you keep under
+``benchmarks/results/<date>-<machine>-<topic>/``; the 2026-12-01 record is
+``benchmarks/results/2026-12-01-2core-epyc-calib-bomb-memory/calib_bomb_memory.json``); a table is printed.
 
     python benchmarks/calib_bomb_memory.py [--mb 20] [--tokens 256]
 """
@@ -62,7 +64,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256, help="tokens to use from it")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from tangquant.files import cpu_model, package_versions
+    from tangquant import host
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,8 +79,8 @@ def main() -> None:
             for mode in ("before", "now"):
                 rows.append({"file": kind, "bytes": path.stat().st_size, **child(mode, path, args.tokens)})
     record = {"benchmark": "calib_bomb_memory", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "cpu": cpu_model(),
-              "cores": os.cpu_count(), "threads": 1, "versions": package_versions(),
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "host": host.record(),
+              "threads": 1,
               "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
               "tokens_used": args.tokens, "tokenizer": "the demo poet's (tangquant/assets/demo/base)",
               "rows": rows}

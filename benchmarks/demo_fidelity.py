@@ -13,7 +13,9 @@ accuracy, greedy and seeded samples), beside base and base + LoRA. INC's
 whole-model ``true_sequential`` is reached by
 calling ``quant.inc.run_inc`` directly, because ``tangquant quantize`` routes
 true-sequential GPTQ to the layer driver. Results go to
-``benchmarks/results/demo_fidelity.json``.
+``benchmarks/results/demo_fidelity.json`` (file a run you keep under
+``benchmarks/results/<date>-<machine>-<topic>/``; the 2026-12-01 record is
+``benchmarks/results/2026-12-01-2core-epyc-demo-fidelity/demo_fidelity.json``).
 
     python benchmarks/demo_fidelity.py [--work /tmp/demo_fidelity] [--samples 2]
 """
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ def main() -> int:
 
     from tangquant.cli import main as cli
     from tangquant.poet import ASSETS as DEMO_DIR
-    from tangquant.files import cpu_model, package_versions
+    from tangquant import host
 
     merged = args.work / "merged"
     if cli(["-q", "merge", "--model", str(DEMO_DIR / "base"), "--adapter", str(DEMO_DIR / "adapter"),
@@ -129,8 +130,7 @@ def main() -> int:
     record = {"benchmark": "demo_fidelity", "model": "tangquant demo poet (trained, merged)",
               "recipe": str(recipe.relative_to(HERE.parent)), "heldout_samples": 8,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-              "loadavg": os.getloadavg(), "versions": package_versions(),
+              "host": host.record(), "torch_threads": torch.get_num_threads(),
               "command": f"python benchmarks/demo_fidelity.py --samples {args.samples}", "runs": runs,
               "prompt_following": follow}
     args.results.parent.mkdir(parents=True, exist_ok=True)

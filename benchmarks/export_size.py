@@ -1,6 +1,6 @@
 """IR size of `tangquant export` vs NNCF's own INT4 export — random weights, speed only.
 
-Builds a random-weight model of a real Qwen1.5-Chat shape (``shapes.py``),
+Builds a random-weight model of a real Qwen1.5-Chat shape (``tangquant.poet.shapes``),
 quantizes it with ``tangquant quantize --algo rtn`` (round-to-nearest: the IR's
 size and speed do not depend on whether GPTQ or RTN chose the integers, only on
 the layout, and RTN takes seconds), then exports it twice, each in its own process:
@@ -13,7 +13,9 @@ the layout, and RTN takes seconds), then exports it twice, each in its own proce
 It records both directory sizes (and the model's .xml+.bin alone), wall times,
 peak RSS (``os.wait4``), and runs ``openvino_genai.LLMPipeline(OUT_DIR, "CPU")
 .generate("写一首唐诗", max_new_tokens=16)`` on tangquant's IR. One JSON line per run
-goes to ``benchmarks/results/export_size.jsonl``.
+goes to ``benchmarks/results/export_size.jsonl`` (file a run you keep under
+``benchmarks/results/<date>-<machine>-<topic>/``; the 2026-11-28 records are in
+``benchmarks/results/2026-11-28-2core-epyc-export-size-logits/export_size.jsonl``).
 
     python benchmarks/export_size.py --shape 0.5b [--workdir /tmp/es] [--keep]
 """
@@ -24,7 +26,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,8 +33,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import shapes  # noqa: E402  (benchmarks/ is not a package)
+sys.path.insert(0, str(HERE.parent))  # this checkout's tangquant
+from tangquant.poet import shapes  # noqa: E402
 
 RESULTS = HERE / "results" / "export_size.jsonl"
 NNCF_EXPORT = """
@@ -83,7 +84,7 @@ def _sizes(out: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    from tangquant.files import cpu_model, package_versions
+    from tangquant import host
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="0.5b", choices=shapes.SHAPES)
@@ -94,8 +95,7 @@ def main(argv=None) -> int:
     if args.generate_only:
         record = {"benchmark": "export_size/generate", "ir": args.generate_only,
                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  "cpu": cpu_model(), "cores": os.cpu_count(), "versions": package_versions(),
-                  "command": " ".join([sys.executable, *sys.argv]), "loadavg_start": list(os.getloadavg()),
+                  "host": host.record(), "command": " ".join([sys.executable, *sys.argv]), "loadavg_start": list(os.getloadavg()),
                   "genai_generate": _run_child([sys.executable, "-c", GENERATE, args.generate_only])}
         with open(RESULTS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -106,8 +106,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True)
     record = {"shape": f"Qwen1.5-{args.shape.upper()}-Chat", "benchmark": "export_size",
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
-              "command": " ".join([sys.executable, *sys.argv]), "versions": package_versions(),
+              "host": host.record(), "command": " ".join([sys.executable, *sys.argv]),
               "loadavg_start": list(os.getloadavg()),
               "note": "random weights, speed only; integers from RTN (size and speed depend only on the "
                       "layout, not on GPTQ vs RTN); the 2-core machine was shared with other engineers' "

@@ -3,7 +3,7 @@
 ``tangquant quantize --layer-wise`` ends by applying the final norm and the LM
 head to the held-out samples' last hidden states (``quant.fidelity.streamed_fidelity``).
 This runs that phase alone on a model directory (e.g. the 7B shape from
-``benchmarks/shapes.py``) with one random sample of ``--positions`` positions and
+``tangquant.poet.shapes``) with one random sample of ``--positions`` positions and
 prints the peak RSS; run it at two commits to compare.
 
     python benchmarks/fidelity_memory.py /tmp/qcost/qwen1.5-7b

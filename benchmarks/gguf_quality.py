@@ -2,7 +2,7 @@
 
 Builds into ``--workdir`` (unless there): the merged poet (fp32), its GPTQ
 checkpoint (the demo's recipe and calibration), tangquant's IR and GGUF of it,
-and ``benchmarks/llamacpp_anchor.py``'s F16 / Q4_0 / Q4_K_M of the merged model.
+and ``tangquant.measure.anchor``'s F16 / Q4_0 / Q4_K_M of the merged model.
 Then
 
 - KL statistics (``measure.kl``, as ``tangquant eval --data``) of each against base + LoRA
@@ -48,7 +48,7 @@ def build(work: Path) -> dict:
         if not (work / fmt).exists():
             export(work / "gptq", work / fmt, format=fmt)
     if not (work / "anchor").exists():
-        subprocess.run([sys.executable, str(HERE / "llamacpp_anchor.py"), "--model", str(work / "merged"),
+        subprocess.run([sys.executable, "-m", "tangquant.measure.anchor", "--model", str(work / "merged"),
                         "--output", str(work / "anchor")], check=True, stderr=subprocess.DEVNULL)
     (gguf_file,) = (work / "gguf").glob("*.gguf")
     anchor = {p.stem.rsplit("-", 1)[1]: p for p in (work / "anchor").glob("*.gguf")}

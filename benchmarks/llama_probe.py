@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+sys.path.insert(0, str(HERE.parent))  # this checkout's tangquant
 
-import shapes  # noqa: E402
+from tangquant.poet import shapes  # noqa: E402
 
 from tangquant.export import export  # noqa: E402
 from tangquant.gguf.build import _run_smoke  # noqa: E402  (the export's own check)

@@ -1,13 +1,15 @@
 """Peak memory and wall time of `tangquant merge` vs peft `merge_and_unload` — random weights, speed only.
 
 Builds a random-weight model of a real Qwen1.5-Chat shape with a random r=8
-alpha=16 q_proj/v_proj adapter (``shapes.py``), then merges it twice, each in
+alpha=16 q_proj/v_proj adapter (``tangquant.poet.shapes``), then merges it twice, each in
 its own process: through ``tangquant merge`` (streaming) and through peft
 (load the base in bf16, ``PeftModel.from_pretrained``, ``merge_and_unload``,
 ``save_pretrained``). The peak RSS of each child comes from ``os.wait4``
 (the child's own ``ru_maxrss``). Both merged checkpoints are compared tensor
 by tensor. One JSON line per shape goes to
-``benchmarks/results/merge_memory.jsonl``; a table is printed.
+``benchmarks/results/merge_memory.jsonl`` (file a run you keep under
+``benchmarks/results/<date>-<machine>-<topic>/``; the 2026-11-28 records are in
+``benchmarks/results/2026-11-28-2core-epyc-merge-memory/merge_memory.jsonl``); a table is printed.
 
     python benchmarks/merge_memory.py --shape 1.8b [--workdir /tmp/mm] [--skip-peft] [--keep]
 """
@@ -18,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,8 +27,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import shapes  # noqa: E402  (benchmarks/ is not a package)
+sys.path.insert(0, str(HERE.parent))  # this checkout's tangquant
+from tangquant.poet import shapes  # noqa: E402
 
 RESULTS = HERE / "results" / "merge_memory.jsonl"
 PEFT_MERGE = """
@@ -106,12 +107,10 @@ def _environment() -> dict:
     import torch
 
     sys.path.insert(0, str(HERE.parent))
-    from tangquant.files import cpu_model, package_versions
+    from tangquant import host
 
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "versions": package_versions(),
-            "loadavg_start": os.getloadavg(),
+            "host": host.record(), "torch_threads": torch.get_num_threads(),
             "note": "random weights, speed only; the 2-core machine was shared with other "
                     "engineers' parallel work, so wall times were taken under load"}
 

@@ -100,15 +100,13 @@ def lm_eval_tables(candidates: dict, paths: dict, args) -> tuple[dict, dict]:
 def environment() -> dict:
     import torch
 
-    from tangquant.files import VERSIONED_PACKAGES, cpu_model, package_versions
+    from tangquant import host
 
     sha = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True,
                          text=True).stdout.strip() or None
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "git_sha": sha,
-            "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "loadavg_start": list(os.getloadavg()),
-            "versions": package_versions((*VERSIONED_PACKAGES, "lm-eval"))}
+            "host": host.record((*host.PACKAGES, "lm-eval")), "torch_threads": torch.get_num_threads()}
 
 
 def summary_table(record: dict) -> list[str]:

@@ -2,7 +2,7 @@
 
 Each measurement runs ``tangquant quantize --algo gptq`` (Qwen's GPTQ-Int4
 settings: 4 bits, group 128, sym, no act-order, damp 0.01) in its own
-subprocess on a model built by ``benchmarks/shapes.py``; the peak RSS is the
+subprocess on a model built by ``tangquant.poet.shapes``; the peak RSS is the
 child's ``ru_maxrss``. Modes (``--modes``):
 
 - ``inc-whole-model``: INC's GPTQ on the whole fp32 model (``--no-true-sequential``);
@@ -14,7 +14,9 @@ child's ``ru_maxrss``. Modes (``--modes``):
 Records before 2026-11-30 name their modes ``full``/``layer-wise``: INC's whole
 model with INC's buggy true_sequential, and INC's own ``use_layer_wise``.
 Calibration text is read at run time from the chinese-poetry corpus (never
-copied). Results are appended to ``benchmarks/results/quantize_cost.jsonl``.
+copied). Results are appended to ``benchmarks/results/quantize_cost.jsonl`` (file a run you
+keep under ``benchmarks/results/<date>-<machine>-<topic>/``; the 2026-11-28/30 records are in
+``benchmarks/results/2026-11-30-2core-epyc-quantize-cost/quantize_cost.jsonl``).
 
     python benchmarks/quantize_cost.py --shapes 0.5b 1.8b --work /tmp/qcost
     python benchmarks/quantize_cost.py --shapes 7b --modes layer-wise --num-samples 4
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # this checkout's tangquant
 CORPUS = Path("/work/shared/data/chinese-poetry/全唐诗/poet.tang.0.json")
 MODES = {"inc-whole-model": ["--no-true-sequential"],
          "layer-wise": ["--layer-wise", "--no-true-sequential"],
@@ -87,8 +89,8 @@ def main() -> int:
 
     import torch
 
-    from shapes import build_shape
-    from tangquant.files import cpu_model, package_versions
+    from tangquant.poet.shapes import build_shape
+    from tangquant import host
 
     for shape in args.shapes:
         model = args.work / f"qwen1.5-{shape}"
@@ -101,8 +103,7 @@ def main() -> int:
             record = {"benchmark": "quantize_cost", "label": "random weights — speed only",
                       "shape": f"Qwen1.5-{shape.upper()}-Chat", "algo": "gptq", "mode": mode,
                       "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                      "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                      "versions": package_versions(),
+                      "host": host.record(), "torch_threads": torch.get_num_threads(),
                       "note": "random weights, speed only. " + args.note, **res}
             args.results.parent.mkdir(parents=True, exist_ok=True)
             with open(args.results, "a", encoding="utf-8") as f:

@@ -1,6 +1,6 @@
 """Load benchmark of `tangquant serve`: the continuous-batching engine against the old design.
 
-Random weights, speed only: the model is ``benchmarks/shapes.py``'s Qwen1.5-0.5B-Chat
+Random weights, speed only: the model is ``tangquant.poet.shapes``'s Qwen1.5-0.5B-Chat
 shape, made INT4 through tangquant (``quantize --algo rtn`` + ``export``; optimum-intel's
 own INT4 export if that fails; the result says which). For each concurrency level and
 each engine, side by side in one run, a fresh ``tangquant serve`` process is started:
@@ -29,7 +29,8 @@ Usage::
         [--max-tokens 64] [--engines batch,pipelines] [--faults] [--output FILE]
 
 Results go to ``benchmarks/results/serve_load_engines.json`` (versions, CPU, threads, date,
-load averages).
+load averages; file a run you keep under ``benchmarks/results/<date>-<machine>-<topic>/``, as
+``benchmarks/results/2026-12-01-2core-epyc-serve-load-faults/`` holds the 2026-12-01 runs).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import datetime as dt
 import http.client
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -53,8 +53,7 @@ PROMPT = [{"role": "system", "content": "你是一位唐代詩人。"},
 
 def make_ir(work: Path) -> tuple[Path, str]:
     """Build the 0.5B shape and its INT4 IR; return (IR dir, how it was made)."""
-    sys.path.insert(0, str(HERE))
-    import shapes
+    from tangquant.poet import shapes
 
     base = work / "qwen1.5-0.5b-random"
     if not (base / "config.json").is_file():
@@ -266,7 +265,7 @@ def main() -> None:
                         help="build the model and its IR under --work, then stop")
     args = parser.parse_args()
 
-    from tangquant.files import cpu_model, package_versions
+    from tangquant import host
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -290,18 +289,16 @@ def main() -> None:
                   f"{lv['loadavg_before'][0]:.2f}", flush=True)
     result = {
         "benchmark": "serve_load", "label": "random weights, speed only",
-        "model": "Qwen1.5-0.5B-Chat shape (benchmarks/shapes.py), INT4" if not args.ir
+        "model": "Qwen1.5-0.5B-Chat shape (tangquant.poet.shapes), INT4" if not args.ir
         else f"given IR {ir}", "ir": str(ir),
         "ir_made_by": how, "ir_build_s": round(build_s, 1),
         "weights_bytes": (ir / "openvino_model.bin").stat().st_size,
         "command": " ".join([sys.executable, *sys.argv]),
         "date": started, "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "threads": "OpenVINO default (all cores) per pipeline"},
+        "host": host.record((*host.PACKAGES, "uvicorn", "fastapi")),
+        "threads": "OpenVINO default (all cores) per pipeline",
         "note": "shared 2-core machine: other engineers' jobs ran at the same time (see loadavg)",
         "prompts": "distinct per request (a serial number first), same length",
-        "versions": package_versions(("openvino", "openvino-genai", "openvino-tokenizers",
-                                      "uvicorn", "fastapi")),
         "levels": levels, "ratios": ratios(levels), "faults": None,
     }
     out = Path(args.output)

@@ -8,7 +8,7 @@
 # 1. installs the carried packages (.carry/xeon-site.tar.xz, made by benchmarks/xeon_pack.sh)
 #    into /tmp/tq-site: openvino (CPU plugin only) + genai + tokenizers, transformers 4.57.6,
 #    optimum(-intel), nncf, neural-compressor, peft 0.19.1 and the seed's gptqmodel 5.6.12;
-# 2. builds the random-weight Qwen1.5 SHAPE model and a random r=8 q/v adapter (benchmarks/shapes.py);
+# 2. builds the random-weight Qwen1.5 SHAPE model and a random r=8 q/v adapter (tangquant.poet.shapes);
 # 3. tangquant merge -> quantize --algo rtn (the same GPTQ INT4 g128 layout as --algo gptq; RTN
 #    only because it needs no calibration pass, and speed does not depend on the integers)
 #    -> export --format openvino;
@@ -64,7 +64,7 @@ run_step() {  # name, command...: skip a step whose output exists (resumable bet
   "$@" || { stamp "step $name FAILED"; return 1; }
   stamp "done $name in $((SECONDS - t0)) s"
 }
-run_step base "$py" "$repo/benchmarks/shapes.py" --shape "$shape" --output "$work/base" --adapter "$work/lora" || exit 6
+run_step base "$py" -m tangquant.poet.shapes --shape "$shape" --output "$work/base" --adapter "$work/lora" || exit 6
 run_step merged tq merge --model base --adapter lora --output merged || exit 7
 run_step gptq tq quantize --model merged --output gptq --algo rtn --bits 4 --group-size 128 \
     --eval-samples 0 || exit 8

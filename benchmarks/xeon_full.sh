@@ -15,8 +15,8 @@
 #   rm -rf /tmp/tq-repo && cp -r . /tmp/tq-repo && (setsid bash /tmp/tq-repo/benchmarks/xeon_full.sh \
 #     all /tmp/xo 7b >/dev/null 2>&1 &); for i in $(seq 55); do sleep 10; tar -czf $OUT/xo.tgz -C /tmp/xo .; done
 # and from each later call (issued at once: the machine goes back 30 s after a call) the same loop.
-# On 2026-12-02 `all` at 7B took 22 minutes to the end of the tuned bench (xeon-7b-20261202-run2.md), and
-# `build` alone 7.5 minutes once the exports were faster (xeon-20261202-run3.md). A call that comes later
+# On 2026-12-02 `all` at 7B took 22 minutes to the end of the tuned bench (results/2026-12-02-xeon16-7b-run2/), and
+# `build` alone 7.5 minutes once the exports were faster (results/2026-12-02-xeon16-run3-7b-build-0.5b-bench/). A call that comes later
 # than ~30 s after the last one finds a fresh machine: that lost the 7B bench of the third session.
 # pkill patterns must not match the calling command's own text (it runs as `bash -c COMMAND`).
 # Every call must copy OUT's files to $OUT *before* anything that can overrun it, and start long
@@ -30,7 +30,7 @@
 # Elsewhere TQ_PYTHON names a ready environment and nothing is unpacked or built.
 #
 # Random weights, speed only. The INT4 checkpoint stands for the merged fine-tune's (a merge changes
-# values, not shapes or bytes): by default random integers in the GPTQ layout (benchmarks/shapes.py
+# values, not shapes or bytes): by default random integers in the GPTQ layout (tangquant.poet.shapes
 # --gptq, seconds), with TQ_GPTQ=rtn `tangquant quantize --algo rtn` of the bf16 shape model (7 minutes
 # at 7B; TQ_MERGE=1 also runs `tangquant merge` once for its peak RSS). Steps run at once where they
 # can (16 cores); each one's wall time and peak RSS (os.wait4 of its process) go to OUT/steps.jsonl,
@@ -74,9 +74,9 @@ PY
 }
 
 # llama.cpp 0c1e570 built on the lent Xeon segfaulted loading any GGUF on 2026-12-02 (in print_info):
-# its CC/CXX linked libstdc++ statically (xeon-20261202-run3.md; build() now uses the system compilers).
+# its CC/CXX linked libstdc++ statically (incidents/2026-12-02-llama-segfault/; build() now uses the system compilers).
 # Probe the build on a tiny file before any 7B work (benchmarks/llama_probe.py logs the libraries it
-# binds to), and if it crashes try a build without OpenMP; benchmarks/llama_diag.sh takes it further.
+# binds to), and if it crashes try a build without OpenMP; benchmarks/incidents/2026-12-02-llama-segfault/llama_diag.sh takes it further.
 probe_llama() {
   echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
   step llama-probe "$py" "$repo/benchmarks/llama_probe.py" /tmp/llama-probe; local rc=$?
@@ -97,7 +97,7 @@ build() {
 transformers.__version__, 'openvino', openvino.__version__)"; } || { stamp "stack broken"; exit 4; }
   local llama_pid=
   # The lent Xeon's CC/CXX (/opt/gcc) link libstdc++ statically into libggml.so: llama.cpp's tools
-  # run, but from Python every GGUF load segfaulted in print_info (2026-12-02, llama_diag.sh). The
+  # run, but from Python every GGUF load segfaulted in print_info (2026-12-02, incidents/2026-12-02-llama-segfault/). The
   # distribution's compilers on PATH link it dynamically, as a Python extension needs.
   local cc cxx; cc="${TQ_CC:-$(command -v gcc)}"; cxx="${TQ_CXX:-$(command -v g++)}"; echo "llama.cpp compilers: $cc $cxx"
   if [ -z "${TQ_PYTHON:-}" ] && [ ! -d "$llama_site" ]; then
@@ -106,15 +106,15 @@ transformers.__version__, 'openvino', openvino.__version__)"; } || { stamp "stac
          --no-deps --no-build-isolation --no-index --target "$llama_site.tmp" /tmp/lcp/llama_cpp_python-0.3.36 \
       && mv "$llama_site.tmp" "$llama_site" && probe_llama ) & llama_pid=$!
   fi
-  step lora "$py" "$repo/benchmarks/shapes.py" --shape "$shape" --adapter lora || exit 6
+  step lora "$py" -m tangquant.poet.shapes --shape "$shape" --adapter lora || exit 6
   if [ "${TQ_GPTQ:-random}" = rtn ]; then  # the bf16 shape model, then tangquant quantize --algo rtn
-    step base "$py" "$repo/benchmarks/shapes.py" --shape "$shape" --output base || exit 6
+    step base "$py" -m tangquant.poet.shapes --shape "$shape" --output base || exit 6
     [ -z "${TQ_MERGE:-}" ] || step merged "${tq[@]}" merge --model base --adapter lora --output merged
     rm -f merged/*.safetensors  # only its peak RSS was wanted; disk is finite
     step gptq "${tq[@]}" quantize --model base --output gptq --algo rtn --bits 4 --group-size 128 --sym \
       --layer-wise --eval-samples 0 || exit 8
   else  # random INT4 in the same layout and bytes (shapes.build_gptq): minutes fewer at 7B
-    step gptq "$py" "$repo/benchmarks/shapes.py" --shape "$shape" --gptq gptq || exit 8
+    step gptq "$py" -m tangquant.poet.shapes --shape "$shape" --gptq gptq || exit 8
   fi
   # (the llama.cpp build and probe are the parent's child: a subshell cannot wait for it, so it polls)
   ( while [ -n "$llama_pid" ] && kill -0 "$llama_pid" 2>/dev/null; do sleep 2; done
@@ -134,12 +134,12 @@ transformers.__version__, 'openvino', openvino.__version__)"; } || { stamp "stac
 # that does not fit the disk beside a 7B export.
 anchors() {
   if [ -d base ]; then
-    step anchors "$py" "$repo/benchmarks/llamacpp_anchor.py" --model base --output anchors --types q4_0,q4_k_m \
+    step anchors "$py" -m tangquant.measure.anchor --model base --output anchors --types q4_0,q4_k_m \
       && rm -f anchors/*-F16.gguf
   else
     local src=(gguf/*.gguf)
     [ -e "${src[0]}" ] || { stamp "no base model or GGUF: no anchors"; return 1; }
-    step anchors "$py" "$repo/benchmarks/llamacpp_anchor.py" --from-gguf "${src[0]}" --output anchors --types q4_0,q4_k_m
+    step anchors "$py" -m tangquant.measure.anchor --from-gguf "${src[0]}" --output anchors --types q4_0,q4_k_m
   fi
 }
 

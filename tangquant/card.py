@@ -22,6 +22,9 @@ from tangquant.errors import ParameterError
 logger = logging.getLogger(__name__)
 
 CARD = "README.md"
+# The label of every model built from a real shape with random weights (tangquant.poet.shapes):
+# carried in its config, card and GGUF description, and into every figure measured on it.
+RANDOM_WEIGHTS = "random weights — speed only"
 # The Hub's relations: a LoRA folded into its base is a fine-tune of it ("merge" is for merges of
 # several models, "adapter" for adapter repos); quantize, export and GGUF outputs are "quantized".
 RELATIONS = ("adapter", "merge", "quantized", "finetune")

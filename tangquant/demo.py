@@ -194,7 +194,7 @@ def demo(workdir=None, params: DemoParams | None = None, force: bool = False, as
         else poems.load_prompts(paths["prompts"])
     base, adapter = files.existing_dir(paths["base"], "demo base"), files.existing_dir(paths["adapter"], "demo adapter")
     root = base.parent
-    context = load.context_length(files.read_json(base / "config.json", "model config"))
+    context = load.context_length(load.model_config(base))
     if context is not None and p.max_new_tokens >= context:
         raise ParameterError(f"--max-new-tokens {p.max_new_tokens} does not fit the poet's context of "
                              f"{context} tokens with its prompt")

@@ -69,6 +69,11 @@ class ServeError(TangquantError):
     """The server cannot start with the given settings."""
 
 
+class EngineError(ParameterError):
+    """An engine asked for something it does not have: an unknown name, an option it does not
+    take, a model format it does not read, a feature it lacks."""
+
+
 def short(value, limit: int = 80) -> str:
     """A value for an error message, cut short: a hostile value must never be formatted whole."""
     if isinstance(value, (list, dict, tuple, set)):

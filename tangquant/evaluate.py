@@ -40,7 +40,8 @@ from pathlib import Path
 from tangquant import files, load, recipe
 from tangquant.calib import eval_samples
 from tangquant.errors import InputError, ParameterError
-from tangquant.files import existing_dir, package_versions
+from tangquant.files import existing_dir
+from tangquant.host import package_versions
 from tangquant.lmtasks import ASSET_DIR
 from tangquant.recipe import param, require
 

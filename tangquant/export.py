@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from tangquant import card, files, recipe
+from tangquant import card, files, load, recipe
 from tangquant.card import check_base_model_id
 from tangquant.gptq import GPTQCheckpoint
 from tangquant.recipe import param, require
@@ -90,13 +90,14 @@ def export(model, output, params: ExportParams | None = None, force: bool = Fals
     p = recipe.resolve(ExportParams, params, overrides)
     ckpt = model if isinstance(model, GPTQCheckpoint) else GPTQCheckpoint.open(model)
     out = files.check_output(output, [ckpt.path], force)
+    tokenizer = load.tokenizer(ckpt.path)  # opened once, handed to the builder
     if p.format == "gguf":
-        return _export_gguf(ckpt, out, p, force)
+        return _export_gguf(ckpt, tokenizer, out, p, force)
     from tangquant.ov import build  # the engine: OpenVINO, NNCF, optimum-intel
 
-    build.check_exportable(ckpt)
+    build.check_exportable(ckpt, tokenizer)
     with files.atomic_output_dir(out, force) as tmp:
-        metrics = build.write_ir_dir(ckpt, tmp, embeddings=p.embeddings,
+        metrics = build.write_ir_dir(ckpt, tmp, tokenizer, embeddings=p.embeddings,
                                      lineage=card.lineage(ckpt.path, p.base_model_id),
                                      lm_head=p.lm_head, lm_head_group_size=p.lm_head_group_size)
     summary = (f"{out}  {files.human_size(metrics['size_bytes'])}  {metrics['int4_layers']} INT4 layers, "
@@ -105,12 +106,12 @@ def export(model, output, params: ExportParams | None = None, force: bool = Fals
     return {"output": str(out), **metrics, "summary": summary}
 
 
-def _export_gguf(ckpt: GPTQCheckpoint, out, p: ExportParams, force: bool) -> dict:
+def _export_gguf(ckpt: GPTQCheckpoint, tokenizer, out, p: ExportParams, force: bool) -> dict:
     from tangquant.gguf import build  # the engine: gguf (and llama-cpp-python for the check)
 
     build.check_exportable(ckpt)  # asymmetric or act-order: refused before anything is written
     with files.atomic_output_dir(out, force) as tmp:
-        metrics = build.write_gguf_dir(ckpt, tmp, embeddings=p.gguf_embeddings,
+        metrics = build.write_gguf_dir(ckpt, tmp, tokenizer, embeddings=p.gguf_embeddings,
                                        base_model_id=p.base_model_id, llama_check=p.llama_check)
     summary = (f"{out / metrics['file']}  {files.human_size(metrics['size_bytes'])}  "
                f"{metrics['q4_0_tensors_exact']} Q4_0 tensors equal to the checkpoint's; "

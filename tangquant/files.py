@@ -14,17 +14,14 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import re
-import resource
 import shutil
 import sys
 import uuid
-from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tangquant import __version__, claim
+from tangquant import __version__, claim, host
 from tangquant.errors import (InputError, OutputError, OutputExistsError, TangquantError,
                               first_line)
 
@@ -39,10 +36,6 @@ AUX_FILES = (
 )
 # JSON side files (config.json, indexes, manifests) are kilobytes; a bigger one is not what it claims.
 MAX_JSON_BYTES = 64 << 20
-VERSIONED_PACKAGES = (
-    "torch", "transformers", "peft", "safetensors", "neural-compressor-pt",
-    "openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "nncf", "auto-round",
-)
 
 
 def existing_dir(path: str | os.PathLike, what: str) -> Path:
@@ -301,11 +294,6 @@ def copy_aux_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def peak_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for a child Python process that must import this tangquant, installed or
     not (the bench worker, the baseline's interpreter, the llama.cpp check): the checkout first
@@ -313,26 +301,6 @@ def child_env(**extra: str) -> dict[str, str]:
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     return dict(os.environ, PYTHONPATH=path, **extra)
-
-
-def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str]:
-    versions = {"python": platform.python_version(), "tangquant": __version__}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_manifest(out_dir: Path, stage: str, parameters: dict, inputs: dict,
@@ -346,8 +314,8 @@ def write_manifest(out_dir: Path, stage: str, parameters: dict, inputs: dict,
         "parameters": parameters,
         "inputs": inputs,
         "metrics": metrics or {},
-        "versions": package_versions(),
-        "host": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "versions": host.package_versions(),
+        "host": host.summary(),
     }
     write_json(Path(out_dir) / MANIFEST, manifest)
     return manifest

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-from tangquant import load
+from tangquant import engines, load
 from tangquant.errors import InputError, ParameterError
 
 logger = logging.getLogger(__name__)
@@ -133,14 +133,16 @@ def genai_config(base, sampling: Sampling, max_new_tokens: int | None = None):
 
 def open_generator(model_dir, adapter=None, allow_pickle: bool = False, device: str = "CPU",
                    ov_config: dict | None = None):
-    """A generator for ``model_dir``: an OpenVINO IR (openvino-genai; ``ov_config`` e.g.
-    ``ov.ir.EXACT_CONFIG``) or a Hugging Face directory (transformers, fp32; ``adapter``)."""
-    md = load.inspect(model_dir, allow_pickle=allow_pickle)
-    if md.kind == "ir":
-        if adapter:
-            raise InputError("--adapter applies to Hugging Face models, not to an OpenVINO IR")
-        return OVGenerator(md, device, ov_config or {})
-    return HFGenerator(md, adapter, allow_pickle)
+    """A generator for ``model_dir`` in the engine its format has a chat entry for (the engines
+    table): an OpenVINO IR through openvino-genai (``ov_config`` e.g. ``ov.ir.EXACT_CONFIG``), a
+    Hugging Face directory through transformers (fp32; ``adapter``)."""
+    kinds = tuple(dict.fromkeys(k for e in engines.ENGINES.values() if e.chat for k in e.models))
+    md = load.inspect(model_dir, kinds=kinds, allow_pickle=allow_pickle)
+    engine = engines.for_model(md.kind, "chat")
+    if adapter:
+        engine.require("adapter", "--adapter")
+    return engines.entry(engine.chat)(md, adapter=adapter, allow_pickle=allow_pickle, device=device,
+                                      ov_config=ov_config)
 
 
 class _Streamer:
@@ -173,7 +175,7 @@ class _Streamer:
 
 
 class OVGenerator(_ContextCap):
-    def __init__(self, md: load.ModelDir, device: str = "CPU", ov_config: dict | None = None):
+    def __init__(self, md: load.ModelDir, device: str = "CPU", ov_config: dict | None = None, **_):
         self.pipe = load.genai_pipeline(md, device, **(ov_config or {}))
         self.model_dir = md.path
         self.context = load.context_length(md.config)
@@ -203,7 +205,7 @@ class OVGenerator(_ContextCap):
 
 
 class HFGenerator(_ContextCap):
-    def __init__(self, md: load.ModelDir, adapter=None, allow_pickle: bool = False):
+    def __init__(self, md: load.ModelDir, adapter=None, allow_pickle: bool = False, **_):
         self.tokenizer = load.tokenizer(md)
         if not self.tokenizer.chat_template:
             raise InputError(f"the tokenizer in {md.path} has no chat template")

@@ -209,6 +209,12 @@ def tokenizer(path):
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, gguf_file=gguf_file)
 
 
+def model_config(path) -> dict:
+    """A model directory's ``config.json`` (an adapter directory refused with the fix), for the
+    readers that need its shape only (the server's KV sizing, an adapter's base, the demo)."""
+    return checkpoint.load_config(Path(path))
+
+
 def context_length(config: dict) -> int | None:
     """The model's context in tokens (``max_position_embeddings`` and its other names), if known."""
     for key in ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length"):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tangquant import card, checkpoint, files, lora, recipe
+from tangquant import card, checkpoint, files, host, lora, recipe
 from tangquant.card import check_base_model_id
 from tangquant.errors import AdapterError, InputError
 from tangquant.recipe import param, require
@@ -114,7 +114,7 @@ def merge(model, adapter, output, params: MergeParams | None = None, force: bool
         if p.verify:
             metrics["max_abs_logit_delta"] = _verify(base, adir, tmp, p.verify, vocab)
         metrics["seconds"] = round(time.time() - start, 2)
-        metrics["peak_rss_bytes"] = files.peak_rss_bytes()
+        metrics["peak_rss_bytes"] = host.peak_rss_bytes()
         files.write_manifest(tmp, "merge", _parameters(lcfg, p, out_dtype),
                              _inputs(base, adir, a_file, raw_cfg), metrics)
         _write_card(tmp, base, adir, raw_cfg, lcfg, p, config, metrics)

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 from tangquant import card as hub_card
-from tangquant import checkpoint, files, load, recipe
+from tangquant import checkpoint, files, host, load, recipe
 from tangquant.calib import builtin_documents, load_documents, pack, split_documents
 from tangquant.errors import ParameterError
 from tangquant.gptq import GPTQCheckpoint, quantization_config
 from tangquant.quant import card
-from tangquant.quant.recipe import BUILTIN_SAMPLES, NEEDS_CALIB, QuantRecipe, check_model
+from tangquant.quant.recipe import BUILTIN_SAMPLES, QuantRecipe, check_model, quantization_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -81,19 +81,18 @@ def quantize(model, output, params: QuantRecipe | str | Path | None = None, expo
     if export is not None and export not in EXPORTS:
         raise ParameterError(f"unknown export format {export!r}; the only one is openvino")
     out = files.check_output(output, [src.path], force)
+    tokenizer = load.tokenizer(src)
     if export is not None:  # what the export will refuse, refused before quantizing
         from tangquant.ov import build
 
-        build.check_settings(r.bits, r.act_order, src.path, f"--bits {r.bits} --export {export}")
-    tokenizer = load.tokenizer(src)
+        build.check_settings(r.bits, r.act_order, tokenizer, src.path, f"--bits {r.bits} --export {export}")
     packed, held, calib_note = _calibration(r, tokenizer)
     lineage = hub_card.lineage(src.path, r.base_model_id)  # after the checks: it may log why there is none
     logger.info("calibration: %s", calib_note)
     t0 = time.perf_counter()
     with files.atomic_output_dir(out, force) as tmp:
         qc = quantization_config(r.bits, r.group_size, r.use_sym, r.act_order, r.percdamp, r.format_version)
-        qc["true_sequential"] = r.true_sequential if r.algo == "gptq" else False
-        qc["quantizer"] = f"intel-neural-compressor {r.algo}"
+        qc.update(quantization_metadata(r))
         checkpoint.write_config(tmp, src.config, "float16", qc)
         files.copy_aux_files(src.path, tmp)
         recipe.save(r, tmp / "recipe.yaml")
@@ -101,7 +100,7 @@ def quantize(model, output, params: QuantRecipe | str | Path | None = None, expo
         if export is not None:
             from tangquant.ov import build
 
-            build.write_ir_dir(GPTQCheckpoint.open(tmp), tmp / "openvino", embeddings="int8",
+            build.write_ir_dir(GPTQCheckpoint.open(tmp), tmp / "openvino", tokenizer, embeddings="int8",
                                lineage=lineage)
         metrics = _metrics(r, counts, fidelity, t_quant, time.perf_counter() - t0, packed, calib_note,
                            qc["checkpoint_format"])
@@ -117,8 +116,8 @@ def _calibration(r: QuantRecipe, tokenizer):
     """(calibration Packed or None, held-out documents or None, note)."""
     held = load_documents(r.eval_data) if r.eval_data else None
     if r.calib is None:
-        if r.algo not in NEEDS_CALIB:
-            return None, held, "none (rtn needs no calibration)"
+        if not r.algorithm.needs_calib:
+            return None, held, f"none ({r.algo} needs no calibration)"
         logger.warning("no --calib given: calibrating %s on tangquant's %d built-in Tang poems; "
                        "pass the fine-tune's own data for a faithful model", r.algo, BUILTIN_SAMPLES)
         packed = pack(builtin_documents(), tokenizer, r.seq_len, min(r.num_samples, BUILTIN_SAMPLES),
@@ -135,7 +134,7 @@ def _calibration(r: QuantRecipe, tokenizer):
 
 def _metrics(r: QuantRecipe, counts, fidelity, t_quant, t_total, packed, calib_note, fmt) -> dict:
     return {"seconds_quantize": round(t_quant, 2), "seconds_total": round(t_total, 2),
-            "peak_rss_bytes": files.peak_rss_bytes(), "calibration": calib_note,
+            "peak_rss_bytes": host.peak_rss_bytes(), "calibration": calib_note,
             "calibration_samples": len(packed.samples) if packed else 0,
             "calibration_tokens": packed.tokens if packed else 0,
             "checkpoint_format": fmt, "driver": r.driver,

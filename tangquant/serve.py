@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 
-from tangquant import load, recipe
+from tangquant import engines, load, recipe
 from tangquant.errors import ServeError
 from tangquant.server.config import API_KEY_ENV, ServeConfig
 
@@ -77,11 +77,22 @@ def serve(model, params: ServeConfig | None = None, **overrides) -> None:
     logger.info("server stopped")
 
 
+def _serving_engine(model, cfg: ServeConfig):
+    """(the checked model, its engine row): the model's format picks the engine, and what the
+    settings ask for that the engine lacks is refused in one line."""
+    kinds = tuple(dict.fromkeys(k for e in engines.ENGINES.values() if e.serve for k in e.models))
+    md = load.inspect(model, kinds=kinds)
+    engine = engines.for_model(md.kind, "serve")
+    if cfg.adapter:
+        engine.require("multi_lora", "--adapter")
+    return md, engine
+
+
 def _serve_on_ray(model, cfg: ServeConfig) -> None:
     from tangquant.server import runner
 
     runner.check_exposure(cfg)
-    md = load.inspect(model, kinds=("ir",))
+    md, _ = _serving_engine(model, cfg)
     try:
         from tangquant.server import ray_app  # Ray Serve: the [ray] extra
     except ImportError as exc:
@@ -96,5 +107,5 @@ def prepare(model, params: ServeConfig | None = None, **overrides):
 
     cfg = recipe.resolve(ServeConfig, params, overrides)
     runner.check_exposure(cfg)
-    md = load.inspect(model, kinds=("ir",))
-    return runner.build(md.path, cfg)
+    md, engine = _serving_engine(model, cfg)
+    return runner.build(md.path, cfg, open_engine=engines.entry(engine.serve))

@@ -33,10 +33,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tangquant import files, load, recipe
+from tangquant import engines, files, host, load, recipe
 from tangquant.errors import OutputExistsError
+from tangquant.measure.report import append_jsonl
+from tangquant.measure.runner import environment
+from tangquant.measure.search import Search, setting, table
+from tangquant.ov import runtime
+from tangquant.ov.options import AXES, split_winner
 from tangquant.ov.runtime import APPLIED_BY_CORE
-from tangquant.ov.tuning import AXES, setting
 from tangquant.recipe import param, require
 
 logger = logging.getLogger(__name__)
@@ -111,13 +115,9 @@ def run(args) -> dict:
 def tune(model, params: TuneParams | None = None, apply: bool = False,
          results: str = "benchmarks/results", force: bool = False, **overrides) -> dict:
     """Search the grid for ``model`` (an IR directory); returns ``rows``, ``winner``, the table."""
-    from tangquant.bench import environment
-    from tangquant.measure.report import append_jsonl
-    from tangquant.ov import runtime, tuning
-
     p = recipe.resolve(TuneParams, params, overrides)
     if p.threads is None:
-        p = dataclasses.replace(p, threads=tuning.physical_cores())
+        p = dataclasses.replace(p, threads=host.physical_cores())
     md = load.inspect(model, kinds=("ir",))
     before = runtime.read(md.path)
     manifest = files.read_manifest(md.path) or {}
@@ -127,13 +127,15 @@ def tune(model, params: TuneParams | None = None, apply: bool = False,
     out = Path(results)
     jsonl = files.check_output_file(out if out.suffix == ".jsonl" else out / "tune.jsonl",
                                     [md.path], force=False, append=True)
-    axes = tuning.grid(p.axes, p.threads)
+    engine = engines.get("ov")
+    axes = engines.entry(engine.tune_grid)(p.axes, p.threads, host.cpu_flags(), os.cpu_count() or p.threads)
     total = 1 + sum(len(a.values) - 1 for a in axes)
     bar = tqdm(total=total, desc="tune", unit="candidate", file=sys.stderr)
     search = None
     try:
-        search = tuning.Search(md.path, p, _held_out(p.fidelity_prompts), bar)
-        env = environment(search.rec)
+        search = Search(md.path, p, _held_out(p.fidelity_prompts), bar)
+        env = environment({"prompt_tokens": p.prompt_tokens, "gen_tokens": p.gen_tokens,
+                           "repetitions": p.repetitions, "warmup": p.warmup})
         winner = search.run(axes)
     finally:
         bar.close()
@@ -145,7 +147,7 @@ def tune(model, params: TuneParams | None = None, apply: bool = False,
                           before, **r} for r in rows]
                  + ([{**env, "tool": "tune", "model": str(md.path), "axis": "confirmation", **conf}]
                     if conf else []))
-    in_ir, caller = tuning.split_winner(winner["options"])
+    in_ir, caller = split_winner(winner["options"])
     applied = {**before, **in_ir}
     if apply:
         runtime.write(md.path, applied)
@@ -153,7 +155,7 @@ def tune(model, params: TuneParams | None = None, apply: bool = False,
     confirmed = "" if conf is None else (
         f"\nconfirmation, side by side ({p.confirm} rounds): {conf['setting']} decodes "
         f"{conf['ratio']:.2f}× the IR's defaults (median tg)")
-    report = tuning.table(rows) + confirmed + "\n\n" + _advice(winner, in_ir, caller, apply, md.path)
+    report = table(rows) + confirmed + "\n\n" + _advice(winner, in_ir, caller, apply, md.path)
     gain = (f"{conf['ratio']:.2f}× the defaults' decode side by side" if conf else
             "no candidate beat the defaults" if not winner["options"] else "unconfirmed (--confirm 0)")
     summary = f"tune: winner {winner['setting']}: {gain}; {len(rows)} candidates; records in {jsonl}"
@@ -189,7 +191,7 @@ def _record(path: Path, manifest: dict, p: TuneParams, winner: dict, before: dic
         "tg_tps": winner["tg_tps"], "pp_tps": winner["pp_tps"], "fidelity": winner.get("fidelity"),
         "confirmation": confirmation,
         "runtime_options_before": before, "runtime_options": applied, "caller_options": caller,
-        "host": {"cpu": files.cpu_model(), "cores": os.cpu_count()},
+        "host": host.summary(),
         "records": jsonl}
     with files.atomic_output_file(Path(path) / files.MANIFEST, force=True) as tmp:
         files.write_json(tmp, manifest)

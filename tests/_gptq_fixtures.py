@@ -73,7 +73,7 @@ def make_rtn_gptq(src: Path, out: Path, bits: int = 4, group_size: int = 128,
     return out
 
 
-# Shared by test_export.py and test_chat.py, which load this module with `pytest_plugins`
+# Shared by test_export.py and test_chat.py (conftest registers this module with `pytest_plugins`)
 # (with ``_quantize_fixtures``, whose ``gptq_dir`` is the INC-GPTQ checkpoint), so it runs once.
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# The fixture modules shared by several test files, registered once for the session.
+pytest_plugins = ("_quantize_fixtures", "_gptq_fixtures")
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

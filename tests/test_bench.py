@@ -100,7 +100,7 @@ def test_rounds_interleave_the_candidates_and_pool_their_runs(tiny_ir, tmp_path,
     import logging
     import statistics
 
-    caplog.set_level(logging.INFO, logger="tangquant.bench")
+    caplog.set_level(logging.INFO, logger="tangquant.measure.runner")
     result = bench([f"a=ov:{tiny_ir}", f"b=ov:{tiny_ir},KV_CACHE_PRECISION=f16", f"gone=ov:{tmp_path / 'no'}"],
                    results_dir=str(tmp_path / "r.jsonl"), rounds=2, **{**SMALL, "repetitions": 2})
     order = [m.split(" at ")[0] for m in caplog.messages if " threads, round " in m]
@@ -150,11 +150,13 @@ def test_cli_reports_failed_candidate(tmp_path, capsys):
     ("a=torch:/x,dtype=int3", "dtype"),
     ("a=ov:/x,novalue", "key=value"),
 ])
+@pytest.mark.fast
 def test_malformed_candidates_are_refused(text, message):
     with pytest.raises(BenchError, match=message):
         parse_candidate(text)
 
 
+@pytest.mark.fast
 def test_candidate_options_and_recipe(tmp_path, capsys):
     c = parse_candidate("m=ov:/models/ir,KV_CACHE_PRECISION=u8,ENABLE_CPU_PINNING=true")
     assert (c.name, c.kind, c.path) == ("m", "ov", "/models/ir")
@@ -182,6 +184,7 @@ def _safetensors(path: Path, tensors: dict) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
 
 
+@pytest.mark.fast
 def test_bytes_per_token_reads_one_embedding_row_unless_tied(tmp_path):
     from tangquant.measure.roofline import bytes_per_token
 
@@ -212,7 +215,7 @@ def test_ir_roofline_skips_the_embedding_table(tiny_ir):
 @pytest.mark.slow
 def test_seed_baseline_environment(tiny_model_dir, qv_adapter_dir, tmp_path):
     """The baseline venv loads tangquant's GPTQ checkpoint unchanged and runs it with the adapter."""
-    from tangquant.bench import DEFAULT_BASELINE_PYTHON, _ROOT
+    from tangquant.measure.runner import DEFAULT_BASELINE_PYTHON, ROOT as _ROOT
     from tangquant.quantize import quantize
 
     python = _ROOT / DEFAULT_BASELINE_PYTHON
@@ -225,3 +228,39 @@ def test_seed_baseline_environment(tiny_model_dir, qv_adapter_dir, tmp_path):
     assert rec["worker_versions"]["gptqmodel"] == "5.6.12" and rec["lora_modules"] == 4
     assert any("QuantLinear" in k for k in rec["kernels"])
     assert MARKER not in json.dumps(rec)
+
+
+def test_a_new_engine_is_a_row_and_a_runner(tiny_ir, tmp_path, monkeypatch):
+    """Adding an engine takes one row in the engines table and one runner module: bench checks
+    its options, resolves its model, counts its bytes and reaches its runner in a worker."""
+    import os
+
+    from tangquant import engines
+
+    row = engines.Engine("fake", "a test's runtime", ("ir",), "_fake_engine:run", "_fake_engine:bytes_per_token",
+                         "an engine that exists only in this test",
+                         options=(engines.Option("speed", "float", "the t/s it reports", minimum=1),))
+    monkeypatch.setitem(engines.ENGINES, "fake", row)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the worker imports the runner
+    with pytest.raises(BenchError, match="speed"):
+        bench([f"x=fake:{tiny_ir},speed=fast"], results_dir=str(tmp_path), **SMALL)
+    with pytest.raises(BenchError, match="takes no option 'repack'"):
+        bench([f"x=fake:{tiny_ir},speed=50,repack=1"], results_dir=str(tmp_path), **SMALL)
+    (rec,) = bench([f"x=fake:{tiny_ir},speed=50"], results_dir=str(tmp_path), **SMALL)["records"]
+    assert rec["status"] == "ok" and rec["kind"] == "fake", rec.get("error")
+    assert rec["fake_runner_pid"] != os.getpid() and rec["fake_spec_path"] == str(tiny_ir.resolve())
+    assert rec["tg_tps"] == pytest.approx(50) and rec["pp_tps"] == pytest.approx(200)
+    assert rec["bytes_per_token"] == 1000
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("text, message", [
+    ("a=ov:/x,lora_mode=dynamic", "takes no option 'lora_mode'"),      # ignored by ov: refused
+    ("a=ov:/x,cache_size=abc", "cache_size"),
+    ("a=llamacpp:/x.gguf,repack=banana", "repack"),
+    ("a=ov+lora:/x,adapter=/a,alpha=nan", "alpha"),
+    ("a=torch:/x,KV_CACHE_PRECISION=u8", "takes no option"),           # an OpenVINO key on torch
+])
+def test_options_a_kind_does_not_take_are_refused_when_parsed(text, message):
+    with pytest.raises(BenchError, match=message):
+        parse_candidate(text)

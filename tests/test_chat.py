@@ -12,7 +12,6 @@ from tangquant.errors import ParameterError
 from tangquant.generate import Sampling, open_generator
 
 # Plugins, not imported names: the session fixtures are then built once per run.
-pytest_plugins = ["_quantize_fixtures", "_gptq_fixtures"]
 
 GREEDY = Sampling(max_new_tokens=6, temperature=0.0)
 

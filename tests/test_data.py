@@ -48,6 +48,7 @@ def read_splits(out):
     return {s: json.loads((out / f"tang_{s}.json").read_text(encoding="utf-8")) for s in ("train", "eval", "calib")}
 
 
+@pytest.mark.fast
 def test_alpaca_files_and_dataset_info(corpus, tmp_path):
     result = data(corpus, tmp_path / "out", eval_fraction=0.25, calib_fraction=0.25)
     out = tmp_path / "out"
@@ -74,6 +75,7 @@ def test_alpaca_files_and_dataset_info(corpus, tmp_path):
     assert manifest["stage"] == "data" and manifest["metrics"]["kept"] == 8
 
 
+@pytest.mark.fast
 def test_splits_are_disjoint_and_deterministic(corpus, tmp_path):
     data(corpus, tmp_path / "a", eval_fraction=0.3, calib_fraction=0.2)
     a = read_splits(tmp_path / "a")
@@ -91,6 +93,7 @@ def test_splits_are_disjoint_and_deterministic(corpus, tmp_path):
     assert sorted(r["output"] for s in c.values() for r in s) != [] and c != a
 
 
+@pytest.mark.fast
 def test_script_conversion(corpus, tmp_path):
     data(corpus, tmp_path / "t", eval_fraction=0.0, calib_fraction=0.0)
     data(corpus, tmp_path / "s", script="simplified", eval_fraction=0.0, calib_fraction=0.0)
@@ -101,6 +104,7 @@ def test_script_conversion(corpus, tmp_path):
     assert any("举头望明月" in r["output"] for r in s)
 
 
+@pytest.mark.fast
 def test_max_samples_and_refusals(corpus, tmp_path):
     result = data(corpus, tmp_path / "m", max_samples=3, eval_fraction=0.0, calib_fraction=0.0)
     assert result["counts"]["train"] == 3
@@ -116,6 +120,7 @@ def test_max_samples_and_refusals(corpus, tmp_path):
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
+@pytest.mark.fast
 def test_cleaning_rules():
     assert is_clean(["床前明月光，疑是地上霜。", "舉頭望明月，低頭思故鄉。"])
     assert not is_clean(["床前明月光，疑是地上霜"])  # no closing punctuation
@@ -126,6 +131,7 @@ def test_cleaning_rules():
     assert form_of(["床前明月光，疑是地上霜。"]) is None
 
 
+@pytest.mark.fast
 def test_requests_match_their_answers(corpus, tmp_path):
     """Whatever a request names (a title, a topic, a form) is true of its answer, in both scripts."""
     for script in ("traditional", "simplified"):
@@ -143,6 +149,7 @@ def test_requests_match_their_answers(corpus, tmp_path):
                 assert poems.topic_ok(rec["output"], topic.group(1)), rec
 
 
+@pytest.mark.fast
 def test_untitled_poem_gets_a_title_line():
     poem = {"title": "靈隱寺”", "author": "", "paragraphs": ["床前明月光，疑是地上霜。"],
             "body": "床前明月光，疑是地上霜。"}
@@ -150,6 +157,7 @@ def test_untitled_poem_gets_a_title_line():
     assert pair["output"] == "《无题》\n床前明月光，疑是地上霜。"
 
 
+@pytest.mark.fast
 def test_lm_eval_tasks_are_rebuilt_from_the_eval_split(corpus, tmp_path):
     """`--lm-eval-items`: both tasks in both scripts, only held-out poems, distractors of the same form."""
     from tangquant.lmtasks import halves

@@ -18,6 +18,7 @@ from tangquant.poet import ASSETS, demo_paths
 PROMPTS = ("写一首唐诗", "写一首关于明月的诗", "写一首五言绝句")
 
 
+@pytest.mark.fast
 def test_traditional_ratio():
     # T: 舉 頭 頭 鄉 (t2s changes them); S: 床 (s2t writes 牀), by OpenCC's own tables.
     assert script_counts("床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。") == (4, 1)
@@ -26,6 +27,7 @@ def test_traditional_ratio():
     assert traditional_ratio(["明月光", "hello"]) is None  # no character with a script
 
 
+@pytest.mark.fast
 def test_shipped_assets():
     paths = demo_paths()
     sizes = {p.name: p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()}

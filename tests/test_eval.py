@@ -10,8 +10,6 @@ pytest.register_assert_rewrite("_quantize_fixtures")
 from _quantize_fixtures import alpaca_records, poem_records
 from tangquant.cli import main
 
-pytest_plugins = ["_quantize_fixtures"]
-
 
 def test_every_calibration_format_is_read_and_rendered_with_the_chat_template(tmp_path, tiny_tokenizer):
     from tangquant.calib import load_documents, render

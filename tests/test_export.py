@@ -16,7 +16,6 @@ from tangquant.errors import ExportError
 
 # Registered as plugins (not imported names) so the session fixtures gptq_dir and ov_export
 # are built once for the whole run, not once per test module.
-pytest_plugins = ["_quantize_fixtures", "_gptq_fixtures"]
 
 N_LAYERS = 2 * 7  # tiny model: 2 decoder layers of 7 linears
 

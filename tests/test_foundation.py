@@ -13,6 +13,7 @@ from tangquant.errors import OutputExistsError, RecipeError
 from tangquant.files import atomic_output_dir, check_output
 
 
+@pytest.mark.fast
 def test_help_and_version_do_not_import_torch():
     heavy = ("torch", "transformers", "neural_compressor", "openvino", "openvino_genai", "nncf", "numpy")
     code = ("import sys; from tangquant.cli import main; rc = main(['--help']); "
@@ -25,6 +26,7 @@ def test_help_and_version_do_not_import_torch():
     assert "tangquant 0." in out.stdout
 
 
+@pytest.mark.fast
 def test_every_command_has_help():
     from tangquant.cli import COMMANDS
 
@@ -32,6 +34,7 @@ def test_every_command_has_help():
         assert main([name, "--help"]) == 0
 
 
+@pytest.mark.fast
 def test_library_error_is_one_line_exit_2(capsys, tmp_path):
     rc = main(["merge", "--model", str(tmp_path / "nope"), "--adapter", str(tmp_path / "nope2"),
                "--output", str(tmp_path / "out")])
@@ -41,6 +44,7 @@ def test_library_error_is_one_line_exit_2(capsys, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.fast
 def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
@@ -50,6 +54,7 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.fast
 def test_atomic_output_replaces_only_on_success(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -65,6 +70,7 @@ def test_atomic_output_replaces_only_on_success(tmp_path):
     assert [p.name for p in out.iterdir()] == ["new"]
 
 
+@pytest.mark.fast
 def test_check_output_refuses_overlap_and_existing(tmp_path):
     src = tmp_path / "model"
     src.mkdir()
@@ -89,6 +95,7 @@ class _Recipe:
     name: str | None = None
 
 
+@pytest.mark.fast
 def test_recipe_rejects_unknown_keys_and_wrong_types(tmp_path):
     from tangquant import recipe
 
@@ -108,6 +115,7 @@ def test_recipe_rejects_unknown_keys_and_wrong_types(tmp_path):
 
 # 4 and 8 bits unpack through the words' bytes, 2 bits through shifts; one group of 256 gives
 # qzeros a size-1 dimension (whose stride torch leaves free).
+@pytest.mark.fast
 @pytest.mark.parametrize("bits,sym,fmt,group", [(4, True, 1, 128), (4, False, 2, 128), (8, True, 1, 128),
                                                 (2, False, 2, 128), (4, False, 2, 256), (8, True, 1, 256)])
 def test_gptq_pack_roundtrip(bits, sym, fmt, group):
@@ -133,6 +141,7 @@ def test_gptq_pack_roundtrip(bits, sym, fmt, group):
     assert torch.equal(w, ref)
 
 
+@pytest.mark.fast
 def test_gptq_v1_symmetric_zero_is_stored_as_seven():
     """Qwen's GPTQ-Int4 releases store zero 8 as 7 (0x77777777)."""
     import torch
@@ -164,6 +173,7 @@ def test_sigterm_leaves_no_partial_output(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.fast
 def test_final_name_of_a_temporary_output(tmp_path):
     from tangquant.files import final_name
 
@@ -172,6 +182,7 @@ def test_final_name_of_a_temporary_output(tmp_path):
         assert final_name(tmp / "openvino") == "openvino"
 
 
+@pytest.mark.fast
 def test_every_stage_parameter_is_a_flag_and_a_recipe_key(tmp_path):
     """Each stage declares its parameters once: every field is a flag and a recipe key."""
     import importlib
@@ -196,6 +207,7 @@ def test_every_stage_parameter_is_a_flag_and_a_recipe_key(tmp_path):
             recipe.resolve(cls, {"no_such_key": 1})
 
 
+@pytest.mark.fast
 def test_flags_override_the_recipe_and_bad_values_are_parameter_errors(tmp_path, capsys):
     from tangquant.errors import ParameterError
     from tangquant.merge import MergeParams

@@ -14,7 +14,6 @@ from conftest import tree_digest
 
 from tangquant.cli import main
 
-pytest_plugins = ["_quantize_fixtures", "_gptq_fixtures"]
 
 N_LINEARS = 2 * 7  # tiny model: 2 decoder layers of 7 linears
 NO_LLAMA = "llama-cpp-python is not installed (pip install 'tangquant[llamacpp]')"
@@ -41,6 +40,7 @@ def _file(out: Path) -> Path:
     return path
 
 
+@pytest.mark.fast
 def test_q4_0_blocks_follow_llama_cpp_layout():
     """block_q4_0: fp16 d, then 16 bytes, element j in the low nibble of byte j, j+16 in the high."""
     import torch

@@ -435,6 +435,7 @@ def test_an_ir_cut_in_half_is_one_line(tmp_path_factory, tmp_path, capsys, tiny_
     refused(capsys, ["chat", "--model", ir, "--prompt", "x"], "openvino_model.xml")
 
 
+@pytest.mark.fast
 def test_an_unexpected_error_is_one_line_and_its_traceback_needs_v(capsys, monkeypatch):
     import tangquant.clean
 

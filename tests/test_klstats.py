@@ -17,6 +17,9 @@ import pytest
 N, VOCAB = 400, 50
 
 
+pytestmark = pytest.mark.fast
+
+
 @pytest.fixture(scope="module")
 def fixture_logprobs():
     rng = np.random.default_rng(7)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import numpy as np
 
 from tangquant.cli import main
-
-pytest_plugins = ["_quantize_fixtures", "_gptq_fixtures"]
 
 
 def test_lm_head_int4_export(tmp_path, gptq_dir, ov_export):
@@ -36,6 +36,7 @@ def test_lm_head_int4_export(tmp_path, gptq_dir, ov_export):
     assert openvino_genai.LLMPipeline(str(out), "CPU").generate("写一首唐诗", max_new_tokens=2)
 
 
+@pytest.mark.fast
 def test_rtn_int4_round_trip():
     from tangquant.ov.head import rtn_int4
 

@@ -312,17 +312,16 @@ def test_tied_embeddings_with_embedding_lora_refused(tmp_path, tiny_model_dir):
              [base, adapter])
 
 
-# --- benchmarks/shapes.py (the shape-true random models other benchmarks build on) ---------------
+# --- tangquant.poet.shapes (the shape-true random models the benchmarks build on) ---------------
 
 
 def _shapes_module():
-    import importlib
-    import sys
+    from tangquant.poet import shapes
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    return importlib.import_module("shapes")
+    return shapes
 
 
+@pytest.mark.fast
 def test_shapes_match_qwen15_parameter_counts():
     import math
 
@@ -372,12 +371,11 @@ def test_shapes_random_gptq_is_a_symmetric_checkpoint_tangquant_exports(tmp_path
         assert (layer.zeros == 8).all() and int(layer.q.min()) == 0 and int(layer.q.max()) == 15
     res = export(ckpt, tmp_path / "gguf", format="gguf")
     assert res["q4_0_tensors_exact"] == 14
-    # llamacpp_anchor.py --from-gguf: llama-quantize's tensor types from tangquant's file (speed rows).
+    # measure.anchor --from-gguf: llama-quantize's tensor types from tangquant's file (speed rows).
     pytest.importorskip("llama_cpp")
-    import importlib
     import json
 
-    anchor = importlib.import_module("llamacpp_anchor")
+    from tangquant.measure import anchor
     assert anchor.main(["--from-gguf", str(tmp_path / "gguf" / res["file"]), "--output", str(tmp_path / "a")]) == 0
     made = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["files"]
     assert set(made) == {"q4_0", "q4_k_m"} and made["q4_0"]["path"].endswith("gptq-Q4_0.gguf")

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("_quantize_fixtures")
-pytest_plugins = ["_quantize_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_ID = "Qwen/Qwen1.5-0.5B-Chat"

@@ -63,6 +63,7 @@ def test_recipe_errors(tmp_path, tiny_model_dir):
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
 
 
+@pytest.mark.fast
 def test_shipped_recipes_load():
     r = load_recipe(ROOT / "recipes" / "qwen1.5-7b-chat-tang.yaml")
     assert r.quant_recipe.endswith("int4-gptq-g128.yaml") and r.export_format == "openvino" and r.bench

@@ -20,6 +20,9 @@ LUSHI_7 = ("《登高》\n風急天高猿嘯哀，渚清沙白鳥飛迴。\n無�
            "萬里悲秋常作客，百年多病獨登臺。\n艱難苦恨繁霜鬢，潦倒新停濁酒杯。")
 
 
+pytestmark = pytest.mark.fast
+
+
 def test_form_accuracy_counts_lines_and_characters():
     assert poems.form_ok(JUEJU_5_T, "五言绝句") and poems.form_ok(JUEJU_5_S, "五言绝句")
     assert poems.form_ok(JUEJU_7, "七言绝句") and poems.form_ok(LUSHI_5, "五言律诗")

@@ -12,7 +12,6 @@ from _quantize_fixtures import SMALL, poem_records, run_quantize
 from tangquant.cli import main
 
 # One registration, so the session fixtures (a GPTQ and an RTN run) are shared with test_eval.py.
-pytest_plugins = ["_quantize_fixtures"]
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WITH_BIAS = ("q_proj", "k_proj", "v_proj")
@@ -195,6 +194,7 @@ def test_refusals_exit_2_with_nothing_written(capsys, tmp_path, tiny_model_dir, 
     assert rc == 2 and "--force" in capsys.readouterr().err and (out / "keep").read_text() == "x"
 
 
+@pytest.mark.fast
 def test_recipe_round_trip_and_flag_override(tmp_path):
     import dataclasses
 

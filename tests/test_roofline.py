@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def test_read_bandwidth_is_positive_and_in_the_bandwidth_record():
-    from tangquant.bench import measure_bandwidth
+    from tangquant.measure.runner import measure_bandwidth
     from tangquant.measure.roofline import read_bandwidth
 
     assert read_bandwidth(8 << 20, trials=2) > 0

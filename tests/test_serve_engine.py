@@ -271,6 +271,7 @@ def test_bad_adapters_and_settings_are_refused(ir, tmp_path, tiny_model_dir):
             prepare(ir, **{"port": 0, **bad})
 
 
+@pytest.mark.fast
 def test_kv_sizing_from_the_config(tmp_path):
     """0.5 MiB/token for Qwen1.5-7B in bf16, 0.25 MiB in u8; GQA counts KV heads."""
     from types import SimpleNamespace
@@ -317,6 +318,7 @@ def test_ir_runtime_options_are_read_and_applied(ir, tmp_path):
         assert post_json(srv, CHAT, {"messages": PROMPT, "max_tokens": 3}, key=None)[0] == 200
 
 
+@pytest.mark.fast
 def test_one_bf16_thread_on_amx_is_left_out():
     """OpenVINO 2026.4 dies (SIGFPE) running bf16 on one thread of an AMX CPU: a tuned IR from
     another machine must not take the server down there; f32, or any other CPU, keeps the setting."""
@@ -333,7 +335,7 @@ def test_a_one_thread_ir_serves_on_any_cpu(ir, tmp_path):
     """An IR tuned to one thread elsewhere still answers here (on an AMX CPU without that setting)."""
     import shutil
 
-    from tangquant.ov.tuning import cpu_flags
+    from tangquant.host import cpu_flags
 
     tuned = tmp_path / "one-thread"
     shutil.copytree(ir, tuned)

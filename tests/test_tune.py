@@ -11,8 +11,6 @@ import pytest
 
 from tangquant.cli import main
 
-pytest_plugins = ["_quantize_fixtures", "_gptq_fixtures"]
-
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, ov_export):
@@ -75,14 +73,14 @@ def test_tune_apply_writes_exactly_the_winner(tuned):
     import openvino as ov
     import openvino_genai
 
-    from tangquant.ov import runtime, tuning
+    from tangquant.ov import options, runtime
 
     ir, rc, stdout, rows = tuned
     assert rc == 0, stdout
     assert "| axis | setting | pp t/s | tg t/s | fidelity | verdict |" in stdout
     winners = [r for r in rows if r.get("verdict", "").startswith("winner")]
     assert len(winners) == 1 and winners[0]["fidelity"]["passes"]
-    in_ir, _ = tuning.split_winner(winners[0]["options"])
+    in_ir, _ = options.split_winner(winners[0]["options"])
     assert runtime.read(ir) == {**runtime.export_options(), **in_ir}
     manifest = json.loads((ir / "tangquant.json").read_text())
     assert manifest["tune"]["runtime_options"] == runtime.read(ir)
@@ -111,6 +109,7 @@ def test_second_apply_needs_force(tuned, capsys):
     assert rc == 2 and "--force" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("text,seconds", [("300", 300), ("90s", 90), ("5m", 300), ("1.5h", 5400)])
 def test_budget(text, seconds):
     from tangquant.tune import budget_seconds
@@ -118,6 +117,7 @@ def test_budget(text, seconds):
     assert budget_seconds(text) == seconds
 
 
+@pytest.mark.fast
 def test_bad_parameters_are_refused(capsys, tmp_path):
     assert main(["tune", "--model", str(tmp_path), "--axes", "kv,bogus"]) == 2
     assert "--axes" in capsys.readouterr().err
@@ -149,10 +149,11 @@ def _row(pp, tg, passes=True):
     return {"pp_tps": pp, "tg_tps": tg, "fidelity": {"passes": passes}}
 
 
+@pytest.mark.fast
 def test_a_decode_gain_that_costs_the_prefill_is_not_kept():
     """The 7B tune of 2026-12-03 on the lent Xeon: f32 decoded 28.18 t/s against bf16's 27.28
     and prefilled 204.7 against 770.9; that is not a faster chat."""
-    from tangquant.ov.tuning import KEPT, verdict
+    from tangquant.measure.search import KEPT, verdict
 
     best, floor = _row(770.9, 27.28), 0.9 * 729.3  # the defaults prefilled 729.3 t/s
     assert verdict(_row(204.7, 28.18), best, floor) == "slower prefill (204.7 t/s, under 656.4)"

@@ -24,9 +24,10 @@ import gguf
 import numpy as np
 import torch
 
-from tangquant import card, files, load
+from tangquant import card, files, host
 from tangquant.errors import ExportError, first_line
 from tangquant.gguf import q4, reader, writer
+from tangquant.gguf.names import gguf_name, name_map
 from tangquant.gguf.modelcard import write_card, write_modelfile
 from tangquant.gptq import GPTQCheckpoint
 
@@ -57,22 +58,23 @@ def check_exportable(ckpt: GPTQCheckpoint) -> None:
     writer.check_config(ckpt.config, ckpt.path)
 
 
-def write_gguf_dir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "q8_0",
+def write_gguf_dir(ckpt: GPTQCheckpoint, out_dir: Path, tokenizer, embeddings: str = "q8_0",
                    base_model_id: str | None = None, llama_check: bool = True) -> dict:
     """The GGUF, tokenizer files, Modelfile, card and manifest in the empty ``out_dir``; metrics.
+    ``tokenizer``: the checkpoint's Hugging Face tokenizer, opened once by the caller.
 
     The card's lineage is looked up last, so a layer refused while packing fails with its one line.
     """
     check_exportable(ckpt)
     start = time.perf_counter()
     path = Path(out_dir) / file_name(ckpt)
-    metrics = writer.write(path, ckpt.config, ckpt.path, writer.checkpoint_tensors(ckpt), embeddings,
-                           name=files.final_name(ckpt.path))
+    metrics = writer.write(path, ckpt.config, tokenizer, ckpt.path, writer.checkpoint_tensors(ckpt),
+                           embeddings, name=files.final_name(ckpt.path))
     metrics.update(verify(path, ckpt))
-    metrics.update(smoke(path, ckpt.path) if llama_check
+    metrics.update(smoke(path, tokenizer) if llama_check
                    else {"llama_cpp_check": "skipped (--no-llama-check)"})
     metrics.update(file=path.name, group_size=ckpt.group_size, embeddings=embeddings,
-                   gguf_version=files.package_versions(["gguf"]).get("gguf"), seconds=round(time.perf_counter() - start, 1))
+                   gguf_version=host.package_versions(["gguf"]).get("gguf"), seconds=round(time.perf_counter() - start, 1))
     files.copy_aux_files(ckpt.path, Path(out_dir))
     write_modelfile(Path(out_dir), path.name)
     write_card(Path(out_dir), ckpt.path, metrics, card.lineage(ckpt.path, base_model_id))
@@ -86,7 +88,7 @@ def verify(path: Path, ckpt: GPTQCheckpoint) -> dict:
     """Read the file back; every tensor against the checkpoint (see the module doc)."""
     r = reader.open_reader(path)
     by_name = {t.name: t for t in r.tensors}
-    tmap = writer.name_map(ckpt.config["num_hidden_layers"])
+    tmap = name_map(ckpt.config["num_hidden_layers"])
     exact = 0
     for module, layer, bias in ckpt.layers():
         got = _tensor(by_name, tmap, f"{module}.weight", path)
@@ -117,7 +119,7 @@ def verify(path: Path, ckpt: GPTQCheckpoint) -> dict:
 
 
 def _tensor(by_name: dict, tmap, hf_name: str, path: Path):
-    name = writer.gguf_name(tmap, hf_name)
+    name = gguf_name(tmap, hf_name)
     if name not in by_name:
         raise ExportError(f"{path}: {name} ({hf_name}) is missing")
     return by_name[name]
@@ -131,13 +133,12 @@ def _equal(got, want: np.ndarray, path: Path) -> None:
                           f"(shape {have.shape} vs {want.shape}, max |Δ| {delta:.3g})")
 
 
-def smoke(path: Path, tokenizer_dir: Path, n: int = 4) -> dict:
+def smoke(path: Path, tok, n: int = 4) -> dict:
     """llama.cpp loads the file, tokenizes the chat prompt as Hugging Face does, generates ``n``."""
     if find_spec("llama_cpp") is None:
         logger.warning("llama-cpp-python is not installed: the GGUF was checked tensor by tensor but not "
                        "loaded in llama.cpp (pip install 'tangquant[llamacpp]')")
         return {"llama_cpp_check": "skipped: llama-cpp-python not installed"}
-    tok = load.tokenizer(tokenizer_dir)
     text = tok.apply_chat_template(SMOKE_PROMPT, tokenize=False, add_generation_prompt=True)
     hf_ids = tok(text)["input_ids"]
     res, note = _run_smoke(path, text, n, repack=True), ""
@@ -164,7 +165,7 @@ def smoke(path: Path, tokenizer_dir: Path, n: int = 4) -> dict:
     return {"llama_cpp_check": f"loaded{note}, chat prompt tokenized as by the model's tokenizer "
                                f"({len(hf_ids)} ids), generated {len(res['tokens'])} tokens",
             "llama_cpp_repack_crashed": bool(note),
-            "llama_cpp_tokens": res["tokens"], "llama_cpp_version": files.package_versions(["llama-cpp-python"]).get("llama-cpp-python")}
+            "llama_cpp_tokens": res["tokens"], "llama_cpp_version": host.package_versions(["llama-cpp-python"]).get("llama-cpp-python")}
 
 
 def _run_smoke(path: Path, text: str, n: int, repack: bool) -> dict:

@@ -14,13 +14,7 @@ import numpy as np
 
 from tangquant.errors import InputError
 from tangquant.files import parsing
-from tangquant.gguf.writer import RANDOM, gguf_name, name_map
-
-LAYER_TENSORS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
-                 "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
-                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-                 "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
-TOP_TENSORS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+from tangquant.gguf.names import RANDOM, tensor_names
 
 
 def open_reader(path) -> gguf.GGUFReader:
@@ -54,13 +48,6 @@ def config(reader: gguf.GGUFReader, where) -> dict:
             "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
             "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"), "use_cache": True,
             "tangquant_random_weights": field(reader, "general.description") == RANDOM}
-
-
-def tensor_names(n_layers: int) -> dict[str, str]:
-    """GGUF name -> Hugging Face name of every tensor a qwen2 GGUF may hold."""
-    tmap = name_map(n_layers)
-    hf = list(TOP_TENSORS) + [f"model.layers.{i}.{t}" for i in range(n_layers) for t in LAYER_TENSORS]
-    return {gguf_name(tmap, n): n for n in hf}
 
 
 def dequantized(tensor: gguf.ReaderTensor) -> np.ndarray:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import gguf
 
-from tangquant import load
 from tangquant.errors import InputError
 from tangquant.files import read_json
 
@@ -43,9 +42,9 @@ def pre_tokenizer(tokenizer_json: dict, where) -> str:
                      "regex nor byte-level GPT-2; llama.cpp would tokenize it differently")
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> dict:
-    """Write the tokenizer keys; returns {tokens, pre, eos} for the export's metrics."""
-    tok = load.tokenizer(model_dir)
+def add_tokenizer(writer: gguf.GGUFWriter, tok, model_dir: Path, vocab_size: int) -> dict:
+    """Write the tokenizer keys of ``tok`` (the Hugging Face tokenizer whose files are in ``model_dir``,
+    which gguf-py's SpecialVocab reads); returns {tokens, pre, eos} for the export's metrics."""
     tj = read_json(Path(model_dir) / "tokenizer.json", "tokenizer")
     pre = pre_tokenizer(tj, model_dir)
     vocab = tok.get_vocab()

@@ -22,6 +22,7 @@ import torch
 
 from tangquant.errors import InputError
 from tangquant.gguf import q4, vocab
+from tangquant.gguf.names import HEADS, RANDOM, gguf_name, name_map
 from tangquant.gptq import GPTQCheckpoint, QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,6 @@ logger = logging.getLogger(__name__)
 EMBEDDINGS = ("q8_0", "f16")
 TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16,
          "f32": gguf.GGMLQuantizationType.F32}
-HEADS = ("model.embed_tokens.weight", "lm_head.weight")
-RANDOM = "random weights — speed only"  # benchmarks/shapes.py models: carried into general.description
 
 
 def check_config(config: dict, where) -> None:
@@ -43,17 +42,6 @@ def check_config(config: dict, where) -> None:
     if config.get("rope_scaling"):
         raise InputError(f"{where}: rope_scaling {config['rope_scaling']} is not written to GGUF by "
                          "tangquant; export a model without it")
-
-
-def name_map(n_layers: int):
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, n_layers)
-
-
-def gguf_name(tmap, hf_name: str) -> str:
-    name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-    if name is None:
-        raise InputError(f"tensor {hf_name} has no place in a qwen2 GGUF")
-    return name
 
 
 def add_metadata(w: gguf.GGUFWriter, config: dict, name: str, file_type: int) -> None:
@@ -96,15 +84,16 @@ def checkpoint_tensors(ckpt: GPTQCheckpoint) -> Iterator[tuple[str, object]]:
     yield from ckpt.tensors()
 
 
-def write(path: Path, config: dict, tokenizer_dir: Path, tensors: Iterable[tuple[str, object]],
+def write(path: Path, config: dict, tokenizer, tokenizer_dir: Path, tensors: Iterable[tuple[str, object]],
           embeddings: str = "q8_0", file_type: int = gguf.LlamaFileType.MOSTLY_Q4_0,
           name: str = "model") -> dict:
-    """Write the GGUF at ``path``; returns {tensors: {type: count}, tokenizer metrics}."""
+    """Write the GGUF at ``path`` (``tokenizer``: the Hugging Face tokenizer of ``tokenizer_dir``, whose
+    tokenizer.json and special tokens gguf-py reads); returns {tensors: {type: count}, tokenizer metrics}."""
     check_config(config, tokenizer_dir)
     tmap = name_map(config["num_hidden_layers"])
     w = gguf.GGUFWriter(str(path), "qwen2", use_temp_file=True)
     add_metadata(w, config, name, file_type)
-    tok = vocab.add_tokenizer(w, Path(tokenizer_dir), config["vocab_size"])
+    tok = vocab.add_tokenizer(w, tokenizer, Path(tokenizer_dir), config["vocab_size"])
     tied = bool(config.get("tie_word_embeddings"))
     counts: dict[str, int] = {}
     seen = set()

@@ -1,12 +1,18 @@
-"""A bench candidate: ``NAME=KIND:PATH[,key=value...]`` (the kinds are described in ``tangquant.bench``)."""
+"""A bench candidate: ``NAME=KIND:PATH[,key=value...]``, checked against the engines table.
+
+Parsing refuses, before any run, an unknown kind, an option the kind does not take (or ignores),
+a bad value and a missing required option; :func:`resolve` then checks the model once (its
+format against the kind's, its adapter directory) and keeps what the runs need.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
-from tangquant.errors import BenchError
-
-KINDS = ("ov", "ov+lora", "torch-gptq+lora", "torch", "llamacpp")
+from tangquant import engines, load
+from tangquant.errors import BenchError, EngineError
+from tangquant.files import existing_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +22,20 @@ class Candidate:
     path: str
     options: dict
 
+    @property
+    def engine(self) -> engines.Engine:
+        return engines.get(self.kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A candidate whose model was checked once: the file or directory its runner reads, and
+    the config its context and vocabulary come from."""
+
+    candidate: Candidate
+    model: Path
+    config: dict
+
 
 def parse_candidate(text: str) -> Candidate:
     """``NAME=KIND:PATH[,key=value...]`` -> Candidate (the path need not exist yet)."""
@@ -23,8 +43,6 @@ def parse_candidate(text: str) -> Candidate:
     kind, sep2, rest = rest.partition(":")
     if not (sep and sep2 and name.strip() and rest):
         raise BenchError(f"candidate {text!r} must look like NAME=KIND:PATH[,key=value...]")
-    if kind not in KINDS:
-        raise BenchError(f"candidate {name}: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     path, *pairs = rest.split(",")
     options = {}
     for pair in pairs:
@@ -32,8 +50,17 @@ def parse_candidate(text: str) -> Candidate:
         if not (eq and key.strip()):
             raise BenchError(f"candidate {name}: option {pair!r} must be key=value")
         options[key.strip()] = value.strip()
-    if kind == "ov+lora" and "adapter" not in options:
-        raise BenchError(f"candidate {name}: kind ov+lora needs adapter=DIR")
-    if options.get("dtype", "bf16") not in ("bf16", "fp16", "fp32"):
-        raise BenchError(f"candidate {name}: dtype must be bf16, fp16 or fp32")
+    try:
+        options = engines.get(kind).check_options(options)
+    except EngineError as exc:
+        raise BenchError(f"candidate {name}: {exc}") from None
     return Candidate(name.strip(), kind, path, options)
+
+
+def resolve(c: Candidate) -> Resolved:
+    """The loader's checks on the candidate's model, once (a bad path fails that candidate)."""
+    md = load.inspect(c.path, kinds=c.engine.models)
+    adapter = c.engine.adapter_option
+    if adapter and c.options.get(adapter):
+        existing_dir(c.options[adapter], "adapter")
+    return Resolved(c, Path(md.path), md.config)

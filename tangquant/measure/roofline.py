@@ -134,20 +134,37 @@ def adapter_bytes(adapter_dir: Path | None, load_dtype: str | None = None) -> in
     return checkpoint_weight_bytes(Path(adapter_dir), load_dtype)["weights_bytes"]
 
 
-def bytes_per_token(kind: str, path: Path, options: dict) -> dict:
-    """Weight bytes read per decoded token for one candidate, with how they were counted."""
-    if kind in ("ov", "ov+lora"):
-        w = ir_weight_bytes(path)
-        extra = adapter_bytes(options.get("adapter")) if kind == "ov+lora" else 0
-    else:
-        dtype = options.get("dtype", "bf16")
-        # GPTQ integers stay packed; its float parts are cast to the load dtype.
-        w = checkpoint_weight_bytes(path, dtype)
-        extra = adapter_bytes(options.get("adapter"), dtype)
+def _per_token(w: dict, extra: int) -> dict:
     row = w["embedding_bytes"] // w["embedding_rows"] if w["embedding_rows"] else 0
     per_token = w["weights_bytes"] - w["embedding_bytes"] + row + extra
     return {"bytes_per_token": per_token, "weights_bytes": w["weights_bytes"],
             "embedding_bytes_skipped": w["embedding_bytes"] - row, "adapter_bytes": extra}
+
+
+def ir_per_token(path: Path, options: dict) -> dict:
+    """An OpenVINO IR's weight bytes read per decoded token (+ a runtime adapter's)."""
+    return _per_token(ir_weight_bytes(path), adapter_bytes(options.get("adapter")))
+
+
+def checkpoint_per_token(path: Path, options: dict) -> dict:
+    """A safetensors checkpoint's, as loaded: GPTQ integers stay packed, float parts are cast
+    to the load dtype (``dtype``, bf16 by default)."""
+    dtype = options.get("dtype", "bf16")
+    return _per_token(checkpoint_weight_bytes(path, dtype), adapter_bytes(options.get("adapter"), dtype))
+
+
+def bytes_per_token(kind: str, path: Path, options: dict) -> dict:
+    """Weight bytes read per decoded token for one candidate, by its engine's own count."""
+    from tangquant import engines
+
+    return engines.entry(engines.get(kind).bytes_per_token)(Path(path), options)
+
+
+def gguf_per_token(path: Path, options: dict) -> dict:
+    """A GGUF's (its tensors' own byte sizes; see :func:`tangquant.gguf.reader.bytes_per_token`)."""
+    from tangquant.gguf.reader import bytes_per_token  # gguf and numpy, only for a GGUF
+
+    return bytes_per_token(path)
 
 
 def read_bandwidth(nbytes: int, trials: int = 6) -> float:
@@ -183,3 +200,31 @@ def read_kernels(nbytes: int, trials: int = 6) -> dict[str, float]:
             if got != want:
                 raise BenchError(f"read kernel {name} returned {got}, expected {want}")
     return best
+
+
+# --- STREAM-style DRAM bandwidth, in the bench worker ----------------------------------------
+
+def bandwidth(spec: dict) -> dict:
+    """Copy (2 arrays), triad (3 arrays) and the read-only kernels on >= 1 GB fp32 tensors; best
+    of several, in GB/s."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    n = int(spec.get("bytes", 2**30)) // 4
+    a, b, c = torch.empty(n), torch.ones(n), torch.full((n,), 2.0)
+    a.zero_()
+    best = {"copy": 0.0, "triad": 0.0}
+    for _ in range(int(spec.get("trials", 6))):
+        t0 = time.perf_counter()
+        a.copy_(b)
+        t1 = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        t2 = time.perf_counter()
+        best["copy"] = max(best["copy"], 2 * 4 * n / (t1 - t0) / 1e9)
+        best["triad"] = max(best["triad"], 3 * 4 * n / (t2 - t1) / 1e9)
+    if float(a[n // 2]) != 7.0:
+        raise RuntimeError("triad gave a wrong result")
+    del a, b, c
+    reads = read_kernels(4 * n, int(spec.get("trials", 6)))
+    return {"copy_gbs": best["copy"], "triad_gbs": best["triad"], "array_bytes": 4 * n,
+            "read_gbs": max(reads.values()), "read_kernels_gbs": reads, "torch": torch.__version__}

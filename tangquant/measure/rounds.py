@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 
-from tangquant.measure.worker import summary
+from tangquant.measure.timing import summary
 
 
 def pool(results: list[dict], prompt_tokens: int) -> dict:

@@ -27,9 +27,8 @@ from openvino_tokenizers import convert_tokenizer
 from optimum.exporters.openvino import main_export
 from optimum.intel import OVConfig
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
-from tangquant import card, checkpoint, files, load
+from tangquant import card, checkpoint, files
 from tangquant.errors import ExportError, InputError
 from tangquant.gptq import GPTQCheckpoint
 from tangquant.ov import head, int4, ir, runtime
@@ -41,18 +40,18 @@ LM_HEADS = ("int8", "int4")
 PHASES = ("dequantise", "trace", "compress", "hand-off", "verify")
 
 
-def check_exportable(ckpt: GPTQCheckpoint) -> None:
-    check_settings(ckpt.bits, ckpt.desc_act, ckpt.path, ckpt.path)
+def check_exportable(ckpt: GPTQCheckpoint, tokenizer) -> None:
+    check_settings(ckpt.bits, ckpt.desc_act, tokenizer, ckpt.path, ckpt.path)
 
 
-def check_settings(bits: int, desc_act: bool, tokenizer_dir: Path, where) -> None:
-    """Everything the export needs that can be known before it starts (or before quantizing)."""
+def check_settings(bits: int, desc_act: bool, hf, tokenizer_dir: Path, where) -> None:
+    """Everything the export needs that can be known before it starts (or before quantizing);
+    ``hf``: the Hugging Face tokenizer of ``tokenizer_dir``."""
     if bits != 4:
         raise InputError(f"{where}: the OpenVINO export keeps 4-bit GPTQ only, not {bits}-bit")
     if desc_act:
         raise InputError(f"{where}: act-order (desc_act) GPTQ permutes the groups, which OpenVINO's "
                          "consecutive INT4 groups cannot hold exactly; quantize without --act-order")
-    hf = load.tokenizer(tokenizer_dir)
     if not hf.chat_template:
         raise InputError(f"the tokenizer of {tokenizer_dir} has no chat template")
     im_end = hf.convert_tokens_to_ids(ir.IM_END)
@@ -60,14 +59,15 @@ def check_settings(bits: int, desc_act: bool, tokenizer_dir: Path, where) -> Non
         raise InputError(f"the tokenizer in {tokenizer_dir} has no {ir.IM_END} token (not a ChatML chat model)")
 
 
-def write_ir_dir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8",
+def write_ir_dir(ckpt: GPTQCheckpoint, out_dir: Path, tokenizer, embeddings: str = "int8",
                  lineage: dict | None = None, lm_head: str = "int8",
                  lm_head_group_size: int = 128) -> dict:
     """The IR, its model card and manifest in the existing empty ``out_dir``; returns the metrics.
 
-    ``lineage`` (``card.lineage``: base model, licence) defaults to what the checkpoint's card says.
+    ``tokenizer`` is the checkpoint's Hugging Face tokenizer, opened once by the caller; ``lineage``
+    (``card.lineage``: base model, licence) defaults to what the checkpoint's card says.
     """
-    metrics = write_ir(ckpt, out_dir, embeddings, lm_head, lm_head_group_size)
+    metrics = write_ir(ckpt, out_dir, tokenizer, embeddings, lm_head, lm_head_group_size)
     ir.write_model_card(out_dir, ckpt.path, metrics, embeddings,
                         card.lineage(ckpt.path) if lineage is None else lineage)
     metrics["size_bytes"] = files.dir_size(out_dir)
@@ -80,8 +80,8 @@ def write_ir_dir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8",
     return metrics
 
 
-def write_ir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8", lm_head: str = "int8",
-             lm_head_group_size: int = 128) -> dict:
+def write_ir(ckpt: GPTQCheckpoint, out_dir: Path, tokenizer, embeddings: str = "int8",
+             lm_head: str = "int8", lm_head_group_size: int = 128) -> dict:
     """Write the IR files into the existing empty ``out_dir``; returns the metrics.
 
     ``lm_head="int4"`` replaces the head NNCF compressed (INT8, or fp16 with ``embeddings="fp16"``)
@@ -90,7 +90,7 @@ def write_ir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8", lm_h
         raise InputError(f"--embeddings must be one of {', '.join(EMBEDDINGS)}, not {embeddings!r}")
     if lm_head not in LM_HEADS:
         raise InputError(f"--lm-head must be one of {', '.join(LM_HEADS)}, not {lm_head!r}")
-    check_exportable(ckpt)
+    check_exportable(ckpt, tokenizer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.iterdir()):
@@ -119,7 +119,7 @@ def write_ir(ckpt: GPTQCheckpoint, out_dir: Path, embeddings: str = "int8", lm_h
         runtime.set_on_model(ov_model, runtime.export_options())
         ov.save_model(ov_model, str(out_dir / ir.MODEL_XML), compress_to_fp16=False)
         del ov_model
-        _copy_side_files(staging / "ir", ckpt.path, out_dir)
+        _copy_side_files(staging / "ir", ckpt.path, out_dir, tokenizer)
         phase(4)
         shutil.rmtree(staging)
         checked = verify_ir(out_dir, ckpt)
@@ -192,10 +192,9 @@ def _compress(xml: Path, sym: bool, group_size: int, embeddings: str):
                                      all_layers=False, backup_mode=backup)
 
 
-def _copy_side_files(ir_dir: Path, gptq_dir: Path, out_dir: Path) -> None:
+def _copy_side_files(ir_dir: Path, gptq_dir: Path, out_dir: Path, hf) -> None:
     shutil.copy2(ir_dir / "config.json", out_dir / "config.json")
     files.copy_aux_files(gptq_dir, out_dir)
-    hf = AutoTokenizer.from_pretrained(gptq_dir, trust_remote_code=False)
     fix_generation_config(hf, gptq_dir, out_dir)
     write_tokenizers(hf, out_dir)
 

@@ -1,6 +1,6 @@
 """The fidelity gate of ``tangquant tune``: does a setting compute what exact mode computes?
 
-Runs in a bench worker process (``{"op": "fidelity", ...}``). Two checks on the
+Runs in a bench worker process (``{"call": "tangquant.ov.gate:run", ...}``). Two checks on the
 same held-out prompts (token ids):
 
 - **greedy tokens** through openvino-genai with every option of the candidate
@@ -22,14 +22,10 @@ import numpy as np
 import openvino as ov
 import openvino_genai as genai
 
-from tangquant.measure.worker import OV_OWN_KEYS, _ov_value, scheduler_config
 from tangquant.ov.ir import EXACT_CONFIG, MODEL_XML
+from tangquant.ov.options import DEFAULT_KEYS, pipeline_properties, properties
 
 REFERENCE = {**EXACT_CONFIG, "KV_CACHE_PRECISION": "f32"}
-# Options that only openvino-genai knows (not CPU plugin properties).
-GENAI_KEYS = ("ATTENTION_BACKEND", "cache_size", "enable_prefix_caching")
-DEFAULT_KEYS = ("KV_CACHE_PRECISION", "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION",
-                "DYNAMIC_QUANTIZATION_GROUP_SIZE", "INFERENCE_PRECISION_HINT")
 
 
 def run(spec: dict) -> dict:
@@ -40,7 +36,7 @@ def run(spec: dict) -> dict:
         spec["prompts"] = _tokenize(spec["path"], spec["texts"])
     prompts = [list(map(int, p)) for p in spec["prompts"]]
     genai_tokens = _genai_tokens(spec["path"], options, prompts, steps)
-    plugin = {k: _ov_value(v) for k, v in options.items() if k not in OV_OWN_KEYS + GENAI_KEYS}
+    plugin = properties(options, plugin_only=True)
     compiled = ov.Core().compile_model(f"{spec['path']}/{MODEL_XML}", "CPU", plugin)
     if spec.get("reference_out"):
         paths = [_decode(compiled, p, None, steps) for p in prompts]
@@ -91,12 +87,7 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def _genai_tokens(path: str, options: dict, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    props = {k: _ov_value(v) for k, v in options.items()
-             if k not in OV_OWN_KEYS + ("cache_size", "enable_prefix_caching")}
-    sched = scheduler_config(options)
-    if sched is not None:
-        props["scheduler_config"] = sched
-    pipe = genai.LLMPipeline(path, "CPU", **props)
+    pipe = genai.LLMPipeline(path, "CPU", **pipeline_properties(options))
     cfg = genai.GenerationConfig()
     cfg.max_new_tokens = cfg.min_new_tokens = steps
     cfg.ignore_eos, cfg.do_sample = True, False

@@ -6,7 +6,8 @@ import dataclasses
 from pathlib import Path
 
 from tangquant import card
-from tangquant.files import package_versions, write_manifest
+from tangquant.files import write_manifest
+from tangquant.host import package_versions
 
 
 def _fidelity_lines(f: dict | None, data: str | None) -> list[str]:

@@ -1,4 +1,4 @@
-"""Which engine quantizes: INC on the whole model, tangquant's layer-by-layer driver, or AutoRound.
+"""Which engine quantizes: tangquant's layer-by-layer driver, or the algorithm's own whole-model runner.
 
 All three write the same GPTQ checkpoint layout into the output directory; the
 whole-model paths then measure fidelity on the written checkpoint, the layer
@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 
 from tangquant.calib import eval_samples
+from tangquant.engines import entry
 from tangquant.measure.kl import fidelity
-from tangquant.quant.autoround import run_autoround
-from tangquant.quant.inc import run_inc
 from tangquant.quant.layer_by_layer import run_layer_wise
 from tangquant.quant.recipe import QuantRecipe
-from tangquant.quant.writer import write_checkpoint
 
 
 def quantize_and_write(model_dir: Path, tmp: Path, r: QuantRecipe, packed, held, tokenizer):
@@ -30,12 +28,7 @@ def quantize_and_write(model_dir: Path, tmp: Path, r: QuantRecipe, packed, held,
     if r.layer_by_layer:
         counts, fid = run_layer_wise(model_dir, tmp, r, samples, held_ids, r.format_version)
         return counts, fid, time.perf_counter() - t0
-    if r.algo == "autoround":
-        counts = run_autoround(model_dir, tmp, r, samples, r.format_version)
-    else:
-        qmodel, layers = run_inc(model_dir, r, samples)
-        counts = write_checkpoint(qmodel, layers, model_dir, tmp, r.bits, r.group_size, r.format_version)
-        del qmodel
+    counts = entry(r.algorithm.runner)(model_dir, tmp, r, samples, r.format_version)
     seconds = time.perf_counter() - t0
     gc.collect()
     return counts, fidelity(tmp, model_dir, held_ids) if want_eval else None, seconds

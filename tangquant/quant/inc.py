@@ -19,8 +19,10 @@ from neural_compressor.torch.quantization import AWQConfig, GPTQConfig, RTNConfi
 from tqdm import tqdm
 
 from tangquant import load
+from tangquant.engines import entry
 from tangquant.errors import QuantizationError
 from tangquant.quant.recipe import QuantRecipe
+from tangquant.quant.writer import write_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -98,42 +100,61 @@ def inc_workspace():
 
 
 def inc_config(recipe: QuantRecipe, model_dir: Path | None = None, true_sequential: bool | None = None,
-               absorb_layers: dict | None = None):
-    """INC's config for ``recipe``, with every parameter set explicitly (INC's own names).
+               model=None):
+    """INC's config for ``recipe``, with every parameter set explicitly (INC's own names), from
+    the algorithm's own builder (``ALGORITHMS[...].config``).
 
     The layer-by-layer driver does true-sequential itself, group by group, and passes
     ``true_sequential=False``; it also names ``model_dir`` (a local directory, else INC
-    asks the Hub for ""). AWQ needs where to fold its scales (``absorb_layers``).
+    asks the Hub for ""). AWQ reads where to fold its scales from ``model``'s config.
     """
+    algorithm = recipe.algorithm
+    if algorithm.config is None:
+        raise QuantizationError(f"INC's weight-only configs do not drive {recipe.algo!r} here")
     common = dict(bits=recipe.bits, use_sym=recipe.use_sym, group_size=recipe.group_size)
-    if recipe.algo == "rtn":
-        return RTNConfig(**common)
-    if recipe.algo == "gptq":
-        extra = {"model_path": str(model_dir)} if model_dir is not None else {}
-        return GPTQConfig(**common, act_order=recipe.act_order, percdamp=recipe.percdamp,
-                          block_size=recipe.block_size,
-                          true_sequential=recipe.true_sequential if true_sequential is None
-                          else true_sequential, **extra)
-    if recipe.algo == "awq":
-        # folding=True: scales are folded into the previous layer only, never as an extra
-        # Mul module, so every quantized layer stays a plain GPTQ-layout linear.
-        return AWQConfig(**common, folding=True, use_auto_scale=True, use_auto_clip=True,
-                         absorb_layer_dict=absorb_layers)
-    raise QuantizationError(f"INC drives gptq, rtn and awq here, not {recipe.algo!r}")
+    return entry(algorithm.config)(recipe, common, model_dir=model_dir, true_sequential=true_sequential,
+                                   model=model)
+
+
+def rtn_config(recipe: QuantRecipe, common: dict, **_) -> RTNConfig:
+    return RTNConfig(**common)
+
+
+def gptq_config(recipe: QuantRecipe, common: dict, model_dir: Path | None = None,
+                true_sequential: bool | None = None, **_) -> GPTQConfig:
+    extra = {"model_path": str(model_dir)} if model_dir is not None else {}
+    return GPTQConfig(**common, act_order=recipe.act_order, percdamp=recipe.percdamp,
+                      block_size=recipe.block_size,
+                      true_sequential=recipe.true_sequential if true_sequential is None else true_sequential,
+                      **extra)
+
+
+def awq_config(recipe: QuantRecipe, common: dict, model=None, **_) -> AWQConfig:
+    # folding=True: scales are folded into the previous layer only, never as an extra
+    # Mul module, so every quantized layer stays a plain GPTQ-layout linear.
+    absorb = qwen2_absorb_layers(model.config) if model is not None else None
+    return AWQConfig(**common, folding=True, use_auto_scale=True, use_auto_clip=True,
+                     absorb_layer_dict=absorb)
 
 
 def run_inc(model_dir: Path, recipe: QuantRecipe, samples):
     """Quantize the whole model with INC; return (converted model, {layer: has_bias})."""
+    algorithm = recipe.algorithm
     with inc_workspace():
         torch.manual_seed(recipe.seed)
         model = load.torch_model(model_dir)
         layers = linear_layers(model)
-        if recipe.algo == "rtn":
-            return convert(prepare(model, inc_config(recipe))), layers
-        absorb = qwen2_absorb_layers(model.config) if recipe.algo == "awq" else None
-        example = {"example_inputs": samples[0].unsqueeze(0)} if recipe.algo == "awq" else {}
-        model = prepare(model, inc_config(recipe, absorb_layers=absorb), **example)
+        if not algorithm.needs_calib:
+            return convert(prepare(model, inc_config(recipe, model=model))), layers
+        example = {"example_inputs": samples[0].unsqueeze(0)} if algorithm.example_inputs else {}
+        model = prepare(model, inc_config(recipe, model=model), **example)
         _calibrate(model, samples)
-        with layer_progress(model, f"{recipe.algo.upper()} per layer"):
+        with layer_progress(model, f"{algorithm.label} per layer"):
             model = convert(model)
         return model, layers
+
+
+def run_whole_model(model_dir: Path, out_dir: Path, recipe: QuantRecipe, samples, fmt: int) -> dict:
+    """INC on the whole model, written in the GPTQ layout into ``out_dir``; returns the counts."""
+    qmodel, layers = run_inc(model_dir, recipe, samples)
+    return write_checkpoint(qmodel, layers, model_dir, out_dir, recipe.bits, recipe.group_size, fmt)

@@ -167,7 +167,7 @@ def _swap(block, modules: dict) -> dict:
 
 def quantize_block(block, recipe: QuantRecipe, hidden: list, ctx: _Context, model_dir: Path):
     """Quantize every linear of a one-layer model with INC; return the converted model."""
-    if recipe.algo == "rtn":
+    if not recipe.algorithm.needs_calib:
         return convert(prepare(block, inc_config(recipe, model_dir, true_sequential=False)))
     groups = (sequential_groups(block, hidden[0], ctx) if recipe.true_sequential
               else [_linears(block)])
@@ -258,7 +258,7 @@ def run_layer_wise(model_dir: Path, out_dir: Path, recipe: QuantRecipe, samples:
     source = TensorReader(Path(model_dir))
     skeleton, rotary = _skeleton(Path(model_dir))
     ctx = _Context(rotary)
-    calib = _embed(source, samples) if recipe.algo != "rtn" else []
+    calib = _embed(source, samples) if recipe.algorithm.needs_calib else []
     ref = _embed(source, held)
     quant = _embed(source, held, as_written=True)
     # 1 GB shards: the writer holds a shard's tensors until it is full, and memory is the point.

@@ -15,11 +15,42 @@ from tangquant.card import check_base_model_id
 from tangquant.errors import QuantizationError
 from tangquant.recipe import param, require
 
-ALGOS = ("gptq", "rtn", "awq", "autoround")
-ALGO_BITS = {"gptq": (2, 4, 8), "rtn": (2, 4, 8), "awq": (2, 4, 8), "autoround": (2, 4, 8)}
-NEEDS_CALIB = ("gptq", "awq", "autoround")
-LAYER_WISE_ALGOS = ("gptq", "rtn")
 BUILTIN_SAMPLES = 16  # samples drawn from the built-in poems when no --calib is given
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One quantization algorithm, declared once: what it needs, what it can do, who runs it.
+
+    Entry points are ``"module:function"`` strings (imported when a stage runs, so the recipe stays
+    torch-free): ``config`` builds its INC config, ``runner`` quantizes a whole model and writes the
+    GPTQ layout (``(model_dir, out_dir, recipe, samples, fmt) -> counts``)."""
+
+    name: str
+    label: str
+    needs_calib: bool
+    runner: str
+    config: str | None = None
+    bits: tuple[int, ...] = (2, 4, 8)
+    layer_wise: bool = False     # --layer-wise capable (tangquant's layer-by-layer driver)
+    sequential: bool = False     # true-sequential groups of linears (GPTQ's --true-sequential)
+    act_order: bool = False      # takes --act-order
+    asymmetric: bool = True      # can write an asymmetric zero point
+    example_inputs: bool = False  # INC's prepare needs an example batch (AWQ traces one)
+    driver: str = "INC whole model"
+
+
+_INC = "tangquant.quant.inc:run_whole_model"
+ALGORITHMS = {a.name: a for a in (
+    Algorithm("gptq", "GPTQ", True, _INC, "tangquant.quant.inc:gptq_config", layer_wise=True,
+              sequential=True, act_order=True),
+    Algorithm("rtn", "RTN", False, _INC, "tangquant.quant.inc:rtn_config", layer_wise=True),
+    Algorithm("awq", "AWQ", True, _INC, "tangquant.quant.inc:awq_config", example_inputs=True),
+    # AutoGPTQ v1, which auto-round writes, cannot hold an asymmetric zero point of 0.
+    Algorithm("autoround", "AutoRound", True, "tangquant.quant.autoround:run_autoround",
+              asymmetric=False, driver="auto-round (through INC)"),
+)}
+ALGOS = tuple(ALGORITHMS)
 
 
 @dataclass(frozen=True)
@@ -51,23 +82,27 @@ class QuantRecipe:
 
     def __post_init__(self):
         require(self.algo in ALGOS, f"unknown algorithm {self.algo!r}; choose one of {', '.join(ALGOS)}")
-        require(self.bits in ALGO_BITS[self.algo],
-                f"{self.algo} supports {ALGO_BITS[self.algo]} bits, not {self.bits}")
+        a = self.algorithm
+        require(self.bits in a.bits, f"{self.algo} supports {a.bits} bits, not {self.bits}")
         require(self.group_size == -1 or self.group_size >= 1,
                 f"group size must be positive or -1, got {self.group_size}")
         require(0 < self.percdamp < 1, f"percdamp must be in (0, 1), got {self.percdamp}")
-        require(not self.act_order or self.algo == "gptq", "--act-order is a GPTQ option")
+        require(not self.act_order or a.act_order, "--act-order is a GPTQ option")
         require(self.num_samples >= 1 and self.seq_len >= 2 and self.block_size >= 1,
                 "num_samples and block_size must be positive and seq_len at least 2")
         require(self.eval_samples >= 0, f"eval_samples must be >= 0, got {self.eval_samples}")
         require(self.iters >= 0, f"iters must be >= 0, got {self.iters}")
-        require(not self.layer_wise or self.algo in LAYER_WISE_ALGOS,
-                f"--layer-wise works with {' and '.join(LAYER_WISE_ALGOS)}, not with {self.algo}")
-        require(self.algo != "autoround" or self.use_sym,
-                "--algo autoround writes AutoGPTQ v1, which cannot hold an asymmetric zero point of 0; "
+        layer_wise = [n for n, x in ALGORITHMS.items() if x.layer_wise]
+        require(not self.layer_wise or a.layer_wise,
+                f"--layer-wise works with {' and '.join(layer_wise)}, not with {self.algo}")
+        require(a.asymmetric or self.use_sym,
+                f"--algo {self.algo} writes AutoGPTQ v1, which cannot hold an asymmetric zero point of 0; "
                 "use --sym")
         check_base_model_id(self.base_model_id)
 
+    @property
+    def algorithm(self) -> Algorithm:
+        return ALGORITHMS[self.algo]
     @property
     def format_version(self) -> int:
         """AutoGPTQ v1 stores zero points minus one, so it cannot hold 0: asymmetric needs v2."""
@@ -81,13 +116,19 @@ class QuantRecipe:
         whole-model true_sequential feeds each group of linears the block's output for the
         previous group instead of the block's input.
         """
-        return self.layer_wise or (self.algo == "gptq" and self.true_sequential)
+        return self.layer_wise or (self.algorithm.sequential and self.true_sequential)
 
     @property
     def driver(self) -> str:
-        if self.layer_by_layer:
-            return "tangquant layer by layer"
-        return "auto-round (through INC)" if self.algo == "autoround" else "INC whole model"
+        return "tangquant layer by layer" if self.layer_by_layer else self.algorithm.driver
+
+
+def quantization_metadata(r: QuantRecipe) -> dict:
+    """What ``config.json``'s quantization_config records beyond the GPTQ layout: whether the
+    calibration was true-sequential (an algorithm without sequential groups never is) and who
+    computed the integers."""
+    return {"true_sequential": r.true_sequential if r.algorithm.sequential else False,
+            "quantizer": f"intel-neural-compressor {r.algo}"}
 
 
 def check_model(r: QuantRecipe, config: dict) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import openvino_genai
 
+from tangquant.load import model_config
 from tangquant.errors import AdapterError
 from tangquant.files import read_json
 
@@ -100,7 +101,7 @@ def check(adir: Path, base_config: dict) -> float:
 
 def load(specs: dict[str, str], model_dir: Path, taken: tuple[str, ...]) -> dict:
     """name -> (openvino_genai.Adapter, alpha) for ``--adapter NAME=DIR`` specs."""
-    base_config = read_json(Path(model_dir) / "config.json", "model config")
+    base_config = model_config(model_dir)
     out = {}
     for name, path in specs.items():
         if name in taken:

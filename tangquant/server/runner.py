@@ -24,8 +24,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from tangquant import host
 from tangquant.errors import ServeError
-from tangquant.ov import tuning
 from tangquant.server import adapters as lora
 from tangquant.server import sizing
 from tangquant.server.api import create_app
@@ -154,7 +154,7 @@ def open_engine(model_dir, cfg: ServeConfig, name: str):
     for key, why in skipped.items():  # e.g. optimum's ACTIVATIONS_SCALE_FACTOR, a GPU hint
         logger.debug("runtime option %s left out: %s", key, why)
     # Checked here, where OpenVINO runs, not in plugin_properties (an OVMS repo may run elsewhere).
-    crash = sizing.single_thread_crash(props, cfg.device, tuning.cpu_flags())
+    crash = sizing.single_thread_crash(props, cfg.device, host.cpu_flags())
     if crash:
         logger.warning("INFERENCE_NUM_THREADS=1 left out: %s", crash)
         del props["INFERENCE_NUM_THREADS"]
@@ -168,10 +168,11 @@ def open_engine(model_dir, cfg: ServeConfig, name: str):
     return BatchEngine(model_dir, name, cfg, props, loaded)
 
 
-def build(model_dir, cfg: ServeConfig, **timeouts) -> Server:
+def build(model_dir, cfg: ServeConfig, open_engine=open_engine, **timeouts) -> Server:
     """Bind the socket, load the model; return a :class:`Server` (the socket is closed on failure).
 
-    ``timeouts``: ``head_timeout``/``body_timeout`` seconds for a connection's request to arrive."""
+    ``open_engine`` is the engine row's factory (``engines.ENGINES[...].serve``); ``timeouts``:
+    ``head_timeout``/``body_timeout`` seconds for a connection's request to arrive."""
     name = cfg.model_name or model_dir.name
     sock = bind(cfg.host, cfg.port)
     try:

@@ -20,7 +20,8 @@ import openvino_genai
 import psutil
 
 from tangquant.errors import InputError
-from tangquant.files import human_size, read_json
+from tangquant import load
+from tangquant.files import human_size
 from tangquant.ov import runtime
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def kv_shape(model_dir: Path) -> KVShape:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise InputError(f"{model_dir} has no config.json: cannot size the KV cache")
-    cfg = read_json(path, "model config")
+    cfg = load.model_config(model_dir)
     cfg = cfg.get("text_config", cfg)
     try:
         layers, heads = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])

@@ -15,8 +15,8 @@ and prints one JSON line: the files, their sizes and tensor types. llama.cpp's
 random-shape models' and the demo poet's small trained ones).
 
 Usage:
-  python benchmarks/llamacpp_anchor.py --model W/merged --output W/anchor [--types q4_0,q4_k_m] [--table-type q8_0]
-  python benchmarks/llamacpp_anchor.py --from-gguf W/gguf/x-Q4_0.gguf --output W/anchor   (speed rows only)
+  python -m tangquant.measure.anchor --model W/merged --output W/anchor [--types q4_0,q4_k_m] [--table-type q8_0]
+  python -m tangquant.measure.anchor --from-gguf W/gguf/x-Q4_0.gguf --output W/anchor   (speed rows only)
 """
 
 from __future__ import annotations
@@ -30,13 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's tangquant
+import gguf
+import llama_cpp
 
-import gguf  # noqa: E402
-import llama_cpp  # noqa: E402
-
-from tangquant import checkpoint, files  # noqa: E402
-from tangquant.gguf import reader, writer  # noqa: E402
+from tangquant import checkpoint, files, load
+from tangquant.gguf import reader, writer
 
 FTYPES = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
 SUFFIX = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M"}
@@ -50,7 +48,7 @@ def hf_tensors(model_dir: Path):
 def write_f16(model_dir: Path, out: Path) -> Path:
     config = checkpoint.load_config(model_dir)
     path = out / f"{files.final_name(model_dir)}-F16.gguf"
-    writer.write(path, config, model_dir, hf_tensors(model_dir), embeddings="f16",
+    writer.write(path, config, load.tokenizer(model_dir), model_dir, hf_tensors(model_dir), embeddings="f16",
                  file_type=gguf.LlamaFileType.MOSTLY_F16, name=files.final_name(model_dir))
     return path
 

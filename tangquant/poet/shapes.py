@@ -20,13 +20,12 @@ Weights are generated tensor by tensor and streamed straight into the
 safetensors files (the header is computed from the shapes first), so the
 builder never holds more than one tensor, let alone a full fp32 model.
 
-Usage (benchmarks/ is not a package: run it as a script, or put the folder
-on ``sys.path`` and ``import shapes``)::
+Usage (``from tangquant.poet import shapes`` in scripts and tests)::
 
-    python benchmarks/shapes.py --shape 1.8b --output /tmp/q18 [--adapter /tmp/q18-lora] [--gptq /tmp/q18-gptq]
+    python -m tangquant.poet.shapes --shape 1.8b --output /tmp/q18 [--adapter /tmp/q18-lora] [--gptq /tmp/q18-gptq]
 
-Needs torch and safetensors; the tokenizer needs ``tangquant.poet.tiny`` (the
-project installed) and tokenizers/transformers 4.57 or 5.x.
+Needs torch and safetensors (imported by the builders); the tokenizer needs
+``tangquant.poet.tiny`` and tokenizers/transformers 4.57 or 5.x.
 """
 
 from __future__ import annotations
@@ -39,9 +38,9 @@ import struct
 import sys
 from pathlib import Path
 
-logger = logging.getLogger("shapes")
+from tangquant.card import RANDOM_WEIGHTS as MARKER
 
-MARKER = "random weights — speed only"
+logger = logging.getLogger(__name__)
 _COMMON = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
     "attention_dropout": 0.0, "initializer_range": 0.02, "max_position_embeddings": 32768,
@@ -184,7 +183,7 @@ def _save_tokenizer(out_dir: Path, config: dict) -> None:
 
 def _readme(out_dir: Path, what: str) -> None:
     (out_dir / "README.md").write_text(
-        f"# {what}\n\n**{MARKER}.** Built by tangquant's `benchmarks/shapes.py` with "
+        f"# {what}\n\n**{MARKER}.** Built by `python -m tangquant.poet.shapes` with "
         "normal(0, 0.02) weights: the shapes, dtype and shard sizes are the real ones, "
         "the text it writes is noise. Use it to measure speed and memory only.\n",
         encoding="utf-8")

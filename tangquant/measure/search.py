@@ -1,9 +1,9 @@
-"""The grid and the search behind ``tangquant tune``.
+"""The search behind ``tangquant tune`` (its grid is the engine's: :func:`tangquant.ov.options.tune_grid`).
 
 Every candidate runs like a ``tangquant bench`` candidate (its own worker
 process, warm-up, repetitions; the median of the repetitions is what counts),
 then through the fidelity gate (:mod:`tangquant.ov.gate`, another worker).
-The search is coordinate-wise: the axes are visited in :data:`AXES` order, each
+The search is coordinate-wise: the axes are visited in the grid's order, each
 value of an axis is tried on top of the best setting so far, and a value is
 kept only if it passes the gate, decodes at least :data:`MIN_GAIN` faster
 (so noise does not pin a setting) and prefills at least ``--min-prefill-ratio``
@@ -14,7 +14,6 @@ reported as skipped.
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import sys
 import tempfile
@@ -22,68 +21,27 @@ import time
 from pathlib import Path
 
 from tangquant.errors import BenchError, TangquantError
+from tangquant.measure.candidate import Candidate, resolve
+from tangquant.measure.runner import measure_candidate, run_worker
+from tangquant.ov import runtime
+from tangquant.ov.options import Axis
 
 # Decode (tg) must improve by this fraction before a non-default value is kept.
 MIN_GAIN = 0.02
 KEPT = "faster (kept)"
-AXES = ("kv", "dq", "precision", "attention", "threads", "scheduler")
-# Options only openvino-genai reads (never written into runtime_options).
-GENAI_KEYS = ("ATTENTION_BACKEND", "cache_size", "enable_prefix_caching")
+GATE = "tangquant.ov.gate:run"
 
 
 @dataclasses.dataclass(frozen=True)
-class Axis:
-    name: str
-    values: tuple[dict, ...]   # each tried on top of the best so far; {} is the default
-    needs_pa: bool = False     # scheduler settings exist only on the paged-attention backend
+class SpeedRecipe:
+    """What a speed run of the search needs (the bench's own fields)."""
 
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
-def physical_cores() -> int:
-    """Cores, not hyper-threads (unique (physical id, core id) pairs), else the logical count."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return os.cpu_count() or 1
-    pairs, phys = set(), "0"
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "physical id":
-            phys = value.strip()
-        elif key.strip() == "core id":
-            pairs.add((phys, value.strip()))
-    return len(pairs) or os.cpu_count() or 1
-
-
-def grid(names: tuple[str, ...], threads: int) -> list[Axis]:
-    """The documented grid (docs/commands.md#tune), restricted to ``names``."""
-    flags = cpu_flags()
-    precisions = [{"INFERENCE_PRECISION_HINT": "f32"}]
-    if flags & {"avx512_bf16", "amx_bf16"}:
-        precisions.append({"INFERENCE_PRECISION_HINT": "bf16"})
-    near = sorted({t for t in (threads - 1, threads + 1, 2 * threads)
-                   if 1 <= t <= (os.cpu_count() or threads) and t != threads})
-    axes = {
-        "kv": Axis("kv", ({}, {"KV_CACHE_PRECISION": "f16"}, {"KV_CACHE_PRECISION": "u8"},
-                          {"KEY_CACHE_PRECISION": "u8", "VALUE_CACHE_PRECISION": "u4"},
-                          {"KEY_CACHE_PRECISION": "u4", "VALUE_CACHE_PRECISION": "u4"})),
-        "dq": Axis("dq", ({},) + tuple({"DYNAMIC_QUANTIZATION_GROUP_SIZE": str(g)}
-                                       for g in (0, 32, 64, 128))),
-        "precision": Axis("precision", ({},) + tuple(precisions)),
-        "attention": Axis("attention", ({}, {"ATTENTION_BACKEND": "SDPA"})),
-        "threads": Axis("threads", ({},) + tuple({"INFERENCE_NUM_THREADS": str(t)} for t in near)),
-        "scheduler": Axis("scheduler", ({}, {"enable_prefix_caching": "false"}, {"cache_size": "1"}),
-                          needs_pa=True),
-    }
-    return [axes[n] for n in names]
+    prompt_tokens: int
+    gen_tokens: int
+    repetitions: int
+    warmup: int
+    timeout_s: int
+    baseline_python: str = sys.executable
 
 
 def setting(options: dict) -> str:
@@ -94,12 +52,11 @@ class Search:
     """Runs the candidates; ``rows`` keeps every one, in order, with its verdict."""
 
     def __init__(self, ir: Path, params, texts: list[str], bar):
-        from tangquant.bench import BenchRecipe
-
         self.ir, self.p, self.bar, self.rows = Path(ir), params, bar, []
-        self.rec = BenchRecipe(prompt_tokens=params.prompt_tokens, gen_tokens=params.gen_tokens,
+        self.rec = SpeedRecipe(prompt_tokens=params.prompt_tokens, gen_tokens=params.gen_tokens,
                                repetitions=params.repetitions, warmup=params.warmup,
                                timeout_s=params.timeout_s)
+        self.model = resolve(Candidate("tune", "ov", str(self.ir), {}))
         self.start, self.cost, self.confirmation = time.monotonic(), 0.0, None
         self.tmp = tempfile.TemporaryDirectory(prefix="tangquant-tune-")
         self.reference = str(Path(self.tmp.name) / "reference.npz")
@@ -109,19 +66,15 @@ class Search:
         self.tmp.cleanup()
 
     def _worker(self, spec: dict) -> dict:
-        from tangquant.bench import run_worker  # the bench's own process convention
-
-        return run_worker(spec, sys.executable, self.p.timeout_s)
+        return run_worker({"call": GATE, **spec}, sys.executable, self.p.timeout_s)
 
     def _reference(self, texts: list[str]) -> list[list[int]]:
         self.bar.set_postfix_str("fidelity reference (exact mode)")
-        res = self._worker({"op": "fidelity", "path": str(self.ir), "threads": self.p.threads,
+        res = self._worker({"path": str(self.ir), "threads": self.p.threads,
                             "texts": texts, "steps": self.p.fidelity_steps,
                             "reference_out": self.reference})
         if not res.get("ok"):
             raise BenchError(f"the exact-mode reference run failed: {res.get('error')}")
-        from tangquant.ov import runtime
-
         # What a candidate that sets nothing gets: the plugin's values, under the IR's own options.
         self.defaults = {**res["defaults"], **runtime.read(self.ir)}
         return res["prompts"]
@@ -196,9 +149,9 @@ class Search:
         return row
 
     def _speed(self, options: dict, threads: int) -> dict:
-        from tangquant.bench import Candidate, measure_candidate  # one bench candidate, as bench runs it
-
-        res = measure_candidate(Candidate("tune", "ov", str(self.ir), dict(options)), threads, self.rec)
+        """One bench candidate, as bench runs it."""
+        model = dataclasses.replace(self.model, candidate=Candidate("tune", "ov", str(self.ir), dict(options)))
+        res = measure_candidate(model, threads, self.rec)
         pp = [self.p.prompt_tokens * 1000 / r["ttft_ms"] for r in res["runs"]]
         tg = [1000 / r["tpot_ms"] for r in res["runs"]]
         return {"pp_tps": statistics.median(pp), "tg_tps": statistics.median(tg),
@@ -206,7 +159,7 @@ class Search:
                 "peak_rss_bytes": res.get("peak_rss_bytes")}
 
     def _fidelity(self, options: dict, threads: int) -> dict:
-        res = self._worker({"op": "fidelity", "path": str(self.ir), "threads": threads,
+        res = self._worker({"path": str(self.ir), "threads": threads,
                             "options": options, "prompts": self.prompts,
                             "steps": self.p.fidelity_steps, "reference": self.reference})
         if not res.pop("ok", False):
@@ -249,10 +202,3 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['axis']} | {r['setting']} | {pp} | {tg} | {fidelity_text(r)} | "
                      f"{r['verdict']} |")
     return "\n".join(lines)
-
-
-def split_winner(options: dict) -> tuple[dict, dict]:
-    """(what goes into runtime_options, what only a caller can set: genai options, threads)."""
-    runtime = {k: v for k, v in options.items() if k not in GENAI_KEYS + ("INFERENCE_NUM_THREADS",)}
-    caller = {k: v for k, v in options.items() if k not in runtime}
-    return runtime, caller

@@ -7,9 +7,10 @@
 #
 # Usage: llama_diag.sh GGUF OUT     (.carry/llama-cpp-python-src.tar.xz from benchmarks/xeon_pack.sh; a tiny
 # GGUF from `python benchmarks/llama_probe.py WORK`, WORK/probe-gguf/*.gguf, carried as .carry/probe/tiny-Q4_0.gguf)
-# Run on 2026-12-02: it found the cause (xeon-20261202-run3-llama-diag.log).
+# Run on 2026-12-02: it found the cause (xeon-20261202-run3-llama-diag.log, beside this script in
+# benchmarks/incidents/2026-12-02-llama-segfault/; the incident is closed, see README.md there).
 set -u
-gguf="$(realpath "$1")"; out="$(mkdir -p "$2" && cd "$2" && pwd)"; repo="$(cd "$(dirname "$0")/.." && pwd)"
+gguf="$(realpath "$1")"; out="$(mkdir -p "$2" && cd "$2" && pwd)"; repo="$(cd "$(dirname "$0")/../../.." && pwd)"
 w=/tmp/ld; rm -rf "$w"; mkdir -p "$w"; exec > >(tee -a "$out/diag.log") 2>&1
 say() { echo "== $(date -u +%H:%M:%S) $*"; }
 say host; uname -a; gcc --version | head -1; cmake --version | head -1; command -v python3; python3 -VV

@@ -16,31 +16,22 @@ import time
 
 import numpy as np
 
+from tangquant.engines import is_true
 from tangquant.gguf.runtime import Session, system_info
-from tangquant.measure.worker import _check_tokens, _peak_rss, _prompt, _repeat, summary
-
-OWN_KEYS = ("repack",)
-
-
-def _flag(value, name: str) -> bool:
-    if str(value).lower() not in ("0", "1", "true", "false"):
-        raise ValueError(f"{name} must be 0 or 1, not {value!r}")
-    return str(value).lower() in ("1", "true")
+from tangquant.host import peak_rss_bytes
+from tangquant.measure.timing import check_tokens, prompt_ids, repeat, summary
 
 
-def run_llamacpp(spec: dict) -> dict:
+def run(spec: dict) -> dict:
     options, p, n = dict(spec.get("options") or {}), spec["prompt_tokens"], spec["gen_tokens"]
-    unknown = sorted(set(options) - set(OWN_KEYS))
-    if unknown:
-        raise ValueError(f"unknown llamacpp option(s) {unknown}; it takes {OWN_KEYS}")
-    repack = _flag(options.get("repack", "1"), "repack")
+    repack = is_true(options.get("repack", "1"))
     start = time.perf_counter()
     s = Session(spec["path"], threads=spec["threads"], n_ctx=p + n + 8, n_batch=p, repack=repack)
-    out = {"load_s": time.perf_counter() - start, "rss_loaded_bytes": _peak_rss(),
+    out = {"load_s": time.perf_counter() - start, "rss_loaded_bytes": peak_rss_bytes(),
            "repack": repack, "repacked_tensors": s.repacked(), "llama_cpp_system_info": system_info()}
 
     def once(run: int, check: bool) -> dict:
-        prompt = _prompt(spec["vocab"], p, run)
+        prompt = prompt_ids(spec["vocab"], p, run)
         s.clear()
         t0 = time.perf_counter()
         logits = s.decode(prompt, 0)
@@ -52,12 +43,12 @@ def run_llamacpp(spec: dict) -> dict:
             bad += 0 if not check or np.isfinite(logits).all() else 1
             tokens.append(int(np.argmax(logits)))
         t2 = time.perf_counter()
-        _check_tokens(tokens, n)
+        check_tokens(tokens, n)
         if check and bad:
             raise RuntimeError(f"NaN/Inf logits at {bad} of {n} steps")
         return {"ttft_ms": (t1 - t0) * 1000, "tpot_ms": (t2 - t1) * 1000 / max(1, n - 1),
                 "tokens": tokens[:16]}
 
-    runs, checked = _repeat(once, spec)
+    runs, checked = repeat(once, spec)
     s.close()
     return {**out, "runs": runs, **summary(runs, p), "warmup_tokens": checked["tokens"]}
