@@ -1,13 +1,17 @@
-"""The demo poet as GGUF: tangquant's GPTQ-Q4_0 against llama-quantize's Q4_0 and Q4_K_M of the same merge.
+"""The demo poet as GGUF: tangquant's GPTQ-Q4_0 (one file per output-head type) against
+llama-quantize's Q4_0 and Q4_K_M of the same merge, and the IR.
 
 Builds into ``--workdir`` (unless there): the merged poet (fp32), its GPTQ
-checkpoint (the demo's recipe and calibration), tangquant's IR and GGUF of it,
-and ``tangquant.measure.anchor``'s F16 / Q4_0 / Q4_K_M of the merged model.
-Then
+checkpoint (the demo's recipe and calibration), tangquant's IR and one GGUF of it
+per ``--heads`` type (``export --gguf-head``; the poet's head is tied, so that type is
+its one table's), and ``tangquant.measure.anchor``'s F16 / Q4_0 / Q4_K_M of the merged
+model. Then
 
 - KL statistics (``measure.kl``, as ``tangquant eval --data``) of each against base + LoRA
   (peft, fp32) on the poet's held-out poems; a GGUF is dequantised exactly by gguf's numpy
-  code, so the block measures the weights, with bits per weight from the file;
+  code and the IR runs in exact mode (f32), so the block measures the weights; with each
+  file's bits per weight, its weight bytes read per decoded token (``measure.roofline``'s
+  count, the one ``bench`` uses) and who made it (``origin``);
 - chat: the held-out prompts through llama-cpp-python's ``create_chat_completion`` (the chat
   template stored in the GGUF, greedy), and the IR through openvino-genai, with each one's
   traditional-character ratio (``measure.poems.traditional_ratio``).
@@ -33,7 +37,11 @@ from quality import environment  # noqa: E402
 MAX_NEW = 100
 
 
-def build(work: Path) -> dict:
+def tq_name(head: str) -> str:
+    return f"tangquant GPTQ Q4_0, head {head}"
+
+
+def build(work: Path, heads: list[str]) -> dict:
     from tangquant.export import export
     from tangquant.merge import merge
     from tangquant.poet import ASSETS, demo_paths
@@ -44,17 +52,31 @@ def build(work: Path) -> dict:
         merge(paths["base"], paths["adapter"], work / "merged", dtype="fp32")
     if not (work / "gptq").exists():
         quantize(work / "merged", work / "gptq", ASSETS / "int4-gptq-g128.yaml", calib=str(ASSETS / "calib.json"))
-    for fmt in ("openvino", "gguf"):
-        if not (work / fmt).exists():
-            export(work / "gptq", work / fmt, format=fmt)
+    if not (work / "openvino").exists():
+        export(work / "gptq", work / "openvino", format="openvino")
+    built = {"paths": paths, "gptq": work / "gptq", "IR (openvino, int8 head)": work / "openvino"}
+    for head in heads:
+        out = work / f"gguf-head-{head}"
+        if not out.exists():
+            export(work / "gptq", out, format="gguf", gguf_head=head)
+        (built[tq_name(head)],) = out.glob("*.gguf")
     if not (work / "anchor").exists():
         subprocess.run([sys.executable, "-m", "tangquant.measure.anchor", "--model", str(work / "merged"),
                         "--output", str(work / "anchor")], check=True, stderr=subprocess.DEVNULL)
-    (gguf_file,) = (work / "gguf").glob("*.gguf")
     anchor = {p.stem.rsplit("-", 1)[1]: p for p in (work / "anchor").glob("*.gguf")}
-    return {"paths": paths, "gptq": work / "gptq", "ir": work / "openvino", "tangquant GPTQ Q4_0": gguf_file,
-            "llama-quantize Q4_0": anchor["Q4_0"], "llama-quantize Q4_K_M": anchor["Q4_K_M"],
-            "F16": anchor["F16"]}
+    built.update({"llama-quantize Q4_0": anchor["Q4_0"], "llama-quantize Q4_K_M": anchor["Q4_K_M"],
+                  "F16": anchor["F16"]})
+    return built
+
+
+def per_token(name: str, path: Path) -> dict:
+    """Weight bytes read per decoded token, as ``bench`` counts them, and who made the file."""
+    from tangquant.gguf.reader import origin
+    from tangquant.measure.roofline import bytes_per_token
+
+    if path.suffix == ".gguf":
+        return {**bytes_per_token("llamacpp", path, {}), **origin(path)}
+    return {**bytes_per_token("ov", path, {}), "origin": "tangquant", "by": "tangquant export (openvino)"}
 
 
 def bits_per_weight(path: Path) -> float:
@@ -102,6 +124,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)  # as benchmarks/quality.py
+    ap.add_argument("--heads", default="q8_0,q5_0,q4_0", help="comma list of export --gguf-head types")
+    ap.add_argument("--no-chat", action="store_true", help="skip the greedy chat answers")
     args = ap.parse_args()
     from tangquant import load
     from tangquant.calib import eval_samples
@@ -111,28 +135,44 @@ def main() -> int:
     record = environment()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    built = build(work)
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    built = build(work, heads)
     paths = built["paths"]
     samples = eval_samples(paths["base"].parent / "heldout.json", load.tokenizer(paths["base"]),
                            args.num_samples, args.seq_len, 0)
-    ggufs = ["tangquant GPTQ Q4_0", "llama-quantize Q4_0", "llama-quantize Q4_K_M", "F16"]
-    record["kl"] = kl(built, ["gptq", *ggufs], samples)
+    ggufs = [*(tq_name(h) for h in heads), "llama-quantize Q4_0", "llama-quantize Q4_K_M", "F16"]
+    ir = "IR (openvino, int8 head)"
+    record["kl"] = kl(built, ["gptq", ir, *ggufs], samples)
     record["bits_per_weight"] = {n: bits_per_weight(built[n]) for n in ggufs}
     record["file_bytes"] = {n: built[n].stat().st_size for n in ggufs}
-    prompts = [p["prompt"] for p in poems.load_prompts(paths["prompts"])]
-    answers = {"tangquant GPTQ Q4_0 (llama.cpp chat completion)": chat_gguf(built["tangquant GPTQ Q4_0"], prompts),
-               "llama-quantize Q4_0 (llama.cpp chat completion)": chat_gguf(built["llama-quantize Q4_0"], prompts),
-               "tangquant IR (openvino-genai)": chat_ir(built["ir"], prompts)}
-    record["traditional_ratio_greedy"] = {k: traditional_ratio(v) for k, v in answers.items()}
-    record["answers"] = {"prompts": prompts, **answers}
+    record["per_token"] = {n: per_token(n, built[n]) for n in [ir, *ggufs]}
+    if not args.no_chat:
+        prompts = [p["prompt"] for p in poems.load_prompts(paths["prompts"])]
+        answers = {f"{n} (llama.cpp chat completion)": chat_gguf(built[n], prompts)
+                   for n in [*(tq_name(h) for h in heads), "llama-quantize Q4_0"]}
+        answers["tangquant IR (openvino-genai)"] = chat_ir(built[ir], prompts)
+        record["traditional_ratio_greedy"] = {k: traditional_ratio(v) for k, v in answers.items()}
+        record["answers"] = {"prompts": prompts, **answers}
     record["loadavg_end"] = list(os.getloadavg())
     Path(args.out).write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    for name, m in record["kl"].items():
-        print(f"{name:28s} KLD {m['kld']:.5f}  same top {100 * m['same_top']:.1f}%  PPL ratio {m['ppl_ratio']:.4f}"
-              + (f"  {record['bits_per_weight'][name]:.2f} bpw" if name in record["bits_per_weight"] else ""))
-    for name, r in record["traditional_ratio_greedy"].items():
-        print(f"{name}: traditional ratio {r}")
+    print(table(record))
     return 0
+
+
+def table(record: dict) -> str:
+    """The markdown table of the run: KL statistics, bytes per token and origin per candidate."""
+    lines = ["| candidate | origin | mean KLD ± err | KLD p99 | same top | PPL ratio | bits/weight | "
+             "bytes/token |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in record["kl"].items():
+        t = record["per_token"].get(name, {})
+        bpw = record["bits_per_weight"].get(name)
+        per_token = f"{t['bytes_per_token'] / 1e6:.3f} MB" if t else "—"
+        lines.append(f"| {name} | {t.get('origin', 'tangquant')} | {m['kld']:.5f} ± {m['kld_err']:.5f} | "
+                     f"{m['kld_p99']:.4f} | {100 * m['same_top']:.2f}% | {m['ppl_ratio']:.4f} | "
+                     f"{f'{bpw:.2f}' if bpw else '—'} | {per_token} |")
+    for name, r in record.get("traditional_ratio_greedy", {}).items():
+        lines.append(f"\n{name}: traditional ratio {r}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,20 @@ This is plain OpenVINO with the stateful SDPA graph; openvino-genai's default pi
 in paged attention, whose attention time this does not show.
 
   python benchmarks/ov_profile.py --model /tmp/q05-ov -t 2 -p 128 -n 32 --json out.json
+
+``--sweep OUT`` (the Xeon study, one call of at most ``--budget-s`` seconds): every
+``--models NAME=IR`` at every ``-t`` count, with each of ``--variants`` (OpenVINO's knobs:
+precision hints, DYNAMIC_QUANTIZATION_GROUP_SIZE, KV_CACHE_PRECISION, pinning, hyper-threading;
+:data:`VARIANTS`) profiled in its own process; the openvino-genai pipeline timed with the
+stateful SDPA graph against paged attention / continuous batching (``ATTENTION_BACKEND``,
+through the bench's own worker); and the INT4 weight layout (i4 symmetric vs u4 with zero
+points, group 128 vs channel-wise) on stacks of decoder-sized fully-connected layers built in
+memory at the ``--layout-shapes`` dimensions (random weights, speed only). Everything lands in
+OUT as ``sweep.json`` and ``sweep.md``, written after every measurement, so a call cut short
+keeps what it measured; what the budget left out is listed as skipped.
+
+  python benchmarks/ov_profile.py --sweep OUT --models 1.8b=/w/q18-ov --models 7b=/w/q7-ov \
+      -t 16 -t 8 --layout-shapes 1.8b,7b --budget-s 540
 """
 
 from __future__ import annotations
@@ -165,7 +179,29 @@ def markdown(s: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+# name -> OpenVINO properties, each profiled over the IR's own runtime options
+VARIANTS = {
+    "defaults": {},
+    "f32": {"INFERENCE_PRECISION_HINT": "f32"},
+    "bf16": {"INFERENCE_PRECISION_HINT": "bf16"},
+    "dq0": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"},
+    "dq32": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"},
+    "dq128": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "128"},
+    "kv-u8": {"KV_CACHE_PRECISION": "u8"},
+    "kv-f16": {"KV_CACHE_PRECISION": "f16"},
+    "pin-yes": {"ENABLE_CPU_PINNING": "YES"},
+    "pin-no": {"ENABLE_CPU_PINNING": "NO"},
+    "ht-no": {"ENABLE_HYPER_THREADING": "NO"},
+}
+BACKENDS = ("SDPA", "PA")  # openvino-genai: the stateful graph, or paged attention (continuous batching)
+LAYOUTS = ("i4-g128", "i4-channel", "u4-g128", "u4-channel")
+
+
 def main(argv=None) -> int:
+    if argv is None and "--sweep" in sys.argv:
+        from ov_sweep import sweep_main  # noqa: E402 (beside this script)
+
+        return sweep_main(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("-t", "--threads", type=int, default=2)

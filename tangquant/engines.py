@@ -158,6 +158,12 @@ _LORA = (Option("adapter", "path", "a peft LoRA adapter directory"),
          Option("lora_mode", "choice", "openvino-genai's adapter mode",
                 choices=("auto", "dynamic", "static_rank")))
 _DTYPE = Option("dtype", "choice", "load dtype", choices=("bf16", "fp16", "fp32"))
+_KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")  # gguf.runtime.KV_TYPES
+_LLAMACPP = (Option("repack", "bool", "llama.cpp's CPU weight repacking (use_extra_bufts; AMX's buffer too)"),
+             Option("ctk", "choice", "the K cache's type (llama.cpp -ctk; default f16)", choices=_KV_TYPES),
+             Option("ctv", "choice", "the V cache's type (llama.cpp -ctv; default f16; quantized needs fa)",
+                    choices=_KV_TYPES),
+             Option("fa", "choice", "flash attention (llama.cpp -fa; default auto)", choices=("auto", "0", "1")))
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (
     Engine("ov", "openvino-genai", ("ir",), "tangquant.measure.runners.ov:run",
@@ -187,8 +193,9 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
     Engine("llamacpp", "llama.cpp", ("gguf",), "tangquant.measure.runners.llamacpp:run",
            "tangquant.measure.roofline:gguf_per_token",
            "a GGUF file (or a directory holding one) through llama.cpp (llama-cpp-python's low-level "
-           "API); repack=0|1 turns its CPU weight repacking off or on (default on, as llama.cpp)",
-           options=(Option("repack", "bool", "llama.cpp's CPU weight repacking (use_extra_bufts)"),),
+           "API); repack=0|1 turns its CPU weight repacking (AMX's too) off or on, ctk/ctv set the KV "
+           "cache types and fa flash attention (llama-bench's -ctk/-ctv/-fa; defaults as llama.cpp)",
+           options=_LLAMACPP,
            capabilities=frozenset({"stream"}), extras=("llamacpp",)),
 )}
 

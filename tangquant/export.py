@@ -11,8 +11,8 @@ made to generate a token with openvino-genai.
 
 ``--format gguf`` (llama.cpp, llama-server, ollama): a symmetric GPTQ checkpoint without
 act-order is exactly Q4_0; its integers and fp16 scales are copied into Q4_0 blocks
-(embeddings and output head ``--gguf-embeddings q8_0`` or ``f16``, biases and norms f32),
-with Qwen2 metadata, the tokenizer and the chat template. Before the directory is
+(token embeddings ``--gguf-embeddings q8_0`` or ``f16``; the output head ``--gguf-head``, which a
+tied table is; biases and norms f32), with Qwen2 metadata, the tokenizer and the chat template. Before the directory is
 published the file is read back and every Q4_0 tensor must dequantise to exactly the
 checkpoint's weights; then llama.cpp loads it and generates tokens.
 
@@ -38,6 +38,7 @@ FORMATS = ("openvino", "gguf")
 EMBEDDINGS = ("int8", "fp16")
 LM_HEADS = ("int8", "int4")
 GGUF_EMBEDDINGS = ("q8_0", "f16")  # (tangquant.gguf.writer.EMBEDDINGS; not imported: that loads gguf)
+GGUF_HEADS = ("q8_0", "q5_0", "q4_0", "f16")  # (tangquant.gguf.writer.HEADS)
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,11 @@ class ExportParams:
                          "NNCF) or int4 (group-wise RTN from the checkpoint's fp16 head)",
                          choices=LM_HEADS)
     lm_head_group_size: int = param(128, "group size of --lm-head int4")
-    gguf_embeddings: str = param("q8_0", "type of the embeddings and output head (gguf)",
+    gguf_embeddings: str = param("q8_0", "type of the token embeddings of an untied model (gguf)",
                                  choices=GGUF_EMBEDDINGS)
+    gguf_head: str = param("q8_0", "type of the output head, and of a tied model's one table (gguf): "
+                           "round-to-nearest from the checkpoint's fp16 head by gguf-py's quantizers",
+                           choices=GGUF_HEADS)
     llama_check: bool = param(True, "load the GGUF in llama.cpp and generate before publishing (gguf); "
                               "--no-llama-check publishes a file whose tensors were checked exact, for a "
                               "machine whose llama.cpp cannot run")
@@ -68,6 +72,8 @@ class ExportParams:
                 f"{self.lm_head_group_size}")
         require(self.gguf_embeddings in GGUF_EMBEDDINGS, f"gguf_embeddings must be one of "
                 f"{', '.join(GGUF_EMBEDDINGS)}, not {self.gguf_embeddings!r}")
+        require(self.gguf_head in GGUF_HEADS, f"gguf_head must be one of {', '.join(GGUF_HEADS)}, not "
+                f"{self.gguf_head!r}")
         check_base_model_id(self.base_model_id)
 
 
@@ -112,7 +118,8 @@ def _export_gguf(ckpt: GPTQCheckpoint, tokenizer, out, p: ExportParams, force: b
     build.check_exportable(ckpt)  # asymmetric or act-order: refused before anything is written
     with files.atomic_output_dir(out, force) as tmp:
         metrics = build.write_gguf_dir(ckpt, tmp, tokenizer, embeddings=p.gguf_embeddings,
-                                       base_model_id=p.base_model_id, llama_check=p.llama_check)
+                                       base_model_id=p.base_model_id, llama_check=p.llama_check,
+                                       head=p.gguf_head)
     summary = (f"{out / metrics['file']}  {files.human_size(metrics['size_bytes'])}  "
                f"{metrics['q4_0_tensors_exact']} Q4_0 tensors equal to the checkpoint's; "
                f"llama.cpp: {metrics['llama_cpp_check']}  ({metrics['seconds']:.0f} s)")

@@ -338,3 +338,70 @@ def test_a_crash_names_a_static_libstdcxx(tmp_path, monkeypatch):
     spec.submodule_search_locations = [str(tmp_path / "llama_cpp")]
     monkeypatch.setattr(build, "find_spec", lambda name: spec)
     assert "links no libstdc++" in build._libstdcxx_hint() and "CXX=g++" in build._libstdcxx_hint()
+
+
+def _rtn_q4_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fp16 scales, 4-bit integers) of llama.cpp's reference Q4_0 (quantize_row_q4_0_ref), written
+    out here: per 32 weights, d = the largest-magnitude weight / -8, q = trunc(w / d + 8.5) in 0..15."""
+    blocks = w.astype(np.float16).astype(np.float32).reshape(-1, 32)
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[:, None], -1)
+    d = peak / -8
+    inv = np.where(d == 0, 0, 1 / np.where(d == 0, 1, d))
+    q = np.clip(np.trunc(blocks * inv + np.float32(8.5)), 0, 15).astype(np.uint8)
+    return d.astype(np.float16)[:, 0], q
+
+
+def test_gguf_head_types_export_and_read_back(tmp_path, gptq_dir, gguf_export):
+    """--gguf-head q4_0: the head's integers are RTN of its fp16 weights, llama.cpp loads the file, and
+    it reads fewer bytes per token than the q8_0 head; q5_0 exports too. Both files say who made them."""
+    import gguf
+
+    from tangquant.export import export
+    from tangquant.gguf.reader import bytes_per_token, open_reader, origin
+    from tangquant.gptq import GPTQCheckpoint
+
+    res = export(gptq_dir, tmp_path / "h4", format="gguf", gguf_head="q4_0")
+    path = tmp_path / "h4" / res["file"]
+    assert res["head"] == "q4_0" and (res["llama_cpp_check"].startswith("loaded")
+                                      or "not installed" in res["llama_cpp_check"])
+    out = next(t for t in open_reader(path).tensors if t.name == "output.weight")
+    assert out.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    head = dict(GPTQCheckpoint.open(gptq_dir).tensors())["lm_head.weight"].float().numpy()
+    d, q = _rtn_q4_0(head)
+    raw = np.asarray(out.data).reshape(-1, 18)
+    assert np.array_equal(raw[:, :2].copy().view(np.float16)[:, 0], d)
+    assert np.array_equal(np.concatenate([raw[:, 2:] & 0xF, raw[:, 2:] >> 4], axis=1), q)
+    (default,) = gguf_export[0].glob("*.gguf")
+    assert bytes_per_token(path)["bytes_per_token"] < bytes_per_token(default)["bytes_per_token"]
+    assert origin(path)["origin"] == "tangquant"
+    res5 = export(gptq_dir, tmp_path / "h5", format="gguf", gguf_head="q5_0", llama_check=False)
+    out5 = next(t for t in open_reader(tmp_path / "h5" / res5["file"]).tensors if t.name == "output.weight")
+    assert out5.tensor_type == gguf.GGMLQuantizationType.Q5_0
+
+
+def test_llamacpp_rows_record_buffers_origin_and_kv_options(tmp_path, gguf_export):
+    """Every llamacpp row says where the weights went (buffer types, repacked layouts), llama.cpp's
+    system info, the AMX verdict and who made the file; KV-cache types and flash attention reach
+    llama.cpp, and a quantized V cache without flash attention is a failed row saying so."""
+    pytest.importorskip("llama_cpp", reason=NO_LLAMA)
+    from tangquant.bench import bench
+    from tangquant.gguf import amx as _amx
+    from tangquant.measure.anchor import quantize
+
+    (ours,) = gguf_export[0].glob("*.gguf")
+    theirs = tmp_path / "requant-Q4_0.gguf"  # llama-quantize of tangquant's file, as the anchor makes
+    quantize(ours, theirs, "q4_0", threads=1, requantize=True)
+    res = bench([f"tq=llamacpp:{ours}", f"lq=llamacpp:{theirs},ctk=q8_0,ctv=q8_0,fa=1",
+                 f"nofa=llamacpp:{ours},ctv=q4_0,fa=0"], prompt_tokens=16, gen_tokens=4, repetitions=1,
+                threads=(1,), bandwidth_mb=16, results_dir=str(tmp_path / "r.jsonl"))
+    tq, lq, nofa = res["records"]
+    assert tq["status"] == lq["status"] == "ok", (tq.get("error"), lq.get("error"))
+    assert tq["origin"] == "tangquant" and lq["origin"] == "llama-quantize" and nofa["origin"] == "tangquant"
+    for row in (tq, lq):
+        assert row["weights_path"] in ("AMX", "CPU_REPACK", "plain CPU") and row["buffer_types"]
+        assert "AVX" in row["llama_cpp_system_info"] and row["amx"]["expected"]
+    assert (tq["weights_path"] == "plain CPU") == (not tq["repacked_tensors"])
+    assert (lq["cache_k"], lq["cache_v"], lq["flash_attn"]) == ("q8_0", "q8_0", "1")
+    assert nofa["status"] == "failed" and "flash attention" in nofa["error"]
+    if _amx.verdict(_amx.cpu_flags(), {"granted": False}, False)["reason"] == "this CPU has no AMX":
+        assert "amx_fallback" not in tq and tq["amx"]["expected"] != "AMX"

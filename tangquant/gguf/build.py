@@ -3,7 +3,9 @@
 The GGUF is written (:mod:`tangquant.gguf.writer`), read back with gguf's reader
 and compared tensor by tensor with the checkpoint — every Q4_0 tensor must
 dequantise to exactly the checkpoint's dequantised weights (max |Δ| = 0), f32
-and f16 tensors must equal the checkpoint's, q8_0 ones lie within one step —
+and f16 tensors must equal the checkpoint's, and a quantized table (q8_0, q5_0 or
+q4_0 embeddings or head) must be byte for byte gguf-py's round-to-nearest of the
+checkpoint's fp16 weights —
 then llama.cpp loads it in a separate process, must tokenize a chat prompt as
 the Hugging Face tokenizer does, and generates tokens. The tokenizer files,
 an ollama ``Modelfile``, the model card and the manifest go beside it.
@@ -59,7 +61,8 @@ def check_exportable(ckpt: GPTQCheckpoint) -> None:
 
 
 def write_gguf_dir(ckpt: GPTQCheckpoint, out_dir: Path, tokenizer, embeddings: str = "q8_0",
-                   base_model_id: str | None = None, llama_check: bool = True) -> dict:
+                   base_model_id: str | None = None, llama_check: bool = True,
+                   head: str = "q8_0") -> dict:
     """The GGUF, tokenizer files, Modelfile, card and manifest in the empty ``out_dir``; metrics.
     ``tokenizer``: the checkpoint's Hugging Face tokenizer, opened once by the caller.
 
@@ -69,17 +72,20 @@ def write_gguf_dir(ckpt: GPTQCheckpoint, out_dir: Path, tokenizer, embeddings: s
     start = time.perf_counter()
     path = Path(out_dir) / file_name(ckpt)
     metrics = writer.write(path, ckpt.config, tokenizer, ckpt.path, writer.checkpoint_tensors(ckpt),
-                           embeddings, name=files.final_name(ckpt.path))
+                           embeddings, name=files.final_name(ckpt.path), head=head)
     metrics.update(verify(path, ckpt))
     metrics.update(smoke(path, tokenizer) if llama_check
                    else {"llama_cpp_check": "skipped (--no-llama-check)"})
-    metrics.update(file=path.name, group_size=ckpt.group_size, embeddings=embeddings,
+    tied = bool(ckpt.config.get("tie_word_embeddings"))
+    metrics.update(file=path.name, group_size=ckpt.group_size, head=head,
+                   embeddings=f"tied: the head's {head}" if tied else embeddings,
                    gguf_version=host.package_versions(["gguf"]).get("gguf"), seconds=round(time.perf_counter() - start, 1))
     files.copy_aux_files(ckpt.path, Path(out_dir))
     write_modelfile(Path(out_dir), path.name)
     write_card(Path(out_dir), ckpt.path, metrics, card.lineage(ckpt.path, base_model_id))
     metrics["size_bytes"] = files.dir_size(out_dir)
-    files.write_manifest(Path(out_dir), "export", {"format": "gguf", "gguf_embeddings": embeddings},
+    files.write_manifest(Path(out_dir), "export", {"format": "gguf", "gguf_embeddings": embeddings,
+                                                   "gguf_head": head},
                          {"model": str(ckpt.path)}, metrics)
     return metrics
 
@@ -104,18 +110,26 @@ def verify(path: Path, ckpt: GPTQCheckpoint) -> dict:
             continue
         got = _tensor(by_name, tmap, name, path)
         want = tensor.float()
-        if got.tensor_type == gguf.GGMLQuantizationType.Q8_0:
-            delta = float(np.abs(reader.dequantized(got) - want.numpy()).max())
-            step = float(want.abs().max()) / 127
-            if not delta <= step:
-                raise ExportError(f"{path}: {got.name} (q8_0) is {delta:.3g} off the checkpoint, more than "
-                                  f"one q8_0 step ({step:.3g}); the file is corrupt")
+        if got.tensor_type in RTN_TABLES:
+            _rtn_equal(got, want.numpy(), path)
         else:
             dtype = torch.float16 if got.tensor_type == gguf.GGMLQuantizationType.F16 else torch.float32
             _equal(got, want.to(dtype).float().numpy(), path)
     if len(by_name) != len(set(by_name)):
         raise ExportError(f"{path}: duplicated tensor names")
     return {"q4_0_tensors_exact": exact, "q4_0_max_abs_delta": 0.0}
+
+
+RTN_TABLES = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.Q4_0)
+
+
+def _rtn_equal(got, want: np.ndarray, path: Path) -> None:
+    """A quantized table must hold exactly gguf-py's round-to-nearest of the fp16 weights."""
+    rtn = gguf.quants.quantize(want.astype(np.float16).astype(np.float32), got.tensor_type)
+    have = np.asarray(got.data)
+    if have.shape != rtn.shape or not np.array_equal(have, rtn):
+        raise ExportError(f"{path}: {got.name} ({got.tensor_type.name}) is not the round-to-nearest "
+                          "quantization of the checkpoint's fp16 weights; the file is corrupt")
 
 
 def _tensor(by_name: dict, tmap, hf_name: str, path: Path):

@@ -4,6 +4,8 @@ the reader and the export's check (gguf-py keeps its own constants the same way,
 
 from __future__ import annotations
 
+import hashlib
+
 import gguf
 
 from tangquant.card import RANDOM_WEIGHTS as RANDOM  # noqa: F401 (the reader checks it)
@@ -34,3 +36,9 @@ def tensor_names(n_layers: int) -> dict[str, str]:
     tmap = name_map(n_layers)
     hf = list(TOP_TENSORS) + [f"model.layers.{i}.{t}" for i in range(n_layers) for t in LAYER_TENSORS]
     return {gguf_name(tmap, n): n for n in hf}
+
+
+def layout_digest(layout: list[str], first: bytes) -> str:
+    """SHA-256 of the tensors' ``name=TYPE`` lines, in file order, and the first quantized tensor's
+    bytes: what the writer stamps and the reader recomputes."""
+    return hashlib.sha256("\n".join(layout).encode() + hashlib.sha256(first).digest()).hexdigest()

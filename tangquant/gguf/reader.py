@@ -14,7 +14,7 @@ import numpy as np
 
 from tangquant.errors import InputError
 from tangquant.files import parsing
-from tangquant.gguf.names import RANDOM, tensor_names
+from tangquant.gguf.names import RANDOM, layout_digest, tensor_names
 
 
 def open_reader(path) -> gguf.GGUFReader:
@@ -82,6 +82,26 @@ def bytes_per_token(path) -> dict:
         skipped = int(emb.n_bytes) - int(emb.n_bytes) // int(emb.shape[1])  # shape[1]: rows (ne1)
     return {"bytes_per_token": total - skipped, "weights_bytes": total, "embedding_bytes_skipped": skipped,
             "adapter_bytes": 0}
+
+
+def origin(path) -> dict:
+    """Who made the GGUF at ``path``: ``{"origin": "tangquant", "by": ...}`` when tangquant's writer
+    stamped it and its stamped tensor still has the stamped bytes; ``llama-quantize`` when a
+    stamped file's tensor was re-quantized (llama.cpp's quantizer copies every metadata key, not
+    the tensors it changes: the anchors, ``tangquant.measure.anchor``); otherwise the outside tool as far as the
+    metadata names it (``general.quantized_by``), else ``outside``."""
+    r = open_reader(path)
+    by, digest = field(r, "tangquant.origin"), field(r, "tangquant.digest")
+    if not by or not digest or ":" not in str(digest):
+        named = field(r, "general.quantized_by")
+        return {"origin": str(named) if named else "outside", "by": "no tangquant stamp"}
+    name, _, want = str(digest).rpartition(":")
+    tensor = next((t for t in r.tensors if t.name == name), None)
+    layout = [f"{t.name}={t.tensor_type.name}" for t in r.tensors]
+    same = tensor is not None and layout_digest(layout, np.asarray(tensor.data).tobytes()) == want
+    if same:
+        return {"origin": "tangquant", "by": str(by)}
+    return {"origin": "llama-quantize", "by": f"re-quantized from a file written by {by}"}
 
 
 def find(path) -> Path:

@@ -7,23 +7,30 @@ re-lay Q4_0 weights for its AVX2/AVX512/AMX kernels at load), the threads, and
 exactly which tokens are decoded when.
 
 ``python -m tangquant.gguf.runtime SPEC_JSON`` is the export's smoke test in a
-separate process (a crash in llama.cpp must fail the export, not kill it); it
-prints one JSON line.
+separate process (a crash in llama.cpp must fail the export, not kill it), or, with
+``"probe": "amx"``, the bench's check that llama.cpp's AMX path computes what its
+plain path does (:func:`amx_probe`); it prints one JSON line.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import re
 import sys
 
 import llama_cpp as L
 import numpy as np
 
+from tangquant.gguf import amx
+
 _LOG: list[str] = []  # llama.cpp's log lines since the last load: how it placed the weights
 _COLLECT = L.llama_log_callback(lambda level, text, data: _LOG.append(text.decode("utf-8", "replace")))
-_REPACKED = re.compile(r"repack tensor (\S+) with (\S+)")
+# KV-cache element types llama.cpp's CPU backend takes (llama-bench -ctk/-ctv), as ggml type ids.
+KV_TYPES = {"f32": L.GGML_TYPE_F32, "f16": L.GGML_TYPE_F16, "bf16": 30, "q8_0": L.GGML_TYPE_Q8_0,
+            "q5_1": L.GGML_TYPE_Q5_1, "q5_0": L.GGML_TYPE_Q5_0, "q4_1": L.GGML_TYPE_Q4_1,
+            "q4_0": L.GGML_TYPE_Q4_0, "iq4_nl": L.GGML_TYPE_IQ4_NL}
+FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "0": L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+              "1": L.LLAMA_FLASH_ATTN_TYPE_ENABLED}
 
 
 class LlamaCppError(RuntimeError):
@@ -31,10 +38,13 @@ class LlamaCppError(RuntimeError):
 
 
 class Session:
-    """One model and one context; ``decode`` appends tokens to the KV cache at ``pos``."""
+    """One model and one context; ``decode`` appends tokens to the KV cache at ``pos``.
+
+    ``cache_k``/``cache_v``: the KV cache's element types (:data:`KV_TYPES`, llama.cpp's -ctk/-ctv,
+    default f16); ``flash_attn``: ``auto`` (llama.cpp's default), ``0`` or ``1`` (-fa)."""
 
     def __init__(self, path, threads: int | None = None, n_ctx: int = 512, n_batch: int = 512,
-                 repack: bool = True):
+                 repack: bool = True, cache_k: str = "f16", cache_v: str = "f16", flash_attn: str = "auto"):
         L.llama_log_set(_COLLECT, ctypes.c_void_p())  # kept off stderr, and read for the repack path
         _LOG.clear()
         L.llama_backend_init()
@@ -49,9 +59,15 @@ class Session:
         if threads:
             cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True
+        cp.type_k, cp.type_v = KV_TYPES[cache_k], KV_TYPES[cache_v]
+        cp.flash_attn_type = FLASH_ATTN[str(flash_attn)]
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            raise LlamaCppError(f"llama.cpp could not make a context of {n_ctx} tokens for {path}")
+            L.llama_model_free(self.model)
+            why = (": a quantized V cache needs flash attention (fa=1 or auto)"
+                   if cache_v not in ("f32", "f16", "bf16") and str(flash_attn) == "0" else f": {_last_line()}")
+            raise LlamaCppError(f"llama.cpp could not make a context of {n_ctx} tokens for {path} with "
+                                f"K cache {cache_k}, V cache {cache_v}, flash attention {flash_attn}{why}")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_batch = n_batch
@@ -59,11 +75,13 @@ class Session:
         self.load_log = "".join(_LOG)
 
     def repacked(self) -> dict[str, int]:
-        """{layout: tensors} llama.cpp re-laid at load (e.g. {"q4_0_8x8": 168}); {} when none."""
-        out: dict[str, int] = {}
-        for _, layout in _REPACKED.findall(self.load_log):
-            out[layout] = out.get(layout, 0) + 1
-        return out
+        """{layout: tensors} llama.cpp re-laid at load (e.g. {"q4_0_8x8": 168}, {"amx:q4_0": 168});
+        {} when none."""
+        return self.buffers()["repacked_tensors"]
+
+    def buffers(self) -> dict:
+        """The buffer types the weights went to (AMX, CPU_REPACK and its layouts, plain CPU)."""
+        return amx.buffers(self.load_log)
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         data = text.encode("utf-8")
@@ -146,9 +164,31 @@ def smoke(spec: dict) -> dict:
         s.close()
 
 
+def amx_probe(spec: dict, n: int = 64) -> dict:
+    """Load ``path`` with repacking on (the AMX buffer where it is used) and off (the plain path);
+    the logits of one ``n``-token batch (AMX tiles) and of one token after it (AMX's VNNI path)
+    must agree: a build whose tile configuration was miscompiled (GCC 12.2's ``_tile_loadconfig``
+    drops it) computes garbage or faults there. Run in a child: a fault is the parent's answer."""
+    logits, placed = [], []
+    for repack in (True, False):
+        s = Session(spec["path"], threads=spec.get("threads"), n_ctx=2 * n, n_batch=n, repack=repack)
+        try:
+            ids = [(i * 7919 + 11) % s.n_vocab for i in range(n)]
+            batch = s.decode(ids, 0, all_logits=True)
+            logits.append(np.concatenate([batch, s.decode([ids[0]], n)[None]]))
+            placed.append(s.buffers())
+        finally:
+            s.close()
+    on, off = (x.astype(np.float64) for x in logits)
+    corr = float(np.corrcoef(on.ravel(), off.ravel())[0, 1]) if np.isfinite(on).all() else float("nan")
+    return {"correlation": corr, "same_top": float((on.argmax(-1) == off.argmax(-1)).mean()),
+            "agree": bool(corr >= 0.99), "repack_on": placed[0], "repack_off": placed[1]}
+
+
 if __name__ == "__main__":
     try:
-        result = {"ok": True, **smoke(json.loads(sys.argv[1]))}
+        spec = json.loads(sys.argv[1])
+        result = {"ok": True, **(amx_probe(spec) if spec.get("probe") == "amx" else smoke(spec))}
     except Exception as exc:  # the parent turns any failure into an ExportError
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
     print("\n" + json.dumps(result), flush=True)

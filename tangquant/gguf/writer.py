@@ -3,9 +3,21 @@
 Architecture ``qwen2``: context length, embedding and feed-forward sizes, block
 count, heads, KV heads, rope theta and RMS-norm epsilon from ``config.json``;
 tensors named by gguf's own Qwen2 tensor map (``blk.N.attn_q.weight``...). GPTQ
-layers become Q4_0 (:mod:`tangquant.gguf.q4`), the embeddings and an untied
-output head ``q8_0`` or ``f16``, biases and norms f32. A tied head is not
-written: llama.cpp reads ``token_embd`` as the output then, as for Qwen's own files.
+layers become Q4_0 (:mod:`tangquant.gguf.q4`), the token embeddings ``q8_0`` or
+``f16``, the output head one of :data:`HEADS` (round-to-nearest from its fp16
+weights by gguf-py's own quantizers, llama.cpp's reference ones), biases and norms
+f32. A tied head is not written: llama.cpp reads ``token_embd`` as the output then,
+as for Qwen's own files, so that one table is the head and takes the head's type
+(as llama-quantize gives a tied table its output type, Q6_K). gguf-py 0.19 can
+dequantize Q6_K but not quantize it, so the 6-bit step llama-quantize takes is not
+offered; Q5_0 (5.5 bits per weight against Q6_K's 6.56) is the nearest it writes.
+
+Every file carries who wrote it (:data:`ORIGIN_KEY`) and a digest of its layout (every
+tensor's name and type) and of its first quantized tensor's bytes (:data:`DIGEST_KEY`):
+llama-quantize copies every metadata key into the file it makes, but re-quantizes the
+tensors whose type it changes, so a reader can tell tangquant's file from one an outside
+tool re-quantized (:func:`tangquant.gguf.reader.origin`); a tensor it only copies
+(same type) keeps tangquant's bytes, and a file where all did is tangquant's weights.
 Tensors are spooled to a temporary file as they are added, so at most one
 layer is held in memory.
 """
@@ -22,14 +34,19 @@ import torch
 
 from tangquant.errors import InputError
 from tangquant.gguf import q4, vocab
-from tangquant.gguf.names import HEADS, RANDOM, gguf_name, name_map
+from tangquant.gguf.names import HEADS as TABLES, RANDOM, gguf_name, layout_digest, name_map
 from tangquant.gptq import GPTQCheckpoint, QuantizedLinear
 
 logger = logging.getLogger(__name__)
 
 EMBEDDINGS = ("q8_0", "f16")
+HEADS = ("q8_0", "q5_0", "q4_0", "f16")  # what gguf-py 0.19 quantizes (no K-quants: Q6_K is read-only there)
 TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16,
-         "f32": gguf.GGMLQuantizationType.F32}
+         "f32": gguf.GGMLQuantizationType.F32, "q5_0": gguf.GGMLQuantizationType.Q5_0,
+         "q4_0": gguf.GGMLQuantizationType.Q4_0}
+ORIGIN_KEY = "tangquant.origin"          # e.g. "tangquant export", "tangquant.measure.anchor F16"
+DIGEST_KEY = "tangquant.digest"          # "<first quantized tensor>:<sha256>" (see layout_digest)
+
 
 
 def check_config(config: dict, where) -> None:
@@ -61,18 +78,29 @@ def add_metadata(w: gguf.GGUFWriter, config: dict, name: str, file_type: int) ->
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def encode(hf_name: str, value, embeddings: str) -> tuple[np.ndarray, object]:
-    """(array, raw dtype) of one tensor: Q4_0 for GPTQ layers, q8_0/f16 heads, f32 vectors, and
-    f16 for any other float matrix (a full-precision model's linears, for the f16 anchor)."""
+def table_type(hf_name: str, embeddings: str, head: str, tied: bool) -> str:
+    """The type of a table: the output head's (``lm_head``, or a tied ``embed_tokens``, which
+    llama.cpp reads as the head), the embeddings' for an untied ``embed_tokens``, else f16."""
+    if hf_name == "lm_head.weight" or (tied and hf_name == "model.embed_tokens.weight"):
+        return head
+    return embeddings if hf_name in TABLES else "f16"
+
+
+def encode(hf_name: str, value, embeddings: str, head: str | None = None,
+           tied: bool = False) -> tuple[np.ndarray, object]:
+    """(array, raw dtype) of one tensor: Q4_0 for GPTQ layers, the tables as :func:`table_type`
+    says (``head`` None: the embeddings' type), f32 vectors, and f16 for any other float matrix
+    (a full-precision model's linears, for the f16 anchor)."""
     if isinstance(value, QuantizedLinear):
         return q4.pack(hf_name.rpartition(".")[0], value), gguf.GGMLQuantizationType.Q4_0
     data = value.detach().to(torch.float32).numpy()
     if data.ndim == 1:
         return data, TYPES["f32"]
-    kind = embeddings if hf_name in HEADS else "f16"
+    kind = table_type(hf_name, embeddings, head or embeddings, tied)
     if kind == "f16":
         return data.astype(np.float16), TYPES["f16"]
-    return gguf.quants.quantize(data, TYPES[kind]), TYPES[kind]
+    # Round-to-nearest from the fp16 weights (the checkpoint keeps its head and table in fp16).
+    return gguf.quants.quantize(data.astype(np.float16).astype(np.float32), TYPES[kind]), TYPES[kind]
 
 
 def checkpoint_tensors(ckpt: GPTQCheckpoint) -> Iterator[tuple[str, object]]:
@@ -86,9 +114,10 @@ def checkpoint_tensors(ckpt: GPTQCheckpoint) -> Iterator[tuple[str, object]]:
 
 def write(path: Path, config: dict, tokenizer, tokenizer_dir: Path, tensors: Iterable[tuple[str, object]],
           embeddings: str = "q8_0", file_type: int = gguf.LlamaFileType.MOSTLY_Q4_0,
-          name: str = "model") -> dict:
+          name: str = "model", head: str | None = None, origin: str = "tangquant export") -> dict:
     """Write the GGUF at ``path`` (``tokenizer``: the Hugging Face tokenizer of ``tokenizer_dir``, whose
-    tokenizer.json and special tokens gguf-py reads); returns {tensors: {type: count}, tokenizer metrics}."""
+    tokenizer.json and special tokens gguf-py reads); returns {tensors: {type: count}, tokenizer metrics}.
+    ``head``: the output head's type (default: the embeddings'); ``origin``: who wrote the file."""
     check_config(config, tokenizer_dir)
     tmap = name_map(config["num_hidden_layers"])
     w = gguf.GGUFWriter(str(path), "qwen2", use_temp_file=True)
@@ -97,15 +126,23 @@ def write(path: Path, config: dict, tokenizer, tokenizer_dir: Path, tensors: Ite
     tied = bool(config.get("tie_word_embeddings"))
     counts: dict[str, int] = {}
     seen = set()
+    layout, first = [], None
     for hf_name, value in tensors:
         if hf_name == "lm_head.weight" and tied:
             continue  # the same table as token_embd, which llama.cpp reads as the output
-        data, raw = encode(hf_name, value, embeddings)
-        w.add_tensor(gguf_name(tmap, hf_name), data, raw_dtype=raw)
+        data, raw = encode(hf_name, value, embeddings, head, tied)
+        name = gguf_name(tmap, hf_name)
+        w.add_tensor(name, data, raw_dtype=raw)
+        layout.append(f"{name}={raw.name}")
+        if first is None and raw != TYPES["f32"]:
+            first = (name, np.ascontiguousarray(data).tobytes())
         counts[raw.name] = counts.get(raw.name, 0) + 1
         seen.add(hf_name)
     if not tied and "lm_head.weight" not in seen:
         raise InputError(f"{tokenizer_dir}: the model's head is untied but there is no lm_head.weight")
+    w.add_string(ORIGIN_KEY, origin)
+    if first:
+        w.add_string(DIGEST_KEY, f"{first[0]}:{layout_digest(layout, first[1])}")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -48,8 +48,11 @@ def hf_tensors(model_dir: Path):
 def write_f16(model_dir: Path, out: Path) -> Path:
     config = checkpoint.load_config(model_dir)
     path = out / f"{files.final_name(model_dir)}-F16.gguf"
+    # Stamped as the anchor's: llama-quantize copies the stamp into Q4_0/Q4_K_M but not the stamped
+    # tensor's bytes, so those files read as llama-quantize's (tangquant.gguf.reader.origin).
     writer.write(path, config, load.tokenizer(model_dir), model_dir, hf_tensors(model_dir), embeddings="f16",
-                 file_type=gguf.LlamaFileType.MOSTLY_F16, name=files.final_name(model_dir))
+                 file_type=gguf.LlamaFileType.MOSTLY_F16, name=files.final_name(model_dir),
+                 origin="tangquant.measure.anchor F16 (llama-quantize's input)")
     return path
 
 

@@ -37,8 +37,9 @@ def markdown_table(rows: list[dict], p: int, n: int) -> str:
             continue
         roof = r.get("roofline_tps")
         pct = f"{r['roofline_pct']:.0f}%" if roof else "–"
+        kind = r["kind"] + (f" ({r['origin']})" if r.get("origin") else "")  # who made the file
         lines.append(
-            f"| {r['name']} | {r['kind']} | {r['threads']} | {_pm(r['pp_tps'], r['pp_tps_std'])} | "
+            f"| {r['name']} | {kind} | {r['threads']} | {_pm(r['pp_tps'], r['pp_tps_std'])} | "
             f"{_pm(r['tg_tps'], r['tg_tps_std'], 2)} | {r['ttft_ms']:.1f} | {_ratio(r['ratio_pp'])} | "
             f"{_ratio(r['ratio_tg'])} | {human_size(r['peak_rss_bytes'])} | {human_size(r['size_bytes'])} | "
             f"{human_size(r['bytes_per_token'])} | {f'{roof:.1f}' if roof else '–'} | {pct} |")

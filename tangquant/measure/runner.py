@@ -90,7 +90,7 @@ def measure_candidate(c: Candidate | Resolved, threads: int, rec) -> dict:
     """One worker run of a candidate (``rec``: the bench's prompt/gen/repetition settings)."""
     r = c if isinstance(c, Resolved) else resolve(c)
     c = r.candidate
-    out = {"size_bytes": model_size(r), **bytes_per_token(c.kind, r.model, c.options)}
+    out = {"size_bytes": model_size(r), **bytes_per_token(c.kind, r.model, c.options), **origin(r.model)}
     spec = {"call": c.engine.runner, "kind": c.kind, "path": str(r.model.resolve()),
             "options": c.options, "prompt_tokens": rec.prompt_tokens, "gen_tokens": rec.gen_tokens,
             "repetitions": rec.repetitions, "warmup": rec.warmup, "threads": threads,
@@ -102,6 +102,37 @@ def measure_candidate(c: Candidate | Resolved, threads: int, rec) -> dict:
     if r.config.get("tangquant_random_weights") or MARKER in _readme(r.model):
         out["label"] = MARKER
     return out
+
+
+def origin(model: Path) -> dict:
+    """Who made the model file a row measures: ``{"origin": "tangquant" | the outside tool, "by": …}``.
+    A GGUF says so in its metadata (:func:`tangquant.gguf.reader.origin`); a directory by the
+    manifest (``tangquant.json``) tangquant writes into everything it makes."""
+    if model.is_file() and model.suffix == ".gguf":
+        from tangquant.gguf.reader import origin as gguf_origin  # gguf and numpy, only for a GGUF
+
+        try:
+            return gguf_origin(model)
+        except TangquantError as exc:
+            return {"origin": "unknown", "by": f"unreadable metadata: {exc}"}
+    # quantize --export-ir writes its IR into <checkpoint>/openvino, under the checkpoint's manifest
+    for where in (model, model.parent) if model.name == "openvino" else (model,):
+        try:
+            manifest = files.read_manifest(where) if where.is_dir() else None
+        except TangquantError:
+            manifest = None
+        if manifest:
+            return {"origin": "tangquant", "by": f"tangquant {manifest.get('stage', '?')} "
+                                                 f"{manifest.get('tangquant_version', '')}".strip()}
+    quant = (_json(model / "config.json").get("quantization_config") or {}) if model.is_dir() else {}
+    return {"origin": "outside", "by": f"no tangquant.json ({quant.get('quant_method', 'no quantization_config')})"}
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _readme(path: Path) -> str:
@@ -152,7 +183,10 @@ def sweep(cands: list[Candidate], thread_list: list[int], rec, partial: Path,
                         logger.warning("candidate %s failed: %s", c.name, error)
                 bar.update(1)
         for c in cands:
-            rows.append(_row(c, t, bw, results[c.name], errors.get(c.name), rec))
+            row = _row(c, t, bw, results[c.name], errors.get(c.name), rec)
+            if "origin" not in row and c.name in resolved:  # a failed row still says whose file it was
+                row.update(origin(resolved[c.name].model))
+            rows.append(row)
     bar.close()
     return rows
 
