@@ -51,9 +51,10 @@ class ExportParams:
     lm_head_group_size: int = param(128, "group size of --lm-head int4")
     gguf_embeddings: str = param("q8_0", "type of the token embeddings of an untied model (gguf)",
                                  choices=GGUF_EMBEDDINGS)
-    gguf_head: str = param("q8_0", "type of the output head, and of a tied model's one table (gguf): "
-                           "round-to-nearest from the checkpoint's fp16 head by gguf-py's quantizers",
-                           choices=GGUF_HEADS)
+    gguf_head: str = param("q5_0", "type of the output head, and of a tied model's one table (gguf): "
+                           "round-to-nearest from the checkpoint's fp16 head by gguf-py's quantizers; q5_0 "
+                           "reads fewer bytes than llama-quantize's Q6_K head at a lower KLD than its Q4_0 "
+                           "file (docs/benchmarks.md)", choices=GGUF_HEADS)
     llama_check: bool = param(True, "load the GGUF in llama.cpp and generate before publishing (gguf); "
                               "--no-llama-check publishes a file whose tensors were checked exact, for a "
                               "machine whose llama.cpp cannot run")

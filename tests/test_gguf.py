@@ -353,7 +353,7 @@ def _rtn_q4_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def test_gguf_head_types_export_and_read_back(tmp_path, gptq_dir, gguf_export):
     """--gguf-head q4_0: the head's integers are RTN of its fp16 weights, llama.cpp loads the file, and
-    it reads fewer bytes per token than the q8_0 head; q5_0 exports too. Both files say who made them."""
+    it reads fewer bytes per token than the default (q5_0) head, whose type the default export has."""
     import gguf
 
     from tangquant.export import export
@@ -372,11 +372,13 @@ def test_gguf_head_types_export_and_read_back(tmp_path, gptq_dir, gguf_export):
     assert np.array_equal(raw[:, :2].copy().view(np.float16)[:, 0], d)
     assert np.array_equal(np.concatenate([raw[:, 2:] & 0xF, raw[:, 2:] >> 4], axis=1), q)
     (default,) = gguf_export[0].glob("*.gguf")
+    assert next(t for t in open_reader(default).tensors if t.name == "output.weight").tensor_type == \
+        gguf.GGMLQuantizationType.Q5_0
     assert bytes_per_token(path)["bytes_per_token"] < bytes_per_token(default)["bytes_per_token"]
     assert origin(path)["origin"] == "tangquant"
-    res5 = export(gptq_dir, tmp_path / "h5", format="gguf", gguf_head="q5_0", llama_check=False)
-    out5 = next(t for t in open_reader(tmp_path / "h5" / res5["file"]).tensors if t.name == "output.weight")
-    assert out5.tensor_type == gguf.GGMLQuantizationType.Q5_0
+    res8 = export(gptq_dir, tmp_path / "h8", format="gguf", gguf_head="q8_0", llama_check=False)
+    out8 = next(t for t in open_reader(tmp_path / "h8" / res8["file"]).tensors if t.name == "output.weight")
+    assert out8.tensor_type == gguf.GGMLQuantizationType.Q8_0
 
 
 def test_llamacpp_rows_record_buffers_origin_and_kv_options(tmp_path, gguf_export):

@@ -62,7 +62,7 @@ def check_exportable(ckpt: GPTQCheckpoint) -> None:
 
 def write_gguf_dir(ckpt: GPTQCheckpoint, out_dir: Path, tokenizer, embeddings: str = "q8_0",
                    base_model_id: str | None = None, llama_check: bool = True,
-                   head: str = "q8_0") -> dict:
+                   head: str = "q5_0") -> dict:
     """The GGUF, tokenizer files, Modelfile, card and manifest in the empty ``out_dir``; metrics.
     ``tokenizer``: the checkpoint's Hugging Face tokenizer, opened once by the caller.
 
