@@ -407,3 +407,16 @@ def test_llamacpp_rows_record_buffers_origin_and_kv_options(tmp_path, gguf_expor
     assert nofa["status"] == "failed" and "flash attention" in nofa["error"]
     if _amx.verdict(_amx.cpu_flags(), {"granted": False}, False)["reason"] == "this CPU has no AMX":
         assert "amx_fallback" not in tq and tq["amx"]["expected"] != "AMX"
+
+
+def test_the_amx_probe_compares_the_repacked_path_with_the_plain_one(gguf_export):
+    """The probe that guards an AMX row runs here on the paths this CPU has (CPU_REPACK against plain):
+    a child process answers, the two paths agree, and each one's buffers are recorded."""
+    pytest.importorskip("llama_cpp", reason=NO_LLAMA)
+    from tangquant.measure.runners.llamacpp import amx_probe
+
+    (path,) = gguf_export[0].glob("*.gguf")
+    res = amx_probe(str(path), 1)
+    assert res["ok"] and res["agree"] and res["correlation"] > 0.99, res
+    assert res["repack_off"]["weights_path"] == "plain CPU" and res["repack_off"]["repacked_tensors"] == {}
+    assert res["repack_on"]["weights_path"] in ("CPU_REPACK", "plain CPU", "AMX")
