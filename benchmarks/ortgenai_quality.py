@@ -8,8 +8,9 @@ on the poet's held-out poems:
 - ``gptq``: the checkpoint dequantised exactly (the common source of the three exports);
 - ``ir``: tangquant's IR in exact mode; ``gguf``: tangquant's GGUF dequantised by gguf's code;
 - ``ortgenai weights``: the ONNX Runtime GenAI directory's own weights in fp32 — the checkpoint's
-  with every node the builder requantized (its int4 lm_head) put in, dequantised from the
-  directory — so the row shows what the builder changed in the weights alone;
+  with every node the builder requantized (its int4 lm_head; with tied embeddings the lookup
+  shares those blocks, and so does this model) put in, dequantised from the directory — so the
+  row shows what the builder changed in the weights alone;
 - ``ortgenai runtime``: the directory's ``model.onnx`` run by onnxruntime's CPU provider over
   whole sequences (its MatMulNBits at ``accuracy_level`` 4: int8 activations), what a user runs.
 
@@ -61,15 +62,14 @@ def ort_weights_model(gptq: Path, ort_dir: Path):
     g = model.graph(ort_dir)
     inits = {t.name: t for t in g.initializer}
     m = load.torch_model(gptq)
-    params = dict(m.named_parameters())
     report = compare.compare(load.inspect(gptq).gptq, ort_dir)
     for node in (n for n in g.node if n.op_type == "MatMulNBits"):
         module, _ = compare.sources(node.name)
         if module in report["requantized"]:
             arrays = {i: model.array(ort_dir, inits[i]) for i in node.input[1:] if i in inits}
             w = compare.dequantized(compare.unpack(node, arrays))
-            with torch.no_grad():
-                params[f"{module}.weight"].copy_(torch.from_numpy(w))
+            with torch.no_grad():  # a tied head shares its tensor with the embeddings, as the builder's blocks do
+                m.get_submodule(module).weight.copy_(torch.from_numpy(w))
     return m, report
 
 

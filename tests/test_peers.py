@@ -44,6 +44,53 @@ def test_bad_options_are_refused_before_running(text, message):
         parse_candidate(text)
 
 
+def _handmade_ort_dir(out: Path, vocab: int = 64, hidden: int = 8) -> Path:
+    """The smallest directory load.inspect takes for ONNX Runtime GenAI: genai_config.json and a
+    decoder whose embedding table only a Gather on input_ids reads, and one matmul weight."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out.mkdir(parents=True)
+    table = numpy_helper.from_array(np.zeros((vocab, hidden), np.float32), "model.embed_tokens.weight")
+    head = numpy_helper.from_array(np.zeros((hidden, vocab), np.float32), "lm_head.weight")
+    nodes = [helper.make_node("Gather", ["model.embed_tokens.weight", "input_ids"], ["h"]),
+             helper.make_node("MatMul", ["h", "lm_head.weight"], ["logits"])]
+    graph = helper.make_graph(nodes, "decoder", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, vocab])],
+                              [table, head])
+    onnx.save(helper.make_model(graph), str(out / "model.onnx"))
+    config = {"model": {"type": "qwen2", "vocab_size": vocab, "context_length": 64,
+                        "decoder": {"filename": "model.onnx", "hidden_size": hidden, "num_hidden_layers": 1}}}
+    (out / "genai_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return out
+
+
+@pytest.mark.fast
+def test_ortgenai_directory_is_told_and_reads_one_embedding_row(tmp_path):
+    from tangquant import load
+    from tangquant.errors import InputError
+    from tangquant.ortgenai import model
+
+    d = _handmade_ort_dir(tmp_path / "ort", vocab=64, hidden=8)
+    md = load.inspect(d, kinds=("ortgenai",))
+    assert md.kind == "ortgenai" and md.config["vocab_size"] == 64 and md.config["max_position_embeddings"] == 64
+    with pytest.raises(InputError, match="ONNX Runtime GenAI model directory; this needs"):
+        load.inspect(d)  # not a model the other stages read
+    b = model.per_token(d, {})
+    assert b["weights_bytes"] == 2 * 64 * 8 * 4 and b["bytes_per_token"] == 64 * 8 * 4 + 8 * 4
+    (d / "model.onnx").unlink()
+    with pytest.raises(InputError, match="lacks its decoder"):
+        load.inspect(d, kinds=("ortgenai",))
+
+
+@pytest.mark.skipif(HAS_ORT, reason="onnxruntime-genai is installed")
+def test_ortgenai_without_the_package_is_a_failed_row_naming_the_extra(tmp_path):
+    d = _handmade_ort_dir(tmp_path / "ort")
+    (rec,) = bench([f"ort=ortgenai:{d}"], results_dir=str(tmp_path / "r.jsonl"), **SMALL)["records"]
+    assert rec["status"] == "failed" and "pip install 'tangquant[ortgenai]'" in rec["error"], rec["error"]
+
+
 @pytest.fixture(scope="module")
 def ort_export(tmp_path_factory, gptq_dir):
     """The INC-GPTQ tiny checkpoint through ONNX Runtime GenAI's builder: (out, rc, stdout, digest)."""

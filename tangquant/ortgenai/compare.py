@@ -127,9 +127,13 @@ def compare(ckpt: GPTQCheckpoint, out_dir: Path) -> dict:
 def _embedding(g, inits: dict, floats: dict, out_dir: Path) -> str:
     """How the input embedding table compares with the checkpoint's."""
     want = floats.get("model.embed_tokens.weight")
-    gathers = [n for n in g.node if n.op_type == "Gather" and n.input[0] in inits and "input_ids" in n.input[1:]]
+    on_ids = [n for n in g.node if "input_ids" in n.input[1:]]
+    if any(n.op_type == "GatherBlockQuantized" for n in on_ids):
+        # A tied table: the builder shares the lm_head's int4 blocks with the embedding lookup.
+        return "int4, the lm_head's requantized blocks shared (GatherBlockQuantized): changed as the lm_head"
+    gathers = [n for n in on_ids if n.op_type == "Gather" and n.input[0] in inits]
     if want is None or not gathers:
-        return "not compared (no plain Gather on input_ids, or no model.embed_tokens.weight)"
+        return "not compared (no Gather on input_ids, or no model.embed_tokens.weight)"
     got = model.array(out_dir, inits[gathers[0].input[0]])
     ref = want.float().numpy()
     if got.shape != ref.shape:
