@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import tree_digest
 
+from tangquant import host
 from tangquant.bench import bench, parse_candidate
 from tangquant.cli import main
 from tangquant.errors import BenchError
@@ -199,7 +200,7 @@ def test_bench_iklcpp_kind(tiny_gguf, tmp_path):
     assert ik["status"] == rtr["status"] == "ok", (ik.get("error"), rtr.get("error"))
     assert ik["rtr"] is False and ik["repacked_tensors"] == 0 and ik["fa"] is True
     assert rtr["rtr"] is True and rtr["mqkv"] is True and rtr["repacked_tensors"] > 0
-    assert "AVX512 = 1" in ik["ik_llama_cpp_system_info"] or "avx512f" not in open("/proc/cpuinfo").read()
+    assert "AVX512 = 1" in ik["ik_llama_cpp_system_info"] or "avx512f" not in host.cpu_flags()
     assert ik["pp_tps"] > 0 and ik["tg_tps"] > 0 and len(ik["warmup_tokens"]) == 8
     assert ik["bytes_per_token"] < ik["weights_bytes"] <= ik["size_bytes"]
     assert bad["status"] == "failed" and "pp_tps" not in bad

@@ -81,9 +81,9 @@ def _float_source(module: str, floats: dict, config: dict) -> str | None:
 
 
 def dequantized(u: dict) -> np.ndarray:
-    block = u["attrs"]["block_size"]
-    rep = lambda a: np.repeat(a, block, axis=1)[:, : u["q"].shape[1]]  # noqa: E731
-    return (u["q"].astype(np.float32) - rep(u["zeros"]).astype(np.float32)) * rep(u["scales"])
+    block, k = u["attrs"]["block_size"], u["q"].shape[1]
+    zeros = np.repeat(u["zeros"], block, axis=1)[:, :k].astype(np.float32)
+    return (u["q"].astype(np.float32) - zeros) * np.repeat(u["scales"], block, axis=1)[:, :k]
 
 
 def compare(ckpt: GPTQCheckpoint, out_dir: Path) -> dict:

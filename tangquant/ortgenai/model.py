@@ -10,7 +10,6 @@ every external location must lie inside the directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 from tangquant import checkpoint
 from tangquant.card import CARD, RANDOM_WEIGHTS
@@ -86,9 +85,8 @@ def nbytes(tensor) -> int:
     ext = _external(tensor)
     if ext is not None:
         return int(ext["length"])
-    from onnx import helper
-
     import numpy as np
+    from onnx import helper
 
     if tensor.raw_data:
         return len(tensor.raw_data)
@@ -112,12 +110,6 @@ def array(path: Path, tensor):
     if data.size != length:
         raise InputError(f"{f} is truncated: {tensor.name} needs bytes {offset}..{offset + length}")
     return data.view(dtype).reshape(tuple(tensor.dims))
-
-
-def initializers(path) -> Iterator[tuple[str, "object"]]:
-    """(name, array) of every initializer, one at a time."""
-    for tensor in graph(path).initializer:
-        yield tensor.name, array(Path(path), tensor)
 
 
 def per_token(path: Path, options: dict) -> dict:

@@ -30,7 +30,6 @@ import numpy as np
 
 from tangquant import host
 from tangquant.engines import is_true
-from tangquant.host import peak_rss_bytes
 from tangquant.measure.timing import check_tokens, prompt_ids, repeat, summary
 
 INSTALL = "sh .ci/install-iklcpp (it compiles ik-llama-cpp-python 0.1.5 natively into {path})"
@@ -142,7 +141,7 @@ def run(spec: dict) -> dict:
     s = Session(spec["path"], spec["threads"], p + n + 8, p, options)
     info = s.system_info()
     check_native(info)
-    out = {"load_s": time.perf_counter() - start, "rss_loaded_bytes": peak_rss_bytes(), **s.settings,
+    out = {"load_s": time.perf_counter() - start, "rss_loaded_bytes": host.peak_rss_bytes(), **s.settings,
            "repacked_tensors": s.repacked(), "ik_llama_cpp_system_info": info, "ik_llama_cpp_path": str(PATH)}
 
     def once(run: int, check: bool) -> dict:
