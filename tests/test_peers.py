@@ -172,9 +172,14 @@ def test_ortgenai_export_without_the_package_names_the_extra(gptq_dir, tmp_path,
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory, gptq_dir) -> Path:
-    out = tmp_path_factory.mktemp("ikgguf") / "gguf"
-    assert _export(gptq_dir, out, "--format", "gguf", "--no-llama-check")[0] == 0
+def tiny_gguf(tmp_path_factory, tiny_model_dir) -> Path:
+    """tangquant's GGUF of a round-to-nearest GPTQ checkpoint of the tiny model (seconds to build)."""
+    from _gptq_fixtures import make_rtn_gptq
+
+    root = tmp_path_factory.mktemp("ikgguf")
+    make_rtn_gptq(tiny_model_dir, root / "gptq")
+    out = root / "gguf"
+    assert _export(root / "gptq", out, "--format", "gguf", "--no-llama-check")[0] == 0
     (path,) = out.glob("*.gguf")
     return path
 
