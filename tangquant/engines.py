@@ -197,6 +197,19 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
            "cache types and fa flash attention (llama-bench's -ctk/-ctv/-fa; defaults as llama.cpp)",
            options=_LLAMACPP,
            capabilities=frozenset({"stream"}), extras=("llamacpp",)),
+    Engine("iklcpp", "ik_llama.cpp", ("gguf",), "tangquant.measure.runners.iklcpp:run",
+           "tangquant.measure.roofline:gguf_per_token",
+           "a GGUF file (or a directory holding one) through ik_llama.cpp, llama.cpp's CPU fork (natively "
+           "built: sh .ci/install-iklcpp); rtr, mqkv, fa, gr as its -rtr, -mqkv, -fa, -gr (unset: its defaults)",
+           options=(Option("rtr", "bool", "run-time repacking of the weights (ik_llama.cpp -rtr; default off)"),
+                    Option("mqkv", "bool", "Q, K and V merged into one tensor (-mqkv; default off)"),
+                    Option("fa", "bool", "flash attention (-fa; default on)"),
+                    Option("gr", "bool", "graph reuse between decode steps (-gr; default on)"),
+                    Option("threads_batch", "int", "the prefill's threads (-tb; default -t)", minimum=1))),
+    Engine("ortgenai", "onnxruntime-genai", ("ortgenai",), "tangquant.measure.runners.ortgenai:run",
+           "tangquant.ortgenai.model:per_token",
+           "an ONNX Runtime GenAI model directory (tangquant export --format ortgenai) on ONNX Runtime's CPU "
+           "provider, -t intra-op threads", extras=("ortgenai",)),
 )}
 
 

@@ -16,9 +16,16 @@ tied table is; biases and norms f32), with Qwen2 metadata, the tokenizer and the
 published the file is read back and every Q4_0 tensor must dequantise to exactly the
 checkpoint's weights; then llama.cpp loads it and generates tokens.
 
+``--format ortgenai`` (ONNX Runtime GenAI, ``pip install 'tangquant[ortgenai]'``): the checkpoint
+through ONNX Runtime GenAI's own model builder (int4 MatMulNBits, CPU); before the directory is
+published every int4 node is read back and must hold the checkpoint's integers, zero points and
+scales (the builder's own int4 requantization of the fp16 lm_head is measured and reported), and
+ONNX Runtime GenAI loads it and generates tokens.
+
 Examples:
   tangquant export --model out/poet-gptq --output out/poet-ov --format openvino
   tangquant export --model out/poet-gptq --output out/poet-gguf --format gguf
+  tangquant export --model out/poet-gptq --output out/poet-ort --format ortgenai
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ from tangquant.recipe import param, require
 
 logger = logging.getLogger(__name__)
 
-HELP = "export a GPTQ INT4 checkpoint to an OpenVINO IR or a GGUF with its exact INT4 weights"
-FORMATS = ("openvino", "gguf")
+HELP = ("export a GPTQ INT4 checkpoint to an OpenVINO IR, a GGUF or an ONNX Runtime GenAI model with its "
+        "exact INT4 weights")
+FORMATS = ("openvino", "gguf", "ortgenai")
 EMBEDDINGS = ("int8", "fp16")
 LM_HEADS = ("int8", "int4")
 GGUF_EMBEDDINGS = ("q8_0", "f16")  # (tangquant.gguf.writer.EMBEDDINGS; not imported: that loads gguf)
@@ -100,6 +108,8 @@ def export(model, output, params: ExportParams | None = None, force: bool = Fals
     tokenizer = load.tokenizer(ckpt.path)  # opened once, handed to the builder
     if p.format == "gguf":
         return _export_gguf(ckpt, tokenizer, out, p, force)
+    if p.format == "ortgenai":
+        return _export_ortgenai(ckpt, tokenizer, out, p, force)
     from tangquant.ov import build  # the engine: OpenVINO, NNCF, optimum-intel
 
     build.check_exportable(ckpt, tokenizer)
@@ -124,4 +134,17 @@ def _export_gguf(ckpt: GPTQCheckpoint, tokenizer, out, p: ExportParams, force: b
     summary = (f"{out / metrics['file']}  {files.human_size(metrics['size_bytes'])}  "
                f"{metrics['q4_0_tensors_exact']} Q4_0 tensors equal to the checkpoint's; "
                f"llama.cpp: {metrics['llama_cpp_check']}  ({metrics['seconds']:.0f} s)")
+    return {"output": str(out), **metrics, "summary": summary}
+
+
+def _export_ortgenai(ckpt: GPTQCheckpoint, tokenizer, out, p: ExportParams, force: bool) -> dict:
+    from tangquant.ortgenai import build  # the engine: onnxruntime-genai's builder, onnx
+
+    build.check_exportable(ckpt)  # not installed, not 4-bit, act-order: refused before anything is written
+    with files.atomic_output_dir(out, force) as tmp:
+        metrics = build.write_dir(ckpt, tmp, tokenizer, card.lineage(ckpt.path, p.base_model_id))
+    head = ", ".join(f"{m} requantized int4 by the builder" for m in metrics["requantized"])
+    summary = (f"{out}  {files.human_size(metrics['size_bytes'])}  {metrics['int4_layers_exact']} int4 nodes "
+               f"equal to the checkpoint's{'; ' + head if head else ''}; onnxruntime-genai: "
+               f"{metrics['ortgenai_check']}  ({metrics['seconds']:.0f} s)")
     return {"output": str(out), **metrics, "summary": summary}

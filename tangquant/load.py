@@ -15,6 +15,9 @@ all start from it:
   for fidelity measurements (an IR compiled in exact mode);
 - :func:`genai_pipeline`: an openvino-genai ``LLMPipeline`` of an IR.
 
+An ONNX Runtime GenAI directory (``genai_config.json`` beside its ``model.onnx``) is told too,
+as kind ``ortgenai``: only the ``ortgenai`` bench kind reads it.
+
 Heavy libraries are imported by the loader that needs them, so stages can
 inspect a directory before paying for torch or OpenVINO.
 """
@@ -28,6 +31,7 @@ from tangquant import checkpoint
 from tangquant.errors import InputError, QuantizedModelError
 from tangquant.files import parsing, read_json
 from tangquant.gptq import GPTQCheckpoint, is_gptq
+from tangquant.ortgenai import model as ortgenai_model
 from tangquant.ov.ir import EXACT_CONFIG, MODEL_XML, check_ir_files, is_ir_dir
 
 KINDS = ("ir", "gptq", "hf")
@@ -53,11 +57,14 @@ def inspect(path, kinds: tuple[str, ...] = KINDS, allow_pickle: bool = False,
         return ModelDir(path.path, "gptq", path.config, path)
     if is_gguf(path):
         found = _gguf_dir(path)
+    elif ortgenai_model.is_model_dir(path):
+        found = ModelDir(checkpoint.open_dir(path, what), "ortgenai", ortgenai_model.config(path))
     else:
         found = _model_dir(checkpoint.open_dir(path, what), kinds, allow_pickle)
     if found.kind not in kinds:
         names = {"ir": "an OpenVINO IR (tangquant export)", "gptq": "a GPTQ checkpoint",
-                 "hf": "a full-precision Hugging Face model", "gguf": "a GGUF file"}
+                 "hf": "a full-precision Hugging Face model", "gguf": "a GGUF file",
+                 "ortgenai": "an ONNX Runtime GenAI model directory"}
         raise InputError(f"{path} is {names[found.kind]}; this needs "
                          + " or ".join(names[k] for k in kinds))
     return found

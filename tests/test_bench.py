@@ -161,7 +161,7 @@ def test_candidate_options_and_recipe(tmp_path, capsys):
     c = parse_candidate("m=ov:/models/ir,KV_CACHE_PRECISION=u8,ENABLE_CPU_PINNING=true")
     assert (c.name, c.kind, c.path) == ("m", "ov", "/models/ir")
     assert c.options == {"KV_CACHE_PRECISION": "u8", "ENABLE_CPU_PINNING": "true"}
-    assert set(KINDS) == {"ov", "ov+lora", "torch-gptq+lora", "torch", "llamacpp"}
+    assert set(KINDS) == {"ov", "ov+lora", "torch-gptq+lora", "torch", "llamacpp", "iklcpp", "ortgenai"}
     recipe = tmp_path / "bench.yaml"
     recipe.write_text("candidates: []\nprompt_tokens: 8\nunknown_key: 1\n", encoding="utf-8")
     with pytest.raises(Exception, match="unknown_key"):

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tangquant"
 COMMAND_MODULES = {module for _, module in COMMANDS} | {"tangquant.cli", "tangquant.__main__"}
 ENGINES = ("tangquant.quant", "tangquant.measure", "tangquant.server", "tangquant.poet")
 HUB = ("tangquant.load", "tangquant.generate")
-FORMATS = ("tangquant.ov", "tangquant.gguf")
+FORMATS = ("tangquant.ov", "tangquant.gguf", "tangquant.ortgenai")
 NAMES = {4: "command", 3: "engine", 2: "hub", 1: "format", 0: "shared"}
 
 
