@@ -100,6 +100,7 @@ class Engine:
     chat: str | None = None             # generator class for `tangquant chat`
     serve: str | None = None            # engine factory for `tangquant serve`
     tune_grid: str | None = None        # (threads, flags) -> axes for `tangquant tune`
+    tune_gate: str | None = None        # tune's fidelity worker: run(spec) -> KLD and greedy checks
     adapter_option: str | None = None   # the option naming a LoRA directory, if any
     extras: tuple[str, ...] = field(default=())  # the pip extra(s) that install its runtime
 
@@ -158,6 +159,7 @@ _LORA = (Option("adapter", "path", "a peft LoRA adapter directory"),
          Option("lora_mode", "choice", "openvino-genai's adapter mode",
                 choices=("auto", "dynamic", "static_rank")))
 _DTYPE = Option("dtype", "choice", "load dtype", choices=("bf16", "fp16", "fp32"))
+_LLAMA_KV = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (
     Engine("ov", "openvino-genai", ("ir",), "tangquant.measure.runners.ov:run",
@@ -166,7 +168,7 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
            options=_OV_RUNTIME, properties=True,
            capabilities=frozenset({"stream", "multi_lora", "batching", "json_schema"}),
            chat="tangquant.generate:OVGenerator", serve="tangquant.server.runner:open_engine",
-           tune_grid="tangquant.ov.options:tune_grid"),
+           tune_grid="tangquant.ov.options:tune_grid", tune_gate="tangquant.ov.gate:run"),
     Engine("ov+lora", "openvino-genai", ("ir",), "tangquant.measure.runners.ov:run",
            "tangquant.measure.roofline:ir_per_token",
            "an OpenVINO base IR plus adapter=DIR through genai's Adapter (alpha = lora_alpha/r)",
@@ -188,8 +190,15 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
            "tangquant.measure.roofline:gguf_per_token",
            "a GGUF file (or a directory holding one) through llama.cpp (llama-cpp-python's low-level "
            "API); repack=0|1 turns its CPU weight repacking off or on (default on, as llama.cpp)",
-           options=(Option("repack", "bool", "llama.cpp's CPU weight repacking (use_extra_bufts)"),),
-           capabilities=frozenset({"stream"}), extras=("llamacpp",)),
+           options=(Option("repack", "bool", "llama.cpp's CPU weight repacking (use_extra_bufts)"),
+                    Option("ctk", "choice", "llama.cpp's K-cache type (-ctk)", choices=_LLAMA_KV),
+                    Option("ctv", "choice", "llama.cpp's V-cache type (-ctv; quantized needs fa)",
+                           choices=_LLAMA_KV),
+                    Option("fa", "choice", "llama.cpp's flash attention (-fa)",
+                           choices=("auto", "on", "off"))),
+           capabilities=frozenset({"stream", "batching", "json_schema"}), extras=("llamacpp",),
+           chat="tangquant.generate:LlamaCppGenerator", serve="tangquant.server.llamacpp:open_engine",
+           tune_grid="tangquant.gguf.options:tune_grid", tune_gate="tangquant.gguf.gate:run"),
 )}
 
 

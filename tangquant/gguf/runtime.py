@@ -24,6 +24,12 @@ import numpy as np
 _LOG: list[str] = []  # llama.cpp's log lines since the last load: how it placed the weights
 _COLLECT = L.llama_log_callback(lambda level, text, data: _LOG.append(text.decode("utf-8", "replace")))
 _REPACKED = re.compile(r"repack tensor (\S+) with (\S+)")
+# The KV-cache types llama.cpp's -ctk/-ctv take (common/arg.cpp), and -fa's values.
+KV_TYPES = {"f32": L.GGML_TYPE_F32, "f16": L.GGML_TYPE_F16, "bf16": 30, "q8_0": L.GGML_TYPE_Q8_0,
+            "q4_0": L.GGML_TYPE_Q4_0, "q4_1": L.GGML_TYPE_Q4_1, "iq4_nl": L.GGML_TYPE_IQ4_NL,
+            "q5_0": L.GGML_TYPE_Q5_0, "q5_1": L.GGML_TYPE_Q5_1}
+FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+              "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 
 
 class LlamaCppError(RuntimeError):
@@ -34,7 +40,8 @@ class Session:
     """One model and one context; ``decode`` appends tokens to the KV cache at ``pos``."""
 
     def __init__(self, path, threads: int | None = None, n_ctx: int = 512, n_batch: int = 512,
-                 repack: bool = True):
+                 repack: bool = True, type_k: str | None = None, type_v: str | None = None,
+                 flash_attn: str | None = None, n_seq_max: int = 1):
         L.llama_log_set(_COLLECT, ctypes.c_void_p())  # kept off stderr, and read for the repack path
         _LOG.clear()
         L.llama_backend_init()
@@ -48,10 +55,19 @@ class Session:
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, min(n_batch, 512)
         if threads:
             cp.n_threads = cp.n_threads_batch = threads
+        # llama.cpp's own defaults (f16 KV, flash attention "auto") unless a caller sets them.
+        if type_k:
+            cp.type_k = KV_TYPES[type_k]
+        if type_v:
+            cp.type_v = KV_TYPES[type_v]
+        if flash_attn:
+            cp.flash_attn_type = FLASH_ATTN[flash_attn]
+        cp.n_seq_max = n_seq_max  # each sequence gets n_ctx / n_seq_max cells (kv_unified off)
         cp.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            raise LlamaCppError(f"llama.cpp could not make a context of {n_ctx} tokens for {path}")
+            raise LlamaCppError(f"llama.cpp could not make a context of {n_ctx} tokens for {path}: "
+                                f"{_last_line()}")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_batch = n_batch
@@ -121,6 +137,17 @@ class Session:
         L.llama_batch_free(self.batch)
         L.llama_free(self.ctx)
         L.llama_model_free(self.model)
+
+
+def session_options(options: dict) -> dict:
+    """The ``llamacpp`` engine's checked options (engines.ENGINES) as :class:`Session` keywords."""
+    out = {}
+    if "repack" in options:
+        out["repack"] = str(options["repack"]).strip().lower() in ("1", "true", "yes", "on")
+    for key, kwarg in (("ctk", "type_k"), ("ctv", "type_v"), ("fa", "flash_attn")):
+        if options.get(key):
+            out[kwarg] = str(options[key]).strip().lower()
+    return out
 
 
 def _last_line() -> str:
