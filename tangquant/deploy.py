@@ -111,14 +111,15 @@ def entry(root: Path, engine: str, model: Path, options: dict, threads: int | No
             "options": dict(options), THREADS: threads, **measured}
 
 
-def check_directory(root: Path) -> None:
+def check_directory(root: Path, given: bool = True) -> None:
     """A deployment goes beside models, not inside one (a model directory would read as both)."""
-    for marker in ("config.json", "openvino_model.xml"):
-        if (Path(root) / marker).exists():
-            raise InputError(f"--deploy {root} is a model directory; a deployment goes beside the "
-                             "models (their parent directory, or a new one)")
-    if Path(root).is_dir() and any(Path(root).glob("*.gguf")):
-        raise InputError(f"--deploy {root} holds a GGUF; a deployment goes beside the models")
+    root = Path(root)
+    model = any((root / m).exists() for m in ("config.json", "openvino_model.xml")) or (
+        root.is_dir() and any(root.glob("*.gguf")))
+    if model:
+        where = f"--deploy {root}" if given else f"{root} (the directory holding the IR)"
+        raise InputError(f"{where} is a model directory; a deployment goes beside the models: "
+                         "pass --deploy DIR (their parent, or a new directory)")
 
 
 def write(root: Path, data: dict, force: bool = False) -> Path:

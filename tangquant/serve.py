@@ -1,4 +1,4 @@
-"""Serve an exported OpenVINO model: an OpenAI-compatible API and a web chat page.
+"""Serve an exported model: an OpenAI-compatible API and a web chat page.
 
 Routes: POST /v1/chat/completions and /v1/completions (streaming SSE ending in
 `data: [DONE]`, or one JSON reply with `usage`; `response_format` json_schema and
@@ -8,6 +8,12 @@ shared by all requests: --max-num-seqs sequences at once (--max-concurrency is
 its old name), up to --queue-size more requests wait, and beyond that the server
 answers 429 with Retry-After. The scheduler flags carry OpenVINO Model Server's
 names. A generation stops when its client disconnects or its --timeout passes.
+
+A GGUF (tangquant export --format gguf) runs in llama.cpp instead, in a child
+process, --max-num-seqs sequences batched together, behind the same API, limits
+and /metrics; a deployment directory (tangquant tune --apply) runs the engine,
+file and settings it chose. A flag or request field an engine cannot honour
+(--adapter on llama.cpp, an OpenVINO-only setting) is refused in one line.
 
 --adapter NAME=DIR (repeatable) serves a peft LoRA adapter on the same base IR:
 a request with "model": NAME gets it, applied at run time (scale lora_alpha/r).
@@ -21,6 +27,7 @@ other users can see in `ps`); every /v1 route then needs
 Example:
   TANGQUANT_API_KEY=secret tangquant serve --model out/ov --port 8000 \
       --adapter tang=saves/tang-lora --max-num-seqs 8
+  tangquant serve --model out/poet    # the deployment tune --apply wrote
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ PARAMS = ServeConfig
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
-                        help="an exported OpenVINO model directory (tangquant export)")
+                        help="an exported OpenVINO IR or GGUF (tangquant export), or a deployment "
+                        "directory (tangquant tune --apply)")
 
 
 def run(args) -> dict:

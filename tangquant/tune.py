@@ -149,7 +149,7 @@ def tune(model, params: TuneParams | None = None, apply: bool = False,
     before = runtime.read(md.path)
     manifest = files.read_manifest(md.path) or {}
     if apply:
-        _check_apply(force, md.path, manifest, before, target)
+        _check_apply(force, md.path, manifest, before, target, given=deploy_dir is not None)
     out = Path(results)
     jsonl = files.check_output_file(out if out.suffix == ".jsonl" else out / "tune.jsonl",
                                     [md.path] + ([gg.path] if gg else []), force=False, append=True)
@@ -223,10 +223,11 @@ def _held_out(n: int) -> list[str]:
     return [p["prompt"] for p in data["prompts"][:n]]
 
 
-def _check_apply(force: bool, ir: Path, manifest: dict, before: dict, target) -> None:
-    """Refuse, before anything is measured, an --apply that would replace an earlier one."""
+def _check_apply(force: bool, ir: Path, manifest: dict, before: dict, target, given: bool) -> None:
+    """Refuse, before anything is measured, an --apply that would replace an earlier one, or
+    write a deployment into a model directory."""
     if target is not None:
-        deploy.check_directory(target)
+        deploy.check_directory(target, given)
     if force:
         return
     if manifest.get("tune"):

@@ -235,3 +235,9 @@ def test_a_deployment_runs_in_chat_serve_and_bench(tmp_path, tiny_gguf, ov_expor
         assert str(srv.engine.properties["INFERENCE_NUM_THREADS"]) == "1"
     finally:
         srv.close()
+
+
+def test_an_empty_prompt_is_400_and_the_engine_goes_on(server):
+    status, _, body = post_json(server, "/v1/completions", {"prompt": "", "max_tokens": 2})
+    assert status == 400 and body["error"]["param"] == "prompt"
+    assert post_json(server, "/v1/completions", {"prompt": "床", "max_tokens": 2})[0] == 200

@@ -95,6 +95,8 @@ class Loop:
 
     def command(self, msg: dict) -> None:
         if msg.get("op") == "start":
+            if not msg.get("prompt") or int(msg["max_new"]) < 1:
+                raise ValueError("a request needs a prompt and at least one new token")
             try:  # a JSON schema becomes llama.cpp's grammar (llama-cpp-python's converter)
                 grammar = json_schema_to_gbnf(msg["schema"]) if msg.get("schema") else None
             except Exception as exc:  # the converter's own errors: a request error, not the process's
@@ -127,7 +129,11 @@ class Loop:
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
             if line.strip():
-                self.command(json.loads(line))
+                msg = json.loads(line)
+                try:
+                    self.command(msg)
+                except Exception as exc:  # one bad request, never the process
+                    self.send(id=msg.get("id"), refused=f"{type(exc).__name__}: {exc}"[:300])
         return True
 
     def step(self) -> None:

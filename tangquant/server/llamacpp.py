@@ -54,6 +54,7 @@ class _Request:
     last: float = 0.0
     tokens: int = 0
     cancelled: bool = False
+    schema: bool = False
     queued: asyncio.Future | None = None   # None when the child built its sampler, else why not
 
 
@@ -152,9 +153,12 @@ class LlamaEngine(Engine):
                            "engine", "ignore_eos", "unsupported_value")
         loop = asyncio.get_running_loop()
         ids = await asyncio.to_thread(self._encode, prompt)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", "prompt", "invalid_value")
         req = _Request(Generation(loop, deadline), loop.create_future(), loop,
                        admitted=deadline - self.timeout, n_prompt=len(ids),
-                       text=llama_text.TextStream(self._decode, sampling.stop), queued=loop.create_future())
+                       text=llama_text.TextStream(self._decode, sampling.stop),
+                       schema=json_schema is not None, queued=loop.create_future())
         with self._lock:
             req.rid = self.proc.submit(ids, max_new, functools.partial(self._event, req),
                                        llama_text.sampler_settings(sampling, self.sampling_defaults),
@@ -169,7 +173,10 @@ class LlamaEngine(Engine):
     def _event(self, req: _Request, msg: dict) -> None:
         """One event of the llama.cpp process for ``req`` (on its reader thread)."""
         now = time.monotonic()
-        if "queued" in msg or "refused" in msg:
+        if "refused" in msg and not req.schema:  # not this engine's doing: a failed request
+            self._done(req, {"done": "cancelled", "error": msg["refused"]}, now)
+            return
+        if "queued" in msg or "refused" in msg:  # a schema's start waits for this
             if "refused" in msg:
                 with self._lock:
                     self._requests.pop(req.rid, None)
