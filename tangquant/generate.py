@@ -15,6 +15,7 @@ import math
 import queue
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 from tangquant import deploy, engines, load
@@ -22,6 +23,7 @@ from tangquant.errors import EngineError, InputError, ParameterError
 from tangquant.gguf import options as llama_options
 from tangquant.gguf import text as llama_text
 from tangquant.gguf.process import LlamaProcess
+from tangquant.ov.ir import MODEL_XML, is_ir_dir
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +162,9 @@ def open_model(model, use: str, allow_pickle: bool = False):
         logger.info("deployment %s: %s", model, choice.describe())
         return engine, md, {"options": choice.options, "threads": choice.threads}
     kinds = tuple(dict.fromkeys(k for e in engines.ENGINES.values() if getattr(e, use) for k in e.models))
+    if "hf" not in kinds and Path(model).is_dir() and not (is_ir_dir(Path(model)) or load.is_gguf(model)):
+        raise InputError(f"{model} is not an exported OpenVINO model (no {MODEL_XML}), a GGUF or a "
+                         "deployment; make one with `tangquant export` (or `tangquant tune --apply`)")
     md = load.inspect(model, kinds=kinds, allow_pickle=allow_pickle)
     return engines.for_model(md.kind, use), md, {}
 

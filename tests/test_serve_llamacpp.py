@@ -40,6 +40,18 @@ def _greedy_reply(gguf_dir, tokenizer, n: int) -> tuple[str, int]:
     return tokenizer.decode(kept, skip_special_tokens=True), len(kept)
 
 
+def _stream(server, max_tokens: int) -> socket.socket:
+    """A raw streaming request whose response has started (its generation is running)."""
+    body = json.dumps({"messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                 b"application/json\r\nAuthorization: Bearer " + API_KEY.encode() +
+                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock.recv(1)
+    return sock
+
+
 @pytest.fixture(scope="module")
 def server(tiny_gguf):
     with running_server(tiny_gguf, api_key=API_KEY, max_num_seqs=2, queue_size=2,
@@ -99,13 +111,7 @@ def test_a_llama_cpp_crash_fails_its_request_not_the_server(server):
     the next request is answered."""
     engine = server.engine
     before = engine.proc.restarts
-    body = json.dumps({"messages": MESSAGES, "max_tokens": 500, "temperature": 0, "ignore_eos": True,
-                       "stream": True}).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                 b"application/json\r\nAuthorization: Bearer " + API_KEY.encode() +
-                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    sock.recv(1)  # the response has started: the generation is running
+    sock = _stream(server, 500)
     os.kill(engine.proc.pid, signal.SIGKILL)
     data = b""
     while b"data: [DONE]" not in data:
@@ -131,13 +137,7 @@ def one_slot(long_gguf):
 def test_queue_full_is_429_disconnect_cancels_and_metrics(one_slot):
     server = one_slot
     before = wait_idle(server)
-    body = json.dumps({"messages": MESSAGES, "max_tokens": LONG, "temperature": 0, "ignore_eos": True,
-                       "stream": True}).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                 b"application/json\r\nAuthorization: Bearer " + API_KEY.encode() +
-                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    sock.recv(1)
+    sock = _stream(server, LONG)
     status, headers, refused = post_json(server, CHAT, {"messages": MESSAGES, "max_tokens": 2})
     assert status == 429 and int(headers["retry-after"]) >= 1
     assert refused["error"]["type"] == "rate_limit_error"
