@@ -72,11 +72,14 @@ def chat(model, params: ChatParams | None = None, adapter=None, prompt: str | No
             raise ParameterError(f"{flag} is not valid UTF-8 text")
     generator = open_generator(model, adapter=adapter, allow_pickle=p.allow_pickle)
     prefix = [{"role": "system", "content": p.system}] if p.system else []
-    if prompt is not None:
-        _answer(generator, prefix + [{"role": "user", "content": prompt}], p.sampling, sys.stdout)
-        return
-    print(BANNER.format(name=Path(model).name), flush=True)
-    chat_loop(generator, p.sampling, p.system)
+    try:
+        if prompt is not None:
+            _answer(generator, prefix + [{"role": "user", "content": prompt}], p.sampling, sys.stdout)
+            return
+        print(BANNER.format(name=Path(model).name), flush=True)
+        chat_loop(generator, p.sampling, p.system)
+    finally:
+        generator.close()  # a llama.cpp child process ends with the chat
 
 
 def chat_loop(generator, sampling: Sampling = Sampling(), system: str | None = None,

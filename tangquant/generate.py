@@ -112,6 +112,9 @@ class _ContextCap:
                            n_prompt, n, sampling.max_new_tokens)
         return n
 
+    def close(self) -> None:
+        """Release what the generator holds beyond memory (a child process)."""
+
 
 def genai_config(base, sampling: Sampling, max_new_tokens: int | None = None):
     """openvino-genai's GenerationConfig: ``base`` (the model's defaults, a copy) + ``sampling``."""
