@@ -107,6 +107,7 @@ class LlamaEngine(Engine):
         self._watch.start()
 
     def _open_tokenizer(self, model_dir):
+        self._tok_lock = threading.Lock()
         tokenizer = load.tokenizer(self.md)
         if not tokenizer.chat_template:
             raise ServeError(f"the tokenizer of {self.md.path} has no chat template")
@@ -133,17 +134,22 @@ class LlamaEngine(Engine):
         return {"fraction": used / (self.context_length * self.max_num_seqs), "bytes": self.kv_bytes}
 
     # -- prompts -----------------------------------------------------------------------------------
+    # One tokenizer for the handlers' threads and the reader's: Hugging Face's fast tokenizer may
+    # change its truncation settings inside a call, which another thread's call must not meet.
     def chat_prompt(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        with self._tok_lock:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self._tok_lock:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def count_tokens(self, text: str) -> int:
         return len(self._encode(text))
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     # -- generation --------------------------------------------------------------------------------
     async def start(self, prompt: str, sampling: Sampling, max_new: int, deadline: float,
