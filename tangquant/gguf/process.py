@@ -127,21 +127,27 @@ class LlamaProcess:
         return {"fatal": f"no answer within {LOAD_TIMEOUT_S:.0f} s"}
 
     def _log(self, proc, tail) -> None:
-        for raw in proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip()
-            if line:
-                tail.append(line)
-                logger.debug("llama.cpp process %d: %s", proc.pid, line)
+        with proc.stderr:
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip()
+                if line:
+                    tail.append(line)
+                    logger.debug("llama.cpp process %d: %s", proc.pid, line)
 
     def _read(self, proc, tail) -> None:
-        for line in proc.stdout:
-            msg = json.loads(line)
-            with self._cv:
-                final = "done" in msg or "refused" in msg
-                handler = (self._handlers.pop if final else self._handlers.get)(msg.get("id"), None)
-            if handler is not None:
-                handler(msg)
+        with proc.stdout:
+            for line in proc.stdout:
+                msg = json.loads(line)
+                with self._cv:
+                    final = "done" in msg or "refused" in msg
+                    handler = (self._handlers.pop if final else self._handlers.get)(msg.get("id"), None)
+                if handler is not None:
+                    handler(msg)
         proc.wait()
+        try:
+            proc.stdin.close()
+        except OSError:  # a write to the dead child was still buffered
+            pass
         with self._cv:
             if self._closing:
                 return
@@ -182,7 +188,8 @@ class LlamaProcess:
             try:
                 proc.stdin.write((json.dumps(msg) + "\n").encode())
                 proc.stdin.flush()
-            except OSError:  # the child died: the reader fails its requests and starts another
+            except (OSError, ValueError):  # the child died (its stdin may be closed by now): the
+                # reader fails its requests and starts another
                 with self._cv:
                     self._cv.wait_for(lambda: self.proc is not proc or self._closing or self.broken,
                                       timeout=LOAD_TIMEOUT_S)

@@ -27,7 +27,7 @@ from tangquant.errors import ServeError
 from tangquant.generate import Sampling
 from tangquant.gguf import options as llama_options
 from tangquant.gguf import text as llama_text
-from tangquant.gguf.process import LlamaProcess
+from tangquant.gguf.process import LlamaProcess, LlamaProcessError
 from tangquant.server.config import ServeConfig
 from tangquant.server.engine import Engine, Generation, Result
 from tangquant.server.schema import ApiError
@@ -166,9 +166,12 @@ class LlamaEngine(Engine):
                        text=llama_text.TextStream(self._decode, sampling.stop),
                        schema=json_schema is not None, queued=loop.create_future())
         with self._lock:
-            req.rid = self.proc.submit(ids, max_new, functools.partial(self._event, req),
-                                       llama_text.sampler_settings(sampling, self.sampling_defaults),
-                                       self.eos, sampling.ignore_eos, json_schema)
+            try:
+                req.rid = self.proc.submit(ids, max_new, functools.partial(self._event, req),
+                                           llama_text.sampler_settings(sampling, self.sampling_defaults),
+                                           self.eos, sampling.ignore_eos, json_schema)
+            except LlamaProcessError as exc:  # it died and could not load the model again
+                raise ApiError(503, str(exc), code="generation_failed", type_="server_error") from None
             self._requests[req.rid] = req
         if json_schema is not None:  # the child compiles the grammar: its refusal is this request's 400
             refused = await req.queued
