@@ -326,9 +326,7 @@ class LlamaCppGenerator(_ContextCap):
 
     def stream(self, messages: list[dict], sampling: Sampling = Sampling()) -> Iterator[str]:
         ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        max_new = self._cap(len(ids), sampling)
-        if max_new is None:
-            max_new = min(self.defaults.get("max_new_tokens") or self.context, self.context - len(ids))
+        max_new = self._cap(len(ids), sampling)  # never None: the context is known
         events: queue.Queue = queue.Queue()
         rid = self.proc.submit(ids, max_new, events.put, llama_text.sampler_settings(sampling, self.defaults),
                                llama_text.eos_ids(self.defaults), sampling.ignore_eos)
@@ -341,9 +339,9 @@ class LlamaCppGenerator(_ContextCap):
                     yield piece
                 if text.stopped:
                     self.proc.cancel(rid)
-                done = event if "done" in event else None
-            if done.get("error"):
-                raise EngineError(f"generation failed: {done['error']}")
+                done = event if "done" in event or "refused" in event else None
+            if done.get("error") or done.get("refused"):
+                raise EngineError(f"generation failed: {done.get('error') or done['refused']}")
             if tail := text.end():
                 yield tail
         finally:
