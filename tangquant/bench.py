@@ -34,7 +34,8 @@ from tangquant.measure.report import plot as draw
 from tangquant.measure.runner import DEFAULT_BASELINE_PYTHON, MARKER, environment, sweep  # noqa: F401 (MARKER: bench.MARKER)
 from tangquant.recipe import param, require
 
-__doc__ = __doc__.replace("{kinds}", engines.describe())
+__doc__ = __doc__.replace("{kinds}", engines.describe() + f"\n  {'deploy':<16} a deployment directory "
+                          "(tangquant tune --apply): its chosen engine, model and options")
 logger = logging.getLogger(__name__)
 
 HELP = "tokens/s side by side (pp/tg, llama-bench style) against the bandwidth roofline"
@@ -45,7 +46,7 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 @dataclasses.dataclass(frozen=True)
 class BenchRecipe:
     candidates: tuple[str, ...] = param((), f"a model to measure, NAME=KIND:PATH[,key=value…] "
-                                        f"(repeatable); KIND is one of {', '.join(engines.ENGINES)}",
+                                        f"(repeatable); KIND is one of {', '.join(engines.ENGINES)}, or deploy",
                                         flag="--candidate", repeat=True, metavar="NAME=KIND:PATH[,k=v]")
     prompt_tokens: int = param(512, "prefill length", short="-p")
     gen_tokens: int = param(128, "decoded tokens", short="-n")

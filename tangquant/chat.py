@@ -1,9 +1,11 @@
-"""Streaming terminal chat with an OpenVINO IR or a Hugging Face model directory.
+"""Streaming terminal chat with an OpenVINO IR, a GGUF or a Hugging Face model directory.
 
 An OpenVINO IR directory (``tangquant export``) runs through openvino-genai's
-LLMPipeline; any other directory through transformers (a GPTQ checkpoint is
-dequantised exactly, ``--adapter`` adds a LoRA). Prompts are formatted with the
-model's own chat template. Type ``clear`` to forget the history, ``exit`` to
+LLMPipeline; a GGUF (``--format gguf``) through llama.cpp, in a child process; a
+deployment directory (``tangquant tune --apply``) in the engine, file and
+settings it chose; any other directory through transformers (a GPTQ checkpoint
+is dequantised exactly, ``--adapter`` adds a LoRA). Prompts are formatted with
+the model's own chat template. Type ``clear`` to forget the history, ``exit`` to
 quit; ``--prompt TEXT`` answers once and exits, for scripts.
 
 Example:
@@ -25,7 +27,7 @@ from tangquant.recipe import param
 
 logger = logging.getLogger(__name__)
 
-HELP = "streaming terminal chat with an OpenVINO IR or a Hugging Face model"
+HELP = "streaming terminal chat with an OpenVINO IR, a GGUF or a Hugging Face model"
 BANNER = "Chat with {name}. Type `clear` to clear the history, `exit` to quit."
 
 
@@ -51,7 +53,7 @@ PARAMS = ChatParams
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True,
-                        help="OpenVINO IR directory or Hugging Face model directory")
+                        help="OpenVINO IR, GGUF, deployment or Hugging Face model directory")
     parser.add_argument("--adapter", help="LoRA adapter to apply (Hugging Face models only)")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
 
@@ -70,11 +72,14 @@ def chat(model, params: ChatParams | None = None, adapter=None, prompt: str | No
             raise ParameterError(f"{flag} is not valid UTF-8 text")
     generator = open_generator(model, adapter=adapter, allow_pickle=p.allow_pickle)
     prefix = [{"role": "system", "content": p.system}] if p.system else []
-    if prompt is not None:
-        _answer(generator, prefix + [{"role": "user", "content": prompt}], p.sampling, sys.stdout)
-        return
-    print(BANNER.format(name=Path(model).name), flush=True)
-    chat_loop(generator, p.sampling, p.system)
+    try:
+        if prompt is not None:
+            _answer(generator, prefix + [{"role": "user", "content": prompt}], p.sampling, sys.stdout)
+            return
+        print(BANNER.format(name=Path(model).name), flush=True)
+        chat_loop(generator, p.sampling, p.system)
+    finally:
+        generator.close()  # a llama.cpp child process ends with the chat
 
 
 def chat_loop(generator, sampling: Sampling = Sampling(), system: str | None = None,

@@ -100,6 +100,7 @@ class Engine:
     chat: str | None = None             # generator class for `tangquant chat`
     serve: str | None = None            # engine factory for `tangquant serve`
     tune_grid: str | None = None        # (threads, flags) -> axes for `tangquant tune`
+    tune_gate: str | None = None        # tune's fidelity worker: run(spec) -> KLD and greedy checks
     adapter_option: str | None = None   # the option naming a LoRA directory, if any
     extras: tuple[str, ...] = field(default=())  # the pip extra(s) that install its runtime
 
@@ -163,7 +164,8 @@ _LLAMACPP = (Option("repack", "bool", "llama.cpp's CPU weight repacking (use_ext
              Option("ctk", "choice", "the K cache's type (llama.cpp -ctk; default f16)", choices=_KV_TYPES),
              Option("ctv", "choice", "the V cache's type (llama.cpp -ctv; default f16; quantized needs fa)",
                     choices=_KV_TYPES),
-             Option("fa", "choice", "flash attention (llama.cpp -fa; default auto)", choices=("auto", "0", "1")))
+             Option("fa", "choice", "flash attention (llama.cpp -fa on|off|auto, or llama-bench's 1|0; "
+                    "default auto)", choices=("auto", "on", "off", "1", "0")))
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (
     Engine("ov", "openvino-genai", ("ir",), "tangquant.measure.runners.ov:run",
@@ -172,7 +174,7 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
            options=_OV_RUNTIME, properties=True,
            capabilities=frozenset({"stream", "multi_lora", "batching", "json_schema"}),
            chat="tangquant.generate:OVGenerator", serve="tangquant.server.runner:open_engine",
-           tune_grid="tangquant.ov.options:tune_grid"),
+           tune_grid="tangquant.ov.options:tune_grid", tune_gate="tangquant.ov.gate:run"),
     Engine("ov+lora", "openvino-genai", ("ir",), "tangquant.measure.runners.ov:run",
            "tangquant.measure.roofline:ir_per_token",
            "an OpenVINO base IR plus adapter=DIR through genai's Adapter (alpha = lora_alpha/r)",
@@ -196,7 +198,9 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
            "API); repack=0|1 turns its CPU weight repacking (AMX's too) off or on, ctk/ctv set the KV "
            "cache types and fa flash attention (llama-bench's -ctk/-ctv/-fa; defaults as llama.cpp)",
            options=_LLAMACPP,
-           capabilities=frozenset({"stream"}), extras=("llamacpp",)),
+           capabilities=frozenset({"stream", "batching", "json_schema"}), extras=("llamacpp",),
+           chat="tangquant.generate:LlamaCppGenerator", serve="tangquant.server.llamacpp:open_engine",
+           tune_grid="tangquant.gguf.options:tune_grid", tune_gate="tangquant.gguf.gate:run"),
     Engine("iklcpp", "ik_llama.cpp", ("gguf",), "tangquant.measure.runners.iklcpp:run",
            "tangquant.measure.roofline:gguf_per_token",
            "a GGUF file (or a directory holding one) through ik_llama.cpp, llama.cpp's CPU fork (natively "

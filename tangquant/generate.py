@@ -15,10 +15,15 @@ import math
 import queue
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
-from tangquant import engines, load
-from tangquant.errors import InputError, ParameterError
+from tangquant import deploy, engines, load
+from tangquant.errors import EngineError, InputError, ParameterError
+from tangquant.gguf import options as llama_options
+from tangquant.gguf import text as llama_text
+from tangquant.gguf.process import LlamaProcess
+from tangquant.ov.ir import MODEL_XML, is_ir_dir
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +112,9 @@ class _ContextCap:
                            n_prompt, n, sampling.max_new_tokens)
         return n
 
+    def close(self) -> None:
+        """Release what the generator holds beyond memory (a child process)."""
+
 
 def genai_config(base, sampling: Sampling, max_new_tokens: int | None = None):
     """openvino-genai's GenerationConfig: ``base`` (the model's defaults, a copy) + ``sampling``."""
@@ -135,14 +143,33 @@ def open_generator(model_dir, adapter=None, allow_pickle: bool = False, device: 
                    ov_config: dict | None = None):
     """A generator for ``model_dir`` in the engine its format has a chat entry for (the engines
     table): an OpenVINO IR through openvino-genai (``ov_config`` e.g. ``ov.ir.EXACT_CONFIG``), a
-    Hugging Face directory through transformers (fp32; ``adapter``)."""
-    kinds = tuple(dict.fromkeys(k for e in engines.ENGINES.values() if e.chat for k in e.models))
-    md = load.inspect(model_dir, kinds=kinds, allow_pickle=allow_pickle)
-    engine = engines.for_model(md.kind, "chat")
+    GGUF through llama.cpp, a Hugging Face directory through transformers (fp32; ``adapter``);
+    or, for a deployment directory (``tangquant tune --apply``), the engine, file and settings
+    it chose."""
+    engine, md, settings = open_model(model_dir, "chat", allow_pickle)
     if adapter:
         engine.require("adapter", "--adapter")
     return engines.entry(engine.chat)(md, adapter=adapter, allow_pickle=allow_pickle, device=device,
-                                      ov_config=ov_config)
+                                      ov_config=ov_config, **settings)
+
+
+def open_model(model, use: str, allow_pickle: bool = False):
+    """(engine row, checked model, settings) for ``chat`` or ``serve`` (``use``): a deployment's
+    choice (``options``, ``threads``), or the engine the model's format runs in."""
+    if deploy.find(model) is not None:
+        choice = deploy.read(model).chosen
+        engine = engines.get(choice.engine)
+        if not getattr(engine, use):
+            raise EngineError(f"{model}: its {choice.engine} engine has no `tangquant {use}`")
+        md = load.inspect(choice.model, kinds=engine.models)
+        logger.info("deployment %s: %s", model, choice.describe())
+        return engine, md, {"options": choice.options, "threads": choice.threads}
+    kinds = tuple(dict.fromkeys(k for e in engines.ENGINES.values() if getattr(e, use) for k in e.models))
+    if "hf" not in kinds and Path(model).is_dir() and not (is_ir_dir(Path(model)) or load.is_gguf(model)):
+        raise InputError(f"{model} is not an exported OpenVINO model (no {MODEL_XML}), a GGUF or a "
+                         "deployment; make one with `tangquant export` (or `tangquant tune --apply`)")
+    md = load.inspect(model, kinds=kinds, allow_pickle=allow_pickle)
+    return engines.for_model(md.kind, use), md, {}
 
 
 class _Streamer:
@@ -175,8 +202,15 @@ class _Streamer:
 
 
 class OVGenerator(_ContextCap):
-    def __init__(self, md: load.ModelDir, device: str = "CPU", ov_config: dict | None = None, **_):
-        self.pipe = load.genai_pipeline(md, device, **(ov_config or {}))
+    def __init__(self, md: load.ModelDir, device: str = "CPU", ov_config: dict | None = None,
+                 options: dict | None = None, threads: int | None = None, **_):
+        from tangquant.ov.options import pipeline_properties
+
+        options = dict(options or {})
+        props = {**pipeline_properties(options), **(ov_config or {})}
+        if threads:
+            props.setdefault("INFERENCE_NUM_THREADS", threads)
+        self.pipe = load.genai_pipeline(md, options.get("device", device), **props)
         self.model_dir = md.path
         self.context = load.context_length(md.config)
 
@@ -205,7 +239,10 @@ class OVGenerator(_ContextCap):
 
 
 class HFGenerator(_ContextCap):
-    def __init__(self, md: load.ModelDir, adapter=None, allow_pickle: bool = False, **_):
+    def __init__(self, md: load.ModelDir, adapter=None, allow_pickle: bool = False,
+                 options: dict | None = None, **_):
+        if options:
+            raise EngineError(f"the torch engine's chat takes no options, got {', '.join(options)}")
         self.tokenizer = load.tokenizer(md)
         if not self.tokenizer.chat_template:
             raise InputError(f"the tokenizer in {md.path} has no chat template")
@@ -266,3 +303,53 @@ class HFGenerator(_ContextCap):
         return "".join(self.stream(messages, sampling))
 
 
+class LlamaCppGenerator(_ContextCap):
+    """A GGUF through llama.cpp in a child process (:mod:`tangquant.gguf.process`), prompts
+    templated and text decoded with the model's own tokenizer."""
+
+    def __init__(self, md: load.ModelDir, options: dict | None = None, threads: int | None = None,
+                 **_):
+        from tangquant import host
+
+        self.tokenizer = load.tokenizer(md)
+        if not self.tokenizer.chat_template:
+            raise InputError(f"the tokenizer of {md.path} has no chat template")
+        options = dict(options or {})
+        self.proc = LlamaProcess(md.path, threads or host.physical_cores(), options,
+                                 n_ctx=llama_options.context_for(md.config, md.path, 1, options),
+                                 n_seqs=1)
+        self.context = int(self.proc.info["n_ctx_seq"])
+        self.defaults = llama_text.generation_defaults(md.path)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def stream(self, messages: list[dict], sampling: Sampling = Sampling()) -> Iterator[str]:
+        ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        max_new = self._cap(len(ids), sampling)  # never None: the context is known
+        events: queue.Queue = queue.Queue()
+        rid = self.proc.submit(ids, max_new, events.put, llama_text.sampler_settings(sampling, self.defaults),
+                               llama_text.eos_ids(self.defaults), sampling.ignore_eos)
+        text, done = llama_text.TextStream(self.decode, sampling.stop), None
+        try:
+            while done is None:
+                event = events.get()
+                piece = text.write(event.get("tokens", []))
+                if piece:
+                    yield piece
+                if text.stopped:
+                    self.proc.cancel(rid)
+                done = event if "done" in event or "refused" in event else None
+            if done.get("error") or done.get("refused"):
+                raise EngineError(f"generation failed: {done.get('error') or done['refused']}")
+            if tail := text.end():
+                yield tail
+        finally:
+            if done is None:
+                self.proc.cancel(rid)
+
+    def generate(self, messages: list[dict], sampling: Sampling = Sampling()) -> str:
+        return "".join(self.stream(messages, sampling))
+
+    def close(self) -> None:
+        self.proc.close()

@@ -1,4 +1,4 @@
-"""Serve an exported OpenVINO model: an OpenAI-compatible API and a web chat page.
+"""Serve an exported model: an OpenAI-compatible API and a web chat page.
 
 Routes: POST /v1/chat/completions and /v1/completions (streaming SSE ending in
 `data: [DONE]`, or one JSON reply with `usage`; `response_format` json_schema and
@@ -8,6 +8,12 @@ shared by all requests: --max-num-seqs sequences at once (--max-concurrency is
 its old name), up to --queue-size more requests wait, and beyond that the server
 answers 429 with Retry-After. The scheduler flags carry OpenVINO Model Server's
 names. A generation stops when its client disconnects or its --timeout passes.
+
+A GGUF (tangquant export --format gguf) runs in llama.cpp instead, in a child
+process, --max-num-seqs sequences batched together, behind the same API, limits
+and /metrics; a deployment directory (tangquant tune --apply) runs the engine,
+file and settings it chose. A flag or request field an engine cannot honour
+(--adapter on llama.cpp, an OpenVINO-only setting) is refused in one line.
 
 --adapter NAME=DIR (repeatable) serves a peft LoRA adapter on the same base IR:
 a request with "model": NAME gets it, applied at run time (scale lora_alpha/r).
@@ -21,15 +27,19 @@ other users can see in `ps`); every /v1 route then needs
 Example:
   TANGQUANT_API_KEY=secret tangquant serve --model out/ov --port 8000 \
       --adapter tang=saves/tang-lora --max-num-seqs 8
+  tangquant serve --model out/poet    # the deployment tune --apply wrote
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from pathlib import Path
 
-from tangquant import engines, load, recipe
+from tangquant import engines, recipe
 from tangquant.errors import ServeError
+from tangquant.generate import open_model
 from tangquant.server.config import API_KEY_ENV, ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -40,7 +50,8 @@ PARAMS = ServeConfig
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
-                        help="an exported OpenVINO model directory (tangquant export)")
+                        help="an exported OpenVINO IR or GGUF (tangquant export), or a deployment "
+                        "directory (tangquant tune --apply)")
 
 
 def run(args) -> dict:
@@ -62,7 +73,7 @@ def serve(model, params: ServeConfig | None = None, **overrides) -> None:
     server = prepare(model, cfg)
     engine = server.engine
     models = ", ".join(engine.models())
-    print(f"serving {models} at {server.url} ({cfg.engine} engine, {cfg.max_num_seqs} "
+    print(f"serving {models} at {server.url} ({engine.status()['engine']} engine, {cfg.max_num_seqs} "
           f"sequence(s), queue {cfg.queue_size}, API key "
           f"{'required' if cfg.api_key else 'not required'})", flush=True)
     if getattr(engine, "plan_", None) is not None:
@@ -78,21 +89,46 @@ def serve(model, params: ServeConfig | None = None, **overrides) -> None:
 
 
 def _serving_engine(model, cfg: ServeConfig):
-    """(the checked model, its engine row): the model's format picks the engine, and what the
-    settings ask for that the engine lacks is refused in one line."""
-    kinds = tuple(dict.fromkeys(k for e in engines.ENGINES.values() if e.serve for k in e.models))
-    md = load.inspect(model, kinds=kinds)
-    engine = engines.for_model(md.kind, "serve")
+    """(the checked model, its engine row, the settings and name it runs with): a deployment's
+    choice or the engine the model's format runs in; what the settings ask for that the engine
+    lacks is refused in one line."""
+    engine, md, settings = open_model(model, "serve")
     if cfg.adapter:
         engine.require("multi_lora", "--adapter")
-    return md, engine
+    if engine.name == "ov" and settings:  # the OpenVINO factory takes them as --ov-config and flags
+        cfg = ov_settings(cfg, settings)
+        settings = {}
+    if not cfg.model_name:  # the name the user gave the model by, not a file inside it
+        cfg = recipe.resolve(ServeConfig, cfg, {"model_name": Path(model).resolve().name.removesuffix(".gguf")})
+    return md, engine, cfg, settings
+
+
+def ov_settings(cfg: ServeConfig, settings: dict) -> ServeConfig:
+    """A deployment's OpenVINO choice as serve's own settings; the flags given win."""
+    options, extra = dict(settings["options"]), {}
+    if settings.get("threads"):
+        options.setdefault("INFERENCE_NUM_THREADS", str(settings["threads"]))
+    for key in ("cache_size", "enable_prefix_caching"):
+        if key in options and getattr(cfg, key) == ServeConfig.__dataclass_fields__[key].default:
+            value = options[key]
+            extra[key] = int(value) if key == "cache_size" else engines.is_true(value)
+    if options.pop("ATTENTION_BACKEND", "PA") != "PA":
+        logger.warning("warning: the deployment chose ATTENTION_BACKEND for a single pipeline; the "
+                       "server's continuous batching always runs paged attention")
+    given = {s.partition("=")[0] for s in cfg.ov_config}
+    props = [f"{k}={v}" for k, v in sorted(options.items())
+             if k not in given and k not in ("cache_size", "enable_prefix_caching", "device")]
+    return recipe.resolve(ServeConfig, cfg, {**extra, "ov_config": tuple(props) + cfg.ov_config})
 
 
 def _serve_on_ray(model, cfg: ServeConfig) -> None:
     from tangquant.server import runner
 
     runner.check_exposure(cfg)
-    md, _ = _serving_engine(model, cfg)
+    md, engine, cfg, _ = _serving_engine(model, cfg)
+    if engine.name != "ov":
+        raise ServeError(f"--ray runs OpenVINO IRs; this model runs in the {engine.name} engine, "
+                         "on one machine")
     try:
         from tangquant.server import ray_app  # Ray Serve: the [ray] extra
     except ImportError as exc:
@@ -107,5 +143,6 @@ def prepare(model, params: ServeConfig | None = None, **overrides):
 
     cfg = recipe.resolve(ServeConfig, params, overrides)
     runner.check_exposure(cfg)
-    md, engine = _serving_engine(model, cfg)
-    return runner.build(md.path, cfg, open_engine=engines.entry(engine.serve))
+    md, engine, cfg, settings = _serving_engine(model, cfg)
+    factory = engines.entry(engine.serve)
+    return runner.build(md.path, cfg, open_engine=functools.partial(factory, **settings) if settings else factory)

@@ -1,25 +1,28 @@
-"""Find the fastest OpenVINO runtime settings that keep the output faithful, on this machine.
+"""Find the fastest faithful engine and runtime settings for the model, on this machine.
 
-Sweeps a documented grid (docs/commands.md#tune): KV-cache precision (f16, u8, and
-key/value separately down to u4), DYNAMIC_QUANTIZATION_GROUP_SIZE (0, 32, 64, 128),
-INFERENCE_PRECISION_HINT (f32, bf16 where the CPU has it), ATTENTION_BACKEND (PA, SDPA),
-INFERENCE_NUM_THREADS near the core count, and the paged-attention scheduler (prefix
-caching, a fixed cache). Each candidate runs as a `tangquant bench` candidate (own
-process, warm-up, repetitions, median) and through a fidelity gate against exact mode
-(f32, no dynamic quantization, f32 KV cache) on held-out prompts: greedy tokens
-identical for --fidelity-steps steps, or mean KLD per token under --kld-bound. A
-setting that fails the gate is reported and rejected; one that decodes faster but
-prefills slower than --min-prefill-ratio of the defaults is not kept. The search
-is coordinate-wise and stops at --budget.
+Measures the IR in OpenVINO and, with --gguf, the GGUF of the same integers in llama.cpp, each
+over its own grid (docs/commands.md#tune). OpenVINO: KV-cache precision, dynamic quantization
+group size, inference precision, attention backend, threads, the paged-attention scheduler.
+llama.cpp: weight repacking, flash attention, -ctk/-ctv KV-cache types, threads. Each
+candidate runs as a `tangquant bench` candidate (own process, warm-up, repetitions, median) and
+through a fidelity gate against the IR's exact mode (f32, no dynamic quantization, f32 KV cache)
+on held-out prompts: greedy tokens identical for --fidelity-steps steps, or mean KLD per token
+under --kld-bound. A setting that fails the gate is rejected; one that decodes faster but
+prefills slower than --min-prefill-ratio of that engine's defaults is not kept. The search is
+coordinate-wise and stops at --budget. With two engines, each one's best then runs side by side
+on every --workloads shape (prefill-heavy pp512+tg128, short-in long-out pp32+tg256), and the
+faster faithful engine wins each.
 
---apply writes the winner's plugin settings into the IR's rt_info/runtime_options
-(OpenVINO's core applies the KV-cache and dynamic-quantization ones for every runtime;
-`tangquant serve` and `ovms-repo` pass all of them), atomically,
-and records the run in the IR's tangquant.json; threads and openvino-genai-only options
-(attention backend, scheduler) cannot live there and are printed to pass yourself.
+--apply writes OpenVINO's best plugin settings into the IR's rt_info/runtime_options (OpenVINO's
+core applies the KV-cache and dynamic-quantization ones for every runtime; `tangquant serve` and
+`ovms-repo` pass all of them), atomically, and records the run in the IR's tangquant.json; with
+--gguf (or --deploy DIR) it also writes tangquant.deploy.json — each workload's engine, model
+file and settings — beside the models, which `chat`, `serve` and `bench` run when given its
+directory.
 
 Example:
-  tangquant tune --model out/poet-ov -t 16 --budget 10m --apply
+  tangquant tune --model out/poet/ir --gguf out/poet/gguf -t 16 --budget 20m --apply
+  tangquant serve --model out/poet
 """
 
 from __future__ import annotations
@@ -33,20 +36,25 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tangquant import engines, files, host, load, recipe
-from tangquant.errors import OutputExistsError
+from tangquant import deploy, engines, files, host, load, recipe
+from tangquant.errors import InputError, OutputExistsError
+from tangquant.gguf.options import AXES as LLAMA_AXES
+from tangquant.gguf.options import DEFAULTS as LLAMA_DEFAULTS
+from tangquant.measure import finals
 from tangquant.measure.report import append_jsonl
 from tangquant.measure.runner import environment
-from tangquant.measure.search import Search, setting, table
+from tangquant.measure.search import Measure, Search, Side, engine_options, setting, table
 from tangquant.ov import runtime
-from tangquant.ov.options import AXES, split_winner
+from tangquant.ov.options import AXES as OV_AXES
+from tangquant.ov.options import split_winner
 from tangquant.ov.runtime import APPLIED_BY_CORE
 from tangquant.recipe import param, require
 
 logger = logging.getLogger(__name__)
 
-HELP = "find the fastest faithful OpenVINO runtime settings on this machine (and --apply them)"
+HELP = "find the fastest faithful engine and runtime settings on this machine (and --apply them)"
 PROMPTS = "assets/demo/prompts.json"
+AXES = tuple(dict.fromkeys(OV_AXES + LLAMA_AXES))
 
 
 def budget_seconds(text: str) -> float:
@@ -60,7 +68,8 @@ class TuneParams:
     threads: int | None = param(None, "threads of the baseline (default: the physical cores)",
                                 short="-t")
     budget: str = param("5m", "wall-clock budget of the search (300s, 5m, 1h)")
-    axes: tuple[str, ...] = param(AXES, f"grid axes to sweep, in order (of {', '.join(AXES)})")
+    axes: tuple[str, ...] = param(AXES, f"grid axes to sweep, in order (of {', '.join(AXES)}; "
+                                  "each engine sweeps those it has)")
     prompt_tokens: int = param(128, "prefill length of each speed run", short="-p")
     gen_tokens: int = param(64, "decoded tokens of each speed run", short="-n")
     repetitions: int = param(3, "timed repetitions per candidate (the median counts)", short="-r")
@@ -70,10 +79,15 @@ class TuneParams:
     kld_bound: float = param(1e-3, "mean KL(exact || candidate) per token a candidate whose "
                              "greedy tokens differ may still have")
     min_prefill_ratio: float = param(0.9, "a faster-decoding candidate is kept only if its "
-                                     "prefill is at least this fraction of the defaults' "
-                                     "(0 accepts any prefill)")
-    confirm: int = param(2, "rounds of the defaults and the winner measured again alternately; "
-                         "the winner is applied only if it holds there")
+                                     "prefill is at least this fraction of its engine's "
+                                     "defaults' (0 accepts any prefill)")
+    confirm: int = param(2, "rounds of the defaults and the winner measured again alternately "
+                         "(the winner is applied only if it holds there), and of the engines "
+                         "side by side on each workload")
+    workloads: tuple[str, ...] = param(("512+128", "32+256"), "PROMPT+GEN request shapes the "
+                                       "engines' best settings race on (with --gguf)")
+    deploy_for: str = param("32+256", "the workload whose winner the deployment runs in chat, "
+                            "serve and bench (one of --workloads)")
     timeout_s: int = param(1800, "limit per worker run, in seconds")
 
     def __post_init__(self):
@@ -87,6 +101,10 @@ class TuneParams:
                 "--kld-bound >= 0, --confirm >= 0, --timeout-s > 0")
         require(0 <= self.min_prefill_ratio <= 1,
                 f"--min-prefill-ratio takes 0..1, got {self.min_prefill_ratio}")
+        names = [finals.Workload.parse(w).name for w in self.workloads]
+        require(bool(names) and len(set(names)) == len(names), "--workloads must be distinct")
+        require(finals.Workload.parse(self.deploy_for).name in names,
+                f"--deploy-for must be one of --workloads ({', '.join(names)})")
         budget_seconds(self.budget)
 
     @property
@@ -99,68 +117,105 @@ PARAMS = TuneParams
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="OpenVINO IR directory (tangquant export)")
+    parser.add_argument("--gguf", help="the GGUF of the same checkpoint (tangquant export --format "
+                        "gguf): race llama.cpp against OpenVINO")
     parser.add_argument("--apply", action="store_true",
-                        help="write the winner into the IR's runtime_options and manifest")
+                        help="write OpenVINO's best into the IR, and the deployment file")
+    parser.add_argument("--deploy", metavar="DIR", help="where --apply writes tangquant.deploy.json "
+                        "(default with --gguf: the directory holding the IR)")
     parser.add_argument("--results", default="benchmarks/results", metavar="DIR|FILE.jsonl",
                         help="where the candidates' records are appended (DIR/tune.jsonl)")
     parser.add_argument("--force", action="store_true",
-                        help="--apply over runtime options an earlier tune applied")
+                        help="--apply over runtime options or a deployment an earlier tune wrote")
 
 
 def run(args) -> dict:
     return tune(args.model, recipe.from_args(TuneParams, args), apply=args.apply,
-                results=args.results, force=args.force)
+                results=args.results, force=args.force, gguf=args.gguf, deploy_dir=args.deploy)
 
 
 def tune(model, params: TuneParams | None = None, apply: bool = False,
-         results: str = "benchmarks/results", force: bool = False, **overrides) -> dict:
-    """Search the grid for ``model`` (an IR directory); returns ``rows``, ``winner``, the table."""
+         results: str = "benchmarks/results", force: bool = False, gguf=None, deploy_dir=None,
+         measure=None, **overrides) -> dict:
+    """Search each engine's grid for ``model`` (an IR) and ``gguf``; returns ``rows``, ``winner``
+    (OpenVINO's best), ``bests`` (each engine's), ``finals`` (each workload's race), the report.
+    ``measure``: what runs the measurements (a :class:`Measure`, by default)."""
     p = recipe.resolve(TuneParams, params, overrides)
     if p.threads is None:
         p = dataclasses.replace(p, threads=host.physical_cores())
     md = load.inspect(model, kinds=("ir",))
+    gg = _same_integers(md, load.inspect(gguf, kinds=("gguf",))) if gguf else None
+    target = Path(deploy_dir) if deploy_dir else (md.path.parent if gg else None)
     before = runtime.read(md.path)
     manifest = files.read_manifest(md.path) or {}
-    if apply and manifest.get("tune") and not force:
-        raise OutputExistsError(f"{md.path}: an earlier `tangquant tune --apply` set its runtime "
-                                f"options ({setting(before)}); pass --force to replace them")
+    if apply:
+        _check_apply(force, md.path, manifest, before, target, given=deploy_dir is not None)
     out = Path(results)
     jsonl = files.check_output_file(out if out.suffix == ".jsonl" else out / "tune.jsonl",
-                                    [md.path], force=False, append=True)
-    engine = engines.get("ov")
-    axes = engines.entry(engine.tune_grid)(p.axes, p.threads, host.cpu_flags(), os.cpu_count() or p.threads)
-    total = 1 + sum(len(a.values) - 1 for a in axes)
-    bar = tqdm(total=total, desc="tune", unit="candidate", file=sys.stderr)
-    search = None
+                                    [md.path] + ([gg.path] if gg else []), force=False, append=True)
+    env = environment({"prompt_tokens": p.prompt_tokens, "gen_tokens": p.gen_tokens,
+                       "repetitions": p.repetitions, "warmup": p.warmup, "workloads": list(p.workloads)})
+    own = measure is None
+    measure = Measure(p) if own else measure
     try:
-        search = Search(md.path, p, _held_out(p.fidelity_prompts), bar)
-        env = environment({"prompt_tokens": p.prompt_tokens, "gen_tokens": p.gen_tokens,
-                           "repetitions": p.repetitions, "warmup": p.warmup})
-        winner = search.run(axes)
+        sides, bests, rows, confirmations, races = _search(md, gg, p, measure)
     finally:
-        bar.close()
-        if search is not None:
-            search.close()
+        if own:
+            measure.close()
     env["loadavg_end"] = list(os.getloadavg())
-    rows, conf = search.rows, search.confirmation
-    append_jsonl(jsonl, [{**env, "tool": "tune", "model": str(md.path), "runtime_options_before":
-                          before, **r} for r in rows]
-                 + ([{**env, "tool": "tune", "model": str(md.path), "axis": "confirmation", **conf}]
-                    if conf else []))
+    record = {**env, "tool": "tune", "model": str(md.path), "gguf": str(gg.path) if gg else None}
+    append_jsonl(jsonl, [{**record, "runtime_options_before": before, **r} for r in rows]
+                 + [{**record, "axis": "confirmation", **c} for c in confirmations]
+                 + [{**record, "axis": "workload", **res, "workload": w} for w, res in races.items()])
+    winner = bests["ov"]
     in_ir, caller = split_winner(winner["options"])
     applied = {**before, **in_ir}
-    if apply:
-        runtime.write(md.path, applied)
-        _record(md.path, manifest, p, winner, before, applied, caller, str(jsonl), conf)
-    confirmed = "" if conf is None else (
-        f"\nconfirmation, side by side ({p.confirm} rounds): {conf['setting']} decodes "
-        f"{conf['ratio']:.2f}× the IR's defaults (median tg)")
-    report = table(rows) + confirmed + "\n\n" + _advice(winner, in_ir, caller, apply, md.path)
-    gain = (f"{conf['ratio']:.2f}× the defaults' decode side by side" if conf else
-            "no candidate beat the defaults" if not winner["options"] else "unconfirmed (--confirm 0)")
-    summary = f"tune: winner {winner['setting']}: {gain}; {len(rows)} candidates; records in {jsonl}"
-    return {"rows": rows, "winner": winner, "runtime_options": applied if apply else before,
-            "caller_options": caller, "report": report, "summary": summary}
+    plan = _deployment(target, p, sides, bests, races, str(jsonl)) if apply and target is not None else None
+    written = _apply(md.path, manifest, p, winner, before, applied, caller, str(jsonl), confirmations,
+                     target, plan) if apply else None
+    report = _report(p, rows, confirmations, races, in_ir, caller, apply, md.path, written)
+    return {"rows": rows, "winner": winner, "bests": bests, "finals": races, "deployment": plan,
+            "runtime_options": applied if apply else before, "caller_options": caller,
+            "report": report, "summary": _summary(rows, confirmations, races, winner, jsonl, written)}
+
+
+def _same_integers(ir: load.ModelDir, gg: load.ModelDir) -> load.ModelDir:
+    """The GGUF must hold the IR's integers: both exports name the same checkpoint."""
+    sources = [((files.read_manifest(d) or {}).get("inputs") or {}).get("model")
+               for d in (ir.path, gg.path.parent)]
+    if all(sources) and Path(sources[0]).resolve() != Path(sources[1]).resolve():
+        raise InputError(f"{gg.path} was exported from {sources[1]}, the IR from {sources[0]}: tune "
+                         "races the same integers in both engines; export both from one checkpoint")
+    if not sources[1]:
+        logger.warning("warning: %s has no tangquant export manifest beside it; the gate still checks "
+                       "it against the IR's exact mode", gg.path)
+    return gg
+
+
+def _search(md, gg, p: TuneParams, measure):
+    """Each engine's coordinate search, then (two engines) the race on each workload."""
+    kinds = ("ov", "llamacpp") if gg else ("ov",)
+    grids = {k: engines.entry(engines.get(k).tune_grid)(p.axes, p.threads, host.cpu_flags(),
+                                                        os.cpu_count() or p.threads) for k in kinds}
+    workloads = [finals.Workload.parse(w) for w in p.workloads] if gg else []
+    total = sum(1 + sum(len(a.values) - 1 for a in axes) for axes in grids.values())
+    bar = tqdm(total=total + len(workloads) * len(kinds) * max(1, p.confirm), desc="tune",
+               unit="run", file=sys.stderr)
+    rows, bests, confirmations = [], {}, []
+    try:
+        bar.set_postfix_str("fidelity reference (exact mode)")
+        prompts, ov_defaults = measure.reference(md.path, _held_out(p.fidelity_prompts))
+        sides = {"ov": Side("ov", md.path, {**ov_defaults, **runtime.read(md.path)})}
+        if gg:
+            sides["llamacpp"] = Side("llamacpp", gg.path, LLAMA_DEFAULTS)
+        for kind, side in sides.items():
+            search = Search(side, p, measure, prompts, bar, rows)
+            bests[kind] = search.run(grids[kind])
+            confirmations += [search.confirmation] if search.confirmation else []
+        races = finals.compare(measure, sides, bests, workloads, p.confirm, bar) if gg else {}
+    finally:
+        bar.close()
+    return sides, bests, rows, confirmations, races
 
 
 def _held_out(n: int) -> list[str]:
@@ -168,7 +223,83 @@ def _held_out(n: int) -> list[str]:
     return [p["prompt"] for p in data["prompts"][:n]]
 
 
-def _advice(winner: dict, in_ir: dict, caller: dict, apply: bool, path: Path) -> str:
+def _check_apply(force: bool, ir: Path, manifest: dict, before: dict, target, given: bool) -> None:
+    """Refuse, before anything is measured, an --apply that would replace an earlier one, or
+    write a deployment into a model directory."""
+    if target is not None:
+        deploy.check_directory(target, given)
+    if force:
+        return
+    if manifest.get("tune"):
+        raise OutputExistsError(f"{ir}: an earlier `tangquant tune --apply` set its runtime "
+                                f"options ({setting(before)}); pass --force to replace them")
+    if target is not None and deploy.find(target):
+        raise OutputExistsError(f"{Path(target) / deploy.FILE} exists; pass --force to replace it")
+
+
+def _apply(ir: Path, manifest: dict, p: TuneParams, winner: dict, before: dict, applied: dict,
+           caller: dict, jsonl: str, confirmations: list, target, plan: dict | None) -> Path | None:
+    """Everything --apply writes: OpenVINO's best into the IR (its runtime options, the manifest's
+    tune record) and, with a target, the deployment file. Each write is atomic."""
+    runtime.write(ir, applied)
+    manifest = dict(manifest)
+    manifest["tune"] = {
+        "parameters": dataclasses.asdict(p), "winner": winner["setting"],
+        "tg_tps": winner["tg_tps"], "pp_tps": winner["pp_tps"], "fidelity": winner.get("fidelity"),
+        "confirmation": next((c for c in confirmations if c["engine"] == "ov"), None),
+        "runtime_options_before": before, "runtime_options": applied, "caller_options": caller,
+        "host": host.summary(), "records": jsonl}
+    with files.atomic_output_file(Path(ir) / files.MANIFEST, force=True) as tmp:
+        files.write_json(tmp, manifest)
+    return deploy.write(target, plan, force=True) if target is not None else None
+
+
+def _deployment(target: Path, p: TuneParams, sides: dict, bests: dict, races: dict, jsonl: str) -> dict:
+    """The deployment file's content: each workload's winner (with one engine, its best)."""
+    workloads = {}
+    for w in p.workloads:
+        name = finals.Workload.parse(w).name
+        kind = races[name]["winner"] if name in races else "ov"
+        if kind is None:  # no engine passed the gate: the IR's defaults, as a plain IR runs
+            continue
+        best = bests[kind]
+        fig = next((r for r in races.get(name, {}).get("rows", []) if r["engine"] == kind), {})
+        workloads[name] = deploy.entry(target, kind, sides[kind].path, engine_options(best["options"]),
+                                       int(best["threads"]), setting=best["setting"],
+                                       fidelity=best.get("fidelity"),
+                                       **{k: fig[k] for k in ("request_s", "pp_tps", "tg_tps") if k in fig})
+    use = finals.Workload.parse(p.deploy_for).name
+    if use not in workloads:
+        raise InputError(f"no engine passed the fidelity gate on {use}: nothing to deploy")
+    return {"use": use, "workloads": workloads, "host": host.summary(), "records": jsonl,
+            "made_by": "tangquant tune"}
+
+
+def _report(p, rows, confirmations, races, in_ir, caller, apply, ir, written) -> str:
+    parts = [table(rows)]
+    for c in confirmations:
+        parts.append(f"confirmation, side by side ({p.confirm} rounds): {c['engine']} {c['setting']} "
+                     f"decodes {c['ratio']:.2f}× its defaults (median tg)")
+    if races:
+        parts.append("\n" + finals.table(races))
+    parts.append("\n" + _advice(in_ir, caller, apply, ir))
+    if written:
+        parts.append(f"deployment written to {written}: chat, serve and bench run its "
+                     f"{finals.Workload.parse(p.deploy_for).name} winner")
+    return "\n".join(parts)
+
+
+def _summary(rows, confirmations, races, winner, jsonl, written) -> str:
+    ov = next((c for c in confirmations if c["engine"] == "ov"), None)
+    gain = (f"{ov['ratio']:.2f}× the defaults' decode side by side" if ov else
+            "no candidate beat the defaults" if not winner["options"] else "unconfirmed (--confirm 0)")
+    text = f"tune: OpenVINO winner {winner['setting']}: {gain}"
+    for name, res in races.items():
+        text += f"; {name}: {res['winner'] or 'no faithful engine'}"
+    return text + f"; {len(rows)} candidates; records in {jsonl}" + (f"; deployment {written}" if written else "")
+
+
+def _advice(in_ir: dict, caller: dict, apply: bool, path: Path) -> str:
     lines = []
     if in_ir:
         verb = "written into" if apply else "for (rerun with --apply)"
@@ -180,18 +311,3 @@ def _advice(winner: dict, in_ir: dict, caller: dict, apply: bool, path: Path) ->
     if caller:
         lines.append(f"not storable in the IR, pass them yourself: {setting(caller)}")
     return "\n".join(lines) or "the IR's defaults won: nothing to apply"
-
-
-def _record(path: Path, manifest: dict, p: TuneParams, winner: dict, before: dict, applied: dict,
-            caller: dict, jsonl: str, confirmation: dict | None) -> None:
-    """The tune record in the IR's manifest, written atomically (temp file, then rename)."""
-    manifest = dict(manifest)
-    manifest["tune"] = {
-        "parameters": dataclasses.asdict(p), "winner": winner["setting"],
-        "tg_tps": winner["tg_tps"], "pp_tps": winner["pp_tps"], "fidelity": winner.get("fidelity"),
-        "confirmation": confirmation,
-        "runtime_options_before": before, "runtime_options": applied, "caller_options": caller,
-        "host": host.summary(),
-        "records": jsonl}
-    with files.atomic_output_file(Path(path) / files.MANIFEST, force=True) as tmp:
-        files.write_json(tmp, manifest)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 # The fixture modules shared by several test files, registered once for the session.
-pytest_plugins = ("_quantize_fixtures", "_gptq_fixtures")
+pytest_plugins = ("_quantize_fixtures", "_gptq_fixtures", "_llama_fixtures")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

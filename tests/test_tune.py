@@ -162,3 +162,103 @@ def test_a_decode_gain_that_costs_the_prefill_is_not_kept():
     assert verdict(_row(900.0, 27.50), best, floor) == "not faster"  # under the 2% decode gain
     assert verdict(_row(100.0, 20.0), _row(770.9, 27.28, passes=False), floor) == KEPT
     assert main(["tune", "--model", ".", "--min-prefill-ratio", "1.5"]) == 2
+
+
+class StubClock:
+    """Measurements with a stubbed clock: each engine's prefill and decode rates (t/s) give the
+    runs' TTFT and time per token; a 4-bit OpenVINO key cache is faster and unfaithful; llama.cpp's
+    q8_0 K/V cache decodes 10% faster and passes the gate."""
+
+    RATES = {"ov": (4000.0, 20.0), "llamacpp": (100.0, 25.0)}  # OpenVINO prefills, llama.cpp decodes
+
+    def __init__(self):
+        self.calls = []
+
+    def reference(self, ir, texts):
+        return [[1, 2, 3]] * len(texts), {"KV_CACHE_PRECISION": "u8"}
+
+    def speed(self, side, options, threads, prompt_tokens, gen_tokens):
+        self.calls.append((side.kind, dict(options), prompt_tokens, gen_tokens))
+        pp, tg = self.RATES[side.kind]
+        tg *= 1.10 if options.get("ctk") == "q8_0" and options.get("ctv") == "q8_0" else 1.0
+        tg *= 1.5 if options.get("KEY_CACHE_PRECISION") == "u4" else 1.0
+        return {"runs": [{"ttft_ms": prompt_tokens / pp * 1000, "tpot_ms": 1000 / tg}] * 3}
+
+    def fidelity(self, side, options, threads, prompts):
+        bad = options.get("KEY_CACHE_PRECISION") == "u4" or options.get("ctv") == "q4_0"
+        return {"kld": 0.3 if bad else 1e-5, "genai_identical": not bad, "steps": 16,
+                "greedy_first_diff": [0 if bad else None] * len(prompts)}
+
+
+@pytest.mark.fast
+def test_tune_picks_the_faster_engine_per_workload_with_a_stubbed_clock(tmp_path):
+    """OpenVINO prefills 40× faster, llama.cpp decodes 1.4× faster: pp512+tg128 goes to OpenVINO,
+    pp32+tg256 to llama.cpp with its kept q8_0 cache; the deployment file runs the latter."""
+    from tangquant import deploy, load, tune
+    from tangquant.measure import finals
+
+    ir, gguf = tmp_path / "poet" / "ir", tmp_path / "poet" / "gguf" / "m.gguf"
+    ir.mkdir(parents=True)
+    gguf.parent.mkdir()
+    (ir / "openvino_model.xml").write_text("<net><edges></edges></net>")
+    gguf.write_bytes(b"GGUF")
+    p = tune.TuneParams(threads=2, axes=("kv",), confirm=1, budget="1h")
+    clock = StubClock()
+    sides, bests, rows, confirmations, races = tune._search(
+        load.ModelDir(ir, "ir", {}), load.ModelDir(gguf, "gguf", {}), p, clock)
+    assert races["pp512+tg128"]["winner"] == "ov" and races["pp32+tg256"]["winner"] == "llamacpp"
+    assert bests["llamacpp"]["options"] == {"ctk": "q8_0", "ctv": "q8_0"}
+    assert not bests["ov"]["options"]  # the u4 key cache decodes faster but fails the gate
+    assert any(r["verdict"] == "rejected (fidelity)" and r["engine"] == "ov" for r in rows)
+    # Each race ran both engines' best settings at the workload's own shape.
+    assert ("llamacpp", {"ctk": "q8_0", "ctv": "q8_0"}, 32, 256) in clock.calls
+    assert ("ov", {}, 512, 128) in clock.calls
+    ov, llama = races["pp32+tg256"]["rows"]
+    assert llama["request_s"] == pytest.approx(32 / 100 + 255 / 27.5)
+    assert ov["vs_winner"] == pytest.approx((32 / 4000 + 255 / 20) / (32 / 100 + 255 / 27.5))
+    plan = tune._deployment(tmp_path / "poet", p, sides, bests, races, "t.jsonl")
+    d = deploy.read(deploy.write(tmp_path / "poet", plan))
+    assert d.chosen.engine == "llamacpp" and d.chosen.model == gguf.resolve()
+    assert d.chosen.options == {"ctk": "q8_0", "ctv": "q8_0"} and d.chosen.threads == 2
+    assert d.choices["pp512+tg128"].engine == "ov" and d.choices["pp512+tg128"].model == ir.resolve()
+    assert "**winner**" in finals.table(races)
+
+
+@pytest.mark.fast
+def test_workloads_are_checked():
+    from tangquant.measure.finals import Workload
+
+    assert Workload.parse("pp32+tg256") == Workload.parse("32+256") == Workload(32, 256)
+    assert main(["tune", "--model", ".", "--workloads", "512+128", "--deploy-for", "32+256"]) == 2
+    assert main(["tune", "--model", ".", "--workloads", "512x128"]) == 2
+
+
+@pytest.mark.slow  # two engines' searches, gates and races on 2 cores: ~2 min
+def test_tune_races_the_ir_and_the_gguf_and_deploys_the_winner(tmp_path, ov_export, tiny_gguf, capsys):
+    """Real runs: both engines searched and gated against the IR's exact mode, each workload raced
+    side by side; the deployment runs each workload's faster engine by the records' medians, and
+    chat answers through it."""
+    from tangquant import deploy
+
+    ir = tmp_path / "poet" / "ir"
+    shutil.copytree(ov_export[0], ir)
+    results = tmp_path / "tune.jsonl"
+    rc = main(["tune", "--model", str(ir), "--gguf", str(tiny_gguf), "-t", "1", "--axes", "kv",
+               "-p", "16", "-n", "8", "-r", "2", "--confirm", "1", "--workloads", "64+16,8+64",
+               "--deploy-for", "8+64", "--kld-bound", "0.01", "--budget", "20m",
+               "--results", str(results), "--apply"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    gates = {r["engine"]: r["fidelity"] for r in records if r.get("axis") == "baseline"}
+    assert gates["llamacpp"]["engine"] == "llamacpp" and gates["llamacpp"]["steps"] == 16
+    races = {r["workload"]: r for r in records if r.get("axis") == "workload"}
+    assert set(races) == {"pp64+tg16", "pp8+tg64"}
+    d = deploy.read(tmp_path / "poet")  # beside the IR, by default
+    assert d.use == "pp8+tg64"
+    for name, race in races.items():
+        timed = {row["engine"]: row["request_s"] for row in race["rows"]}
+        assert set(timed) == {"ov", "llamacpp"} and min(timed.values()) > 0
+        assert race["winner"] == min(timed, key=timed.get) == d.choices[name].engine
+    assert "| workload | engine |" in out and f"deployment {tmp_path / 'poet' / deploy.FILE}" in out
+    assert main(["chat", "--model", str(tmp_path / "poet"), "--prompt", "写诗", "--max-new-tokens", "4"]) == 0

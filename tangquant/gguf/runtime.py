@@ -29,8 +29,10 @@ _COLLECT = L.llama_log_callback(lambda level, text, data: _LOG.append(text.decod
 KV_TYPES = {"f32": L.GGML_TYPE_F32, "f16": L.GGML_TYPE_F16, "bf16": 30, "q8_0": L.GGML_TYPE_Q8_0,
             "q5_1": L.GGML_TYPE_Q5_1, "q5_0": L.GGML_TYPE_Q5_0, "q4_1": L.GGML_TYPE_Q4_1,
             "q4_0": L.GGML_TYPE_Q4_0, "iq4_nl": L.GGML_TYPE_IQ4_NL}
-FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "0": L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-              "1": L.LLAMA_FLASH_ATTN_TYPE_ENABLED}
+# -fa's values: llama.cpp's own on/off/auto, and llama-bench's 1/0.
+FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+              "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "1": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+              "0": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 
 
 class LlamaCppError(RuntimeError):
@@ -40,11 +42,13 @@ class LlamaCppError(RuntimeError):
 class Session:
     """One model and one context; ``decode`` appends tokens to the KV cache at ``pos``.
 
-    ``cache_k``/``cache_v``: the KV cache's element types (:data:`KV_TYPES`, llama.cpp's -ctk/-ctv,
-    default f16); ``flash_attn``: ``auto`` (llama.cpp's default), ``0`` or ``1`` (-fa)."""
+    ``type_k``/``type_v``: the KV cache's element types (:data:`KV_TYPES`, llama.cpp's -ctk/-ctv,
+    default f16); ``flash_attn``: ``auto`` (llama.cpp's default), ``on``/``off`` (-fa, also 1/0);
+    ``n_seq_max``: sequences sharing the context (the server's batch)."""
 
     def __init__(self, path, threads: int | None = None, n_ctx: int = 512, n_batch: int = 512,
-                 repack: bool = True, cache_k: str = "f16", cache_v: str = "f16", flash_attn: str = "auto"):
+                 repack: bool = True, type_k: str | None = None, type_v: str | None = None,
+                 flash_attn: str | None = None, n_seq_max: int = 1):
         L.llama_log_set(_COLLECT, ctypes.c_void_p())  # kept off stderr, and read for the repack path
         _LOG.clear()
         L.llama_backend_init()
@@ -58,16 +62,24 @@ class Session:
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, min(n_batch, 512)
         if threads:
             cp.n_threads = cp.n_threads_batch = threads
+        # llama.cpp's own defaults (f16 KV, flash attention "auto") unless a caller sets them.
+        if type_k:
+            cp.type_k = KV_TYPES[type_k]
+        if type_v:
+            cp.type_v = KV_TYPES[type_v]
+        if flash_attn:
+            cp.flash_attn_type = FLASH_ATTN[flash_attn]
+        cp.n_seq_max = n_seq_max  # each sequence gets n_ctx / n_seq_max cells (kv_unified off)
         cp.no_perf = True
-        cp.type_k, cp.type_v = KV_TYPES[cache_k], KV_TYPES[cache_v]
-        cp.flash_attn_type = FLASH_ATTN[str(flash_attn)]
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
-            why = (": a quantized V cache needs flash attention (fa=1 or auto)"
-                   if cache_v not in ("f32", "f16", "bf16") and str(flash_attn) == "0" else f": {_last_line()}")
+            off = str(flash_attn) in ("0", "off")
+            why = (": a quantized V cache needs flash attention (fa=on or auto)"
+                   if type_v not in (None, "f32", "f16", "bf16") and off else f": {_last_line()}")
             raise LlamaCppError(f"llama.cpp could not make a context of {n_ctx} tokens for {path} with "
-                                f"K cache {cache_k}, V cache {cache_v}, flash attention {flash_attn}{why}")
+                                f"K cache {type_k or 'f16'}, V cache {type_v or 'f16'}, flash attention "
+                                f"{flash_attn or 'auto'}{why}")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_batch = n_batch
@@ -139,6 +151,17 @@ class Session:
         L.llama_batch_free(self.batch)
         L.llama_free(self.ctx)
         L.llama_model_free(self.model)
+
+
+def session_options(options: dict) -> dict:
+    """The ``llamacpp`` engine's checked options (engines.ENGINES) as :class:`Session` keywords."""
+    out = {}
+    if "repack" in options:
+        out["repack"] = str(options["repack"]).strip().lower() in ("1", "true", "yes", "on")
+    for key, kwarg in (("ctk", "type_k"), ("ctv", "type_v"), ("fa", "flash_attn")):
+        if options.get(key):
+            out[kwarg] = str(options[key]).strip().lower()
+    return out
 
 
 def _last_line() -> str:

@@ -1,4 +1,5 @@
-"""A bench candidate: ``NAME=KIND:PATH[,key=value...]``, checked against the engines table.
+"""A bench candidate: ``NAME=KIND:PATH[,key=value...]``, checked against the engines table, or
+``NAME=deploy:DIR``, what a deployment directory runs.
 
 Parsing refuses, before any run, an unknown kind, an option the kind does not take (or ignores),
 a bad value and a missing required option; :func:`resolve` then checks the model once (its
@@ -8,11 +9,15 @@ format against the kind's, its adapter directory) and keeps what the runs need.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
-from tangquant import engines, load
+from tangquant import deploy, engines, load
 from tangquant.errors import BenchError, EngineError
 from tangquant.files import existing_dir
+
+logger = logging.getLogger(__name__)
+DEPLOY = "deploy"  # NAME=deploy:DIR benches what a deployment (tangquant tune --apply) runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +49,8 @@ def parse_candidate(text: str) -> Candidate:
     if not (sep and sep2 and name.strip() and rest):
         raise BenchError(f"candidate {text!r} must look like NAME=KIND:PATH[,key=value...]")
     path, *pairs = rest.split(",")
+    if kind == DEPLOY:
+        return _deployed(name.strip(), path, pairs)
     options = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
@@ -55,6 +62,17 @@ def parse_candidate(text: str) -> Candidate:
     except EngineError as exc:
         raise BenchError(f"candidate {name}: {exc}") from None
     return Candidate(name.strip(), kind, path, options)
+
+
+def _deployed(name: str, path: str, pairs: list[str]) -> Candidate:
+    """``NAME=deploy:DIR``: the engine, model and options a deployment chose (its ``use``)."""
+    if pairs:
+        raise BenchError(f"candidate {name}: a deployment's settings are its own (edit {deploy.FILE}, "
+                         f"or name the engine's kind), got {','.join(pairs)}")
+    choice = deploy.read(path).chosen
+    logger.info("candidate %s: the deployment's %s winner, %s (at the bench's threads)", name,
+                choice.workload, choice.describe())
+    return Candidate(name, choice.engine, str(choice.model), dict(choice.options))
 
 
 def resolve(c: Candidate) -> Resolved:

@@ -89,7 +89,7 @@ def tune_grid(names: tuple[str, ...], threads: int, flags: set[str], cpus: int) 
         "scheduler": Axis("scheduler", ({}, {"enable_prefix_caching": "false"}, {"cache_size": "1"}),
                           needs_pa=True),
     }
-    return [axes[n] for n in names]
+    return [axes[n] for n in names if n in axes]  # the names other engines sweep are theirs
 
 
 def split_winner(options: dict) -> tuple[dict, dict]:

@@ -90,8 +90,7 @@ class Engine:
         self.max_num_seqs, self.queue_size = cfg.max_num_seqs, cfg.queue_size
         self.max_tokens_limit, self.timeout = cfg.max_tokens_limit, cfg.timeout
         # A tokenizer of its own: prompts are templated and counted off the generating thread.
-        self.tokenizer = openvino_genai.Tokenizer(str(model_dir))
-        self.context_length = kv_shape(model_dir).context
+        self.tokenizer, self.context_length = self._open_tokenizer(model_dir)
         self.adapter_names: tuple[str, ...] = ()
         self.defaults = None          # the model's GenerationConfig, set by the subclass
         self.admitted = 0
@@ -99,6 +98,10 @@ class Engine:
         self.observers: list = []     # called with each finished Result (metrics)
         self._mean_s = 5.0            # running mean request time, for Retry-After
         self.created = int(time.time())
+
+    def _open_tokenizer(self, model_dir: Path):
+        """(the tokenizer, the context length): openvino-genai's and config.json's for an IR."""
+        return openvino_genai.Tokenizer(str(model_dir)), kv_shape(model_dir).context
 
     # -- what the API shows ---------------------------------------------------------------------
     def models(self) -> tuple[str, ...]:

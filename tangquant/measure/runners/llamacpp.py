@@ -31,7 +31,7 @@ import numpy as np
 from tangquant import files
 from tangquant.engines import is_true
 from tangquant.gguf import amx
-from tangquant.gguf.runtime import Session, system_info
+from tangquant.gguf.runtime import Session, session_options, system_info
 from tangquant.host import peak_rss_bytes
 from tangquant.measure.timing import check_tokens, prompt_ids, repeat, summary
 
@@ -77,7 +77,8 @@ def run(spec: dict) -> dict:
     kv = {"cache_k": options.get("ctk", "f16"), "cache_v": options.get("ctv", "f16"),
           "flash_attn": options.get("fa", "auto")}
     start = time.perf_counter()
-    s = Session(spec["path"], threads=spec["threads"], n_ctx=p + n + 8, n_batch=p, repack=repack, **kv)
+    s = Session(spec["path"], threads=spec["threads"], n_ctx=p + n + 8, n_batch=p,
+                **{**session_options(options), "repack": repack})
     placed = s.buffers()
     out = {"load_s": time.perf_counter() - start, "rss_loaded_bytes": peak_rss_bytes(),
            "repack": repack, **placed, **kv, "amx": amx_record, "llama_cpp_system_info": info}

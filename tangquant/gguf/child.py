@@ -1,0 +1,222 @@
+"""The llama.cpp process behind ``chat`` and ``serve``: one model, several sequences, JSON lines.
+
+``python -m tangquant.gguf.child SPEC_JSON`` loads the GGUF (:class:`~tangquant.gguf.runtime.Session`
+with ``n_seq_max`` sequences, each its own slice of the KV cache), says ``{"ready": ...}``, then
+reads requests from stdin and writes events to stdout, one JSON object a line:
+
+- in: ``{"op": "start", "id", "prompt": [ids], "max_new", "sampling": {...}, "stop_ids": [...],
+  "ignore_eos", "schema"}`` (``schema``: JSON-schema text the reply must follow),
+  ``{"op": "cancel", "id"}``; end of input ends the process;
+- out: ``{"id", "queued": true}`` once its sampler is built (or ``{"id", "refused"}``: a schema
+  llama.cpp's grammar cannot hold), ``{"id", "started": true}`` when a sequence takes it, ``{"id", "tokens": [...]}`` after each
+  step, and ``{"id", "done": "stop" | "length" | "cancelled", "error"}`` once.
+
+Each step decodes one batch: the next token of every running sequence, then prompt chunks of new
+ones in what room ``n_batch`` leaves (llama-server's continuous batching, so a long prompt does not
+stall the others' decoding). Sampling is llama.cpp's own sampler chain per sequence.
+Only the protocol goes to the real stdout: C code that prints writes to stderr instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import select
+import sys
+import time
+from dataclasses import dataclass, field
+
+import llama_cpp as L
+from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+from tangquant.gguf.runtime import Session, session_options, system_info
+
+IDLE_WAIT_S = 0.5
+
+
+@dataclass
+class _Seq:
+    id: int
+    prompt: list[int]
+    max_new: int
+    sampler: object
+    stop_ids: frozenset[int]
+    ignore_eos: bool
+    slot: int = -1
+    fed: int = 0                     # prompt tokens decoded so far
+    made: list[int] = field(default_factory=list)
+    index: int = -1                  # this step's output row in the batch, -1 when none
+
+
+def sampler_chain(s: Session, sampling: dict, grammar: str | None, max_new: int):
+    """llama.cpp's sampler chain for one request (common/sampling.cpp's order), or None when
+    llama.cpp refuses the grammar."""
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    if grammar:
+        g = L.llama_sampler_init_grammar(s.vocab, grammar.encode(), b"root")
+        if not g:
+            L.llama_sampler_free(chain)
+            return None
+        L.llama_sampler_chain_add(chain, g)
+    repeat = float(sampling.get("repetition_penalty") or 1.0)
+    freq, present = float(sampling.get("frequency_penalty") or 0), float(sampling.get("presence_penalty") or 0)
+    if repeat != 1.0 or freq or present:  # over every generated token
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(s.n_vocab, max_new + 1, repeat,
+                                                                         freq, present))
+    temperature = float(sampling.get("temperature") or 0)
+    if temperature <= 0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        return chain
+    if sampling.get("top_k"):
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(int(sampling["top_k"])))
+    if sampling.get("top_p") is not None and float(sampling["top_p"]) < 1:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(float(sampling["top_p"]), 1))
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(temperature))
+    seed = sampling.get("seed")
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(
+        L.LLAMA_DEFAULT_SEED if seed is None else int(seed) % (1 << 32)))
+    return chain
+
+
+class Loop:
+    """The scheduler: waiting requests, sequences in slots, one ``llama_decode`` per step."""
+
+    def __init__(self, s: Session, n_seqs: int, out):
+        self.s, self.out = s, out
+        self.free = list(range(n_seqs))
+        self.waiting: collections.deque[_Seq] = collections.deque()
+        self.running: list[_Seq] = []
+        self.memory = L.llama_get_memory(s.ctx)
+        self.buffer = b""
+
+    def send(self, **event) -> None:
+        self.out.write(json.dumps(event) + "\n")
+
+    def command(self, msg: dict) -> None:
+        if msg.get("op") == "start":
+            if not msg.get("prompt") or int(msg["max_new"]) < 1:
+                raise ValueError("a request needs a prompt and at least one new token")
+            try:  # a JSON schema becomes llama.cpp's grammar (llama-cpp-python's converter)
+                grammar = json_schema_to_gbnf(msg["schema"]) if msg.get("schema") else None
+            except Exception as exc:  # the converter's own errors: a request error, not the process's
+                self.send(id=msg["id"], refused=f"cannot turn the schema into a grammar: {exc}"[:300])
+                return
+            smpl = sampler_chain(self.s, msg.get("sampling") or {}, grammar, int(msg["max_new"]))
+            if smpl is None:
+                self.send(id=msg["id"], refused="llama.cpp cannot compile the grammar of this schema")
+                return
+            self.send(id=msg["id"], queued=True)
+            self.waiting.append(_Seq(msg["id"], [int(t) for t in msg["prompt"]], int(msg["max_new"]), smpl,
+                                     frozenset(msg.get("stop_ids") or ()), bool(msg.get("ignore_eos"))))
+        elif msg.get("op") == "cancel":
+            for seq in [q for q in self.waiting if q.id == msg["id"]]:
+                self.waiting.remove(seq)
+                self.finish(seq, "cancelled")
+            for seq in [q for q in self.running if q.id == msg["id"]]:
+                self.finish(seq, "cancelled")
+
+    def read_commands(self) -> bool:
+        """Take what arrived on stdin (wait for it when idle); False at end of input."""
+        idle = not (self.waiting or self.running)
+        ready, _, _ = select.select([sys.stdin.fileno()], [], [], IDLE_WAIT_S if idle else 0)
+        if not ready:
+            return True
+        data = os.read(sys.stdin.fileno(), 1 << 20)
+        if not data:
+            return False
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                msg = json.loads(line)
+                try:
+                    self.command(msg)
+                except Exception as exc:  # one bad request, never the process
+                    self.send(id=msg.get("id"), refused=f"{type(exc).__name__}: {exc}"[:300])
+        return True
+
+    def step(self) -> None:
+        while self.waiting and self.free:
+            seq = self.waiting.popleft()
+            seq.slot = self.free.pop(0)
+            self.running.append(seq)
+            self.send(id=seq.id, started=True)
+        self.out.flush()  # "started" is timed before this step's prefill
+        if not self.running:
+            return
+        b, n = self.s.batch, 0
+        for seq in self.running:  # decoding sequences first, then prompt chunks in the room left
+            seq.index = -1
+            if seq.fed == len(seq.prompt):
+                n = self._add(b, n, seq, [seq.made[-1]], len(seq.prompt) + len(seq.made) - 1, True)
+        for seq in self.running:
+            if seq.fed < len(seq.prompt) and n < self.s.n_batch:
+                chunk = seq.prompt[seq.fed:seq.fed + self.s.n_batch - n]
+                last = seq.fed + len(chunk) == len(seq.prompt)
+                n = self._add(b, n, seq, chunk, seq.fed, last)
+                seq.fed += len(chunk)
+        b.n_tokens = n
+        rc = L.llama_decode(self.s.ctx, b)
+        if rc != 0:  # the batch's sequences fail; the process and the other requests go on
+            for seq in list(self.running):
+                self.finish(seq, "cancelled", error=f"llama_decode returned {rc}")
+            return
+        for seq in list(self.running):
+            if seq.index >= 0:
+                self._sampled(seq, int(L.llama_sampler_sample(seq.sampler, self.s.ctx, seq.index)))
+
+    def _add(self, b, n: int, seq: _Seq, tokens: list[int], pos: int, logits: bool) -> int:
+        for i, t in enumerate(tokens):
+            b.token[n + i], b.pos[n + i], b.n_seq_id[n + i] = t, pos + i, 1
+            b.seq_id[n + i][0] = seq.slot
+            b.logits[n + i] = logits and i == len(tokens) - 1
+        if logits:
+            seq.index = n + len(tokens) - 1
+        return n + len(tokens)
+
+    def _sampled(self, seq: _Seq, token: int) -> None:
+        seq.made.append(token)
+        self.send(id=seq.id, tokens=[token])
+        if not seq.ignore_eos and (self.s.eog(token) or token in seq.stop_ids):
+            self.finish(seq, "stop")
+        elif len(seq.made) >= seq.max_new:
+            self.finish(seq, "length")
+
+    def finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            L.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+            self.free.append(seq.slot)
+        L.llama_sampler_free(seq.sampler)
+        self.send(id=seq.id, done=reason, error=error)
+
+    def run(self) -> None:
+        while self.read_commands():
+            self.step()
+            self.out.flush()
+
+
+def main(spec: dict, out) -> None:
+    n_seqs = int(spec.get("n_seqs", 1))
+    start = time.perf_counter()
+    s = Session(spec["path"], threads=spec.get("threads"), n_ctx=int(spec["n_ctx"]) * n_seqs,
+                n_batch=int(spec.get("n_batch", 512)), n_seq_max=n_seqs, **session_options(spec.get("options") or {}))
+    out.write(json.dumps({"ready": True, "n_ctx_seq": int(L.llama_n_ctx_seq(s.ctx)), "n_seqs": n_seqs,
+                          "n_vocab": s.n_vocab, "load_s": time.perf_counter() - start,
+                          "repacked_tensors": s.repacked(), "system_info": system_info()}) + "\n")
+    out.flush()
+    Loop(s, n_seqs, out).run()
+
+
+if __name__ == "__main__":
+    # The protocol keeps the real stdout; anything C code prints goes to stderr.
+    protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    try:
+        main(json.loads(sys.argv[1]), protocol)
+    except Exception as exc:  # the parent reports it as the engine's failure
+        msg = str(exc).strip().splitlines()
+        protocol.write(json.dumps({"fatal": f"{type(exc).__name__}: {msg[0] if msg else ''}"[:500]}) + "\n")
+        protocol.flush()
+        sys.exit(1)
