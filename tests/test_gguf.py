@@ -233,11 +233,11 @@ def test_demo_poet_gguf_greedy_matches_its_ir(demo_poet):
 
 
 def test_eval_reads_a_gguf_as_its_exact_weights(tmp_path, gptq_dir, heldout_file):
-    """With f16 embeddings every GGUF tensor is the checkpoint's: eval finds KLD 0 against it."""
+    """With an f16 table and head every GGUF tensor is the checkpoint's: eval finds KLD 0 against it."""
     from tangquant.evaluate import evaluate
 
     out = tmp_path / "f16-emb"
-    assert _export(gptq_dir, out, "--gguf-embeddings", "f16")[0] == 0
+    assert _export(gptq_dir, out, "--gguf-embeddings", "f16", "--gguf-head", "f16")[0] == 0
     exact = evaluate(_file(out), gptq_dir, heldout_file, num_samples=2, seq_len=48)
     assert exact["kld_max"] < 1e-9 and exact["same_top"] == 1.0
 
@@ -250,7 +250,7 @@ def test_lm_eval_on_a_lone_gguf(tmp_path, gptq_dir, tiny_tokenizer):
     from tangquant.evaluate import evaluate
 
     out = tmp_path / "f16-emb"
-    assert _export(gptq_dir, out, "--gguf-embeddings", "f16")[0] == 0
+    assert _export(gptq_dir, out, "--gguf-embeddings", "f16", "--gguf-head", "f16")[0] == 0
     for f in out.iterdir():
         if f.suffix != ".gguf":
             f.unlink()
