@@ -145,14 +145,47 @@ class _Floor(logging.Filter):
         return record.levelno >= self.level
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+# Signals that end a run as Ctrl-C does (temporary outputs are cleaned up on the way out), with
+# the shell's exit code 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _interrupt_on_sigterm() -> None:
+class _Stop:
+    """Remembers which stop signal arrived and raises KeyboardInterrupt in the main thread.
+
+    A library may turn that KeyboardInterrupt into an error of its own (OpenVINO's converter
+    calls back into Python and rethrows it as a RuntimeError, which the export reports as a
+    failed conversion): the run is still reported as interrupted, with the signal's exit code.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def install(self, signals=STOP_SIGNALS) -> "_Stop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+                    self.previous[sig] = signal.signal(sig, self)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def exit_code(self) -> int:
+        name = signal.Signals(self.signum).name if self.signum else "Ctrl-C"
+        print(f"tangquant: interrupted ({name}); no partial output was kept", file=sys.stderr)
+        return 128 + (self.signum or signal.SIGINT)
+
+
+def _interrupt_on_sigterm() -> _Stop:
     """Treat SIGTERM like Ctrl-C so temporary outputs are cleaned up on the way out."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+    return _Stop().install((signal.SIGTERM,))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_logging(args.verbose, args.quiet)
-    _interrupt_on_sigterm()
+    stop = _Stop().install()
     try:
         result = args._run(args) or {}
         if result.get("report"):
@@ -179,14 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         if result.get("summary"):
             print(result["summary"])
         return int(result.get("exit_code", 0))
+    except KeyboardInterrupt:
+        return stop.exit_code()
     except TangquantError as exc:
+        if stop.signum:  # a library turned the interrupt into its own error
+            return stop.exit_code()
         _error(str(exc))
         return 2
-    except KeyboardInterrupt:
-        print("tangquant: interrupted; no partial output was kept", file=sys.stderr)
-        return 130
     except Exception as exc:  # no input may end in a traceback at default verbosity
-        return _unexpected(exc, args.verbose)
+        return stop.exit_code() if stop.signum else _unexpected(exc, args.verbose)
+    finally:
+        stop.restore()
 
 
 def _unexpected(exc: Exception, verbose: bool) -> int:

@@ -187,8 +187,9 @@ class GPTQCheckpoint:
                              "quantization_config with quant_method 'gptq')")
         bits, group_size, fmt, sym, desc_act = _checked_qc(config["quantization_config"], path)
         shards = tuple(checkpoint.weight_files(path))
-        names = {n.rpartition(".")[0] for n in checkpoint.tensor_shapes(list(shards))
-                 if n.endswith(".qweight")}
+        shapes = checkpoint.tensor_shapes(list(shards))
+        checkpoint.check_counts(config, {n: s for n, (s, _, _) in shapes.items()}, path)
+        names = {n.rpartition(".")[0] for n in shapes if n.endswith(".qweight")}
         if not names:
             raise InputError(f"{path} holds no GPTQ layers (qweight/qzeros/scales/g_idx)")
         return cls(path, config, bits, group_size, fmt, sym, desc_act, shards, frozenset(names))

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from tangquant.engines import is_true
+from tangquant.gguf.reader import require_finite
 from tangquant.gguf.runtime import Session, system_info
 from tangquant.host import peak_rss_bytes
 from tangquant.measure.timing import check_tokens, prompt_ids, repeat, summary
@@ -25,6 +26,7 @@ from tangquant.measure.timing import check_tokens, prompt_ids, repeat, summary
 def run(spec: dict) -> dict:
     options, p, n = dict(spec.get("options") or {}), spec["prompt_tokens"], spec["gen_tokens"]
     repack = is_true(options.get("repack", "1"))
+    require_finite(spec["path"])  # a NaN weight can give finite logits here (see the reader)
     start = time.perf_counter()
     s = Session(spec["path"], threads=spec["threads"], n_ctx=p + n + 8, n_batch=p, repack=repack)
     out = {"load_s": time.perf_counter() - start, "rss_loaded_bytes": peak_rss_bytes(),
