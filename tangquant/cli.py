@@ -11,18 +11,18 @@ when they run, so ``tangquant --help`` never loads torch or OpenVINO.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
 import signal
 import sys
-import threading
 import traceback
 import warnings
 
 from tqdm import tqdm
 
-from tangquant import __version__, recipe
+from tangquant import __version__, host, interrupt, recipe
 from tangquant.errors import TangquantError, first_line, is_utf8
 
 # Loggers that report, at import, optional kernels a CPU install lacks (torchao's CUDA .so files and
@@ -145,47 +145,14 @@ class _Floor(logging.Filter):
         return record.levelno >= self.level
 
 
-# Signals that end a run as Ctrl-C does (temporary outputs are cleaned up on the way out), with
-# the shell's exit code 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class _Stop:
-    """Remembers which stop signal arrived and raises KeyboardInterrupt in the main thread.
-
-    A library may turn that KeyboardInterrupt into an error of its own (OpenVINO's converter
-    calls back into Python and rethrows it as a RuntimeError, which the export reports as a
-    failed conversion): the run is still reported as interrupted, with the signal's exit code.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.previous: dict = {}
-
-    def __call__(self, signum, frame):
-        self.signum = signum
-        raise KeyboardInterrupt
-
-    def install(self, signals=STOP_SIGNALS) -> "_Stop":
-        if threading.current_thread() is threading.main_thread():
-            for sig in signals:
-                if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
-                    self.previous[sig] = signal.signal(sig, self)
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def exit_code(self) -> int:
-        name = signal.Signals(self.signum).name if self.signum else "Ctrl-C"
-        print(f"tangquant: interrupted ({name}); no partial output was kept", file=sys.stderr)
-        return 128 + (self.signum or signal.SIGINT)
-
-
-def _interrupt_on_sigterm() -> _Stop:
+def _interrupt_on_sigterm() -> interrupt.Stop:
     """Treat SIGTERM like Ctrl-C so temporary outputs are cleaned up on the way out."""
-    return _Stop().install((signal.SIGTERM,))
+    return interrupt.Stop().install((signal.SIGTERM,))
+
+
+def _interrupted(stop: interrupt.Stop) -> int:
+    print(f"tangquant: interrupted ({stop.name}); no partial output was kept", file=sys.stderr)
+    return stop.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_logging(args.verbose, args.quiet)
-    stop = _Stop().install()
+    stop = interrupt.Stop().install()  # Ctrl-C, SIGTERM, SIGHUP: 128 + N from any phase
     try:
         result = args._run(args) or {}
         if result.get("report"):
@@ -213,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             print(result["summary"])
         return int(result.get("exit_code", 0))
     except KeyboardInterrupt:
-        return stop.exit_code()
+        return _interrupted(stop)
     except TangquantError as exc:
         if stop.signum:  # a library turned the interrupt into its own error
-            return stop.exit_code()
+            return _interrupted(stop)
         _error(str(exc))
         return 2
     except Exception as exc:  # no input may end in a traceback at default verbosity
-        return stop.exit_code() if stop.signum else _unexpected(exc, args.verbose)
+        return _interrupted(stop) if stop.signum else _unexpected(exc, args.verbose)
     finally:
         stop.restore()
 
@@ -230,6 +197,9 @@ def _unexpected(exc: Exception, verbose: bool) -> int:
     if verbose:
         traceback.print_exc()
     hint = "" if verbose else " (rerun with -v for the traceback)"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # a writer outside files' outputs
+        _error(host.no_space(exc.filename or os.getcwd()))
+        return 2
     if isinstance(exc, OSError):
         where = f": {exc.filename}" if exc.filename else ""
         _error(f"{exc.strerror or first_line(exc)}{where}{hint}")

@@ -158,3 +158,21 @@ def fill_gguf_tensor(path: Path, name: str, value: float, count: int = 1) -> Non
     with open(path, "r+b") as f:
         f.seek(t.data_offset)
         f.write(np.full(count, value, np.float32).tobytes())
+
+
+def nan_in_ir(ir: Path, name_part: str) -> str:
+    """Write NaN over the first element of the first f32/f16 constant of the IR whose name holds
+    ``name_part`` (in place, in its .bin); returns the constant's name."""
+    import re
+
+    import numpy as np
+
+    xml = (ir / "openvino_model.xml").read_text(encoding="utf-8")
+    for m in re.finditer(r'<layer id="\d+" name="([^"]*)" type="Const"[^>]*>\s*<data element_type="(f32|f16)"'
+                         r' shape="[^"]*" offset="(\d+)"', xml):
+        if name_part in m[1]:
+            with open(ir / "openvino_model.bin", "r+b") as f:
+                f.seek(int(m[3]))
+                f.write(np.array([np.nan], np.float32 if m[2] == "f32" else np.float16).tobytes())
+            return m[1]
+    raise AssertionError(f"no f32/f16 constant named like {name_part} in {ir}")

@@ -13,13 +13,14 @@ reported as skipped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from tangquant import claim
 from tangquant.errors import BenchError, TangquantError
 from tangquant.measure.candidate import Candidate, resolve
 from tangquant.measure.runner import measure_candidate, run_worker
@@ -30,6 +31,7 @@ from tangquant.ov.options import Axis
 MIN_GAIN = 0.02
 KEPT = "faster (kept)"
 GATE = "tangquant.ov.gate:run"
+SCRATCH = "tangquant-tune"  # the prefix of its working directory in the system's temp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +60,17 @@ class Search:
                                timeout_s=params.timeout_s)
         self.model = resolve(Candidate("tune", "ov", str(self.ir), {}))
         self.start, self.cost, self.confirmation = time.monotonic(), 0.0, None
-        self.tmp = tempfile.TemporaryDirectory(prefix="tangquant-tune-")
-        self.reference = str(Path(self.tmp.name) / "reference.npz")
-        self.prompts = self._reference(texts)
+        # Claimed like an output: a killed tune's directory is removed by the next one.
+        self.scratch = contextlib.ExitStack()
+        try:
+            self.reference = str(self.scratch.enter_context(claim.scratch_dir(SCRATCH)) / "reference.npz")
+            self.prompts = self._reference(texts)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        self.tmp.cleanup()
+        self.scratch.close()
 
     def _worker(self, spec: dict) -> dict:
         return run_worker({"call": GATE, **spec}, sys.executable, self.p.timeout_s)
