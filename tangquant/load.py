@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tangquant import checkpoint
+from tangquant import checkpoint, counts
 from tangquant.errors import InputError, QuantizedModelError
 from tangquant.files import parsing, read_json
 from tangquant.gptq import GPTQCheckpoint, is_gptq
@@ -99,7 +99,7 @@ def _model_dir(path: Path, kinds, allow_pickle: bool) -> ModelDir:
             weights = checkpoint.weight_files(path, allow_pickle=allow_pickle)
             if all(w.suffix == ".safetensors" for w in weights):  # headers only: nothing loaded
                 shapes = checkpoint.tensor_shapes(weights)
-                checkpoint.check_counts(config, {n: s for n, (s, _, _) in shapes.items()}, path)
+                counts.check_counts(config, {n: s for n, (s, _, _) in shapes.items()}, path)
             found = ModelDir(path, "hf", config)
     if found.kind == "gptq" and "gptq" not in kinds:
         raise QuantizedModelError(f"{path} is already quantized (gptq); this needs its full-precision "

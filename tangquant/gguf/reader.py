@@ -20,7 +20,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tangquant import checkpoint
+from tangquant import counts
 from tangquant.errors import InputError, NumericalError, short
 from tangquant.files import parsing
 from tangquant.gguf.names import RANDOM, tensor_names
@@ -150,12 +150,12 @@ def _real(reader, key: str, default: float, where) -> float:
 
 def check_shapes(cfg: dict, shapes: dict[str, tuple[int, ...]], where) -> None:
     """The metadata against the tensors present, by the checks every config gets
-    (:func:`tangquant.checkpoint.check_counts`), under the tensors' Hugging Face names and
+    (:func:`tangquant.counts.check_counts`), under the tensors' Hugging Face names and
     [out, in] shapes (GGUF lists ne0, the row length, first)."""
     blocks = {n.split(".")[1] for n in shapes if n.startswith("blk.")}
     names = tensor_names(len(blocks))  # the blocks present, whatever block_count claims
     hf = {names.get(n, n): tuple(reversed(shape)) for n, shape in shapes.items()}
-    checkpoint.check_counts(cfg, hf, where, "the GGUF metadata", FIX)
+    counts.check_counts(cfg, hf, where, "the GGUF metadata", FIX)
     if "model.embed_tokens.weight" not in hf:
         raise InputError(f"{where}: the GGUF has no token_embd.weight; {FIX}")
 
