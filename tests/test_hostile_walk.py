@@ -89,7 +89,7 @@ BAD = {
     "serve": [
         "--model {base} --port 70000", "--model {ir} --host 0.0.0.0", "--model {missing}",
         "--model {ir} --adapter nodir", "--model {ir} --replicas 2", "--model {ir} --ov-config lower=1",
-        "--model {ir} --timeout 0", "--model {base}",
+        "--model {ir} --timeout 0", "--model {base}", "--model {ir} --ray-public-head",
     ],
     "ovms-repo": [
         "--model {base} --output {out}", "--model 'bad name={ir}' --output {out}",

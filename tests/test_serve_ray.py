@@ -149,3 +149,40 @@ def test_sigterm_shuts_the_instance_down_and_leaves_nothing(ray_server):
     gone, alive = psutil.wait_procs(processes[1:], timeout=30)
     assert alive == [], alive  # no Ray process outlives the run
     assert not token.parent.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["token", "disabled"])
+def test_the_startup_line_says_whether_an_existing_cluster_checks_tokens(mode, tmp_path_factory, tiny_model_dir):
+    """With RAY_ADDRESS the deployment goes to that cluster, and the startup line says whether it
+    requires a token (asked of its GCS with a call that carries none). The cluster here is a
+    `ray start --head` on loopback; about 60 s each."""
+    ir = tiny_ir(tmp_path_factory, tiny_model_dir)
+    token = tmp_path_factory.mktemp("token") / "token"
+    token.write_text("0123456789abcdef" * 4)
+    token.chmod(0o600)
+    gcs_port, port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE=mode, RAY_AUTH_TOKEN_PATH=str(token),
+               RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT), TANGQUANT_API_KEY=API_KEY)
+    # Its own --temp-dir: `ray start` records its address there, not in the machine's /tmp/ray.
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             "--port", str(gcs_port), "--num-cpus", "2", "--include-dashboard=false",
+                             "--temp-dir", str(token.parent / "ray")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server = subprocess.Popen([sys.executable, "-m", "tangquant", "serve", "--ray", "--model", str(ir),
+                                   "--port", str(port)], cwd=ROOT, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        startup = server.stdout.readline()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=120) == 0, server.stderr.read()[-2000:]
+        expected = ("which requires token authentication" if mode == "token" else
+                    "which does NOT require authentication")
+        assert f"on the Ray cluster at 127.0.0.1:{gcs_port}, {expected}" in startup, startup
+    finally:
+        tree = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
+        head.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(tree, timeout=60)
+        for p in alive:
+            p.kill()

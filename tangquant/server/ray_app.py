@@ -84,7 +84,10 @@ def _replica_grpc_on_loopback() -> None:
 def _connect(instance: ray_env.Instance, verbose: bool) -> str:
     """Start or join the Ray instance; returns what the startup line says of its security."""
     ours = signal.getsignal(signal.SIGTERM)
-    ray.init(address=instance.address, include_dashboard=False if not instance.address else None,
+    # "local": a new instance, never one a `ray start` left in /tmp/ray/ray_current_cluster (on a
+    # shared machine, anyone's), which ray.init() without an address would join.
+    ray.init(address=instance.address or "local",
+             include_dashboard=False if not instance.address else None,
              logging_level=logging.INFO if verbose else logging.WARNING,
              log_to_driver=verbose, configure_logging=True)
     # ray.init takes SIGTERM (sys.exit(15) in Python, then its C++ crash handler: a stack trace and
@@ -133,21 +136,24 @@ def shutdown() -> None:
 
 
 def serve_forever(model_dir: Path, cfg: ServeConfig, instance: ray_env.Instance) -> None:
-    """Deploy, print where, and keep the deployment until Ctrl-C or SIGTERM."""
+    """Deploy, print where, and keep the deployment until Ctrl-C or SIGTERM (whenever it comes:
+    before the deployment is up, the Ray instance is shut down and the interrupt reported)."""
     verbose = logging.getLogger().level <= logging.DEBUG
+    deployed = False
     try:
         url, security = deploy(model_dir, cfg, instance, verbose)
-    except BaseException:
-        ray.shutdown()  # a local instance's processes end with it
-        raise
-    name = cfg.model_name or model_dir.name
-    print(f"serving {name} at {url} (Ray Serve on {security}, {cfg.replicas} replica(s), "
-          f"API key {'required' if cfg.api_key else 'not required'})", flush=True)
-    try:
+        deployed = True
+        print(f"serving {cfg.model_name or model_dir.name} at {url} (Ray Serve on {security}, "
+              f"{cfg.replicas} replica(s), API key {'required' if cfg.api_key else 'not required'})",
+              flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        if not deployed:
+            raise
     finally:
-        shutdown()
-        logger.info("server stopped")
+        if deployed:
+            shutdown()
+            logger.info("server stopped")
+        else:
+            ray.shutdown()  # a local instance's processes end with it
