@@ -149,8 +149,8 @@ def evaluate(model, reference, data=None, params: EvalParams | None = None, toke
     foreign = lmtasks.foreign_code(task_dir) if p.tasks and not p.trust_tasks_code else []
     if foreign:  # code from a data folder never runs by default, like a pickle
         raise InputError(f"{task_dir}: lm_eval would run code tangquant did not write ({foreign[0].name}"
-                         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}: task YAML "
-                         "import the folder's Python and render Jinja templates); pass "
+                         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}: its task YAML "
+                         "imports the folder's Python and renders Jinja templates); pass "
                          "--trust-tasks-code if you trust it")
     out: dict = {}
     if data is not None:
