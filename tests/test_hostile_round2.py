@@ -89,12 +89,13 @@ def test_non_finite_logits_are_refused_at_the_first_step(tmp_path, capsys, ir, t
     bad_gguf = Path(shutil.copy(tiny_gguf, gdir / tiny_gguf.name))
     fill_gguf_tensor(bad_gguf, "blk.0.attn_norm.weight", math.nan)
     results = tmp_path / "results"
-    rc = main(["bench", "--candidate", f"g=llamacpp:{bad_gguf}", "-p", "8", "-n", "4", "-r", "1",
-               "--bandwidth-mb", "8", "--results", str(results)])
-    (row,) = [json.loads(line) for line in (results / "bench.jsonl").read_text().splitlines()]
-    assert rc == 1 and row["status"] == "failed", row
-    assert "blk.0.attn_norm.weight" in row["error"] and "NaN or Inf" in row["error"], row["error"]
-    assert "tg_tps" not in row and not leftovers(results)
+    rc = main(["bench", "--candidate", f"g=llamacpp:{bad_gguf}", "--candidate", f"ir=ov:{bad_ir}",
+               "-p", "8", "-n", "4", "-r", "1", "--bandwidth-mb", "8", "--results", str(results)])
+    gguf_row, ir_row = [json.loads(line) for line in (results / "bench.jsonl").read_text().splitlines()]
+    assert rc == 1 and gguf_row["status"] == ir_row["status"] == "failed", (gguf_row, ir_row)
+    assert "blk.0.attn_norm.weight" in gguf_row["error"] and "NaN or Inf" in gguf_row["error"]
+    assert str(bad_ir) in ir_row["error"] and "NaN or Inf logits" in ir_row["error"], ir_row["error"]
+    assert "tg_tps" not in gguf_row and "tg_tps" not in ir_row and not leftovers(results)
 
 
 # 4 and 5. Sizes trusted; GGUF metadata not checked against its tensors ---------------------------------

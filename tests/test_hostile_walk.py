@@ -53,7 +53,8 @@ BAD = {
     ],
     "eval": [
         "--model {base} --reference {base}", "--model {missing} --reference {base} --data {text}",
-        "--model {base} --reference {base} --data {missing}", "--model {base} --reference {base} --data {text} --seq-len 1",
+        "--model {base} --reference {base} --data {missing}",
+        "--model {base} --reference {base} --data {text} --seq-len 1",
         "--model {empty} --reference {base} --data {text}", "--model {adapter} --reference {base} --data {text}",
         "--model {base} --reference {base} --data {text} --reference-adapter {missing}",
         "--model {base} --reference {ir} --tasks tang_couplet --tasks-dir {missing}",
