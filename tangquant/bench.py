@@ -116,7 +116,11 @@ def bench(candidates=(), params: BenchRecipe | str | Path | None = None, plot: s
     partial = jsonl.with_name(f"{jsonl.name}.{env['date'][:19].replace(':', '')}.partial")
     append_jsonl(partial, [{"partial_of": str(jsonl), **env}])
     logger.info("each round goes to %s until the records are appended to %s", partial, jsonl)
-    rows = sweep(parsed, thread_list, rec, partial, resolved)
+    try:
+        rows = sweep(parsed, thread_list, rec, partial, resolved)
+    except BaseException:
+        _drop_if_unmeasured(partial)
+        raise
     add_ratios(rows)
     env["loadavg_end"] = list(os.getloadavg())
     records = [{**env, **row} for row in rows]
@@ -129,6 +133,18 @@ def bench(candidates=(), params: BenchRecipe | str | Path | None = None, plot: s
             "summary": f"bench: {len(rows) - failed} ok, {failed} failed; appended to {jsonl}"
                        + (f"; plot {plot}" if plot else ""),
             "exit_code": 1 if failed else 0}
+
+
+def _drop_if_unmeasured(partial: Path) -> None:
+    """A run that fails or is stopped before its first round keeps no ``.partial`` (only its
+    header would be in it); one with measured rounds keeps them machine-readable."""
+    try:
+        with open(partial, encoding="utf-8") as f:
+            measured = sum(1 for _ in f) > 1
+    except OSError:
+        return
+    if not measured:
+        partial.unlink(missing_ok=True)
 
 
 def add_arguments(parser) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from tangquant import recipe
 from tangquant.errors import ParameterError, is_utf8
-from tangquant.generate import Sampling, SamplingError, open_generator
+from tangquant.generate import (Sampling, SamplingError, open_generator,
+                                require_finite_first_step)
 from tangquant.recipe import param
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def chat(model, params: ChatParams | None = None, adapter=None, prompt: str | No
         if text is not None and not is_utf8(text):
             raise ParameterError(f"{flag} is not valid UTF-8 text")
     generator = open_generator(model, adapter=adapter, allow_pickle=p.allow_pickle)
+    require_finite_first_step(generator, model)
     prefix = [{"role": "system", "content": p.system}] if p.system else []
     try:
         if prompt is not None:

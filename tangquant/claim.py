@@ -19,7 +19,9 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -119,14 +121,18 @@ def leftovers(parent: Path) -> dict[str, list[Path]]:
     return found
 
 
-def remove_leftovers(parent: Path, only: str | None = None, dry_run: bool = False) -> list[Path]:
-    """Remove what dead runs left in ``parent`` (of the output ``only``, or of every name).
+def remove_leftovers(parent: Path, only: str | None = None, dry_run: bool = False,
+                     prefix: str = "") -> list[Path]:
+    """Remove what dead runs left in ``parent`` (of the output ``only``, or of every name that
+    starts with ``prefix``).
 
     The caller holds the lock of ``only``; other names are locked for the moment of the check,
     so nothing a live run is building is touched. Returns what was (or would be) removed.
     """
     removed = []
     for name, entries in leftovers(parent).items():
+        if not name.startswith(prefix):
+            continue
         if only is not None:
             if name == only:
                 removed += _remove(Path(parent) / name, [e for e in entries if not _LOCK.match(e.name)],
@@ -160,6 +166,23 @@ def _remove(output: Path, entries: list[Path], dry_run: bool) -> list[Path]:
         if not dry_run:
             shutil.rmtree(entry, ignore_errors=True)
     return entries
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, parent: Path | None = None) -> Iterator[Path]:
+    """A private working directory of this run (in the system's temporary directory), made and
+    claimed like an output: removed when the run ends, however it ends but ``kill -9``; what a
+    killed run left is removed by the next call with the same ``prefix`` (or ``tangquant clean``)."""
+    parent = Path(parent or tempfile.gettempdir())
+    remove_leftovers(parent, prefix=prefix)
+    name = parent / f"{prefix}-{uuid.uuid4().hex[:8]}"
+    with claim(name):
+        path = temporary_name(name, "tmp", uuid.uuid4().hex[:8])
+        path.mkdir(mode=0o700)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def exchange(a: Path, b: Path) -> bool:

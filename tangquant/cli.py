@@ -11,18 +11,18 @@ when they run, so ``tangquant --help`` never loads torch or OpenVINO.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
 import signal
 import sys
-import threading
 import traceback
 import warnings
 
 from tqdm import tqdm
 
-from tangquant import __version__, recipe
+from tangquant import __version__, host, interrupt, recipe
 from tangquant.errors import TangquantError, first_line, is_utf8
 
 # Loggers that report, at import, optional kernels a CPU install lacks (torchao's CUDA .so files and
@@ -145,14 +145,14 @@ class _Floor(logging.Filter):
         return record.levelno >= self.level
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _interrupt_on_sigterm() -> None:
+def _interrupt_on_sigterm() -> interrupt.Stop:
     """Treat SIGTERM like Ctrl-C so temporary outputs are cleaned up on the way out."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+    return interrupt.Stop().install((signal.SIGTERM,))
+
+
+def _interrupted(stop: interrupt.Stop) -> int:
+    print(f"tangquant: interrupted ({stop.name}); no partial output was kept", file=sys.stderr)
+    return stop.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_logging(args.verbose, args.quiet)
-    _interrupt_on_sigterm()
+    stop = interrupt.Stop().install()  # Ctrl-C, SIGTERM, SIGHUP: 128 + N from any phase
     try:
         result = args._run(args) or {}
         if result.get("report"):
@@ -179,14 +179,17 @@ def main(argv: list[str] | None = None) -> int:
         if result.get("summary"):
             print(result["summary"])
         return int(result.get("exit_code", 0))
+    except KeyboardInterrupt:
+        return _interrupted(stop)
     except TangquantError as exc:
+        if stop.signum:  # a library turned the interrupt into its own error
+            return _interrupted(stop)
         _error(str(exc))
         return 2
-    except KeyboardInterrupt:
-        print("tangquant: interrupted; no partial output was kept", file=sys.stderr)
-        return 130
     except Exception as exc:  # no input may end in a traceback at default verbosity
-        return _unexpected(exc, args.verbose)
+        return _interrupted(stop) if stop.signum else _unexpected(exc, args.verbose)
+    finally:
+        stop.restore()
 
 
 def _unexpected(exc: Exception, verbose: bool) -> int:
@@ -194,6 +197,9 @@ def _unexpected(exc: Exception, verbose: bool) -> int:
     if verbose:
         traceback.print_exc()
     hint = "" if verbose else " (rerun with -v for the traceback)"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # a writer outside files' outputs
+        _error(host.no_space(exc.filename or os.getcwd()))
+        return 2
     if isinstance(exc, OSError):
         where = f": {exc.filename}" if exc.filename else ""
         _error(f"{exc.strerror or first_line(exc)}{where}{hint}")

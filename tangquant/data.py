@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tangquant import files, prompts, recipe
-from tangquant.errors import CalibrationError, InputError
+from tangquant.errors import CalibrationError, InputError, short
 from tangquant.measure.poems import form_of_lines
 from tangquant.recipe import param, require
 
@@ -94,9 +94,12 @@ def load_poems(paths: list[Path]) -> tuple[list[dict], dict]:
             raise InputError(f"cannot read {path}: {exc}") from None
         if not isinstance(items, list):
             raise InputError(f"{path} must hold a JSON list of poems")
-        for item in items:
+        for i, item in enumerate(items):
             stats["read"] += 1
             paragraphs = item.get("paragraphs") if isinstance(item, dict) else None
+            if paragraphs is not None and not isinstance(paragraphs, list):
+                raise InputError(f"{path}: poem {i} has paragraphs {short(paragraphs)}, not a list of "
+                                 "lines (the chinese-poetry layout); is it the corpus?")
             if not paragraphs or not any(str(p).strip() for p in paragraphs):
                 stats["empty"] += 1
                 continue

@@ -37,7 +37,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tangquant import files, load, recipe
+from tangquant import files, lmtasks, load, recipe
 from tangquant.calib import eval_samples
 from tangquant.errors import InputError, ParameterError
 from tangquant.files import existing_dir
@@ -61,6 +61,9 @@ class EvalParams:
     batch_size: int = param(1, "lm_eval batch size")
     tasks_exact: bool = param(False, "lm_eval: compile an IR in exact mode (f32, no dynamic "
                               "quantization) instead of with OpenVINO's CPU defaults, as deployed")
+    trust_tasks_code: bool = param(False, "run a --tasks-dir that tangquant did not write: lm_eval "
+                                   "imports its Python (!function hooks) and renders its Jinja "
+                                   "templates, which can run any code; only for a folder you trust")
 
     def __post_init__(self):
         require(self.num_samples >= 1, f"num_samples must be at least 1, got {self.num_samples}")
@@ -143,6 +146,12 @@ def evaluate(model, reference, data=None, params: EvalParams | None = None, toke
                                  f"({context} tokens)")
     adapter = existing_dir(reference_adapter, "reference adapter") if reference_adapter else None
     task_dir = existing_dir(tasks_dir, "lm_eval task directory") if tasks_dir else ASSET_DIR
+    foreign = lmtasks.foreign_code(task_dir) if p.tasks and not p.trust_tasks_code else []
+    if foreign:  # code from a data folder never runs by default, like a pickle
+        raise InputError(f"{task_dir}: lm_eval would run code tangquant did not write ({foreign[0].name}"
+                         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}: its task YAML "
+                         "imports the folder's Python and renders Jinja templates); pass "
+                         "--trust-tasks-code if you trust it")
     out: dict = {}
     if data is not None:
         out.update(_kl(model, reference, data, p, tokenizer, checked, adapter))

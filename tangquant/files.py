@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from tangquant import __version__, claim, host
-from tangquant.errors import (InputError, OutputError, OutputExistsError, TangquantError,
-                              first_line)
+from tangquant.errors import (ExportError, InputError, OutputError, OutputExistsError,
+                              TangquantError, first_line)
 
 logger = logging.getLogger(__name__)
 
@@ -216,24 +216,41 @@ def os_error(exc: BaseException) -> OSError | None:
 
 
 # Errors that say the output cannot be written, whichever file raised them.
-_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
                  errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large"}
+# A library that writes through C++ streams (OpenVINO's serializer, behind optimum-intel too)
+# reports a full disk as "basic_ios::clear: iostream error", without errno: when a write fails
+# that way and the file system has less than this left, the disk is what failed.
+FULL_DISK_BYTES = 64 << 20
 
 
 @contextlib.contextmanager
 def _mapped_os_errors(output: Path):
     try:
         yield
-    except TangquantError:
-        raise
     except Exception as exc:
         err = os_error(exc)
-        if err is None or (err.errno not in _WRITE_ERRNOS and not isinstance(exc, OSError)):
+        if err is None:
+            if _library_write_error(exc) and host.free_bytes(output) < FULL_DISK_BYTES:
+                raise OutputError(f"writing {output} failed: {host.no_space(output)}; nothing was "
+                                  "written") from exc
             raise
-        if err.errno not in _WRITE_ERRNOS and not _names_output(err, output):
+        if err.errno not in _WRITE_ERRNOS and not (isinstance(exc, OSError) and _names_output(err, output)):
             raise  # e.g. an input that cannot be read: cli.main names its file
-        reason = _WRITE_ERRNOS.get(err.errno) or err.strerror or str(err)
-        raise OutputError(f"writing {output} failed ({reason}); nothing was written") from exc
+        # The full disk may be another one than the output's (a library's scratch in /tmp).
+        elsewhere = getattr(err, "filename", None) and not _names_output(err, output)
+        where = Path(err.filename) if elsewhere else output
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = host.no_space(where).replace("no space left", _WRITE_ERRNOS[err.errno], 1)
+        else:
+            reason = _WRITE_ERRNOS.get(err.errno) or err.strerror or str(err)
+        raise OutputError(f"writing {output} failed: {reason}; nothing was written") from exc
+
+
+def _library_write_error(exc: Exception) -> bool:
+    """An error a library raises when its write fails without an errno (C++ streams in OpenVINO,
+    an export step that wrapped one)."""
+    return isinstance(exc, (RuntimeError, ExportError)) or type(exc).__name__ == "SafetensorError"
 
 
 def _names_output(err: OSError, output: Path) -> bool:

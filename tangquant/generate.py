@@ -353,3 +353,35 @@ class LlamaCppGenerator(_ContextCap):
 
     def close(self) -> None:
         self.proc.close()
+
+
+PROBE = "写一首唐诗"  # the first step's prompt: any text the tokenizer takes
+
+
+def require_finite_first_step(generator, where) -> None:
+    """Refuse, in one line naming the model, a model whose first step computes NaN or Inf logits
+    (a NaN scale, norm or weight no reader saw): greedy decoding would answer with empty text and
+    sampling with noise, both as if all were well."""
+    from tangquant.errors import NumericalError
+
+    if isinstance(generator, OVGenerator):
+        config = generator.pipe.get_generation_config()
+        config.max_new_tokens, config.do_sample, config.logprobs = 1, False, 1
+        try:
+            scores = generator.pipe.generate([PROBE], config).scores
+        except RuntimeError as exc:  # genai's sampler checks the log-sum-exp it needs for logprobs
+            if "isnan" not in str(exc):
+                raise
+            scores = [math.nan]
+        finite = all(math.isfinite(s) for s in scores)
+    elif isinstance(generator, HFGenerator):
+        import torch
+
+        with torch.no_grad():
+            logits = generator.model(**generator.tokenizer(PROBE, return_tensors="pt")).logits
+        finite = bool(torch.isfinite(logits[0, -1]).all())
+    else:
+        return
+    if not finite:
+        raise NumericalError(f"{where} computes NaN or Inf logits at its first step: its weights are "
+                             "broken (a NaN scale or norm?); export, quantize or merge it again")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tangquant import checkpoint
+from tangquant import checkpoint, counts
 from tangquant.errors import InputError, short
 from tangquant.files import existing_dir
 
@@ -187,8 +187,9 @@ class GPTQCheckpoint:
                              "quantization_config with quant_method 'gptq')")
         bits, group_size, fmt, sym, desc_act = _checked_qc(config["quantization_config"], path)
         shards = tuple(checkpoint.weight_files(path))
-        names = {n.rpartition(".")[0] for n in checkpoint.tensor_shapes(list(shards))
-                 if n.endswith(".qweight")}
+        shapes = checkpoint.tensor_shapes(list(shards))
+        counts.check_counts(config, {n: s for n, (s, _, _) in shapes.items()}, path)
+        names = {n.rpartition(".")[0] for n in shapes if n.endswith(".qweight")}
         if not names:
             raise InputError(f"{path} holds no GPTQ layers (qweight/qzeros/scales/g_idx)")
         return cls(path, config, bits, group_size, fmt, sym, desc_act, shards, frozenset(names))

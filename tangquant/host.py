@@ -5,6 +5,7 @@ tangquant's dependencies are not installed, and benchmark scripts call it before
 Absolute speeds are only comparable on one host, so every record of a speed carries
 :func:`record` — CPU model and model number, L3, the instruction-set flags that decide which
 kernels run (AMX, AVX-512, VNNI), cores, load, and the versions of the libraries that ran.
+Its disks too: the free space and the device of a path, for the one "no space left" line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import re
 import resource
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +29,7 @@ PACKAGES = (
 KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
                 "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "amx_fp16")
 CPUINFO = Path("/proc/cpuinfo")
+MOUNTINFO = Path("/proc/self/mountinfo")
 
 
 def _cpuinfo() -> list[str]:
@@ -108,3 +111,53 @@ def record(names: Iterable[str] = PACKAGES) -> dict:
     """Everything a speed needs beside it: :func:`summary`, the date, the load and the versions."""
     return {**summary(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "loadavg": list(os.getloadavg()), "versions": package_versions(names)}
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes this process may still write on the file system of ``path`` (or of its nearest
+    existing ancestor); a large number when it cannot be told."""
+    try:
+        st = os.statvfs(_existing(path))
+    except OSError:
+        return 1 << 62
+    blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail  # root may use the reserved blocks
+    return blocks * st.f_frsize
+
+
+def no_space(path: Path) -> str:
+    """The one wording of a full disk, from every writer: "no space left on DEVICE (PATH)"."""
+    return f"no space left on {device_of(path)} ({path})"
+
+
+def device_of(path: Path) -> str:
+    """The device that holds ``path``: its mount's source (``/dev/vda1``), or the source and the
+    mount point when the source is no device file (``tmpfs at /tmp``); from /proc/self/mountinfo."""
+    try:
+        real = _existing(path).resolve()
+        dev = os.stat(real).st_dev
+        lines = MOUNTINFO.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return "the disk"
+    mounts = []  # (mount point, source) of every mount of this device
+    for line in lines:
+        fields, _, tail = line.partition(" - ")
+        fields, tail = fields.split(), tail.split()
+        if len(fields) >= 5 and len(tail) >= 2 and fields[2] == f"{os.major(dev)}:{os.minor(dev)}":
+            mounts.append((_unescape(fields[4]), _unescape(tail[1])))
+    inside = [m for m in mounts if real == Path(m[0]) or Path(m[0]) in real.parents]
+    if not (inside or mounts):
+        return "the disk"
+    point, source = max(inside, key=lambda m: len(m[0])) if inside else mounts[0]
+    return source if source.startswith("/dev/") else f"{source} at {point}"
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes a space in a path as \\040."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)

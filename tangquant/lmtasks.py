@@ -154,6 +154,29 @@ def write_task_dir(out: Path, items: dict[str, list[dict]], t2s, source: str) ->
     return counts
 
 
+def foreign_code(task_dir: Path) -> list[Path]:
+    """The files of ``task_dir`` through which lm_eval would run code tangquant did not write:
+    every YAML that is not one :func:`write_task_dir` writes (its ``!function`` hooks import the
+    folder's Python, its prompts are Jinja templates, which can reach Python too) and a
+    ``utils.py`` that is not the shipped one. Empty for a set tangquant wrote."""
+    ours = {"utils.py": (ASSET_DIR / "utils.py").read_bytes()}
+    for task in TASKS:
+        ours[f"_{task}.yaml"] = _group_yaml(task).encode()
+        ours.update({f"{task}_{s}.yaml": _yaml(task, s).encode() for s in SCRIPTS})
+    found = []
+    for path in sorted(Path(task_dir).rglob("*")):
+        if path.suffix not in (".yaml", ".yml") and path.name != "utils.py":
+            continue
+        want = ours.get(path.relative_to(task_dir).as_posix())
+        try:
+            same = want is not None and path.read_bytes() == want
+        except OSError:
+            same = False
+        if not same:
+            found.append(path)
+    return found
+
+
 def _readme(counts: dict[str, int], source: str) -> str:
     rows = "".join(f"| `{name}` | {n} |\n" for name, n in counts.items())
     return f"""# Tang-poem tasks for lm-evaluation-harness

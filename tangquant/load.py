@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tangquant import checkpoint
+from tangquant import checkpoint, counts
 from tangquant.errors import InputError, QuantizedModelError
 from tangquant.files import parsing, read_json
 from tangquant.gptq import GPTQCheckpoint, is_gptq
@@ -103,7 +103,10 @@ def _model_dir(path: Path, kinds, allow_pickle: bool) -> ModelDir:
             raise QuantizedModelError(f"{path} is already quantized ({method}); tangquant reads "
                                       "full-precision, GPTQ and OpenVINO IR models")
         else:
-            checkpoint.weight_files(path, allow_pickle=allow_pickle)
+            weights = checkpoint.weight_files(path, allow_pickle=allow_pickle)
+            if all(w.suffix == ".safetensors" for w in weights):  # headers only: nothing loaded
+                shapes = checkpoint.tensor_shapes(weights)
+                counts.check_counts(config, {n: s for n, (s, _, _) in shapes.items()}, path)
             found = ModelDir(path, "hf", config)
     if found.kind == "gptq" and "gptq" not in kinds:
         raise QuantizedModelError(f"{path} is already quantized (gptq); this needs its full-precision "
@@ -131,8 +134,11 @@ def torch_model(path, adapter=None, allow_pickle: bool = False, dtype=None):
         from tangquant import lora
 
         adir = checkpoint.open_dir(adapter, "adapter directory")
-        lora.adapter_config(adir)  # its rank and alpha usable
-        lora.adapter_tensors(adir, allow_pickle)  # its files inside it, its numbers finite
+        lcfg, _ = lora.adapter_config(adir)  # its rank and alpha usable
+        tensors, _ = lora.adapter_tensors(adir, allow_pickle)  # its files inside it, its numbers finite
+        # Every tensor against the base, as merge checks it (peft would fail with a traceback).
+        shapes = {name: (tuple(t.shape), t.dtype, None) for name, t in model.state_dict().items()}
+        lora.plan(md.config, lcfg, tensors, shapes)
         model = PeftModel.from_pretrained(model, str(adir))
     model = model.eval()
     return model.to(dtype) if dtype is not None else model

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tangquant import card, checkpoint, files, host, lora, recipe
+from tangquant import card, checkpoint, counts, files, host, lora, recipe
 from tangquant.card import check_base_model_id
 from tangquant.errors import AdapterError, InputError
 from tangquant.recipe import param, require
@@ -97,6 +97,7 @@ def merge(model, adapter, output, params: MergeParams | None = None, force: bool
     tensors, a_file = lora.adapter_tensors(adir, p.allow_pickle)
     shards = checkpoint.weight_files(base, p.allow_pickle)
     shapes = checkpoint.tensor_shapes(shards)
+    counts.check_counts(config, {n: s for n, (s, _, _) in shapes.items()}, base)
     edits, vocab = lora.plan(config, lcfg, tensors, shapes)
     out_dtype = getattr(torch, DTYPES[p.dtype] if p.dtype != "auto" else _base_dtype(config))
     if vocab is not None and not (adir / "tokenizer.json").is_file():

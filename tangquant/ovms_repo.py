@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 HELP = "write an OpenVINO Model Server model repository (config.json + graph.pbtxt) for IRs"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The files the repository itself holds beside the servables' directories (ov/ovms.CONFIG).
+RESERVED = ("config.json", files.MANIFEST)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,9 @@ def _servables(specs) -> dict[str, Path]:
         if not NAME.match(name):
             raise InputError(f"servable name {name[:80]!r} must be letters, digits and ._- "
                              "(it becomes a directory)")
+        if name in RESERVED:
+            raise InputError(f"servable name {name!r} is the name of the repository's own {name}; "
+                             "give the IR another NAME=DIR")
         if name in out:
             raise InputError(f"two servables are named {name!r}; give them NAME=DIR")
         out[name] = md.path
@@ -101,7 +106,7 @@ def _servables(specs) -> dict[str, Path]:
 def ovms_repo(models, output, params: OvmsParams | None = None, force: bool = False,
               **overrides) -> dict:
     """Write the repository for ``models`` (``[NAME=]DIR`` strings) to ``output``."""
-    from tangquant.ov import ovms  # the layout (standard library)
+    from tangquant.ov import options, ovms  # the layout (standard library), OpenVINO's checks
     from tangquant.server import sizing  # which runtime options the device takes (OpenVINO)
 
     p = recipe.resolve(OvmsParams, params, overrides)
@@ -113,6 +118,8 @@ def ovms_repo(models, output, params: OvmsParams | None = None, force: bool = Fa
         plugin, skipped = sizing.plugin_properties(ir, p.device, explicit)
         for key, why in skipped.items():
             logger.debug("%s: runtime option %s left out of plugin_config: %s", name, key, why)
+        # The IR's runtime options are input: a value OVMS would refuse is refused here.
+        options.check_values(p.device, plugin, f"{ir} (runtime_options or --ov-config)")
         graphs[name] = ovms.graph(ovms.calculator_options(p, plugin))
     with files.atomic_output_dir(out) as tmp:
         config = ovms.write_repo(tmp, servables, graphs)

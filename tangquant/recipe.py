@@ -23,6 +23,9 @@ from tangquant.errors import ParameterError, RecipeError
 
 T = TypeVar("T")
 MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes; refuse anything that is not one
+# The range every integer parameter must lie in (a C int64), and the seeds' (numpy's, torch's,
+# OpenVINO's and Python's generators all take 0..2³²-1), so no stage fails inside a library.
+INT_RANGES = {None: (-(1 << 63), (1 << 63) - 1), "seed": (0, (1 << 32) - 1)}
 
 
 def param(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
@@ -150,6 +153,11 @@ def _check_type(cls: type, name: str, value: Any, annotation: Any) -> Any:
     if isinstance(kind, type) and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
         hint = " (write floats like 0.01, not 1e-2)" if kind is float and isinstance(value, str) else ""
         raise RecipeError(f"{cls.__name__}: '{name}' must be {kind.__name__}, got {_short(value)}{hint}")
+    if kind is int:
+        low, high = INT_RANGES.get(name, INT_RANGES[None])
+        if not low <= value <= high:  # every library below takes a C integer, none a bignum
+            raise ParameterError(f"{cls.__name__}: '{name}' must be between {low} and {high}, got "
+                                 f"{_short(value)}")
     return value
 
 

@@ -122,19 +122,21 @@ def ov_settings(cfg: ServeConfig, settings: dict) -> ServeConfig:
 
 
 def _serve_on_ray(model, cfg: ServeConfig) -> None:
-    from tangquant.server import runner
+    from tangquant.server import ray_env, runner
 
     runner.check_exposure(cfg)
     md, engine, cfg, _ = _serving_engine(model, cfg)
     if engine.name != "ov":
         raise ServeError(f"--ray runs OpenVINO IRs; this model runs in the {engine.name} engine, "
                          "on one machine")
-    try:
-        from tangquant.server import ray_app  # Ray Serve: the [ray] extra
-    except ImportError as exc:
-        raise ServeError(f"--ray needs Ray Serve ({exc.name} is missing): "
-                         "pip install 'tangquant[ray]'") from None
-    ray_app.serve_forever(md.path, cfg)
+    # Loopback and a token for a local instance: set before Ray is imported (it reads them once).
+    with ray_env.prepared(cfg.ray_public_head) as instance:
+        try:
+            from tangquant.server import ray_app  # Ray Serve: the [ray] extra
+        except ImportError as exc:
+            raise ServeError(f"--ray needs Ray Serve ({exc.name} is missing): "
+                             "pip install 'tangquant[ray]'") from None
+        ray_app.serve_forever(md.path, cfg, instance)
 
 
 def prepare(model, params: ServeConfig | None = None, **overrides):

@@ -112,3 +112,67 @@ def corrupt_shard(shard: Path, how: str) -> None:
         shard.write_bytes(b"")
     else:
         raise ValueError(how)
+
+
+def rewrite_gguf(src: Path, dst: Path, set_: dict | None = None, drop: tuple = ()) -> Path:
+    """A copy of the GGUF ``src`` at ``dst`` with metadata keys replaced (``set_``: key -> value,
+    of the key's own type) or dropped, its tensors unchanged (gguf-py's own copy, as its
+    gguf_new_metadata script does it)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), str(reader.get_field("general.architecture").contents()))
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF.") or field.name in drop:
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        value = (set_ or {}).get(field.name, field.contents())
+        writer.add_key_value(field.name, value, kind, sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data)
+    writer.close()
+    return dst
+
+
+def gguf_value_offset(path: Path, key: str) -> int:
+    """The byte offset of ``key``'s value in a GGUF (after its type; an array's item type)."""
+    import gguf
+
+    f = gguf.GGUFReader(str(path)).get_field(key)
+    return f.offset + 8 + len(key.encode()) + 4
+
+
+def fill_gguf_tensor(path: Path, name: str, value: float, count: int = 1) -> None:
+    """Write ``value`` over the first ``count`` elements of the f32 tensor ``name``, in place."""
+    import gguf
+    import numpy as np
+
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == name)
+    assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.tensor_type
+    with open(path, "r+b") as f:
+        f.seek(t.data_offset)
+        f.write(np.full(count, value, np.float32).tobytes())
+
+
+def nan_in_ir(ir: Path, name_part: str) -> str:
+    """Write NaN over the first element of the first f32/f16 constant of the IR whose name holds
+    ``name_part`` (in place, in its .bin); returns the constant's name."""
+    import re
+
+    import numpy as np
+
+    xml = (ir / "openvino_model.xml").read_text(encoding="utf-8")
+    for m in re.finditer(r'<layer id="\d+" name="([^"]*)" type="Const"[^>]*>\s*<data element_type="(f32|f16)"'
+                         r' shape="[^"]*" offset="(\d+)"', xml):
+        if name_part in m[1]:
+            with open(ir / "openvino_model.bin", "r+b") as f:
+                f.seek(int(m[3]))
+                f.write(np.array([np.nan], np.float32 if m[2] == "f32" else np.float16).tobytes())
+            return m[1]
+    raise AssertionError(f"no f32/f16 constant named like {name_part} in {ir}")

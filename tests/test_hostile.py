@@ -465,34 +465,52 @@ print(json.dumps(results))
 """
 
 
-def test_full_disk_read_only_and_import_noise(tmp_path, tiny_model_dir, qv_adapter_dir):
+def test_full_disk_read_only_and_import_noise(tmp_path_factory, tmp_path, tiny_model_dir, qv_adapter_dir,
+                                              rtn_gptq):
     """A real full disk and a real read-only file system (tmpfs in a private mount namespace), in
-    a fresh process, so torch/torchao's import-time warnings would show if they were not filtered."""
+    a fresh process, so torch/torchao's import-time warnings would show if they were not filtered.
+    A full disk is "no space left on DEVICE (PATH)" from every writer: safetensors, and OpenVINO's
+    serializer behind optimum-intel, which says only "basic_ios::clear: iostream error"."""
+    from _serve_fixtures import tiny_ir
+
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs unshare -m (root with CAP_SYS_ADMIN) for a private tmpfs")
-    full, ro = tmp_path / "full", tmp_path / "ro"
-    full.mkdir(), ro.mkdir()
+    ir = tiny_ir(tmp_path_factory, tiny_model_dir)
+    full, roomy, ro, ro_ir = (tmp_path / n for n in ("full", "roomy", "ro", "ro-ir"))
+    for d in (full, roomy, ro, ro_ir):
+        d.mkdir()
     cases = {"full-merge": merge_argv(tiny_model_dir, qv_adapter_dir, full / "merged", "--dtype", "fp32"),
              "full-rtn": ["quantize", "--model", tiny_model_dir, "--output", full / "rtn", "--algo", "rtn",
                           "--eval-samples", "0"],
-             "read-only": merge_argv(tiny_model_dir, qv_adapter_dir, ro / "merged")}
+             # room for the staging fp16 model, not for the IR optimum-intel serializes from it
+             "full-export": ["export", "--model", rtn_gptq, "--output", roomy / "ir"],
+             "read-only": merge_argv(tiny_model_dir, qv_adapter_dir, ro / "merged"),
+             # refused before the search, not after it (issue 30)
+             "read-only-tune": ["tune", "--model", ro_ir, "--apply", "--axes", "kv",
+                                "--results", tmp_path / "tune.jsonl"]}
     cases = {k: [str(a) for a in v] for k, v in cases.items()}
     script = (f"mount --make-rprivate / && mount -t tmpfs -o size=200k tmpfs {full} && "
+              f"mount -t tmpfs -o size=1200k tmpfs {roomy} && "
               f"mount -t tmpfs -o ro,size=64k tmpfs {ro} && "
+              f"mount --bind {ir} {ro_ir} && mount -o remount,ro,bind {ro_ir} && "
               f"exec {sys.executable} -c \"$FAULTS\" \"$CASES\"")
     env = dict(os.environ, PYTHONPATH=str(ROOT), FAULTS=FAULTS, CASES=json.dumps(cases))
-    before = tree_digest(tiny_model_dir), tree_digest(qv_adapter_dir)
+    before = tree_digest(tiny_model_dir), tree_digest(qv_adapter_dir), tree_digest(ir)
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=env,
-                          timeout=600)
+                          timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, (rc, err) in results.items():
         lines = [line for line in err.splitlines() if line.startswith("tangquant:")]
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("tangquant: error: "), (name, err)
-        assert ("the disk is full" if name.startswith("full") else "read-only file system") in lines[0]
+        where = roomy if name == "full-export" else full
+        expected = f"no space left on tmpfs at {where} (" if name.startswith("full") else "read-only file system"
+        assert expected in lines[0], (name, lines[0])
         assert not any(noise in err for noise in NOISE), (name, err)
-    assert (tree_digest(tiny_model_dir), tree_digest(qv_adapter_dir)) == before
-    assert list(full.iterdir()) == [] and list(ro.iterdir()) == []  # the mounts are gone: nothing leaked
+    assert (tree_digest(tiny_model_dir), tree_digest(qv_adapter_dir), tree_digest(ir)) == before
+    assert not (tmp_path / "tune.jsonl").exists()
+    for d in (full, roomy, ro, ro_ir):
+        assert list(d.iterdir()) == []  # the mounts are gone: nothing leaked under them
 
 
 # 10. Left behind -------------------------------------------------------------------------------------

@@ -13,14 +13,14 @@ the engines' best settings side by side on each workload.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from tangquant import engines
+from tangquant import claim, engines
 from tangquant.errors import BenchError, TangquantError
 from tangquant.measure.candidate import Candidate, resolve
 from tangquant.measure.runner import measure_candidate, run_worker
@@ -32,6 +32,7 @@ REFERENCE_GATE = "tangquant.ov.gate:run"
 # Settings keys that set threads: an OpenVINO property (kept in the options), or the worker's
 # thread count (llama.cpp's -t), which is no option of its row and is taken out of them.
 THREAD_KEYS = ("INFERENCE_NUM_THREADS", "threads")
+SCRATCH = "tangquant-tune"  # the prefix of its working directory in the system's temp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +75,13 @@ class Measure:
 
     def __init__(self, params):
         self.p = params
-        self.tmp = tempfile.TemporaryDirectory(prefix="tangquant-tune-")
-        self.reference_npz = str(Path(self.tmp.name) / "reference.npz")
+        # Claimed like an output: a killed tune's directory is removed by the next one.
+        self.scratch = contextlib.ExitStack()
+        self.reference_npz = str(self.scratch.enter_context(claim.scratch_dir(SCRATCH)) / "reference.npz")
         self._resolved: dict = {}
 
     def close(self) -> None:
-        self.tmp.cleanup()
+        self.scratch.close()
 
     def _worker(self, spec: dict) -> dict:
         return run_worker(spec, sys.executable, self.p.timeout_s)

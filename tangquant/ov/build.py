@@ -29,7 +29,7 @@ from optimum.intel import OVConfig
 from tqdm import tqdm
 
 from tangquant import card, checkpoint, files
-from tangquant.errors import ExportError, InputError
+from tangquant.errors import ExportError, InputError, first_line
 from tangquant.gptq import GPTQCheckpoint
 from tangquant.ov import head, int4, ir, runtime
 
@@ -117,7 +117,7 @@ def write_ir(ckpt: GPTQCheckpoint, out_dir: Path, tokenizer, embeddings: str = "
                         else {"lm_head": embeddings})
         # Only the runtime options tangquant chooses: optimum-intel's f16 KV-cache pin is dropped.
         runtime.set_on_model(ov_model, runtime.export_options())
-        ov.save_model(ov_model, str(out_dir / ir.MODEL_XML), compress_to_fp16=False)
+        _save(ov_model, out_dir / ir.MODEL_XML, compress_to_fp16=False)
         del ov_model
         _copy_side_files(staging / "ir", ckpt.path, out_dir, tokenizer)
         phase(4)
@@ -204,8 +204,17 @@ def write_tokenizers(hf, out_dir: Path) -> None:
     if not hf.chat_template:
         raise InputError(f"the tokenizer of {out_dir.name} has no chat template")
     tok, detok = convert_tokenizer(hf, with_detokenizer=True)
-    ov.save_model(tok, str(out_dir / ir.TOKENIZER_XML))
-    ov.save_model(detok, str(out_dir / ir.DETOKENIZER_XML))
+    _save(tok, out_dir / ir.TOKENIZER_XML)
+    _save(detok, out_dir / ir.DETOKENIZER_XML)
+
+
+def _save(ov_model, path: Path, **kwargs) -> None:
+    """``ov.save_model``, its failure one line naming the file. OpenVINO's serializer reports a
+    full disk as "basic_ios::clear: iostream error": ``files`` names the disk when it is full."""
+    try:
+        ov.save_model(ov_model, str(path), **kwargs)
+    except RuntimeError as exc:
+        raise ExportError(f"OpenVINO could not write {path}: {first_line(exc)}") from exc
 
 
 def fix_generation_config(hf, src_dir: Path, out_dir: Path) -> list[int]:

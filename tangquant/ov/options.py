@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tangquant.errors import InputError, short
+
 # Options of the ov kinds that are tangquant's own, not OpenVINO properties (engines.ENGINES).
 OWN_KEYS = ("device", "adapter", "alpha", "lora_mode", "dtype", "cache_size", "enable_prefix_caching")
 # Options only openvino-genai reads (not CPU plugin properties; never written into runtime_options).
@@ -60,6 +62,25 @@ def pipeline_properties(options: dict) -> dict:
     if sched is not None:
         props["scheduler_config"] = sched
     return props
+
+
+def check_values(device: str, props: dict[str, str], where) -> None:
+    """Refuse a property value ``device`` does not take, asked of OpenVINO itself (a throwaway
+    ``Core``: its plugin, once created, checks each ``set_property`` at once), so nothing
+    writes a value a runtime would refuse later (OVMS at its start, for ``ovms-repo``)."""
+    import openvino as ov
+
+    core = ov.Core()
+    core.get_property(device, "SUPPORTED_PROPERTIES")  # creates the plugin
+    for key, text in props.items():
+        try:
+            core.set_property(device, {key: text})
+        except RuntimeError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()
+                     and not line.startswith(("Exception from", "Check '"))]
+            why = " ".join(lines)[:300] or "refused"
+            raise InputError(f"{where}: {key}={short(text)} is not a value the {device} device "
+                             f"takes ({why})") from None
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,13 @@ never re-serialised, so the ``.bin`` and every constant stay byte for byte.
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from pathlib import Path
 from xml.etree import ElementTree as ET
 from xml.sax.saxutils import quoteattr
 
-from tangquant.errors import InputError, OutputError
+from tangquant.errors import InputError
+from tangquant.files import atomic_output_file
 
 MODEL_XML = "openvino_model.xml"
 # What a tangquant export writes, and why (recorded in the manifest).
@@ -81,14 +80,9 @@ def write(model_dir: Path, options: dict[str, str]) -> None:
         tail = tail.replace("</rt_info>", block + "\t</rt_info>", 1)
     else:
         tail = tail.replace("</net>", f"\t<rt_info>\n{block}\t</rt_info>\n</net>", 1)
-    tmp = xml.with_name(f".{xml.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    # Claimed and replaced like any output: a full disk is named, a killed run's copy removed.
+    with atomic_output_file(xml, force=True) as tmp:
         tmp.write_text(head + tail, encoding="utf-8")
-        os.replace(tmp, xml)
-    except OSError as exc:
-        raise OutputError(f"cannot rewrite {xml}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _tail(xml: Path) -> tuple[str, int]:

@@ -57,6 +57,9 @@ class ServeConfig:
                       "else a local one); needs the [ray] extra")
     replicas: int = param(1, "Ray Serve replicas, each with its own engine (with --ray)",
                           metavar="N")
+    ray_public_head: bool = param(False, "with --ray and no RAY_ADDRESS: let the local Ray instance "
+                                  "listen on this node's network address (for other nodes to join) "
+                                  "instead of loopback only; it still requires Ray's token")
 
     def __post_init__(self):
         for name, low in (("max_num_seqs", 1), ("queue_size", 0), ("max_tokens_limit", 1),
@@ -72,6 +75,7 @@ class ServeConfig:
         require(self.timeout > 0, f"--timeout must be positive, got {self.timeout}")
         require(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}")
         require(self.replicas == 1 or self.ray, "--replicas needs --ray")
+        require(self.ray or not self.ray_public_head, "--ray-public-head needs --ray")
         require(not (self.adapter and self.engine == "pipelines"),
                 "--adapter needs --engine batch")
         # Cached KV blocks of one adapter are wrong for another (LoRA changes k and v).

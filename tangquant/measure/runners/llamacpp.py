@@ -31,6 +31,7 @@ import numpy as np
 from tangquant import files
 from tangquant.engines import is_true
 from tangquant.gguf import amx
+from tangquant.gguf.reader import require_finite
 from tangquant.gguf.runtime import Session, session_options, system_info
 from tangquant.host import peak_rss_bytes
 from tangquant.measure.timing import check_tokens, prompt_ids, repeat, summary
@@ -72,6 +73,7 @@ def amx_plan(spec: dict, repack: bool, info: str) -> tuple[bool, dict]:
 
 def run(spec: dict) -> dict:
     options, p, n = dict(spec.get("options") or {}), spec["prompt_tokens"], spec["gen_tokens"]
+    require_finite(spec["path"])  # a NaN weight can give finite logits here (see the reader)
     info = system_info()
     repack, amx_record = amx_plan(spec, is_true(options.get("repack", "1")), info)
     kv = {"cache_k": options.get("ctk", "f16"), "cache_v": options.get("ctv", "f16"),

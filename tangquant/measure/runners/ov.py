@@ -53,10 +53,16 @@ def run(spec: dict) -> dict:
 
     warm = max(1, spec["warmup"])
     for w in range(warm):
-        res = pipe.generate(inputs(w), config(1))
+        try:
+            res = pipe.generate(inputs(w), config(1))
+        except RuntimeError as exc:  # genai's sampler checks the log-sum-exp that logprobs need
+            if "isnan" not in str(exc):
+                raise
+            raise RuntimeError(f"{spec['path']} computes NaN or Inf logits (a NaN weight?)") from None
         check_tokens(res.tokens[0], n)
         if not all(math.isfinite(s) for s in res.scores):
-            raise RuntimeError(f"non-finite output scores {list(res.scores)} (NaN/Inf logits)")
+            raise RuntimeError(f"{spec['path']} computes NaN or Inf logits: output scores "
+                               f"{list(res.scores)}")
     out["warmup_tokens"] = list(res.tokens[0][:16])  # greedy: shows whether an adapter acts
     runs = []
     for i in range(spec["repetitions"]):
