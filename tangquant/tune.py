@@ -152,23 +152,6 @@ def _claimed_for_apply(tune_fn):
 
 
 @_claimed_for_apply
-def _claimed_for_apply(tune_fn):
-    """``--apply``: the IR is claimed for the whole run, as every output is (``claim.claim``: a
-    second tune or an export to it is refused), and its directory must be writable before the
-    search starts, not after it (issue 30)."""
-    @functools.wraps(tune_fn)
-    def run_claimed(model, params=None, apply: bool = False, *args, **kwargs):
-        if not apply:
-            return tune_fn(model, params, apply, *args, **kwargs)
-        md = load.inspect(model, kinds=("ir",))
-        files.check_writable(md.path)  # the claim's lock lies beside the IR
-        files.check_writable(md.path / runtime.MODEL_XML)  # the XML and manifest are replaced
-        with claim.claim(md.path):
-            return tune_fn(md, params, apply, *args, **kwargs)
-    return run_claimed
-
-
-@_claimed_for_apply
 def tune(model, params: TuneParams | None = None, apply: bool = False,
          results: str = "benchmarks/results", force: bool = False, gguf=None, deploy_dir=None,
          measure=None, **overrides) -> dict:
