@@ -1,57 +1,55 @@
 #!/usr/bin/env bash
-# The side-by-side Xeon run at one shape (7B by default) in resumable phases, made for a lent
-# machine that gives 10-minute calls and forgets everything ~30 s after the last one:
+# The side-by-side run on a lent Xeon, every peer at its best, in one background chain that
+# survives the 10-minute calls of a machine given back ~30 s after the last one:
 #
-#   xeon_full.sh build OUT [SHAPE]      llama.cpp, the INT4 checkpoint (random, or TQ_GPTQ=rtn: the
-#                                       bf16 shape model, TQ_MERGE=1 its merge for RSS, RTN), IR, GGUF,
-#                                       the llama-quantize anchors (Q4_0, Q4_K_M)
-#   xeon_full.sh tune OUT [THREADS]     tangquant tune --apply on a copy of the IR (tuned/)
-#   xeon_full.sh bench OUT [THREADS [tuned]]  one bench run over every candidate there is
-#   xeon_full.sh all OUT [SHAPE]        build, bench 16, tune 16, bench 16 tuned, bench 8
-#   xeon_full.sh status OUT             the log's tail and each step's wall time and peak RSS
+#   xeon_full.sh all OUT        setup, then the benches (below), one after another
+#   xeon_full.sh setup OUT      builds and models: llama-cpp-python (native, AMX where the compiler and
+#                               the run-time probe allow it), llama.cpp's own tools (llama-bench,
+#                               llama-speculative-simple), ik_llama.cpp (native), ONNX Runtime GenAI;
+#                               the random 7B GPTQ checkpoint (shapes --gptq), its IR, its GGUF (q5_0
+#                               head, the export's default), llama-quantize Q4_0 and Q4_K_M of that
+#                               GGUF, its ONNX Runtime GenAI export; the 0.5B draft's IR and GGUF
+#   xeon_full.sh bench OUT      one `tangquant bench` run at -p 512 -n 128 over every candidate there
+#                               is, rounds interleaved; then the short-in/long-out workload (-p 32 -n 256)
+#   xeon_full.sh steps OUT      speculative decoding's step costs at 7B target / 0.5B draft
+#                               (benchmarks/draft_step_cost.py)
+#   xeon_full.sh status OUT     the log's tail and each step's wall time and peak RSS
 #
-# Start a phase in the background from a copy of the checkout, so that a later call (which
-# replaces the checkout) cannot change the code under it, then poll it from later calls:
-#   rm -rf /tmp/tq-repo && cp -r . /tmp/tq-repo && (setsid bash /tmp/tq-repo/benchmarks/xeon_full.sh \
-#     all /tmp/xo 7b >/dev/null 2>&1 &); for i in $(seq 55); do sleep 10; tar -czf $OUT/xo.tgz -C /tmp/xo .; done
-# and from each later call (issued at once: the machine goes back 30 s after a call) the same loop.
-# On 2026-12-02 `all` at 7B took 22 minutes to the end of the tuned bench (results/2026-12-02-xeon16-7b-run2/), and
-# `build` alone 7.5 minutes once the exports were faster (results/2026-12-02-xeon16-run3-7b-build-0.5b-bench/). A call that comes later
-# than ~30 s after the last one finds a fresh machine: that lost the 7B bench of the third session.
-# pkill patterns must not match the calling command's own text (it runs as `bash -c COMMAND`).
-# Every call must copy OUT's files to $OUT *before* anything that can overrun it, and start long
-# work only in the background: on 2026-12-02 a call that waited in the foreground for the 7B
-# anchors ran past its limit and brought nothing back, and the device time was gone.
+# Start it from a copy of the checkout (a later call replaces the checkout), in its own session,
+# and copy OUT back from every call before anything can overrun it:
+#   rm -rf /tmp/tq-repo && cp -r . /tmp/tq-repo && (setsid bash /tmp/tq-repo/benchmarks/xeon_full.sh all \
+#     /tmp/xo >/dev/null 2>&1 &); for i in $(seq 54); do sleep 10; tar -czf $OUT/xo.tgz -C /tmp/xo .; done
+# Later calls (issued at once: the machine goes back ~30 s after a call) run the same loop. The bench
+# waits for /tmp/tq-ort.ready (a later call installs the newest onnxruntime there) up to TQ_ORT_WAIT s.
 #
-# Carried (git-ignored, made by benchmarks/xeon_pack.sh): .carry/xeon-site.tar.xz (OpenVINO,
-# transformers 4.57.6, optimum-intel, nncf, INC, gguf, the seed's gptqmodel stack) and
-# .carry/llama-cpp-python-src.tar.xz (llama-cpp-python 0.3.36, its vendored llama.cpp 0c1e570),
-# compiled there with the machine's own instructions but AMX (.ci/llama-cmake-args), as .ci/run does.
-# Elsewhere TQ_PYTHON names a ready environment and nothing is unpacked or built.
+# Carried (git-ignored; benchmarks/xeon_pack.sh makes them): .carry/xeon-site.tar.xz (OpenVINO,
+# transformers, optimum-intel, nncf, INC, gguf, the seed's gptqmodel stack), .carry/llama-cpp-python-src.tar.xz
+# (llama.cpp 0c1e570), .carry/ik-llama-cpp-python-src.tar.xz, the onnxruntime-genai wheels; compiled with the
+# distribution's gcc/g++ (the environment's /opt/gcc links libstdc++ statically: llama.cpp then segfaults in
+# Python). Elsewhere TQ_PYTHON names a ready environment and nothing is unpacked or built (a rehearsal:
+# TQ_SHAPE=smoke builds a 2-layer model of the 0.5B width instead of 7B).
 #
-# Random weights, speed only. The INT4 checkpoint stands for the merged fine-tune's (a merge changes
-# values, not shapes or bytes): by default random integers in the GPTQ layout (tangquant.poet.shapes
-# --gptq, seconds), with TQ_GPTQ=rtn `tangquant quantize --algo rtn` of the bf16 shape model (7 minutes
-# at 7B; TQ_MERGE=1 also runs `tangquant merge` once for its peak RSS). Steps run at once where they
-# can (16 cores); each one's wall time and peak RSS (os.wait4 of its process) go to OUT/steps.jsonl,
-# bench records to OUT/*.jsonl.
+# Random weights, speed only. Every step's wall time and peak RSS (os.wait4 of its process) go to
+# OUT/steps.jsonl, bench records to OUT/bench-*.jsonl, tables to OUT/bench-*.md.
 set -uo pipefail
 phase="$1"; out="$(mkdir -p "$2" && cd "$2" && pwd)"
-if [ "$phase" = status ]; then tail -n 30 "$out/xeon.log"; cat "$out/steps.jsonl" 2>/dev/null; exit 0; fi
+if [ "$phase" = status ]; then tail -n 40 "$out/xeon.log"; cat "$out/steps.jsonl" 2>/dev/null; exit 0; fi
 repo="$(cd "$(dirname "$0")/.." && pwd)"; work="${TQ_WORK:-/tmp/tq-work}"
-site=/tmp/tq-site; llama_site=/tmp/tq-llama
+site=/tmp/tq-site; llama_site=/tmp/tq-llama; ik_site=/tmp/tq-ik; ort_site=/tmp/tq-ort; tools=/tmp/llama-tools
+threads="${TQ_THREADS:-16}"; shape="${TQ_SHAPE:-7b}"
 exec >>"$out/xeon.log" 2>&1
 stamp() { echo "[xeon $(date -u +%H:%M:%S)] $*"; }
-stamp "$phase: ${*:3} repo=$repo work=$work"
+stamp "$phase repo=$repo work=$work shape=$shape threads=$threads"
 if [ -z "${TQ_PYTHON:-}" ]; then
   [ -d "$site" ] || { mkdir -p "$site.tmp" && tar -xJf "$repo/.carry/xeon-site.tar.xz" -C "$site.tmp" \
     && mv "$site.tmp" "$site"; } || { stamp "unpack failed"; exit 3; }
-  export PYTHONPATH="$repo:$site:$llama_site"
+  export PYTHONPATH="$repo:$ort_site.new:$ort_site:$site:$llama_site" TANGQUANT_IKLCPP_PATH="$ik_site"
 else
   export PYTHONPATH="$repo"
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 py="${TQ_PYTHON:-python3}"; tq=("$py" -m tangquant.cli)
+cc="${TQ_CC:-/usr/bin/gcc}"; cxx="${TQ_CXX:-/usr/bin/g++}"
 mkdir -p "$work"; cd "$work" || exit 5
 
 # step NAME COMMAND...: skip when NAME exists in the work folder; record wall time and peak RSS.
@@ -73,115 +71,132 @@ PY
   stamp "done $name"
 }
 
-# llama.cpp 0c1e570 built on the lent Xeon segfaulted loading any GGUF on 2026-12-02 (in print_info):
-# its CC/CXX linked libstdc++ statically (incidents/2026-12-02-llama-segfault/; build() now uses the system compilers).
-# Probe the build on a tiny file before any 7B work (benchmarks/llama_probe.py logs the libraries it
-# binds to), and if it crashes try a build without OpenMP; benchmarks/incidents/2026-12-02-llama-segfault/llama_diag.sh takes it further.
-probe_llama() {
-  echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
-  step llama-probe "$py" "$repo/benchmarks/llama_probe.py" /tmp/llama-probe; local rc=$?
-  cp /tmp/llama-probe/probe.json "$out/llama-probe.json" 2>/dev/null; [ $rc = 0 ] && return 0
-  stamp "llama.cpp does not run a GGUF here: trying a build without OpenMP"
-  CC="$cc" CXX="$cxx" CMAKE_ARGS="$(sh "$repo/.ci/llama-cmake-args") -DGGML_OPENMP=OFF" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build-noomp \
-    "$py" -m pip install -q --no-deps --no-build-isolation --no-index --target "$llama_site.noomp" \
-    /tmp/lcp/llama_cpp_python-0.3.36 || return 1
-  mv "$llama_site" "$llama_site.omp" && mv "$llama_site.noomp" "$llama_site"
-  step llama-probe-noomp "$py" "$repo/benchmarks/llama_probe.py" /tmp/llama-probe; rc=$?
-  cp /tmp/llama-probe/probe.json "$out/llama-probe-noomp.json" 2>/dev/null; return $rc
-}
-
-build() {
-  local shape="${1:-7b}"
-  { lscpu | grep -E "Model name|^CPU\(s\)|Thread|Socket|NUMA node|L3"; free -g | head -2; df -h /tmp | tail -1
+host_record() {
+  { lscpu; grep -m1 flags /proc/cpuinfo; free -g; df -h /tmp; "$cc" --version | head -1
+    printf '#include <immintrin.h>\n' | "$cxx" -mamx-tile -x c++ -E - 2>/dev/null | tr '\n' ' ' \
+      | grep -o '_tile_loadconfig *([^{]*{[^}]*}' | head -1
     "$py" -c "import torch, transformers, openvino; print('torch', torch.__version__, 'transformers',
-transformers.__version__, 'openvino', openvino.__version__)"; } || { stamp "stack broken"; exit 4; }
-  local llama_pid=
-  # The lent Xeon's CC/CXX (/opt/gcc) link libstdc++ statically into libggml.so: llama.cpp's tools
-  # run, but from Python every GGUF load segfaulted in print_info (2026-12-02, incidents/2026-12-02-llama-segfault/). The
-  # distribution's compilers on PATH link it dynamically, as a Python extension needs.
-  local cc cxx; cc="${TQ_CC:-$(command -v gcc)}"; cxx="${TQ_CXX:-$(command -v g++)}"; echo "llama.cpp compilers: $cc $cxx"
-  if [ -z "${TQ_PYTHON:-}" ] && [ ! -d "$llama_site" ]; then
-    ( rm -rf /tmp/lcp "$llama_site.tmp" && mkdir -p /tmp/lcp && tar -xJf "$repo/.carry/llama-cpp-python-src.tar.xz" -C /tmp/lcp \
-      && CC="$cc" CXX="$cxx" CMAKE_ARGS="$(sh "$repo/.ci/llama-cmake-args")" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build "$py" -m pip install -q \
-         --no-deps --no-build-isolation --no-index --target "$llama_site.tmp" /tmp/lcp/llama_cpp_python-0.3.36 \
-      && mv "$llama_site.tmp" "$llama_site" && probe_llama ) & llama_pid=$!
-  fi
-  step lora "$py" -m tangquant.poet.shapes --shape "$shape" --adapter lora || exit 6
-  if [ "${TQ_GPTQ:-random}" = rtn ]; then  # the bf16 shape model, then tangquant quantize --algo rtn
-    step base "$py" -m tangquant.poet.shapes --shape "$shape" --output base || exit 6
-    [ -z "${TQ_MERGE:-}" ] || step merged "${tq[@]}" merge --model base --adapter lora --output merged
-    rm -f merged/*.safetensors  # only its peak RSS was wanted; disk is finite
-    step gptq "${tq[@]}" quantize --model base --output gptq --algo rtn --bits 4 --group-size 128 --sym \
-      --layer-wise --eval-samples 0 || exit 8
-  else  # random INT4 in the same layout and bytes (shapes.build_gptq): minutes fewer at 7B
-    step gptq "$py" -m tangquant.poet.shapes --shape "$shape" --gptq gptq || exit 8
-  fi
-  # (the llama.cpp build and probe are the parent's child: a subshell cannot wait for it, so it polls)
-  ( while [ -n "$llama_pid" ] && kill -0 "$llama_pid" 2>/dev/null; do sleep 2; done
-    # a crash of llama.cpp's load check still leaves a file to bench: its rows then fail, on record
-    { step gguf "${tq[@]}" export --model gptq --output gguf --format gguf \
-      || step gguf "${tq[@]}" export --model gptq --output gguf --format gguf --no-llama-check; } && anchors ) &
-  step ir "${tq[@]}" export --model gptq --output ir --format openvino
-  wait
-  [ -d "$llama_site" ] || [ -n "${TQ_PYTHON:-}" ] || stamp "no llama.cpp build: no llama.cpp rows"
-  du -sh "$work"/* 2>/dev/null; df -h "$work" | tail -1
-  stamp "build done"
+transformers.__version__, 'openvino', openvino.__version__)"; } > "$out/host.txt" 2>&1
 }
 
-# What a llama.cpp user makes of the same model with llama-quantize. From the bf16 shape model
-# when there is one (its f16 GGUF, removed once quantized); otherwise requantized from tangquant's
-# GGUF: the tensor types and bytes an f16 source gives (speed only), without the 15 GB f16 file
-# that does not fit the disk beside a 7B export.
-anchors() {
-  if [ -d base ]; then
-    step anchors "$py" -m tangquant.measure.anchor --model base --output anchors --types q4_0,q4_k_m \
-      && rm -f anchors/*-F16.gguf
+# llama-cpp-python as its users build it: native, AMX included. The compiler check of
+# .ci/llama-cmake-args would drop AMX for an old GCC header; here the bench's own run-time probe
+# (tangquant/gguf/amx.py) guards every row, so such a build is forced native and the log says so.
+build_llama() {
+  [ -n "${TQ_PYTHON:-}" ] || [ -d "$llama_site" ] && return 0
+  rm -rf /tmp/lcp "$llama_site.tmp" && mkdir -p /tmp/lcp && tar -xJf "$repo/.carry/llama-cpp-python-src.tar.xz" -C /tmp/lcp
+  local args; args="$(CXX="$cxx" sh "$repo/.ci/llama-cmake-args" 2>"$out/llama-cmake-args.txt")"
+  if grep -q "WITHOUT AMX" "$out/llama-cmake-args.txt"; then
+    args="$(LLAMA_AMX=force sh "$repo/.ci/llama-cmake-args" 2>>"$out/llama-cmake-args.txt")"
+  fi
+  echo "$args" >> "$out/llama-cmake-args.txt"
+  CC="$cc" CXX="$cxx" CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL=16 step llama-build "$py" -m pip install -q \
+    --no-deps --no-build-isolation --no-index --target "$llama_site.tmp" /tmp/lcp/llama_cpp_python-0.3.36 \
+    && mv "$llama_site.tmp" "$llama_site"
+}
+
+# llama.cpp's own tools from the same vendored source and flags: llama-bench (its users' speed
+# figure) and llama-speculative-simple (its users' drafted decoding).
+build_tools() {
+  [ -n "${TQ_PYTHON:-}" ] || [ -x "$tools/bin/llama-speculative-simple" ] && return 0
+  local src=/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp
+  # shellcheck disable=SC2046
+  step llama-tools bash -c "cmake -S $src -B $tools -DCMAKE_BUILD_TYPE=Release -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF \
+    -DCMAKE_C_COMPILER=$cc -DCMAKE_CXX_COMPILER=$cxx $(tail -n1 "$out/llama-cmake-args.txt" | sed 's/-DLLAVA_BUILD=OFF//') \
+    >/dev/null && cmake --build $tools -j 16 --target llama-bench llama-speculative-simple >/dev/null"
+}
+
+build_ik() {
+  [ -n "${TQ_PYTHON:-}" ] || [ -d "$ik_site" ] && return 0
+  rm -rf /tmp/ikx && mkdir -p /tmp/ikx && tar -xJf "$repo/.carry/ik-llama-cpp-python-src.tar.xz" -C /tmp/ikx
+  CC="$cc" CXX="$cxx" CMAKE_ARGS="$(sh "$repo/.ci/iklcpp-cmake-args")" CMAKE_BUILD_PARALLEL_LEVEL=16 step ik-build \
+    "$py" -m pip install -q --no-deps --no-build-isolation --no-index --target "$ik_site.tmp" \
+    /tmp/ikx/ik_llama_cpp_python-0.1.5 && mv "$ik_site.tmp" "$ik_site"
+}
+
+install_ort() {
+  [ -n "${TQ_PYTHON:-}" ] || [ -d "$ort_site" ] && return 0
+  "$py" -m pip install -q --no-deps --no-index --target "$ort_site" "$repo"/.carry/onnxruntime_genai-*.whl \
+    "$repo"/.carry/onnx_ir-*.whl "$repo"/.carry/flatbuffers-*.whl && stamp "onnxruntime-genai installed"
+}
+
+model_shape() {  # the GPTQ checkpoint of the shape (random integers, GPTQ layout)
+  if [ "$shape" = smoke ]; then
+    step "$1" "$py" -c "import sys; from tangquant.poet import shapes; c = shapes.qwen_config('0.5b');
+c.update(num_hidden_layers=2, max_window_layers=2, tie_word_embeddings=False); shapes.build_gptq(c, sys.argv[1])" "$1"
   else
-    local src=(gguf/*.gguf)
-    [ -e "${src[0]}" ] || { stamp "no base model or GGUF: no anchors"; return 1; }
-    step anchors "$py" -m tangquant.measure.anchor --from-gguf "${src[0]}" --output anchors --types q4_0,q4_k_m
+    step "$1" "$py" -m tangquant.poet.shapes --shape "$2" --gptq "$1"
   fi
 }
 
-# bench THREADS [LABEL]: every candidate there is; LABEL "tuned" benches only the IR before and
-# after tangquant tune beside tangquant's GGUF and llama.cpp Q4_0 (a shorter second run).
-bench() {
-  local threads="${1:-16}" label="${2:-all}"
-  local b=("${tq[@]}" bench ${TQ_BENCH_ARGS:--p 512 -n 128 -r 1 --rounds 3} -t "$threads"
-           --baseline-python "${TQ_BASEPY:-$(command -v "$py")}" --force)
-  local c=(--candidate tq-ir=ov:ir)
-  [ -d tuned ] && [ -e tune.done ] && c+=(--candidate tq-ir-tuned=ov:tuned)
-  [ -d gguf ] && c+=(--candidate tq-gguf=llamacpp:gguf)
-  for t in Q4_0 Q4_K_M; do
-    [ "$label" = tuned ] && [ "$t" = Q4_K_M ] && continue
-    for f in anchors/*-"$t".gguf; do [ -e "$f" ] && c+=(--candidate "llama-$t=llamacpp:$f"); done
+setup() {
+  host_record
+  install_ort
+  ( build_llama; build_tools ) > "$out/build-llama.log" 2>&1 & local llama_pid=$!
+  build_ik > "$out/build-ik.log" 2>&1 & local ik_pid=$!
+  model_shape gptq 7b || exit 8
+  model_shape draft-gptq 0.5b
+  # GGUF (needs llama.cpp for its load check) then the llama-quantize files of the same integers;
+  # the IR beside it; ONNX Runtime GenAI after the IR (its staging copy and the IR's do not fit at once).
+  ( while kill -0 "$llama_pid" 2>/dev/null; do sleep 2; done
+    step gguf "${tq[@]}" export --model gptq --output gguf --format gguf
+    step anchors "$py" -m tangquant.measure.anchor --from-gguf "$(ls gguf/*.gguf)" --output anchors --types q4_0,q4_k_m
+    step draft-gguf "${tq[@]}" export --model draft-gptq --output draft-gguf --format gguf ) &
+  local gguf_pid=$!
+  step ir "${tq[@]}" export --model gptq --output ir --format openvino
+  step draft-ir "${tq[@]}" export --model draft-gptq --output draft-ir --format openvino
+  step ort "${tq[@]}" export --model gptq --output ort --format ortgenai
+  wait "$gguf_pid" "$ik_pid"
+  du -sh "$work"/* 2>/dev/null; df -h "$work" | tail -1
+  stamp "setup done"; touch "$out/setup.done"
+}
+
+first() { local f; for f in "$@"; do [ -e "$f" ] && { echo "$f"; return; }; done; }
+
+# bench LABEL P N ROUNDS NAME=KIND:PATH...: one tangquant bench run over the candidates whose model exists.
+run_bench() {
+  local label="$1" p="$2" n="$3" rounds="$4"; shift 4
+  local c=() cand path
+  for cand in "$@"; do
+    path="${cand#*:}"; path="${path%%,*}"
+    [ -e "$path" ] && c+=(--candidate "$cand") || stamp "bench $label: no $path, $cand left out"
   done
-  if [ "$label" != tuned ]; then
-    # llama.cpp's default repacking segfaulted on the AMX Xeon (2026-12-02) when built with AMX; it
-    # is built without AMX now (.ci/llama-cmake-args); TQ_REPACK0=1 adds the plain path for the record.
-    [ -z "${TQ_REPACK0:-}" ] || for f in anchors/*-Q4_0.gguf; do
-      [ -e "$f" ] && c+=(--candidate "llama-Q4_0-repack0=llamacpp:$f,repack=0"); done
-    c+=(--candidate ov+lora=ov+lora:ir,adapter=lora --candidate seed-gptq+lora=torch-gptq+lora:gptq,adapter=lora)
-  fi
   stamp "bench $label: ${c[*]}"
-  "${b[@]}" "${c[@]}" --results "$out/bench-$label-t$threads.jsonl" > "$out/bench-$label-t$threads.md"
+  "${tq[@]}" bench -p "$p" -n "$n" -r 1 --rounds "$rounds" -t "$threads" --force "${c[@]}" \
+    --results "$out/bench-$label.jsonl" > "$out/bench-$label.md"
   stamp "bench $label rc=$?"
 }
 
-tune() {
-  local threads="${1:-16}"
-  [ -d tuned ] || cp -r ir tuned
-  step tune.done bash -c "$(printf '%q ' "${tq[@]}") tune --model tuned -t $threads --budget ${TQ_TUNE_BUDGET:-4m} \
-    --apply --results $out/tune.jsonl > $out/tune.md && touch tune.done"
+bench() {
+  local wait_s="${TQ_ORT_WAIT:-240}" q40 qkm gg
+  while [ ! -e /tmp/tq-ort.ready ] && [ "$wait_s" -gt 0 ] && [ -z "${TQ_PYTHON:-}" ]; do sleep 5; wait_s=$((wait_s - 5)); done
+  gg="$(first gguf/*.gguf)"; q40="$(first anchors/*-Q4_0.gguf)"; qkm="$(first anchors/*-Q4_K_M.gguf)"
+  run_bench main 512 128 "${TQ_ROUNDS:-2}" \
+    tq-ir=ov:ir tq-ir-dq0=ov:ir,DYNAMIC_QUANTIZATION_GROUP_SIZE=0 "tq-gguf=llamacpp:$gg" \
+    "llama-Q4_0=llamacpp:$q40" "llama-Q4_K_M=llamacpp:$qkm" "ik-Q4_0-rtr=iklcpp:$q40,rtr=1" \
+    "ik-tq-gguf-rtr=iklcpp:$gg,rtr=1" ort=ortgenai:ort
+  run_bench short 32 256 "${TQ_ROUNDS:-2}" tq-ir=ov:ir "tq-gguf=llamacpp:$gg" "llama-Q4_0=llamacpp:$q40" \
+    "ik-Q4_0-rtr=iklcpp:$q40,rtr=1" ort=ortgenai:ort
+  [ -x "$tools/bin/llama-bench" ] && for f in "$gg" "$q40"; do
+    "$tools/bin/llama-bench" -m "$f" -t "$threads" -p 512 -n 128 -r 2 -o md >> "$out/llama-bench.md" 2>&1; done
+  stamp "bench done"
+}
+
+steps() {
+  step draft-steps.json "$py" "$repo/benchmarks/draft_step_cost.py" --target-ir ir --draft-ir draft-ir \
+    --target-gguf gguf --draft-gguf draft-gguf -t "$threads" -p 512 --ks 1,2,4,8 --out "$out/draft-step-cost.json"
+  touch draft-steps.json
+  [ -x "$tools/bin/llama-speculative-simple" ] && "$tools/bin/llama-speculative-simple" -m "$(first gguf/*.gguf)" \
+    -md "$(first draft-gguf/*.gguf)" -p "写一首唐诗" -n 128 --draft-max 4 -t "$threads" -c 1024 \
+    > "$out/llama-speculative.log" 2>&1
+  stamp "steps done"
 }
 
 case "$phase" in
-  build) build "${3:-7b}" ;;
-  anchors) anchors ;;
-  bench) bench "${3:-16}" "${4:-all}" ;;
-  tune) tune "${3:-16}" ;;
-  # everything in one background run, the headline first: build, the full bench at 16 threads,
-  # tune, the tuned bench, the full bench at 8 threads
-  all) build "${3:-7b}" && bench 16 && tune 16 && bench 16 tuned && bench 8; stamp "all done" ;;
-  *) echo "usage: xeon_full.sh build|anchors|tune|bench|all|status OUT [SHAPE|THREADS [LABEL]]" >&2; exit 2 ;;
+  setup) setup ;;
+  bench) bench ;;
+  steps) steps ;;
+  all) setup; bench; steps; stamp "all done"; touch "$out/all.done" ;;
+  *) echo "usage: xeon_full.sh all|setup|bench|steps|status OUT" >&2; exit 2 ;;
 esac
