@@ -227,7 +227,7 @@ class ShardWriter:
             return
         from safetensors.torch import save_file
 
-        from tangquant.files import os_error
+        from tangquant.files import os_error, readable_as_created
 
         path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
         try:
@@ -238,6 +238,7 @@ class ShardWriter:
                 raise
             err.filename = str(path)
             raise err from exc
+        readable_as_created(path)
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

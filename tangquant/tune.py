@@ -101,8 +101,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="OpenVINO IR directory (tangquant export)")
     parser.add_argument("--apply", action="store_true",
                         help="write the winner into the IR's runtime_options and manifest")
-    parser.add_argument("--results", default="benchmarks/results", metavar="DIR|FILE.jsonl",
-                        help="where the candidates' records are appended (DIR/tune.jsonl)")
+    parser.add_argument("--results", default=files.RESULTS, metavar="DIR|FILE.jsonl",
+                        help="where the candidates' records are appended: DIR/tune.jsonl (default: "
+                        f"./{files.RESULTS}/tune.jsonl, in the current directory)")
     parser.add_argument("--force", action="store_true",
                         help="--apply over runtime options an earlier tune applied")
 
@@ -113,7 +114,7 @@ def run(args) -> dict:
 
 
 def tune(model, params: TuneParams | None = None, apply: bool = False,
-         results: str = "benchmarks/results", force: bool = False, **overrides) -> dict:
+         results: str = files.RESULTS, force: bool = False, **overrides) -> dict:
     """Search the grid for ``model`` (an IR directory); returns ``rows``, ``winner``, the table."""
     p = recipe.resolve(TuneParams, params, overrides)
     if p.threads is None:
