@@ -96,8 +96,10 @@ def merge(model, adapter, output, params: MergeParams | None = None, force: bool
 
     p = recipe.resolve(MergeParams, params, overrides)
     start = time.time()
-    base = files.existing_dir(model, "base model")
-    adir = files.existing_dir(adapter, "adapter")
+    base = files.existing_dir(checkpoint.resolve_model(model, "base model"), "base model")
+    adir = files.existing_dir(checkpoint.resolve_model(adapter, "adapter"), "adapter")
+    if p.base_model_id is None and card.hub_id_of(base):  # a Hub id found in the local cache
+        p = dataclasses.replace(p, base_model_id=card.hub_id_of(base))
     out = files.check_output(output, [base, adir], force)
     config = checkpoint.load_config(base)
     checkpoint.refuse_quantized(config, base, QUANTIZED_FIX)
