@@ -116,6 +116,24 @@ def front_matter(lineage_: dict, relation: str, library: str, tags=()) -> dict:
     return meta
 
 
+def use_section(api: str, heading: bool = True) -> str:
+    """How to publish an output on the Hub and use it from tangquant's Python API (``api``: a snippet
+    whose ``THIS_DIR`` is the directory)."""
+    head = "## Use\n\n" if heading else ""
+    return f"""{head}Publish it on the Hugging Face Hub (the front matter above lists it under its base model):
+
+```sh
+hf upload ORG/NAME THIS_DIR .
+```
+
+From Python, with tangquant:
+
+```python
+{api.strip()}
+```
+"""
+
+
 def render(meta: dict, body: str) -> str:
     import yaml
 

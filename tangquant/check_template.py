@@ -17,13 +17,22 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from tangquant import files, load
 from tangquant.errors import ChatTemplateError, InputError
 
 HELP = "check that the chat template renders alike in every form (HF, openvino-genai, llama.cpp, ollama)"
-PARAMS = None
+
+
+@dataclass(frozen=True)
+class CheckTemplateParams:
+    """Nothing to tune: the chats and the forms are fixed (the forms the directory holds)."""
+
+
+PARAMS = CheckTemplateParams
+RECIPE_FLAG = False
 
 
 def add_arguments(parser) -> None:

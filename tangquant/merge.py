@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 HELP = "fold a LoRA adapter into its full-precision base (exact, streaming, low memory)"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TOKENIZERS = ("auto", "base", "adapter")
+QUANTIZE_API = """from tangquant import quantize
+q = quantize("THIS_DIR", "OUT", "recipes/int4-gptq-g128.yaml", calib="data/tang/tang_calib.json")"""
 QUANTIZED_FIX = ("merge into the full-precision base (e.g. Qwen/Qwen1.5-7B-Chat), then quantize "
                  "the merged model with `tangquant quantize`")
 VERIFY_PROMPTS = ("寫一首唐詩", "寫一首關於明月的五言絕句", "以《春曉》為題寫一首詩", "寫一首思鄉的七言絕句",
@@ -270,7 +272,8 @@ added in fp32), shard by shard; {metrics['tensors_merged']} tensors changed. It 
 (`AutoModelForCausalLM.from_pretrained`), with the base's tokenizer and chat template.
 {verify}
 Quantize it with `tangquant quantize --model THIS_DIR --output OUT --recipe recipes/int4-gptq-g128.yaml`.
-"""
+
+{card.use_section(QUANTIZE_API)}"""
     card.write(tmp, card.front_matter(lin, "finetune", card.LIBRARY["hf"], tags), body)
 
 

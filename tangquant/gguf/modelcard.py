@@ -22,6 +22,10 @@ PARAMETER stop "<|endoftext|>"
 '''
 
 
+EVAL_API = """from tangquant import evaluate
+print(evaluate("THIS_DIR/FILE", "SOURCE_DIR", "heldout.json")["kld"])   # the KL statistics of these weights"""
+
+
 def write_modelfile(out_dir: Path, gguf_file: str, system: str | None = None) -> Path:
     """The Modelfile beside the GGUF; ``system`` defaults to the default system prompt of the chat
     template among the tokenizer files in ``out_dir``."""
@@ -82,6 +86,7 @@ llm = Llama("{f}", n_ctx=2048)
 print(llm.create_chat_completion([{{"role": "user", "content": "写一首唐诗"}}])["choices"][0]["message"]["content"])
 ```
 
+{card.use_section(EVAL_API.replace("FILE", f), heading=False)}
 ## Exactness
 
 llama.cpp quantizes activations to 8 bits for its Q4_0 dot products, so its logits are close to,
