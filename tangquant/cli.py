@@ -128,6 +128,8 @@ def _plain(value):
         return os.fspath(value)
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # a numpy or torch scalar
+        return _plain(value.item())
     return _DROP
 
 
