@@ -115,8 +115,8 @@ def test_verbose_and_json_are_accepted_after_the_command(tmp_path, capsys):
     assert main(["clean", str(tmp_path), "-v", "--json"]) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and "summary" in json.loads(line)
-    assert main(["merge", "--model", str(tmp_path / "none"), "--adapter", "a", "--output", "o", "-v"]) == 2
-    assert "tangquant: error: base model" in capsys.readouterr().err
+    assert main(["check-template", str(tmp_path / "none"), "-v"]) == 2
+    assert "tangquant: error: model" in capsys.readouterr().err
 
 
 @pytest.mark.fast
