@@ -25,7 +25,7 @@ import logging
 import os
 from pathlib import Path
 
-from tangquant import engines, files, recipe
+from tangquant import engines, files, host, recipe
 from tangquant.errors import BenchError, TangquantError
 from tangquant.load import context_length
 from tangquant.measure.candidate import Candidate, Resolved, parse_candidate, resolve
@@ -53,8 +53,8 @@ class BenchRecipe:
     repetitions: int = param(5, "timed repetitions", short="-r")
     rounds: int = param(1, "run the candidates in turn this many times, each a fresh process with -r "
                         "repetitions, and pool the runs: a drifting host's speed falls on all alike")
-    threads: tuple[int, ...] = param((), "thread count, or a comma list to sweep (default: all cores)",
-                                     short="-t")
+    threads: tuple[int, ...] = param((), "thread count, or a comma list to sweep (default: the "
+                                     "physical cores, as tune and llama-bench count them)", short="-t")
     warmup: int = param(1, "uncounted warm-up runs (at least one runs: it checks the output)")
     baseline_python: str = param(DEFAULT_BASELINE_PYTHON, "python of the seed-baseline environment")
     timeout_s: int = param(3600, "limit per candidate run, in seconds")
@@ -88,7 +88,7 @@ def _resolve_all(parsed: list[Candidate], rec: BenchRecipe) -> dict[str, Resolve
 
 
 def bench(candidates=(), params: BenchRecipe | str | Path | None = None, plot: str | None = None,
-          results_dir: str = "benchmarks/results", force: bool = False, **overrides) -> dict:
+          results_dir: str = files.RESULTS, force: bool = False, **overrides) -> dict:
     """Benchmark every candidate at every thread count.
 
     Returns ``records`` (one per candidate and thread count; a failed candidate is a record
@@ -101,7 +101,7 @@ def bench(candidates=(), params: BenchRecipe | str | Path | None = None, plot: s
         raise BenchError("no candidate given (--candidate NAME=KIND:PATH, or a recipe's candidates)")
     if len({c.name for c in parsed}) != len(parsed):
         raise BenchError("candidate names must be unique")
-    thread_list = [int(t) for t in (rec.threads or (os.cpu_count() or 1,))]
+    thread_list = [int(t) for t in (rec.threads or (host.physical_cores(),))]
     out = Path(results_dir)
     jsonl = out if out.suffix == ".jsonl" else out / "bench.jsonl"
     inputs = [c.path for c in parsed] + [c.options.get("adapter") for c in parsed]
@@ -149,8 +149,9 @@ def _drop_if_unmeasured(partial: Path) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the results")
-    parser.add_argument("--results", default="benchmarks/results", metavar="DIR|FILE.jsonl",
-                        help="where the JSONL records are appended (DIR/bench.jsonl by default)")
+    parser.add_argument("--results", default=files.RESULTS, metavar="DIR|FILE.jsonl",
+                        help="where the JSONL records are appended: DIR/bench.jsonl (default: "
+                        f"./{files.RESULTS}/bench.jsonl, in the current directory)")
     parser.add_argument("--force", action="store_true", help="replace an existing --plot file")
 
 

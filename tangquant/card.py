@@ -39,6 +39,17 @@ def is_hub_id(text) -> bool:
         and not Path(text).expanduser().exists()
 
 
+def hub_id_of(path) -> str | None:
+    """``org/name`` of a Hugging Face cache snapshot (``models--org--name/snapshots/REV``), else None."""
+    if path is None:
+        return None
+    root = Path(path).resolve()
+    repo = root.parent.parent.name
+    if root.parent.name == "snapshots" and repo.startswith("models--") and repo.count("--") >= 2:
+        return repo[len("models--"):].replace("--", "/", 1)
+    return None
+
+
 def check_base_model_id(text: str | None) -> None:
     """For ``__post_init__``: refuse a --base-model-id that is not a Hub id."""
     if text is not None and not _HUB_ID.match(text):
@@ -81,6 +92,8 @@ def lineage(source, base_model_id: str | None = None, adapter_base: str | None =
         out["base_model"] = meta["base_model"]
     elif adapter_base and is_hub_id(adapter_base):
         out["base_model"] = adapter_base
+    elif not ours and hub_id_of(source):  # a Hub id resolved from the local cache
+        out["base_model"] = hub_id_of(source)
     elif not ours:  # (a card of ours without one: the stage that wrote it said so)
         found = adapter_base or (source and Path(source).name)
         logger.info("model card: no base_model (%s is not a Hugging Face Hub id); --base-model-id "
@@ -101,6 +114,24 @@ def front_matter(lineage_: dict, relation: str, library: str, tags=()) -> dict:
     if relation == "quantized":
         meta["quantized_by"] = "tangquant"
     return meta
+
+
+def use_section(api: str, heading: bool = True) -> str:
+    """How to publish an output on the Hub and use it from tangquant's Python API (``api``: a snippet
+    whose ``THIS_DIR`` is the directory)."""
+    head = "## Use\n\n" if heading else ""
+    return f"""{head}Publish it on the Hugging Face Hub (the front matter above lists it under its base model):
+
+```sh
+hf upload ORG/NAME THIS_DIR .
+```
+
+From Python, with tangquant:
+
+```python
+{api.strip()}
+```
+"""
 
 
 def render(meta: dict, body: str) -> str:

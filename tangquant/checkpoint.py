@@ -30,10 +30,30 @@ PICKLE_FIX = ("torch.load(weights_only=True) accepts tensors only, even with --a
 
 
 def open_dir(path, what: str) -> Path:
-    """An existing directory whose every entry (symlinks followed) lies inside it."""
-    path = existing_dir(path, what)
+    """An existing directory (or a Hub id's snapshot in the local cache) whose every entry
+    (symlinks followed) lies inside it."""
+    path = existing_dir(resolve_model(path, what), what)
     check_contained(path, what)
     return path
+
+
+def resolve_model(path, what: str = "model directory") -> Path:
+    """``path``, or, when no such path exists and it reads as a Hub id (``Qwen/Qwen1.5-7B-Chat``), the
+    snapshot the local Hugging Face cache holds for it, found offline (``local_files_only``):
+    nothing is ever downloaded."""
+    from tangquant.card import is_hub_id
+
+    if not is_hub_id(str(path)):
+        return Path(path)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise InputError(f"{what} {path} is not a directory, and the local Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}) holds no snapshot of the Hub repository {path}; "
+                         f"tangquant downloads nothing: fetch it first (`hf download {path}`)") from None
 
 
 def allowed_roots(model_dir: Path) -> tuple[Path, ...]:
@@ -227,7 +247,7 @@ class ShardWriter:
             return
         from safetensors.torch import save_file
 
-        from tangquant.files import os_error
+        from tangquant.files import os_error, readable_as_created
 
         path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
         try:
@@ -238,6 +258,7 @@ class ShardWriter:
                 raise
             err.filename = str(path)
             raise err from exc
+        readable_as_created(path)
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

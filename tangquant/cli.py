@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import json
 import logging
 import os
 import signal
@@ -37,6 +38,7 @@ COMMANDS = (
     ("quantize", "tangquant.quantize"),
     ("eval", "tangquant.evaluate"),
     ("export", "tangquant.export"),
+    ("check-template", "tangquant.check_template"),
     ("bench", "tangquant.bench"),
     ("tune", "tangquant.tune"),
     ("chat", "tangquant.chat"),
@@ -48,15 +50,53 @@ COMMANDS = (
 )
 
 
+# Output options, accepted before the command and after it (where the command has no flag of
+# that name: `eval --json FILE` keeps its own meaning).
+GLOBAL_FLAGS = ((("-v", "--verbose"), "debug logging, and third-party warnings and logs"),
+                (("-q", "--quiet"), "warnings and errors only"),
+                (("--json",), "print the command's result as one JSON line instead of its summary"))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a hint for a flag spelled with underscores (LLaMA-Factory's style)."""
+
+    def error(self, message):
+        super().error(message + underscore_hint(self, message))
+
+
+def underscore_hint(parser: argparse.ArgumentParser, message: str) -> str:
+    """"; did you mean --group-size?" for an unrecognized --group_size that has a hyphenated flag."""
+    if "unrecognized arguments" not in message and "ambiguous option" not in message:
+        return ""
+    known = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                known |= set(sp._option_string_actions)
+    hints = []
+    for token in message.split():
+        flag = token.split("=", 1)[0].rstrip(",")
+        if flag.startswith("--") and "_" in flag and flag.replace("_", "-") in known:
+            hints.append(flag.replace("_", "-"))
+    return f"; did you mean {', '.join(dict.fromkeys(hints))}? (flags use -, recipe keys _)" if hints else ""
+
+
+def _global_flags(parser, top: bool) -> None:
+    for names, help_text in GLOBAL_FLAGS:
+        if any(n in parser._option_string_actions for n in names):
+            continue
+        parser.add_argument(*names, action="store_true", help=help_text,
+                            **({} if top else {"default": argparse.SUPPRESS}))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tangquant",
         description="Merge a LoRA fine-tune of a Qwen chat model, quantize it to INT4 "
         "and ship it to Intel Xeon CPUs through OpenVINO.",
     )
     parser.add_argument("--version", action="version", version=f"tangquant {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    _global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS:
         module = importlib.import_module(module_name)
@@ -67,8 +107,33 @@ def build_parser() -> argparse.ArgumentParser:
         if getattr(module, "PARAMS", None) is not None:
             recipe.add_flags(sp, module.PARAMS, getattr(module, "RECIPE_HELP", None),
                              recipe_flag=getattr(module, "RECIPE_FLAG", True))
+        _global_flags(sp, top=False)
         sp.set_defaults(_run=module.run)
     return parser
+
+
+def as_json(result: dict) -> str:
+    """The result as one JSON line: what is data (numbers, text, lists, paths), not the objects a
+    Python caller also gets (a checkpoint)."""
+    return json.dumps(_plain(result), ensure_ascii=False, separators=(",", ":"))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        out = {str(k): _plain(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v is not _DROP}
+    if isinstance(value, (list, tuple)):
+        return [v for v in (_plain(x) for x in value) if v is not _DROP]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # a numpy or torch scalar
+        return _plain(value.item())
+    return _DROP
+
+
+_DROP = object()
 
 
 # Libraries that log through their own handlers (not propagating to the root logger), so their
@@ -174,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = interrupt.Stop().install()  # Ctrl-C, SIGTERM, SIGHUP: 128 + N from any phase
     try:
         result = args._run(args) or {}
+        if getattr(args, "json", False) is True:
+            print(as_json(result))
+            return int(result.get("exit_code", 0))
         if result.get("report"):
             print(result["report"])
         if result.get("summary"):

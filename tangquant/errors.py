@@ -96,3 +96,8 @@ def is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+class ChatTemplateError(TangquantError):
+    """A chat that one of the forms tangquant ships (openvino-genai, llama.cpp, ollama) would render
+    unlike the model's own Hugging Face chat template."""

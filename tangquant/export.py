@@ -69,6 +69,9 @@ class ExportParams:
     base_model_id: str | None = param(None, "Hub id of the base for the model card's base_model (e.g. "
                                       "Qwen/Qwen1.5-7B-Chat); default: the one the checkpoint's card names",
                                       metavar="ORG/NAME")
+    check_template: bool = param(True, "render a system prompt and two turns through every chat form "
+                                 "written (openvino-genai; llama.cpp and the ollama Modelfile) and refuse "
+                                 "one that differs from the Hugging Face template")
 
     def __post_init__(self):
         require(self.format in FORMATS, f"unknown export format {self.format!r}; choose from "
@@ -117,9 +120,10 @@ def export(model, output, params: ExportParams | None = None, force: bool = Fals
         metrics = build.write_ir_dir(ckpt, tmp, tokenizer, embeddings=p.embeddings,
                                      lineage=card.lineage(ckpt.path, p.base_model_id),
                                      lm_head=p.lm_head, lm_head_group_size=p.lm_head_group_size)
+        check_chat_template(tmp, tokenizer, p.check_template, metrics)
     summary = (f"{out}  {files.human_size(metrics['size_bytes'])}  {metrics['int4_layers']} INT4 layers, "
-               f"{metrics['int4_constants_checked']} constants equal to the checkpoint's  "
-               f"({metrics['seconds']:.0f} s)")
+               f"{metrics['int4_constants_checked']} constants equal to the checkpoint's; "
+               f"{template_summary(metrics)}  ({metrics['seconds']:.0f} s)")
     return {"output": str(out), **metrics, "summary": summary}
 
 
@@ -131,9 +135,11 @@ def _export_gguf(ckpt: GPTQCheckpoint, tokenizer, out, p: ExportParams, force: b
         metrics = build.write_gguf_dir(ckpt, tmp, tokenizer, embeddings=p.gguf_embeddings,
                                        base_model_id=p.base_model_id, llama_check=p.llama_check,
                                        head=p.gguf_head)
+        check_chat_template(tmp, tokenizer, p.check_template, metrics)
     summary = (f"{out / metrics['file']}  {files.human_size(metrics['size_bytes'])}  "
                f"{metrics['q4_0_tensors_exact']} Q4_0 tensors equal to the checkpoint's; "
-               f"llama.cpp: {metrics['llama_cpp_check']}  ({metrics['seconds']:.0f} s)")
+               f"llama.cpp: {metrics['llama_cpp_check']}; {template_summary(metrics)}  "
+               f"({metrics['seconds']:.0f} s)")
     return {"output": str(out), **metrics, "summary": summary}
 
 
@@ -148,3 +154,34 @@ def _export_ortgenai(ckpt: GPTQCheckpoint, tokenizer, out, p: ExportParams, forc
                f"equal to the checkpoint's{'; ' + head if head else ''}; onnxruntime-genai: "
                f"{metrics['ortgenai_check']}  ({metrics['seconds']:.0f} s)")
     return {"output": str(out), **metrics, "summary": summary}
+
+
+def check_chat_template(out_dir, tokenizer, enabled: bool, metrics: dict) -> None:
+    """Every chat form in ``out_dir`` against the HF template, before the directory is published;
+    the verdicts go into the metrics and the manifest."""
+    from tangquant.errors import ChatTemplateError
+    from tangquant.measure import chat_forms
+
+    if not enabled:
+        metrics["chat_template"] = "not checked (--no-check-template)"
+    else:
+        report = chat_forms.compare(tokenizer, out_dir)
+        bad = chat_forms.mismatches(report)
+        if bad:
+            raise ChatTemplateError(f"the chat template renders differently in {'; '.join(bad)}; nothing "
+                                    "was written (--no-check-template writes it anyway)")
+        metrics["chat_template"] = report or "no chat template"
+    manifest = files.read_manifest(out_dir)
+    if manifest is not None:
+        manifest.setdefault("metrics", {})["chat_template"] = metrics["chat_template"]
+        files.write_json(out_dir / files.MANIFEST, manifest)
+
+
+def template_summary(metrics: dict) -> str:
+    verdicts = metrics.get("chat_template")
+    if not isinstance(verdicts, dict):
+        return f"chat template {verdicts}"
+    same = [form for form, v in verdicts.items() if v == "same"]
+    skipped = [form for form, v in verdicts.items() if v != "same"]
+    return ("chat template rendered alike by HF" + "".join(f", {f}" for f in same)
+            + (f" ({', '.join(skipped)} skipped)" if skipped else ""))

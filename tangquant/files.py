@@ -28,6 +28,9 @@ from tangquant.errors import (ExportError, InputError, OutputError, OutputExists
 logger = logging.getLogger(__name__)
 
 MANIFEST = "tangquant.json"
+# Where bench and tune append their records unless --results says otherwise: in the directory
+# they run in, under a name that says whose they are.
+RESULTS = "tangquant-results"
 # Files a Hugging Face model directory needs beside its weights to be usable.
 AUX_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -205,6 +208,24 @@ def _claimed(output: Path, force: bool) -> Iterator[tuple[Path, Path]]:
             raise OutputExistsError(f"output {output} already exists (another run made it meanwhile); "
                                     "pass --force to replace it")
         yield output, claim.temporary_name(output, "tmp", uuid.uuid4().hex[:8])
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def readable_as_created(path: Path) -> None:
+    """Give ``path`` the mode ``open()`` would have: safetensors 0.8 writes its files 0600, so a
+    container built as root and run as another user could not read the weights."""
+    os.chmod(path, 0o666 & ~umask())
 
 
 def os_error(exc: BaseException) -> OSError | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tangquant import card, checkpoint, counts, files, host, lora, recipe
+from tangquant.chatforms import sources
 from tangquant.card import check_base_model_id
 from tangquant.errors import AdapterError, InputError
 from tangquant.recipe import param, require
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 HELP = "fold a LoRA adapter into its full-precision base (exact, streaming, low memory)"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TOKENIZERS = ("auto", "base", "adapter")
+QUANTIZE_API = """from tangquant import quantize
+q = quantize("THIS_DIR", "OUT", "recipes/int4-gptq-g128.yaml", calib="data/tang/tang_calib.json")"""
 QUANTIZED_FIX = ("merge into the full-precision base (e.g. Qwen/Qwen1.5-7B-Chat), then quantize "
                  "the merged model with `tangquant quantize`")
 VERIFY_PROMPTS = ("寫一首唐詩", "寫一首關於明月的五言絕句", "以《春曉》為題寫一首詩", "寫一首思鄉的七言絕句",
@@ -53,8 +57,14 @@ class MergeParams:
     base_model_id: str | None = param(None, "Hub id of the base for the model card's base_model (e.g. "
                                       "Qwen/Qwen1.5-7B-Chat); default: the adapter's "
                                       "base_model_name_or_path when it is one", metavar="ORG/NAME")
+    tokenizer: str = param("auto", "whose tokenizer and chat template the output gets: auto (the one "
+                           "saved beside the adapter when it differs from the base's, as LLaMA-Factory "
+                           "saves the training tokenizer; else the base's), base or adapter",
+                           choices=TOKENIZERS)
 
     def __post_init__(self):
+        require(self.tokenizer in TOKENIZERS, f"tokenizer must be one of {', '.join(TOKENIZERS)}, got "
+                f"{self.tokenizer!r}")
         require(self.dtype == "auto" or self.dtype in DTYPES,
                 f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         require(self.verify >= 0, f"verify must be 0 or a positive number of prompts, got {self.verify}")
@@ -88,8 +98,10 @@ def merge(model, adapter, output, params: MergeParams | None = None, force: bool
 
     p = recipe.resolve(MergeParams, params, overrides)
     start = time.time()
-    base = files.existing_dir(model, "base model")
-    adir = files.existing_dir(adapter, "adapter")
+    base = files.existing_dir(checkpoint.resolve_model(model, "base model"), "base model")
+    adir = files.existing_dir(checkpoint.resolve_model(adapter, "adapter"), "adapter")
+    if p.base_model_id is None and card.hub_id_of(base):  # a Hub id found in the local cache
+        p = dataclasses.replace(p, base_model_id=card.hub_id_of(base))
     out = files.check_output(output, [base, adir], force)
     config = checkpoint.load_config(base)
     checkpoint.refuse_quantized(config, base, QUANTIZED_FIX)
@@ -103,15 +115,17 @@ def merge(model, adapter, output, params: MergeParams | None = None, force: bool
     if vocab is not None and not (adir / "tokenizer.json").is_file():
         raise AdapterError(f"the adapter resizes the vocabulary to {vocab} but {adir} holds no "
                            "tokenizer; save the fine-tuning tokenizer beside the adapter")
+    whose, why = choose_tokenizer(base, adir, p.tokenizer, vocab)
     metrics = {}
     with files.atomic_output_dir(out, force) as tmp:
         merged = _write_all(shards, edits, out_dtype, tmp, shapes)
         changes = {"vocab_size": vocab} if vocab is not None else {}
         checkpoint.write_config(tmp, config, str(out_dtype).replace("torch.", ""), **changes)
         files.copy_aux_files(base, tmp)
-        if vocab is not None:  # the adapter's tokenizer holds the added tokens
-            files.copy_aux_files(adir, tmp)
-        metrics = {"tensors_merged": merged, "output_bytes": files.dir_size(tmp)}
+        if whose == "adapter":  # the tokenizer the fine-tune was trained with (added tokens, template)
+            sources.take_tokenizer(adir, tmp)
+        metrics = {"tensors_merged": merged, "output_bytes": files.dir_size(tmp),
+                   "tokenizer": {"kept": whose, "why": why}}
         if p.verify:
             metrics["max_abs_logit_delta"] = _verify(base, adir, tmp, p.verify, vocab)
         metrics["seconds"] = round(time.time() - start, 2)
@@ -122,8 +136,32 @@ def merge(model, adapter, output, params: MergeParams | None = None, force: bool
     line = f"merged {out} ({files.human_size(metrics['output_bytes'])}): {merged} tensors merged"
     if p.verify:
         line += f", max |Δlogit| {metrics['max_abs_logit_delta']:.2e} over {p.verify} prompts"
-    summary = f"{line}, {metrics['seconds']:.1f} s, peak RSS {files.human_size(metrics['peak_rss_bytes'])}"
+    summary = (f"{line}, {metrics['seconds']:.1f} s, peak RSS {files.human_size(metrics['peak_rss_bytes'])}; "
+               f"tokenizer and chat template: the {whose}'s")
     return {"output": str(out), **metrics, "summary": summary}
+
+
+def choose_tokenizer(base: Path, adir: Path, wanted: str, vocab) -> tuple[str, str]:
+    """("base" | "adapter", why): the adapter's saved tokenizer compared with the base's."""
+    diff = sources.compare_dirs(base, adir)
+    if diff is None:
+        if wanted == "adapter":
+            raise AdapterError(f"--tokenizer adapter: {adir} holds no tokenizer")
+        return "base", "the adapter holds no tokenizer"
+    changed = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in diff.items() if v)
+    if not changed and vocab is None:
+        return ("adapter" if wanted == "adapter" else "base"), "the adapter's renders as the base's"
+    if wanted == "base":
+        if diff["vocabulary"] or vocab is not None:
+            raise AdapterError(f"--tokenizer base: the adapter was trained with another vocabulary "
+                               f"({diff['vocabulary'] or f'resized to {vocab}'}); the merged weights need it")
+        logger.warning("tokenizer: keeping the base's (--tokenizer base); the adapter's differs: %s", changed)
+        return "base", f"--tokenizer base; the adapter's differs: {changed}"
+    if changed:
+        logger.warning("tokenizer: the adapter's saved tokenizer differs from the base's (%s); the output "
+                       "gets the adapter's, which the fine-tune was trained with (--tokenizer base keeps "
+                       "the base's)", changed)
+    return "adapter", "the fine-tune's own" + (f"; it differs from the base's: {changed}" if changed else "")
 
 
 def _base_dtype(config: dict) -> str:
@@ -235,7 +273,8 @@ added in fp32), shard by shard; {metrics['tensors_merged']} tensors changed. It 
 (`AutoModelForCausalLM.from_pretrained`), with the base's tokenizer and chat template.
 {verify}
 Quantize it with `tangquant quantize --model THIS_DIR --output OUT --recipe recipes/int4-gptq-g128.yaml`.
-"""
+
+{card.use_section(QUANTIZE_API)}"""
     card.write(tmp, card.front_matter(lin, "finetune", card.LIBRARY["hf"], tags), body)
 
 

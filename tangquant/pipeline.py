@@ -158,8 +158,30 @@ def _run_stage(stage: str, out: Path, params, inputs: dict, r, force: bool) -> d
     return bench(params=params, results_dir=str(out))
 
 
+# Keys of a LLaMA-Factory recipe (its export/merge YAML), which users hand to `run` by mistake.
+LLAMAFACTORY_KEYS = ("model_name_or_path", "adapter_name_or_path", "export_dir", "finetuning_type",
+                     "template", "stage")
+
+
+def refuse_llamafactory(data: dict, path) -> None:
+    """A LLaMA-Factory recipe gets what to run instead, with its own paths."""
+    found = [k for k in LLAMAFACTORY_KEYS if k in data]
+    if not found:
+        return
+    base = data.get("model_name_or_path", "BASE")
+    adapter = data.get("adapter_name_or_path", "ADAPTER")
+    out = data.get("export_dir", "MERGED")
+    raise RecipeError(f"{path} is a LLaMA-Factory recipe ({', '.join(found)}), not a tangquant "
+                      f"pipeline recipe; fold the adapter with `tangquant merge --model {base} "
+                      f"--adapter {adapter} --output {out}`, or run the whole pipeline from a recipe "
+                      f"with base: {base}, adapter: {adapter}, workdir: DIR "
+                      "(recipes/qwen1.5-7b-chat-tang.yaml is one)")
+
+
 def load_recipe(path, **overrides):
     """The pipeline recipe, every stage's parameters validated before any stage runs."""
+    if isinstance(path, (str, Path)):
+        refuse_llamafactory(recipe.read_yaml(Path(path)), path)
     r = recipe.resolve(PipelineRecipe, path, overrides)
     missing = [k for k in ("base", "adapter", "workdir") if not getattr(r, k)]
     if missing:

@@ -80,8 +80,10 @@ def add_flags(parser, cls: type, recipe_help: str | None = None, recipe_flag: bo
         meta = f.metadata
         kind, elem = _unwrap(hints[f.name])
         names = [flag_name(f)] + ([meta["short"]] if meta.get("short") else [])
-        if meta.get("alias"):
-            names.append("--" + meta["alias"].replace("_", "-"))
+        # The recipe key spelled as a flag (--use-sym for use_sym) and an alias are accepted too.
+        for other in (f.name, meta.get("alias")):
+            if other and "--" + other.replace("_", "-") not in names:
+                names.append("--" + other.replace("_", "-"))
         shown = "" if f.default in (None, (), dataclasses.MISSING) else f" (default {_shown(f.default)})"
         kwargs = {"dest": f.name, "default": None, "help": (meta.get("help") or "") + shown}
         if kind is bool and meta.get("negative"):

@@ -124,8 +124,9 @@ def add_arguments(parser) -> None:
                         help="write OpenVINO's best into the IR, and the deployment file")
     parser.add_argument("--deploy", metavar="DIR", help="where --apply writes tangquant.deploy.json "
                         "(default with --gguf: the directory holding the IR)")
-    parser.add_argument("--results", default="benchmarks/results", metavar="DIR|FILE.jsonl",
-                        help="where the candidates' records are appended (DIR/tune.jsonl)")
+    parser.add_argument("--results", default=files.RESULTS, metavar="DIR|FILE.jsonl",
+                        help="where the candidates' records are appended: DIR/tune.jsonl (default: "
+                        f"./{files.RESULTS}/tune.jsonl, in the current directory)")
     parser.add_argument("--force", action="store_true",
                         help="--apply over runtime options or a deployment an earlier tune wrote")
 
@@ -153,7 +154,7 @@ def _claimed_for_apply(tune_fn):
 
 @_claimed_for_apply
 def tune(model, params: TuneParams | None = None, apply: bool = False,
-         results: str = "benchmarks/results", force: bool = False, gguf=None, deploy_dir=None,
+         results: str = files.RESULTS, force: bool = False, gguf=None, deploy_dir=None,
          measure=None, **overrides) -> dict:
     """Search each engine's grid for ``model`` (an IR) and ``gguf``; returns ``rows``, ``winner``
     (OpenVINO's best), ``bests`` (each engine's), ``finals`` (each workload's race), the report.

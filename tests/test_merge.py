@@ -378,6 +378,6 @@ def test_shapes_random_gptq_is_a_symmetric_checkpoint_tangquant_exports(tmp_path
     from tangquant.measure import anchor
     assert anchor.main(["--from-gguf", str(tmp_path / "gguf" / res["file"]), "--output", str(tmp_path / "a")]) == 0
     made = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["files"]
-    assert set(made) == {"q4_0", "q4_k_m"} and made["q4_0"]["path"].endswith("gptq-Q4_0.gguf")
+    assert set(made) == {"q4_0", "q4_k_m"} and made["q4_0"]["path"].endswith("/" + res["file"])
     assert made["q4_0"]["tensor_types"]["Q4_0"] == 14 and "Q6_K" in made["q4_0"]["tensor_types"]
     assert {"Q4_K", "Q6_K"} <= set(made["q4_k_m"]["tensor_types"]) and "Q4_0" not in made["q4_k_m"]["tensor_types"]

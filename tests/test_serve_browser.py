@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -31,7 +32,10 @@ def chromium(profile_dir):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     if not shutil.which(CHROMEDRIVER):
-        pytest.fail("chromium-driver is not installed (apt-get install chromium chromium-driver)")
+        reason = "chromium-driver is not installed (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):  # .ci/run installs it: a CI run without it must not pass quietly
+            pytest.fail(reason)
+        pytest.skip(reason)
     driver = chromium(tmp_path_factory.mktemp("chromium-profile"))
     yield driver
     driver.quit()

@@ -40,7 +40,9 @@ SMOKE_TIMEOUT_S = 600
 
 
 def file_name(ckpt: GPTQCheckpoint) -> str:
-    return f"{files.final_name(ckpt.path)}-Q4_0.gguf"
+    """The conventional name (gguf.naming_convention) of the metadata the file will carry."""
+    meta = writer.model_metadata(ckpt.config, files.final_name(ckpt.path), ckpt.path)
+    return writer.file_name(meta, "Q4_0")
 
 
 def check_exportable(ckpt: GPTQCheckpoint) -> None:

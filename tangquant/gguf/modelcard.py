@@ -5,25 +5,44 @@ from __future__ import annotations
 from pathlib import Path
 
 from tangquant import card, files
+from tangquant.chatforms import sources
 
-# ChatML, as the checkpoint's chat template writes it; ollama needs it spelled in its own template syntax.
+# ollama's own ChatML template (its template/chatml.gotmpl), which renders every turn of a chat from
+# .Messages: an old-style template (.System/.Prompt/.Response) is re-rendered by ollama once per
+# earlier turn, and one with nothing after {{ .Response }} leaves each earlier reply without its
+# <|im_end|>. SYSTEM is the default system prompt of the model's own template, when it has one
+# (ollama puts it first when a chat brings none, as the template does).
 MODELFILE = '''FROM ./{file}
-TEMPLATE """{{{{ if .System }}}}<|im_start|>system
-{{{{ .System }}}}<|im_end|>
-{{{{ end }}}}{{{{ if .Prompt }}}}<|im_start|>user
-{{{{ .Prompt }}}}<|im_end|>
+TEMPLATE """{{{{- range .Messages }}}}<|im_start|>{{{{ .Role }}}}
+{{{{ .Content }}}}<|im_end|>
 {{{{ end }}}}<|im_start|>assistant
-{{{{ .Response }}}}"""
-SYSTEM """You are a helpful assistant."""
-PARAMETER stop "<|im_end|>"
+"""
+{system}PARAMETER stop "<|im_end|>"
 PARAMETER stop "<|endoftext|>"
 '''
 
 
-def write_modelfile(out_dir: Path, gguf_file: str) -> Path:
+EVAL_API = """from tangquant import evaluate
+print(evaluate("THIS_DIR/FILE", "SOURCE_DIR", "heldout.json")["kld"])   # the KL statistics of these weights"""
+
+
+def write_modelfile(out_dir: Path, gguf_file: str, system: str | None = None) -> Path:
+    """The Modelfile beside the GGUF; ``system`` defaults to the default system prompt of the chat
+    template among the tokenizer files in ``out_dir``."""
+    if system is None:
+        system = _default_system(Path(out_dir))
+    line = f'SYSTEM """{system}"""\n' if system else ""
     path = Path(out_dir) / "Modelfile"
-    path.write_text(MODELFILE.format(file=gguf_file), encoding="utf-8")
+    path.write_text(MODELFILE.format(file=gguf_file, system=line), encoding="utf-8")
     return path
+
+
+def _default_system(out_dir: Path) -> str | None:
+    if not sources.has_tokenizer(out_dir):
+        return None
+    from transformers import AutoTokenizer
+
+    return sources.default_system(AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False))
 
 
 def write_card(out_dir: Path, source: Path, metrics: dict, lineage: dict) -> None:
@@ -67,6 +86,7 @@ llm = Llama("{f}", n_ctx=2048)
 print(llm.create_chat_completion([{{"role": "user", "content": "写一首唐诗"}}])["choices"][0]["message"]["content"])
 ```
 
+{card.use_section(EVAL_API.replace("FILE", f), heading=False)}
 ## Exactness
 
 llama.cpp quantizes activations to 8 bits for its Q4_0 dot products, so its logits are close to,

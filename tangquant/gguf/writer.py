@@ -61,11 +61,51 @@ def check_config(config: dict, where) -> None:
                          "tangquant; export a model without it")
 
 
-def add_metadata(w: gguf.GGUFWriter, config: dict, name: str, file_type: int) -> None:
+def parameter_count(config: dict) -> int:
+    """Weights a qwen2 GGUF of ``config`` holds (a tied head counted once), as gguf-py counts the
+    tensors it writes: the size label's source."""
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
-    w.add_name(name)
+    kv = (config.get("num_key_value_heads") or heads) * (h // heads)
+    per_layer = 2 * h * h + h + 2 * (h * kv + kv) + 3 * h * inter + 2 * h
+    head = 0 if config.get("tie_word_embeddings") else config["vocab_size"] * h
+    return layers * per_layer + config["vocab_size"] * h + h + head
+
+
+def model_metadata(config: dict, name: str, model_dir=None) -> gguf.Metadata:
+    """The file's general.* metadata as gguf-py reads it from the model card tangquant wrote (base
+    model, licence, tags, sampling defaults), as llama.cpp's convert_hf_to_gguf.py does: basename,
+    version and finetune from the base model's Hub id (the fine-tune named after ``name``), the
+    size label from the parameter count."""
+    total = parameter_count(config)
+    folder = Path(model_dir) if model_dir is not None else None
+    meta = gguf.Metadata.load(model_path=folder, total_params=total)
+    card = gguf.Metadata.load_model_card(folder)
+    meta.name = card.get("model_name") or card.get("name") or name
+    base = card.get("base_model")
+    base = base[0] if isinstance(base, list) and base else base
+    if isinstance(base, str) and "/" in base:
+        full, _, basename, finetune, version, _ = gguf.Metadata.get_model_id_components(base, total)
+        meta.basename = meta.basename or basename
+        meta.version = meta.version or version
+        meta.finetune = meta.finetune or "-".join(p for p in (finetune, name) if p)
+        if not (card.get("model_name") or card.get("name")):
+            meta.name = f"{full} {name}"
+    meta.size_label = meta.size_label or (gguf.size_label(total, 0, 0, 0) if total > 0 else None)
     if config.get("tangquant_random_weights"):
-        w.add_description(RANDOM)
+        meta.description = RANDOM
+    return meta
+
+
+def file_name(meta: gguf.Metadata, output_type: str) -> str:
+    """gguf-py's naming convention (``<basename>-<size>-<finetune>-<version>-<type>.gguf``)."""
+    return gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version,
+                                  meta.size_label, output_type) + ".gguf"
+
+
+def add_metadata(w: gguf.GGUFWriter, config: dict, name: str, file_type: int, model_dir=None) -> None:
+    heads = config["num_attention_heads"]
+    model_metadata(config, name, model_dir).set_gguf_meta_model(w)
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
     w.add_block_count(config["num_hidden_layers"])
@@ -121,7 +161,7 @@ def write(path: Path, config: dict, tokenizer, tokenizer_dir: Path, tensors: Ite
     check_config(config, tokenizer_dir)
     tmap = name_map(config["num_hidden_layers"])
     w = gguf.GGUFWriter(str(path), "qwen2", use_temp_file=True)
-    add_metadata(w, config, name, file_type)
+    add_metadata(w, config, name, file_type, model_dir=tokenizer_dir)
     tok = vocab.add_tokenizer(w, tokenizer, Path(tokenizer_dir), config["vocab_size"])
     tied = bool(config.get("tie_word_embeddings"))
     counts: dict[str, int] = {}

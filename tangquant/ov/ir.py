@@ -61,6 +61,11 @@ def _check_xml(path: Path, data: bytes, error: type[TangquantError]) -> None:
                     "corrupt: copy or export it again") from None
 
 
+SERVE_API = """from tangquant import serve, tune
+tune("THIS_DIR", apply=True)    # the fastest faithful runtime settings on this machine
+serve("THIS_DIR", port=8000)    # OpenAI-compatible, /v1/chat/completions"""
+
+
 def write_model_card(out_dir: Path, source: Path, metrics: dict, embeddings: str, lineage: dict) -> None:
     mode = metrics["int4_mode"]
     name = files.final_name(source)
@@ -91,6 +96,7 @@ print(pipe.generate("写一首唐诗", max_new_tokens=64))
 or `OVModelForCausalLM.from_pretrained("MODEL_DIR")` (optimum-intel), or
 `tangquant chat --model MODEL_DIR`.
 
+{card.use_section(SERVE_API, heading=False)}
 ## Exactness
 
 OpenVINO's CPU defaults trade exactness for speed: bf16 inference precision on CPUs with

@@ -10,6 +10,11 @@ from tangquant.files import write_manifest
 from tangquant.host import package_versions
 
 
+EXPORT_API = """from tangquant import export, evaluate
+ir = export("THIS_DIR", "OUT/openvino")                  # the same integers; format="gguf" for llama.cpp
+print(evaluate(ir["output"], "SOURCE_DIR", "heldout.json")["kld"])"""
+
+
 def _fidelity_lines(f: dict | None, data: str | None) -> list[str]:
     from tangquant.measure.klstats import format_block  # numpy: quantize's module stays light
 
@@ -39,6 +44,7 @@ def write_card(out_dir: Path, source: Path, r, m: dict, lineage: dict) -> None:
         "## Fidelity against the source", "", *_fidelity_lines(m.get("fidelity"), m.get("fidelity_data")),
         "", f"Quantization took {m['seconds_quantize']:.1f} s (peak RSS "
         f"{m['peak_rss_bytes'] / 2**30:.2f} GiB).", "",
+        card.use_section(EXPORT_API),
     ]
     meta = card.front_matter(lineage, "quantized", card.LIBRARY["gptq"],
                              tags=("gptq", f"int{r.bits}", f"{r.bits}-bit", r.algo))

@@ -14,7 +14,8 @@ input (q/k/v, o, gate/up, down), each calibrated with the earlier groups
 already quantized. INC 3.10 also replaces the block's *input* hidden states
 with its output after every group (step 2.5 of
 ``RAWGPTQuantizer.execute_quantization`` sits inside the loop over groups), so
-here each group is a separate INC call on the layer's own cached inputs.
+here each group is calibrated on the layer's own cached inputs by INC's GPTQ
+core, the block run only as far as the group (``quant/gptq_block``).
 
 The fidelity report is computed in the same pass: held-out samples flow
 through the source layers and through the quantized layers side by side.
@@ -36,6 +37,7 @@ from tangquant.checkpoint import ShardWriter, TensorReader
 from tangquant.errors import QuantizationError
 from tangquant.gptq import unpack_layer
 from tangquant.quant.fidelity import streamed_fidelity
+from tangquant.quant.gptq_block import quantize_groups
 from tangquant.quant.inc import inc_config, inc_workspace
 from tangquant.quant.recipe import QuantRecipe
 from tangquant.quant.writer import as_written, counts, pack_module, packed_bytes
@@ -135,51 +137,14 @@ def sequential_groups(block, hidden, ctx: _Context) -> list[list[str]]:
     return groups
 
 
-def _frozen(linear):
-    """A stand-in for a linear that INC must leave alone in this call.
-
-    INC's GPTQ quantizes every ``nn.Linear`` of the block whatever the per-layer
-    config says (a ``dtype="fp32"`` local config is ignored), so linears outside
-    the current group are hidden behind a module that is not one, and holds the
-    real layer outside its children.
-    """
-
-    class Frozen(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.hidden = [linear]
-
-        def forward(self, x):
-            return self.hidden[0](x)
-
-    return Frozen()
-
-
-def _swap(block, modules: dict) -> dict:
-    """Set ``block``'s submodules by name; return the ones replaced."""
-    old = {}
-    for name, module in modules.items():
-        parent, _, leaf = name.rpartition(".")
-        old[name] = getattr(block.get_submodule(parent), leaf)
-        setattr(block.get_submodule(parent), leaf, module)
-    return old
-
-
 def quantize_block(block, recipe: QuantRecipe, hidden: list, ctx: _Context, model_dir: Path):
     """Quantize every linear of a one-layer model with INC; return the converted model."""
     if not recipe.algorithm.needs_calib:
         return convert(prepare(block, inc_config(recipe, model_dir, true_sequential=False)))
     groups = (sequential_groups(block, hidden[0], ctx) if recipe.true_sequential
               else [_linears(block)])
-    for group in groups:
-        others = {n: _frozen(block.get_submodule(n)) for n in _linears(block) if n not in group}
-        hidden_away = _swap(block, others)
-        block = prepare(block, inc_config(recipe, model_dir, true_sequential=False))
-        with torch.no_grad():
-            for h in hidden:
-                block(h, **ctx.kwargs(h))
-        block = convert(block)
-        _swap(block, hidden_away)
+    quantize_groups(block, groups, hidden, ctx.kwargs,
+                    inc_config(recipe, model_dir, true_sequential=False))
     left = _linears(block)
     if left:
         raise QuantizationError(f"INC left {left[:3]} unquantized")

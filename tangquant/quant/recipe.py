@@ -58,7 +58,8 @@ class QuantRecipe:
     algo: str = param("gptq", "algorithm", choices=ALGOS)
     bits: int = param(4, "bits per weight")
     group_size: int = param(128, "inputs per scale group (-1: per channel)")
-    use_sym: bool = param(True, "symmetric quantization", flag="--sym", negative="--asym")
+    use_sym: bool = param(True, "symmetric quantization (recipe key use_sym, INC's name; sym accepted)",
+                          flag="--sym", negative="--asym", alias="sym")
     act_order: bool = param(False, "GPTQ act-order (desc_act)")
     percdamp: float = param(0.01, "GPTQ Hessian dampening")
     block_size: int = param(128, "GPTQ block size")
