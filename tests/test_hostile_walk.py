@@ -101,6 +101,7 @@ BAD = {
     "run": ["{missing}", "{unknown_key}", "{list_yaml}", "{pipeline_missing_base}"],
     "demo": ["--workdir {out} --max-new-tokens 0", "--workdir {file}/w --no-bench"],
     "clean": ["{missing}", "{file}"],
+    "check-template": ["{missing}", "{file}", "{base} --adapter {missing}", "{base} --adapter {file}"],
 }
 
 
