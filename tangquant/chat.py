@@ -40,13 +40,20 @@ class ChatParams:
     top_p: float = param(0.8, "nucleus sampling: the smallest set of tokens with this much probability")
     seed: int | None = param(None, "random seed for sampling")
     allow_pickle: bool = param(False, "allow .bin pickle weights (loaded with weights_only=True)")
+    top_k: int | None = param(None, "sample among the K most likely tokens; 0: no limit "
+                              "(default: the model's generation_config.json)", metavar="K")
+    min_p: float | None = param(None, "drop tokens less likely than this fraction of the most likely "
+                                "(default: the model's)", metavar="P")
+    repetition_penalty: float | None = param(None, "divide the logits of tokens already in the prompt "
+                                             "or reply (1: none; default: the model's)", metavar="R")
 
     def __post_init__(self):
-        Sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed)  # refuses bad values
+        _ = self.sampling  # Sampling refuses bad values
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed, top_k=self.top_k,
+                        min_p=self.min_p, repetition_penalty=self.repetition_penalty)
 
 
 PARAMS = ChatParams

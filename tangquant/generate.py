@@ -28,6 +28,8 @@ from tangquant.ov.ir import MODEL_XML, is_ir_dir
 logger = logging.getLogger(__name__)
 
 MAX_STOP = 4
+MAX_TOP_K = (1 << 31) - 1  # llama.cpp's top_k is a C int
+MAX_REPETITION_PENALTY = 10.0  # beyond any published setting; 1 is none
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class Sampling:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     ignore_eos: bool = False   # vLLM's extension; benchmarks use it for fixed-length replies
+    top_k: int | None = None   # 0: no limit
+    min_p: float | None = None
+    repetition_penalty: float | None = None  # Hugging Face's: over the prompt and the reply
 
     def __post_init__(self):
         _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens",
@@ -52,6 +57,11 @@ class Sampling:
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check(len(self.stop) <= MAX_STOP and all(self.stop), "stop",
                f"must be at most {MAX_STOP} non-empty strings")
+        _check(self.top_k is None or 0 <= self.top_k <= MAX_TOP_K, "top_k",
+               f"must be an integer in [0, {MAX_TOP_K}] (0: no limit), got {self.top_k}")
+        _check_range("min_p", self.min_p, 0.0, 1.0, high_open=True)  # genai's range; 1 is greedy
+        _check_range("repetition_penalty", self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY,
+                     low_open=True)
 
     @property
     def greedy(self) -> bool:
@@ -71,12 +81,14 @@ def _check(ok: bool, name: str, what: str) -> None:
         raise SamplingError(name, f"{name} {what}")
 
 
-def _check_range(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+def _check_range(name: str, value, low: float, high: float, low_open: bool = False,
+                 high_open: bool = False) -> None:
     if value is None:
         return
     too_low = value <= low if low_open else value < low
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-    _check(math.isfinite(value) and not too_low and value <= high, name,
+    too_high = value >= high if high_open else value > high
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    _check(math.isfinite(value) and not too_low and not too_high, name,
            f"must be a finite number in {interval}, got {value}")
 
 
@@ -135,6 +147,12 @@ def genai_config(base, sampling: Sampling, max_new_tokens: int | None = None):
         cfg.presence_penalty = sampling.presence_penalty
     if sampling.frequency_penalty is not None:
         cfg.frequency_penalty = sampling.frequency_penalty
+    if sampling.top_k is not None:
+        cfg.top_k = sampling.top_k  # genai's filter skips 0, as "no limit"
+    if sampling.min_p is not None:
+        cfg.min_p = sampling.min_p
+    if sampling.repetition_penalty is not None:
+        cfg.repetition_penalty = sampling.repetition_penalty
     cfg.ignore_eos = sampling.ignore_eos
     return cfg
 
@@ -251,12 +269,16 @@ class HFGenerator(_ContextCap):
 
     def _kwargs(self, sampling: Sampling, max_new: int | None) -> dict:
         kwargs = {"max_new_tokens": max_new} if max_new else {}
+        if sampling.repetition_penalty is not None:  # greedy decoding applies it too
+            kwargs["repetition_penalty"] = sampling.repetition_penalty
         if sampling.greedy:
-            return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+                    "min_p": None}
         if sampling.temperature is not None:
             kwargs.update(do_sample=True, temperature=sampling.temperature)
-        if sampling.top_p is not None:
-            kwargs["top_p"] = sampling.top_p
+        for name in ("top_p", "top_k", "min_p"):
+            if getattr(sampling, name) is not None:
+                kwargs[name] = getattr(sampling, name)
         return kwargs
 
     def stream(self, messages: list[dict], sampling: Sampling = Sampling()) -> Iterator[str]:

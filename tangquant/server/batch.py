@@ -88,6 +88,8 @@ class _Request:
     finish: str = "stop"
     handle: object = None
     streamer: object = None
+    logprobs: bool = False
+    gaps: list = field(default_factory=list)
 
 
 class BatchEngine(Engine):
@@ -134,9 +136,11 @@ class BatchEngine(Engine):
                 "scheduled": int(m.scheduled_requests)}
 
     async def start(self, prompt: str, sampling: Sampling, max_new: int, deadline: float,
-                    model: str | None = None, json_schema: str | None = None, n_prompt: int = 0):
+                    model: str | None = None, json_schema: str | None = None, n_prompt: int = 0,
+                    logprobs: int | None = None):
         loop = asyncio.get_running_loop()
-        config = self.generation_config(self._pipe.get_config(), sampling, max_new, json_schema)
+        config = self.generation_config(self._pipe.get_config(), sampling, max_new, json_schema,
+                                        logprobs)
         try:
             config.validate()
         except RuntimeError as exc:
@@ -145,7 +149,8 @@ class BatchEngine(Engine):
         adapter = None if model in (None, self.name) else model
         gen = Generation(loop, deadline)
         req = _Request(gen, prompt, config, adapter, loop.create_future(), loop,
-                       admitted=deadline - self.timeout, n_prompt=n_prompt)
+                       admitted=deadline - self.timeout, n_prompt=n_prompt,
+                       logprobs=logprobs is not None)
         with self._cv:
             self._waiting.append(req)
             self._cv.notify()
@@ -238,6 +243,11 @@ class BatchEngine(Engine):
                 for out in handle.read().values():
                     ids = list(out.generated_ids)
                     if ids:
+                        if req.last:
+                            req.gaps.append(now - req.last)
+                        if req.logprobs:
+                            req.gen.add_logprobs([(t, lp, ()) for t, lp in
+                                                  zip(ids, out.generated_log_probs)])
                         req.first = req.first or now
                         req.last = now
                         req.tokens += ids
@@ -277,7 +287,8 @@ class BatchEngine(Engine):
             prompt_tokens=req.n_prompt, completion_tokens=n, finish_reason=reason,
             queue_s=started - req.admitted, ttft_s=(req.first - started) if n else 0.0,
             tpot_s=(req.last - req.first) / (n - 1) if n > 1 else 0.0,
-            duration_s=time.monotonic() - started, model=req.adapter or self.name, error=error)
+            duration_s=time.monotonic() - started, model=req.adapter or self.name, error=error,
+            gaps=tuple(req.gaps))
         try:
             req.loop.call_soon_threadsafe(self._resolve, req, result)
         except RuntimeError:  # the event loop is already closed: nobody waits for it
