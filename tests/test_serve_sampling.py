@@ -159,11 +159,15 @@ def test_generation_config_fills_what_a_request_leaves_out(kind, request, tmp_pa
         assert defaults["top_k"] == 1 and defaults["repetition_penalty"] == 2.0
 
 
-def _models(server) -> dict:
+def _card(server) -> dict:
     status, _, body = raw_request(server, "GET", "/v1/models",
                                   headers={"Authorization": f"Bearer {API_KEY}"})
     assert status == 200, body
-    return body["data"][0]["defaults"]
+    return body["data"][0]
+
+
+def _models(server) -> dict:
+    return _card(server)["defaults"]
 
 
 def _ids(entries, tokenizer) -> list[int]:
@@ -247,8 +251,10 @@ def test_gguf_logprobs_and_top_logprobs_agree_with_greedy(gguf_server, tiny_gguf
         s.close()
     ref = logits.astype(np.float64) - logits.max(-1, keepdims=True)
     ref -= np.log(np.exp(ref).sum(-1, keepdims=True))
+    # One batch of all tokens here, one token a step there: llama.cpp's kernels quantize the
+    # activations per batch, which moves a logit by ~1e-3 on the tiny model.
     for i, entry in enumerate(entries):
-        assert entry["logprob"] == pytest.approx(float(ref[i, made[i]]), abs=2e-3), i
+        assert entry["logprob"] == pytest.approx(float(ref[i, made[i]]), abs=1e-2), i
 
 
 def test_completion_logprobs_form(server):
@@ -279,7 +285,7 @@ def test_tokenize_and_detokenize_are_the_models_tokenizer(server, tiny_tokenizer
     ids = tiny_tokenizer(text)["input_ids"]
     assert body["tokens"] == ids and body["count"] == len(ids) and body["max_model_len"] == 1024
     assert call("/detokenize", {"tokens": ids})[2] == {"prompt": text, "content": text}
-    assert call("/tokenize", {"content": text, "model": "tiny-poet"})[2]["tokens"] == ids  # llama-server's
+    assert call("/tokenize", {"content": text, "model": _card(server)["id"]})[2]["tokens"] == ids  # llama-server's
     pieces = call("/tokenize", {"prompt": text, "with_pieces": True})[2]["tokens"]
     assert [p["id"] for p in pieces] == ids
     assert b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"])
@@ -312,28 +318,36 @@ def _samples(server) -> dict:
             for family in text_string_to_metric_families(body.decode()) for s in family.samples}
 
 
+def _families(server) -> set[str]:
+    body = raw_request(server, "GET", "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})[2]
+    return set(re.findall(r"^# TYPE (\S+) ", body.decode(), re.M))
+
+
 def test_metrics_under_vllm_and_llama_server_names(server):
     """Every vLLM and llama-server name docs/commands.md maps is exposed, and counts the same
     tokens as tangquant's own."""
     doc = (Path(__file__).parents[1] / "docs" / "commands.md").read_text(encoding="utf-8")
-    names = set(re.findall(r"`((?:vllm|llamacpp):[a-z_]+)`", doc))
+    table = "\n".join(line for line in doc.splitlines() if line.startswith("| `tangquant_") or
+                      line.startswith("| — |"))
+    names = set(re.findall(r"`((?:vllm|llamacpp):[a-z_]+)`", table))
     assert len(names) > 15
     before = _samples(server)
     usage = _chat(server, temperature=0, ignore_eos=True)["usage"]
     after = _samples(server)
-    exposed = {name for name, _ in after}
+    exposed = {name for name, _ in after} | _families(server)  # histograms by their family's name
     assert names <= exposed, names - exposed
-    model = (("model_name", "tiny-poet"),)
+    name = _card(server)["id"]
+    model = (("model_name", name),)
     for ours, theirs, labels in (("tangquant_generation_tokens_total", "vllm:generation_tokens_total", model),
                                  ("tangquant_generation_tokens_total", "llamacpp:tokens_predicted_total", ()),
                                  ("tangquant_prompt_tokens_total", "vllm:prompt_tokens_total", model)):
-        ours_delta = after[(ours, (("model", "tiny-poet"),))] - before.get((ours, (("model", "tiny-poet"),)), 0)
+        ours_delta = after[(ours, (("model", name),))] - before.get((ours, (("model", name),)), 0)
         assert after[(theirs, labels)] - before.get((theirs, labels), 0) == ours_delta
     assert after[("vllm:generation_tokens_total", model)] - \
         before.get(("vllm:generation_tokens_total", model), 0) == usage["completion_tokens"]
     gaps = ("vllm:inter_token_latency_seconds_count", model)
     assert 1 <= after[gaps] - before.get(gaps, 0) <= N - 1
-    done = ("vllm:request_success_total", (("finished_reason", "length"), ("model_name", "tiny-poet")))
+    done = ("vllm:request_success_total", (("finished_reason", "length"), ("model_name", name)))
     assert after[done] - before.get(done, 0) == 1
 
 
