@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
+from tangquant import draft as drafts
 from tangquant import engines, load
 from tangquant.errors import InputError, ParameterError
 
@@ -132,17 +133,26 @@ def genai_config(base, sampling: Sampling, max_new_tokens: int | None = None):
 
 
 def open_generator(model_dir, adapter=None, allow_pickle: bool = False, device: str = "CPU",
-                   ov_config: dict | None = None):
+                   ov_config: dict | None = None, draft=None, draft_tokens: int | None = None):
     """A generator for ``model_dir`` in the engine its format has a chat entry for (the engines
     table): an OpenVINO IR through openvino-genai (``ov_config`` e.g. ``ov.ir.EXACT_CONFIG``), a
-    Hugging Face directory through transformers (fp32; ``adapter``)."""
+    Hugging Face directory through transformers (fp32; ``adapter``). ``draft``: a draft model in
+    the same format with the same tokenizer (checked), proposing ``draft_tokens`` per step."""
     kinds = tuple(dict.fromkeys(k for e in engines.ENGINES.values() if e.chat for k in e.models))
     md = load.inspect(model_dir, kinds=kinds, allow_pickle=allow_pickle)
     engine = engines.for_model(md.kind, "chat")
     if adapter:
         engine.require("adapter", "--adapter")
+    extra = {}
+    if draft_tokens is not None and not draft:
+        raise ParameterError("--draft-tokens needs --draft DIR")
+    if draft:
+        engine.require("draft", "--draft")
+        draft_md = load.inspect(draft, kinds=engine.models, what="draft")
+        drafts.check(md.path, draft_md.path)
+        extra = {"draft": draft_md.path, "draft_tokens": draft_tokens or drafts.DEFAULT_TOKENS}
     return engines.entry(engine.chat)(md, adapter=adapter, allow_pickle=allow_pickle, device=device,
-                                      ov_config=ov_config)
+                                      ov_config=ov_config, **extra)
 
 
 class _Streamer:
@@ -175,10 +185,19 @@ class _Streamer:
 
 
 class OVGenerator(_ContextCap):
-    def __init__(self, md: load.ModelDir, device: str = "CPU", ov_config: dict | None = None, **_):
-        self.pipe = load.genai_pipeline(md, device, **(ov_config or {}))
+    def __init__(self, md: load.ModelDir, device: str = "CPU", ov_config: dict | None = None,
+                 draft=None, draft_tokens: int | None = None, **_):
+        props = dict(ov_config or {})
+        if draft:
+            import openvino_genai
+
+            # The draft runs with the target's properties (precision, threads).
+            props["draft_model"] = openvino_genai.draft_model(str(draft), device, **(ov_config or {}))
+        self.pipe = load.genai_pipeline(md, device, **props)
         self.model_dir = md.path
         self.context = load.context_length(md.config)
+        self.draft_tokens = (draft_tokens or drafts.DEFAULT_TOKENS) if draft else None
+        self.speculation: dict | None = None  # the last reply's draft counts (None without a draft)
 
     def _prompt_tokens(self, messages: list[dict]) -> int:
         tokenizer = self.pipe.get_tokenizer()
@@ -191,6 +210,10 @@ class OVGenerator(_ContextCap):
         streamer = _Streamer()
         max_new = self._cap(self._prompt_tokens(messages), sampling)
         config = genai_config(self.pipe.get_generation_config(), sampling, max_new)
+        if self.draft_tokens:
+            if config.is_multinomial():
+                raise SamplingError("temperature", drafts.GREEDY_ONLY)
+            config.num_assistant_tokens = self.draft_tokens
         history = openvino_genai.ChatHistory(messages)
 
         def on_piece(piece: str):
@@ -198,10 +221,25 @@ class OVGenerator(_ContextCap):
             stop = streamer.stopped.is_set()
             return openvino_genai.StreamingStatus.STOP if stop else openvino_genai.StreamingStatus.RUNNING
 
-        yield from streamer.iterate(lambda: self.pipe.generate(history, config, on_piece))
+        def work():
+            self.speculation = speculation(self.pipe.generate(history, config, on_piece))
+
+        yield from streamer.iterate(work)
 
     def generate(self, messages: list[dict], sampling: Sampling = Sampling()) -> str:
         return "".join(self.stream(messages, sampling))
+
+
+def speculation(result) -> dict | None:
+    """A drafted openvino-genai result's counts: draft tokens offered and accepted, the target's
+    forward passes (its prefill included) and tokens generated; None for a plain one."""
+    sd = getattr(result, "extended_perf_metrics", None)
+    if sd is None or not hasattr(sd, "get_num_accepted_tokens"):
+        return None
+    main = sd.main_model_metrics
+    return {"drafted": int(sd.get_num_draft_tokens()), "accepted": int(sd.get_num_accepted_tokens()),
+            "target_passes": len(main.raw_metrics.m_durations),
+            "generated": int(main.get_num_generated_tokens())}
 
 
 class HFGenerator(_ContextCap):

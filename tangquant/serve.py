@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 
-from tangquant import engines, load, recipe
+from tangquant import draft, engines, load, recipe
 from tangquant.errors import ServeError
 from tangquant.server.config import API_KEY_ENV, ServeConfig
 
@@ -85,6 +85,9 @@ def _serving_engine(model, cfg: ServeConfig):
     engine = engines.for_model(md.kind, "serve")
     if cfg.adapter:
         engine.require("multi_lora", "--adapter")
+    if cfg.draft:  # the draft in the model's format, with its tokenizer and chat template
+        engine.require("draft", "--draft")
+        draft.check(md.path, load.inspect(cfg.draft, kinds=engine.models, what="draft").path)
     return md, engine
 
 

@@ -23,6 +23,9 @@ from tangquant.measure.timing import check_tokens, prompt_ids, repeat, summary
 
 
 def run(spec: dict) -> dict:
+    if (spec.get("options") or {}).get("draft"):  # speculative decoding: its own module
+        from tangquant.measure.runners import llamacpp_draft
+        return llamacpp_draft.run(spec)
     options, p, n = dict(spec.get("options") or {}), spec["prompt_tokens"], spec["gen_tokens"]
     repack = is_true(options.get("repack", "1"))
     start = time.perf_counter()
