@@ -222,6 +222,8 @@ def load_recipe(path, **overrides):
         r = recipe.from_dict(PipelineRecipe, data, source=str(path))
     else:
         r = recipe.resolve(PipelineRecipe, path, overrides)
+    if isinstance(r.draft_tokens, bool) or r.draft_tokens < 1:
+        raise RecipeError(f"{path}: draft.tokens must be an integer >= 1, got {r.draft_tokens}")
     missing = [k for k in ("base", "adapter", "workdir") if not getattr(r, k)]
     if missing:
         raise RecipeError(f"{path}: the pipeline recipe needs {', '.join(missing)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from tangquant.generate import Sampling, open_generator
 # and bf16 rounds a (K+1)-row matmul differently from a 1-row one).
 EXACT_KV = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0",
             "KV_CACHE_PRECISION": "f32"}
+ROOT = Path(__file__).resolve().parent.parent
 NO_LLAMA = "llama-cpp-python is not installed (pip install 'tangquant[llamacpp]')"
 
 
@@ -219,3 +221,98 @@ def test_serve_settings_for_a_draft_are_checked():
                             ({"draft": "d", "adapter": ("a=b",)}, "cannot be combined with --adapter")):
         with pytest.raises(ParameterError, match=message):
             ServeConfig(**kwargs)
+
+
+def _pipeline_recipe(path, tmp_path, tiny_model_dir, qv_adapter_dir, **extra):
+    import yaml
+
+    values = {"base": str(tiny_model_dir), "adapter": str(qv_adapter_dir), "workdir": str(tmp_path / "work"),
+              "merge_dtype": "fp32", "quant_recipe": str(ROOT / "recipes" / "int4-rtn-g128.yaml"), "bench": False,
+              **extra}
+    path.write_text(yaml.safe_dump(values, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def test_pipeline_draft_section(tmp_path, tiny_model_dir, qv_adapter_dir, tiny_tokenizer):
+    """A draft: section: its keys become draft_* (flags override), others are refused, the draft's
+    stages are planned beside the target's, and a draft with another tokenizer stops the run
+    before anything is written."""
+    from tangquant.errors import RecipeError
+    from tangquant.pipeline import load_recipe, plan, run_pipeline
+
+    path = _pipeline_recipe(tmp_path / "p.yaml", tmp_path, tiny_model_dir, qv_adapter_dir,
+                            draft={"base": str(tiny_model_dir), "tokens": 3})
+    r = load_recipe(path)
+    assert (r.draft_base, r.draft_adapter, r.draft_tokens) == (str(tiny_model_dir), None, 3)
+    assert load_recipe(path, draft_tokens=6).draft_tokens == 6
+    with pytest.raises(RecipeError, match="draft.tokens must be an integer >= 1"):
+        load_recipe(path, draft_tokens=0)
+    stages = run_pipeline(path, dry_run=True)["stages"]
+    assert stages == {"merge": "planned", "quantize": "planned", "export": "planned",
+                      "draft-quantize": "planned", "draft-export": "planned"}
+    bench = plan(load_recipe(path, bench=True))[-1][2]
+    assert bench.candidates[1].endswith(f"draft={tmp_path / 'work' / 'draft' / 'int4-openvino'},draft_tokens=3")
+    for section, message in (({"base": "x", "colour": "red"}, "unknown key.*draft.colour"),
+                             ("x", "'draft' must be a mapping")):
+        bad = _pipeline_recipe(tmp_path / "bad.yaml", tmp_path, tiny_model_dir, qv_adapter_dir, draft=section)
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(bad)
+    both = _pipeline_recipe(tmp_path / "both.yaml", tmp_path, tiny_model_dir, qv_adapter_dir,
+                            draft={"base": "x"}, draft_base="y")
+    with pytest.raises(RecipeError, match="draft.base and draft_base both given"):
+        load_recipe(both)
+    other = _hf(tmp_path, tiny_tokenizer)
+    tj = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["model"]["merges"] = tj["model"]["merges"][::-1]
+    (other / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    mismatched = _pipeline_recipe(tmp_path / "m.yaml", tmp_path, tiny_model_dir, qv_adapter_dir,
+                                  draft={"base": str(other)})
+    with pytest.raises(DraftError, match="BPE merges differ"):
+        run_pipeline(mismatched)
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow  # the target's merge → RTN → IR and the draft's RTN → IR: a minute on 2 busy cores
+def test_pipeline_builds_the_draft_beside_the_target(tmp_path, tiny_model_dir, qv_adapter_dir):
+    from tangquant.pipeline import run_pipeline
+
+    path = _pipeline_recipe(tmp_path / "p.yaml", tmp_path, tiny_model_dir, qv_adapter_dir,
+                            draft={"base": str(tiny_model_dir)})
+    assert set(run_pipeline(path)["stages"].values()) == {"ran"}
+    assert (tmp_path / "work" / "draft" / "int4-openvino" / "openvino_model.xml").is_file()
+    assert set(run_pipeline(path)["stages"].values()) == {"skipped"}
+    check(tmp_path / "work" / "int4-openvino", tmp_path / "work" / "draft" / "int4-openvino")
+
+
+@pytest.mark.fast
+def test_the_projection_is_its_formula():
+    """E / (t_verify + K·t_draft) against t_target: 3 tokens per round in 30 + 4·2 ms vs 25 ms plain."""
+    from tangquant.measure.speedup import expected_tokens, project, tokens_per_round
+
+    got = project(3.0, 4, t_target_ms=25.0, t_verify_ms=30.0, t_draft_ms=2.0)
+    assert got["projected_tps"] == pytest.approx(1000 * 3 / 38) and got["plain_tps"] == 40.0
+    assert got["projected_speedup"] == pytest.approx(75 / 38) and got["label"] == "projection"
+    assert tokens_per_round(generated=101, target_passes=26) == 4.0  # the prefill's pass and token left out
+    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.7, 4) == pytest.approx((1 - 0.7 ** 5) / 0.3)
+
+
+@pytest.mark.fast
+def test_draft_options_are_rows_of_the_engines_table():
+    from tangquant import engines
+    from tangquant.ov.options import split_winner, tune_grid
+
+    for kind in ("ov", "llamacpp"):
+        e = engines.get(kind)
+        assert e.has("draft") and e.check_options({"draft": "d", "draft_tokens": "3"})["draft_tokens"] == "3"
+        with pytest.raises(EngineError, match="option draft_tokens needs draft"):
+            e.check_options({"draft_tokens": "3"})
+        with pytest.raises(EngineError, match=">= 1"):
+            e.check_options({"draft": "d", "draft_tokens": "0"})
+    assert not engines.get("torch").has("draft")
+    # tune's grid: the draft axis is empty without a draft, K values with one; never in runtime_options
+    assert [a.values for a in tune_grid(("draft",), 4, set(), 4)] == [({},)]
+    (axis,) = tune_grid(("draft",), 4, set(), 4, draft="d")
+    assert axis.needs_pa and [v.get("draft_tokens") for v in axis.values[1:]] == ["2", "3", "4", "5", "6", "8"]
+    runtime, caller = split_winner({"KV_CACHE_PRECISION": "u8", "draft": "d", "draft_tokens": "4"})
+    assert runtime == {"KV_CACHE_PRECISION": "u8"} and caller == {"draft": "d", "draft_tokens": "4"}
