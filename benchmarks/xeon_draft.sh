@@ -36,6 +36,21 @@ stamp "$phase threads=$threads repo=$repo work=$work"
 build_tools() {  # the same llama.cpp as the llama-cpp-python the bench runs, with the same CPU flags
   [ -x "$tools/bin/llama-speculative-simple" ] && return 0
   [ -d "$src" ] || { mkdir -p /tmp/lcp && tar -xJf "$repo/.carry/llama-cpp-python-src.tar.xz" -C /tmp/lcp; }
+  # The sdist leaves out tools/ui (the server's web page): llama-server then builds without an embedded
+  # page, as llama.cpp's own scripts/ui-assets.cmake does when no assets are found (the API is the same).
+  [ -e "$src/tools/ui/CMakeLists.txt" ] || { mkdir -p "$src/tools/ui" && cat > "$src/tools/ui/CMakeLists.txt" <<'CM'
+set(UI_CPP "${CMAKE_CURRENT_BINARY_DIR}/ui.cpp")
+set(UI_H "${CMAKE_CURRENT_BINARY_DIR}/ui.h")
+add_custom_target(llama-ui-assets ALL BYPRODUCTS ${UI_CPP} ${UI_H}
+    COMMAND ${CMAKE_COMMAND} "-DUI_SOURCE_DIR=${CMAKE_CURRENT_SOURCE_DIR}" "-DUI_BINARY_DIR=${CMAKE_CURRENT_BINARY_DIR}"
+        "-DLLAMA_SOURCE_DIR=${PROJECT_SOURCE_DIR}" -DHF_ENABLED=OFF -DBUILD_UI=OFF
+        -P "${PROJECT_SOURCE_DIR}/scripts/ui-assets.cmake" VERBATIM)
+set_source_files_properties(${UI_CPP} ${UI_H} PROPERTIES GENERATED TRUE)
+add_library(llama-ui STATIC ${UI_CPP} ${UI_H})
+add_dependencies(llama-ui llama-ui-assets)
+target_include_directories(llama-ui PUBLIC ${CMAKE_CURRENT_BINARY_DIR})
+CM
+  }
   # shellcheck disable=SC2046
   cmake -S "$src" -B "$tools" -DCMAKE_BUILD_TYPE=Release -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \

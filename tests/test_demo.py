@@ -104,4 +104,6 @@ def test_demo_end_to_end(tmp_path):
         assert all(v > 1 for v in row["ppl"].values())
     assert (work / "int4-openvino" / "openvino_model.xml").is_file()
     assert (work / "int4-gptq" / "config.json").is_file() and (work / "demo.md").is_file()
+    draft = report["draft"]  # the shipped draft poet as the IR's draft: the same answers, fewer target steps
+    assert draft["identical"] == draft["prompts"] and draft["accepted"] > 0 and draft["tokens_per_step"] > 1
     assert main(["demo", "--workdir", str(work)]) == 2  # kept without --force
