@@ -2,11 +2,17 @@
 
 The target of ``tangquant demo`` is the shipped poet with its LoRA merged (it answers in traditional
 characters), so the draft learns that: the LoRA's data (simplified requests, the original traditional
-poems as answers, loss on the answers only), each training poem asked once, in turn by each of the
-requests the poet's data gives it (``prepare.requests_for``). It starts from the merged poet itself —
-its embeddings (tied, so also its head), its first ``LAYERS`` decoder layers and its final norm — and
-is trained from there on one CPU thread within a time cap (``Planner`` fits the cosine to it). Same
-tokenizer files, same vocabulary size, same chat template: the draft check passes by construction.
+poems as answers), each training poem asked once, in turn by each of the requests the poet's data
+gives it (``prepare.requests_for``). It starts from the merged poet itself — its embeddings (tied, so
+also its head), its first ``LAYERS`` decoder layers and its final norm — and is trained from there on
+one CPU thread within a cap of CPU seconds (``Planner`` fits the cosine to it). Same tokenizer files,
+same vocabulary size, same chat template: the draft check passes by construction.
+
+What it learns is the target's own next-token distribution on those answers (:class:`Distill`: the
+forward KL from the merged poet's distribution, the poet run alongside): a draft is worth what it
+agrees with its target, and the first draft, trained on the data's tokens alone (``--data-only``),
+agreed with the target's greedy token on 40% of held-out answer tokens where the target's base
+(its equal in size) agrees on 72% (docs/benchmarks.md).
 
     python -m tangquant.poet.draft prepare --simplified S --traditional T --out TOKENS
     python -m tangquant.poet.draft train --data TOKENS --out RAW --seconds 1800 --threads 1
@@ -84,9 +90,30 @@ def draft_from(poet, layers: int = LAYERS):
     return model
 
 
+class Distill:
+    """Forward KL(target ‖ draft) summed over the answer tokens, and their count (``batch_loss``'s
+    shape): the draft's logits against the target's, computed at the answer positions only."""
+
+    def __init__(self, target):
+        self.target = target.eval()
+
+    def __call__(self, model, ids, weight, amp_dtype):
+        import torch
+
+        mask = weight[:, 1:] > 0
+        with torch.autocast(ids.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1][mask]
+            logp = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
+            with torch.no_grad():
+                teacher = self.target.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1][mask]
+                logq = torch.log_softmax(self.target.lm_head(teacher).float(), dim=-1)
+        kl = (logq.exp() * (logq - logp)).sum(-1)
+        return kl.sum(), mask.sum().float()
+
+
 def train(data, out, seconds: float, threads: int = 1, steps: int = 100000, batch_size: int = 64,
           lr: float = 0.001, eval_every: int = 100, patience: int = 6, seed: int = 0,
-          limit: int | None = None, bf16: bool = True, assets=ASSETS) -> dict:
+          limit: int | None = None, bf16: bool = True, distill: bool = True, assets=ASSETS) -> dict:
     """Train the draft from the merged poet's layers; writes RAW/model.safetensors and metrics.json."""
     import torch
     from safetensors.torch import save_file
@@ -100,7 +127,8 @@ def train(data, out, seconds: float, threads: int = 1, steps: int = 100000, batc
     meta = files.read_json(data / "meta.json", "draft token meta")
     cpu = torch.device("cpu")
     split = {n: load_split(data / f"{n}.safetensors", meta["pad_id"], cpu, limit) for n in SPLITS}
-    model = draft_from(merged_poet(assets)).train()
+    poet = merged_poet(assets)
+    model = draft_from(poet).train()
     log_file = open(out / "train_log.txt", "w", encoding="utf-8")
 
     def log(msg):
@@ -113,24 +141,25 @@ def train(data, out, seconds: float, threads: int = 1, steps: int = 100000, batc
         + ", ".join(f"{k}: {v['n']}" for k, v in split.items()))
     # bf16 autocast (fp32 master weights): 1.4x the steps per CPU second on an AVX512-BF16 core.
     args = SimpleNamespace(device=cpu, amp=torch.bfloat16 if bf16 else None, batch_size=batch_size,
-                           weight_decay=0.01, eval_every=eval_every, patience=patience, seed=seed)
+                           weight_decay=0.01, eval_every=eval_every, patience=patience, seed=seed,
+                           loss=Distill(poet) if distill else None, eval_batch_size=64)
+    key = "eval_kl_to_target" if distill else "eval_traditional_chat"
     t0 = time.time()
     # The cap is CPU seconds of this process (the machine is shared: wall time would depend on
     # the other users' load); the history's "seconds" are CPU seconds too.
     best, hist, spent = train_phase(model, list(model.parameters()), split["draft_train"],
-                                    {"eval_traditional_chat": split["draft_eval"]},
-                                    "eval_traditional_chat", args, steps, seconds, lr, log,
+                                    {key: split["draft_eval"]}, key, args, steps, seconds, lr, log,
                                     clock=time.process_time)
     save_file({k: v.contiguous() for k, v in best.items() if k != "lm_head.weight"},
               str(out / "model.safetensors"))
-    metrics = {"torch": torch.__version__, "threads": threads, "bf16_autocast": bf16,
+    metrics = {"torch": torch.__version__, "threads": threads, "bf16_autocast": bf16, "distill": distill,
                "parameters": n_params, "layers": LAYERS, "cpu_seconds": round(spent, 1),
                "wall_seconds": round(time.time() - t0, 1),
                "args": {"seconds": seconds, "steps": steps, "batch_size": batch_size, "lr": lr,
                         "eval_every": eval_every, "patience": patience, "seed": seed, "limit": limit},
                "data_sha256": meta["data_sha256"], "tokens": meta["tokens"], **hist}
     files.write_json(out / "metrics.json", metrics)
-    log(f"done: {spent:.0f} CPU s, best held-out loss {hist['best']}")
+    log(f"done: {spent:.0f} CPU s, best held-out {key} {hist['best']}")
     return metrics
 
 
@@ -175,6 +204,7 @@ def main(argv=None) -> None:
     t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--limit", type=int, default=None, help="only N sequences of each split (smoke test)")
     t.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    t.add_argument("--data-only", action="store_true", help="learn the data's tokens, not the target's distribution")
     b = sub.add_parser("assemble")
     b.add_argument("--raw", required=True)
     b.add_argument("--out", default=str(ASSETS / "draft"))
@@ -184,7 +214,8 @@ def main(argv=None) -> None:
         result = prepare(args.simplified, args.traditional, args.out, force=args.force)
     elif args.cmd == "train":
         result = train(args.data, args.out, args.seconds, args.threads, args.steps, args.batch_size,
-                       args.lr, args.eval_every, limit=args.limit, bf16=not args.fp32)
+                       args.lr, args.eval_every, limit=args.limit, bf16=not args.fp32,
+                       distill=not args.data_only)
         result = {k: result[k] for k in ("parameters", "cpu_seconds", "wall_seconds", "best", "planned_steps")}
     else:
         result = assemble(args.raw, args.out, force=args.force)

@@ -86,7 +86,7 @@ def batch_loss(model, ids, weight, amp_dtype):
     return (nll.float() * w).sum(), w.sum()
 
 
-def evaluate(model, sets: dict, amp_dtype, batch_size=256) -> dict:
+def evaluate(model, sets: dict, amp_dtype, batch_size=256, loss=batch_loss) -> dict:
     import torch
 
     model.eval()
@@ -95,7 +95,7 @@ def evaluate(model, sets: dict, amp_dtype, batch_size=256) -> dict:
         for name, split in sets.items():
             total = count = 0.0
             for idx in batches(split, batch_size, None, shuffle=False):
-                s, n = batch_loss(model, *collate(split, idx), amp_dtype)
+                s, n = loss(model, *collate(split, idx), amp_dtype)
                 total, count = total + s.item(), count + n.item()
             out[name] = total / max(count, 1.0)
     model.train()
@@ -169,9 +169,11 @@ def train_phase(model, params, train, evals, key, args, steps, seconds, lr, log,
     gen = torch.Generator().manual_seed(args.seed)
     best, best_state, bad, step = float("inf"), None, 0, 0
     history = []
+    # args.loss (the draft poet's distillation) replaces the answer-token NLL, in training and evaluation
+    loss, eval_batch = getattr(args, "loss", None) or batch_loss, getattr(args, "eval_batch_size", 256)
     while step < plan.steps:
         for idx in batches(train, args.batch_size, gen):
-            s, n = batch_loss(model, *collate(train, idx), args.amp)
+            s, n = loss(model, *collate(train, idx), args.amp)
             (s / n).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -179,7 +181,7 @@ def train_phase(model, params, train, evals, key, args, steps, seconds, lr, log,
             done = step >= plan.steps or clock() - plan.t0 > seconds
             if step % args.eval_every == 0 or done:
                 t_eval = clock()
-                ev = evaluate(model, evals, args.amp)
+                ev = evaluate(model, evals, args.amp, eval_batch, loss)
                 score = ev[key] if isinstance(key, str) else sum(ev[k] for k in key)
                 history.append({"step": step, "seconds": round(clock() - plan.t0, 1),
                                 "train_loss": round((s / n).item(), 4), **{k: round(v, 4) for k, v in ev.items()}})
