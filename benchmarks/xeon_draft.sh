@@ -20,7 +20,7 @@
 #   xeon_draft.sh all OUT [T]      tools, draft, steps, peer, demo, project (T threads, default 16)
 #
 # llama-server with a draft, as its users run it (the same flags on the CLI; OpenAI API on :8080):
-#   /tmp/llama-tools/bin/llama-server -m gguf/*.gguf -md draft-gguf/*.gguf --spec-draft-n-max 4 -t 16 -c 4096
+#   /tmp/llama-tools/bin/llama-server -m gguf/*.gguf -md draft-gguf/*.gguf --spec-type draft-simple --spec-draft-n-max 4 -t 16 -c 4096
 set -uo pipefail
 phase="$1"; out="$(mkdir -p "$2" && cd "$2" && pwd)"; threads="${3:-16}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"; work="${TQ_WORK:-/tmp/tq-work}"
@@ -34,23 +34,31 @@ mkdir -p "$work"; cd "$work" || exit 5
 stamp "$phase threads=$threads repo=$repo work=$work"
 
 build_tools() {  # the same llama.cpp as the llama-cpp-python the bench runs, with the same CPU flags
-  [ -x "$tools/bin/llama-speculative-simple" ] && return 0
+  [ -x "$tools/bin/llama-speculative-simple" ] && [ -x "$tools/bin/llama-server" ] && return 0
   [ -d "$src" ] || { mkdir -p /tmp/lcp && tar -xJf "$repo/.carry/llama-cpp-python-src.tar.xz" -C /tmp/lcp; }
-  # The sdist leaves out tools/ui (the server's web page): llama-server then builds without an embedded
-  # page, as llama.cpp's own scripts/ui-assets.cmake does when no assets are found (the API is the same).
-  [ -e "$src/tools/ui/CMakeLists.txt" ] || { mkdir -p "$src/tools/ui" && cat > "$src/tools/ui/CMakeLists.txt" <<'CM'
-set(UI_CPP "${CMAKE_CURRENT_BINARY_DIR}/ui.cpp")
-set(UI_H "${CMAKE_CURRENT_BINARY_DIR}/ui.h")
-add_custom_target(llama-ui-assets ALL BYPRODUCTS ${UI_CPP} ${UI_H}
-    COMMAND ${CMAKE_COMMAND} "-DUI_SOURCE_DIR=${CMAKE_CURRENT_SOURCE_DIR}" "-DUI_BINARY_DIR=${CMAKE_CURRENT_BINARY_DIR}"
-        "-DLLAMA_SOURCE_DIR=${PROJECT_SOURCE_DIR}" -DHF_ENABLED=OFF -DBUILD_UI=OFF
-        -P "${PROJECT_SOURCE_DIR}/scripts/ui-assets.cmake" VERBATIM)
-set_source_files_properties(${UI_CPP} ${UI_H} PROPERTIES GENERATED TRUE)
-add_library(llama-ui STATIC ${UI_CPP} ${UI_H})
-add_dependencies(llama-ui llama-ui-assets)
-target_include_directories(llama-ui PUBLIC ${CMAKE_CURRENT_BINARY_DIR})
-CM
-  }
+  # The sdist leaves out tools/ui (the server's web page and its asset templates): llama-server then builds
+  # against an empty asset table (this stand-in, written here), serving the API without the page.
+  [ -e "$src/tools/ui/CMakeLists.txt" ] || { mkdir -p "$src/tools/ui" && cd "$src/tools/ui" && cat > ui.h <<'H'
+// A stand-in for llama.cpp's tools/ui, which the llama-cpp-python sdist leaves out: no embedded page.
+#pragma once
+#include <cstddef>
+#include <string>
+#include <vector>
+struct llama_ui_asset { std::string name; std::string type; std::string etag; const unsigned char * data; size_t size; };
+const std::vector<llama_ui_asset> & llama_ui_get_assets();
+const llama_ui_asset * llama_ui_find_asset(const std::string & name);
+bool llama_ui_use_gzip();
+H
+    cat > ui.cpp <<'C'
+#include "ui.h"
+const std::vector<llama_ui_asset> & llama_ui_get_assets() { static const std::vector<llama_ui_asset> none; return none; }
+const llama_ui_asset * llama_ui_find_asset(const std::string &) { return nullptr; }
+bool llama_ui_use_gzip() { return false; }
+C
+    printf '%s\n' 'add_library(llama-ui STATIC ui.cpp ui.h)' \
+      'target_include_directories(llama-ui PUBLIC ${CMAKE_CURRENT_SOURCE_DIR})' \
+      'set_target_properties(llama-ui PROPERTIES POSITION_INDEPENDENT_CODE ON)' \
+      'add_custom_target(llama-ui-assets)' > CMakeLists.txt && cd "$work"; }
   # shellcheck disable=SC2046
   cmake -S "$src" -B "$tools" -DCMAKE_BUILD_TYPE=Release -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
@@ -77,7 +85,7 @@ peer_7b() {  # llama.cpp's own tool at the 7B/0.5B shapes (random weights: accep
   prompt="$("$py" -c "import random; r=random.Random(0); print(' '.join(str(r.randrange(10)) for _ in range(200)))")"
   { for k in 1 2 4 8; do
       echo "== llama-speculative-simple K=$k"
-      "$tools/bin/llama-speculative-simple" -m "${t[0]}" -md "${d[0]}" -p "$prompt" -n 128 --temp 0 --top-k 1 \
+      "$tools/bin/llama-speculative-simple" -m "${t[0]}" -md "${d[0]}" -p "$prompt" -n 128 --temp 0 --top-k 1 --spec-type draft-simple \
         --spec-draft-n-max "$k" -t "$threads" -td "$threads" -c 2048 2>&1 | grep -E "decoded|n_draft|n_drafted|n_accept|accept "
     done
     echo "== llama-bench (plain tg128)"
@@ -92,23 +100,27 @@ demo_pair() {  # (d) the demo pair, real weights, end to end, both engines, and 
 import json, re, subprocess, sys
 from pathlib import Path
 from transformers import AutoTokenizer
+from tangquant.measure import poems
 from tangquant.poet import ASSETS
 threads, tool = sys.argv[1], sys.argv[2]
 tok = AutoTokenizer.from_pretrained(str(ASSETS / "base"))
 target, draft = next(Path("/tmp/draft-pair/target-gguf").glob("*.gguf")), next(Path("/tmp/draft-pair/draft-gguf").glob("*.gguf"))
-prompts = [p["prompt"] for p in json.loads((ASSETS / "prompts.json").read_text())]
+prompts = [p["prompt"] for p in poems.load_prompts(ASSETS / "prompts.json")]
 for k in (1, 2, 3, 4, 6, 8):
     tot = {"tokens": 0, "seconds": 0.0, "drafted": 0, "accepted": 0}
     for p in prompts:
         text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         run = subprocess.run([tool, "-m", str(target), "-md", str(draft), "-p", text, "-n", "100", "--temp", "0",
-                              "--top-k", "1", "--spec-draft-n-max", str(k), "-t", threads, "-td", threads, "-c", "512"],
+                              "--top-k", "1", "--spec-type", "draft-simple", "--spec-draft-n-max", str(k), "-t", threads, "-td", threads, "-c", "512"],
                              capture_output=True, text=True)
         log = run.stdout + run.stderr
         m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
+        d, a = re.search(r"n_drafted\s+= (\d+)", log), re.search(r"n_accept\s+= (\d+)", log)
+        if run.returncode or not (m and d and a):
+            print(json.dumps({"k": k, "prompt": p, "failed": run.returncode, "log": log[-400:]}), flush=True)
+            continue
         tot["tokens"] += int(m.group(1)); tot["seconds"] += float(m.group(2))
-        tot["drafted"] += int(re.search(r"n_drafted = (\d+)", log).group(1))
-        tot["accepted"] += int(re.search(r"n_accept\s+= (\d+)", log).group(1))
+        tot["drafted"] += int(d.group(1)); tot["accepted"] += int(a.group(1))
     print(json.dumps({"k": k, **tot, "tps": tot["tokens"] / tot["seconds"],
                       "acceptance": tot["accepted"] / max(1, tot["drafted"])}), flush=True)
 PY
