@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tangquant import deploy, engines, load
+from tangquant import draft as drafts
 from tangquant.errors import EngineError, InputError, ParameterError
 from tangquant.gguf import options as llama_options
 from tangquant.gguf import text as llama_text
@@ -158,17 +159,26 @@ def genai_config(base, sampling: Sampling, max_new_tokens: int | None = None):
 
 
 def open_generator(model_dir, adapter=None, allow_pickle: bool = False, device: str = "CPU",
-                   ov_config: dict | None = None):
+                   ov_config: dict | None = None, draft=None, draft_tokens: int | None = None):
     """A generator for ``model_dir`` in the engine its format has a chat entry for (the engines
     table): an OpenVINO IR through openvino-genai (``ov_config`` e.g. ``ov.ir.EXACT_CONFIG``), a
     GGUF through llama.cpp, a Hugging Face directory through transformers (fp32; ``adapter``);
     or, for a deployment directory (``tangquant tune --apply``), the engine, file and settings
-    it chose."""
+    it chose. ``draft``: a draft model in the same format with the same tokenizer (checked),
+    proposing ``draft_tokens`` per step."""
     engine, md, settings = open_model(model_dir, "chat", allow_pickle)
     if adapter:
         engine.require("adapter", "--adapter")
+    extra = {}
+    if draft_tokens is not None and not draft:
+        raise ParameterError("--draft-tokens needs --draft DIR")
+    if draft:
+        engine.require("draft", "--draft")
+        draft_md = load.inspect(draft, kinds=engine.models, what="draft")
+        drafts.check(md.path, draft_md.path)
+        extra = {"draft": draft_md.path, "draft_tokens": draft_tokens or drafts.DEFAULT_TOKENS}
     return engines.entry(engine.chat)(md, adapter=adapter, allow_pickle=allow_pickle, device=device,
-                                      ov_config=ov_config, **settings)
+                                      ov_config=ov_config, **settings, **extra)
 
 
 def open_model(model, use: str, allow_pickle: bool = False):
@@ -221,16 +231,25 @@ class _Streamer:
 
 class OVGenerator(_ContextCap):
     def __init__(self, md: load.ModelDir, device: str = "CPU", ov_config: dict | None = None,
-                 options: dict | None = None, threads: int | None = None, **_):
+                 options: dict | None = None, threads: int | None = None, draft=None,
+                 draft_tokens: int | None = None, **_):
         from tangquant.ov.options import pipeline_properties
 
         options = dict(options or {})
         props = {**pipeline_properties(options), **(ov_config or {})}
         if threads:
             props.setdefault("INFERENCE_NUM_THREADS", threads)
-        self.pipe = load.genai_pipeline(md, options.get("device", device), **props)
+        device = options.get("device", device)
+        if draft:
+            import openvino_genai
+
+            # The draft runs with the target's properties (precision, threads).
+            props["draft_model"] = openvino_genai.draft_model(str(draft), device, **(ov_config or {}))
+        self.pipe = load.genai_pipeline(md, device, **props)
         self.model_dir = md.path
         self.context = load.context_length(md.config)
+        self.draft_tokens = (draft_tokens or drafts.DEFAULT_TOKENS) if draft else None
+        self.speculation: dict | None = None  # the last reply's draft counts (None without a draft)
 
     def _prompt_tokens(self, messages: list[dict]) -> int:
         tokenizer = self.pipe.get_tokenizer()
@@ -243,6 +262,10 @@ class OVGenerator(_ContextCap):
         streamer = _Streamer()
         max_new = self._cap(self._prompt_tokens(messages), sampling)
         config = genai_config(self.pipe.get_generation_config(), sampling, max_new)
+        if self.draft_tokens:
+            if config.is_multinomial():
+                raise SamplingError("temperature", drafts.GREEDY_ONLY)
+            config.num_assistant_tokens = self.draft_tokens
         history = openvino_genai.ChatHistory(messages)
 
         def on_piece(piece: str):
@@ -250,10 +273,25 @@ class OVGenerator(_ContextCap):
             stop = streamer.stopped.is_set()
             return openvino_genai.StreamingStatus.STOP if stop else openvino_genai.StreamingStatus.RUNNING
 
-        yield from streamer.iterate(lambda: self.pipe.generate(history, config, on_piece))
+        def work():
+            self.speculation = speculation(self.pipe.generate(history, config, on_piece))
+
+        yield from streamer.iterate(work)
 
     def generate(self, messages: list[dict], sampling: Sampling = Sampling()) -> str:
         return "".join(self.stream(messages, sampling))
+
+
+def speculation(result) -> dict | None:
+    """A drafted openvino-genai result's counts: draft tokens offered and accepted, the target's
+    forward passes (its prefill included) and tokens generated; None for a plain one."""
+    sd = getattr(result, "extended_perf_metrics", None)
+    if sd is None or not hasattr(sd, "get_num_accepted_tokens"):
+        return None
+    main = sd.main_model_metrics
+    return {"drafted": int(sd.get_num_draft_tokens()), "accepted": int(sd.get_num_accepted_tokens()),
+            "target_passes": len(main.raw_metrics.m_durations),
+            "generated": int(main.get_num_generated_tokens())}
 
 
 class HFGenerator(_ContextCap):
@@ -330,9 +368,13 @@ class LlamaCppGenerator(_ContextCap):
     templated and text decoded with the model's own tokenizer."""
 
     def __init__(self, md: load.ModelDir, options: dict | None = None, threads: int | None = None,
-                 **_):
+                 draft=None, **_):
         from tangquant import host
 
+        if draft:  # llama.cpp drafts in the bench (gguf/speculative.py), not in the child process
+            raise EngineError("--draft with a GGUF: llama.cpp's chat and server run without a draft "
+                              "here; draft with an IR pair, or measure a GGUF pair with `tangquant "
+                              "bench --candidate NAME=llamacpp:T.gguf,draft=D.gguf`")
         self.tokenizer = load.tokenizer(md)
         if not self.tokenizer.chat_template:
             raise InputError(f"the tokenizer of {md.path} has no chat template")

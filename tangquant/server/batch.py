@@ -7,6 +7,11 @@ them incrementally per request and hands the text to the event loop. A request w
 or whose deadline passed is cancelled (``GenerationHandle.cancel()``); the
 pipeline drops it at the next step and frees its KV blocks.
 
+Speculative decoding (``--draft DIR``): the draft IR goes to the pipeline as openvino-genai's
+``draft_model`` (compiled with the model's plugin properties), and every request asks for
+``--draft-tokens`` per step (``num_assistant_tokens``); a step then gives a request up to K + 1
+tokens.
+
 LoRA adapters: openvino-genai 2026.4 applies an adapter to the whole pipeline
 (``step()`` ignores a request's ``GenerationConfig.adapters``; only ``generate()``
 sets them, and only on an idle pipeline). So the requests in the pipeline at any
@@ -30,6 +35,7 @@ import numpy as np
 import openvino as ov
 import openvino_genai
 
+from tangquant.draft import DEFAULT_TOKENS, GREEDY_ONLY
 from tangquant.generate import Sampling
 from tangquant.server import sizing
 from tangquant.server.engine import FINISH, Engine, Generation, Result
@@ -101,6 +107,11 @@ class BatchEngine(Engine):
         for aname, (adapter, alpha) in adapters.items():
             self._adapter_configs[aname] = openvino_genai.AdapterConfig(adapter, alpha)
         self._properties = dict(properties)
+        self._draft_tokens = None
+        if cfg.draft:
+            self._properties["draft_model"] = openvino_genai.draft_model(
+                str(cfg.draft), cfg.device, **dict(properties))
+            self._draft_tokens = cfg.draft_tokens or DEFAULT_TOKENS
         if adapters:
             self._properties["adapters"] = openvino_genai.AdapterConfig(
                 [a for a, _ in adapters.values()])
@@ -141,6 +152,11 @@ class BatchEngine(Engine):
         loop = asyncio.get_running_loop()
         config = self.generation_config(self._pipe.get_config(), sampling, max_new, json_schema,
                                         logprobs)
+        if self._draft_tokens:
+            if config.is_multinomial():
+                raise ApiError(400, f"this server decodes with a draft model: {GREEDY_ONLY}; send "
+                               "\"temperature\": 0", param="temperature", code="invalid_value")
+            config.num_assistant_tokens = self._draft_tokens
         try:
             config.validate()
         except RuntimeError as exc:
