@@ -79,7 +79,11 @@ def _gaps_to_the_best(kind: str, entries, request) -> list[float]:
     if kind == "gguf":
         return [e["logprob"] - e["top_logprobs"][0]["logprob"] for e in entries]
     tokenizer = request.getfixturevalue("tiny_tokenizer")
-    ref = _hf_logprobs(request.getfixturevalue("tiny_model_dir"), tokenizer, _ids(entries, tokenizer))
+    made = _ids(entries, tokenizer)
+    ref = _hf_logprobs(request.getfixturevalue("tiny_model_dir"), tokenizer, made)
+    # the model's own log-softmax, before temperature (as vLLM reports it), sampling or not
+    assert [e["logprob"] for e in entries] == pytest.approx([ref[i, t].item() for i, t in enumerate(made)],
+                                                             abs=2e-3)
     return [e["logprob"] - ref[i].max().item() for i, e in enumerate(entries)]
 
 
