@@ -104,7 +104,7 @@ def bench(candidates=(), params: BenchRecipe | str | Path | None = None, plot: s
     thread_list = [int(t) for t in (rec.threads or (host.physical_cores(),))]
     out = Path(results_dir)
     jsonl = out if out.suffix == ".jsonl" else out / "bench.jsonl"
-    inputs = [c.path for c in parsed] + [c.options.get("adapter") for c in parsed]
+    inputs = [c.path for c in parsed] + [c.options.get(k) for c in parsed for k in ("adapter", "draft")]
     files.check_output_file(jsonl, inputs, force, append=True)  # before any run: never an input
     if plot:
         if Path(plot).suffix.lower() not in PLOT_SUFFIXES:

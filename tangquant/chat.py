@@ -4,13 +4,15 @@ An OpenVINO IR directory (``tangquant export``) runs through openvino-genai's
 LLMPipeline; a GGUF (``--format gguf``) through llama.cpp, in a child process; a
 deployment directory (``tangquant tune --apply``) in the engine, file and
 settings it chose; any other directory through transformers (a GPTQ checkpoint
-is dequantised exactly, ``--adapter`` adds a LoRA). Prompts are formatted with
-the model's own chat template. Type ``clear`` to forget the history, ``exit`` to
+is dequantised exactly, ``--adapter`` adds a LoRA). ``--draft DIR`` decodes an
+IR speculatively with a draft IR of the same tokenizer (checked), ``--draft-tokens
+K`` per step. Prompts are formatted with the model's own chat template. Type ``clear`` to forget the history, ``exit`` to
 quit; ``--prompt TEXT`` answers once and exits, for scripts.
 
 Example:
   tangquant chat --model out/poet-ov
   tangquant chat --model out/poet-ov --prompt 写一首唐诗 --temperature 0
+  tangquant chat --model out/7b-ov --draft out/0.5b-ov --draft-tokens 4
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tangquant import recipe
+from tangquant.draft import GREEDY_ONLY
 from tangquant.errors import ParameterError, is_utf8
 from tangquant.generate import (Sampling, SamplingError, open_generator,
                                 require_finite_first_step)
@@ -40,13 +43,24 @@ class ChatParams:
     top_p: float = param(0.8, "nucleus sampling: the smallest set of tokens with this much probability")
     seed: int | None = param(None, "random seed for sampling")
     allow_pickle: bool = param(False, "allow .bin pickle weights (loaded with weights_only=True)")
+    top_k: int | None = param(None, "sample among the K most likely tokens; 0: no limit "
+                              "(default: the model's generation_config.json)", metavar="K")
+    min_p: float | None = param(None, "drop tokens less likely than this fraction of the most likely "
+                                "(default: the model's)", metavar="P")
+    repetition_penalty: float | None = param(None, "divide the logits of tokens already in the prompt "
+                                             "or reply (1: none; default: the model's)", metavar="R")
+    draft_tokens: int | None = param(None, "tokens the --draft model proposes per step (default 4)",
+                                     metavar="K")
 
     def __post_init__(self):
-        Sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed)  # refuses bad values
+        _ = self.sampling  # Sampling refuses bad values
+        if self.draft_tokens is not None and (isinstance(self.draft_tokens, bool) or self.draft_tokens < 1):
+            raise ParameterError(f"--draft-tokens must be at least 1, got {self.draft_tokens}")
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed, top_k=self.top_k,
+                        min_p=self.min_p, repetition_penalty=self.repetition_penalty)
 
 
 PARAMS = ChatParams
@@ -56,22 +70,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True,
                         help="OpenVINO IR, GGUF, deployment or Hugging Face model directory")
     parser.add_argument("--adapter", help="LoRA adapter to apply (Hugging Face models only)")
+    parser.add_argument("--draft", metavar="DIR", help="a draft model for speculative decoding: the "
+                        "same format and tokenizer as --model (e.g. Qwen1.5-0.5B-Chat's export for 7B)")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
 
 
 def run(args) -> dict:
-    chat(args.model, recipe.from_args(ChatParams, args), adapter=args.adapter, prompt=args.prompt)
+    chat(args.model, recipe.from_args(ChatParams, args), adapter=args.adapter, prompt=args.prompt,
+         draft=args.draft)
     return {}
 
 
 def chat(model, params: ChatParams | None = None, adapter=None, prompt: str | None = None,
-         **overrides) -> None:
+         draft=None, **overrides) -> None:
     """Chat in the terminal, or answer ``prompt`` once."""
     p = recipe.resolve(ChatParams, params, overrides)
+    if draft and p.temperature != 0:
+        raise ParameterError(f"--draft: {GREEDY_ONLY}; pass --temperature 0")
     for flag, text in (("--prompt", prompt), ("--system", p.system)):
         if text is not None and not is_utf8(text):
             raise ParameterError(f"{flag} is not valid UTF-8 text")
-    generator = open_generator(model, adapter=adapter, allow_pickle=p.allow_pickle)
+    generator = open_generator(model, adapter=adapter, allow_pickle=p.allow_pickle, draft=draft,
+                               draft_tokens=p.draft_tokens)
     require_finite_first_step(generator, model)
     prefix = [{"role": "system", "content": p.system}] if p.system else []
     try:
@@ -134,4 +154,9 @@ def _answer(generator, messages: list[dict], sampling: Sampling, stdout) -> str:
         print(chunk, end="", file=stdout, flush=True)
         chunks.append(chunk)
     print(file=stdout, flush=True)
+    counts = getattr(generator, "speculation", None)
+    if counts and counts["drafted"]:
+        logger.info("draft: %d of %d proposed tokens accepted (%.0f%%), %.2f tokens per target step",
+                    counts["accepted"], counts["drafted"], 100 * counts["accepted"] / counts["drafted"],
+                    counts["generated"] / max(1, counts["target_passes"]))
     return "".join(chunks)

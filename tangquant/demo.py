@@ -16,6 +16,11 @@ annotated with what it asks; ``measure.poems`` scores whether the answers do
 it: form accuracy, title accuracy, topic hit rate and, greedy, the share of
 distinct answers.
 
+With the shipped draft poet (``assets/demo/draft``, the same tokenizer), the demo also
+quantizes and exports it like the poet and answers the held-out prompts greedily with it as
+the IR's draft (speculative decoding, K = 4): the share of drafted tokens the merged INT4 model
+accepts, the tokens per target step, and whether each answer is the IR's own without a draft.
+
 Example:
   tangquant demo --workdir tangquant-demo
 """
@@ -30,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tangquant import draft as drafts
 from tangquant import files, load, recipe
 from tangquant.bench import bench as run_bench
 from tangquant.errors import ParameterError
@@ -136,6 +142,30 @@ def table(results: dict, prompts, answers: bool = True) -> str:
     return "\n".join(lines)
 
 
+def draft_report(ir: Path, draft: Path, prompts, max_new_tokens: int, k: int = drafts.DEFAULT_TOKENS) -> dict:
+    """Greedy answers of the IR with and without the ``draft`` IR (f32, f32 KV cache: the setting under
+    which a verification step rounds as a one-token step does), and the draft's acceptance."""
+    config = {**EXACT_CONFIG, "KV_CACHE_PRECISION": "f32"}
+    plain = open_generator(ir, ov_config=config)
+    drafted = open_generator(ir, ov_config=config, draft=draft, draft_tokens=k)
+    greedy = Sampling(max_new_tokens, 0.0, 1.0, 0)
+    sums, same = {"drafted": 0, "accepted": 0, "generated": 0, "target_passes": 0}, 0
+    for prompt in prompts:
+        msgs = [{"role": "user", "content": prompt["prompt"]}]
+        answer = drafted.generate(msgs, greedy)
+        sums = {key: sums[key] + drafted.speculation[key] for key in sums}
+        same += answer == plain.generate(msgs, greedy)
+    return {"k": k, **sums, "acceptance": sums["accepted"] / max(1, sums["drafted"]),
+            "tokens_per_step": sums["generated"] / max(1, sums["target_passes"]),
+            "identical": same, "prompts": len(prompts)}
+
+
+def _draft_line(d: dict) -> str:
+    return (f"draft poet (K={d['k']}, greedy): {_pct(d['acceptance'])} of {d['drafted']} drafted tokens accepted, "
+            f"{d['tokens_per_step']:.2f} tokens per target step; answers identical to the IR's alone: "
+            f"{d['identical']}/{d['prompts']}")
+
+
 def _hf_generator(path, adapter=None):
     return lambda: open_generator(path, adapter=adapter)
 
@@ -148,14 +178,18 @@ def _ov_generator(path):
     return lambda: open_generator(path, ov_config=EXACT_CONFIG)
 
 
-def build(tmp: Path, base: Path, adapter: Path, calib: Path, bench: bool) -> dict:
-    """merge → GPTQ INT4 → OpenVINO IR (→ bench) inside ``tmp``; returns each stage's metrics."""
+def build(tmp: Path, base: Path, adapter: Path, calib: Path, bench: bool, draft: Path | None = None) -> dict:
+    """merge → GPTQ INT4 → OpenVINO IR (→ bench) inside ``tmp``, and the ``draft`` poet's GPTQ INT4 →
+    IR; returns each stage's metrics."""
     stages = {}
     t0 = time.time()
     stages["merge"] = merge(base, adapter, tmp / "merged", dtype="fp32")
     stages["quantize"] = quantize(tmp / "merged", tmp / "int4-gptq", calib.parent / "int4-gptq-g128.yaml",
                                   calib=str(calib))
     stages["export"] = export(stages["quantize"]["checkpoint"], tmp / "int4-openvino")
+    if draft is not None:
+        q = quantize(draft, tmp / "draft-int4-gptq", calib.parent / "int4-gptq-g128.yaml", calib=str(calib))
+        stages["draft_export"] = export(q["checkpoint"], tmp / "draft-openvino")
     if bench:
         stages["bench"] = run_bench(
             candidates=(f"merged-int4=ov:{tmp / 'int4-openvino'}",
@@ -172,6 +206,8 @@ class DemoParams:
     max_new_tokens: int = param(100, "largest number of tokens per answer (a 七言律诗 with its title needs "
                                 "about 80)")
     bench: bool = param(True, "run the short bench")
+    draft: bool = param(True, "also build the shipped draft poet and report its acceptance as the IR's "
+                        "draft (speculative decoding, greedy)")
 
     def __post_init__(self):
         require(self.samples >= 0, f"samples must be >= 0, got {self.samples}")
@@ -200,8 +236,9 @@ def demo(workdir=None, params: DemoParams | None = None, force: bool = False, as
                              f"{context} tokens with its prompt")
     out = files.check_output(workdir or "tangquant-demo", [root], force)
     t0 = time.time()
+    draft = paths["draft"] if p.draft and (paths["draft"] / "config.json").is_file() else None
     with files.atomic_output_dir(out, force) as tmp:
-        stages = build(tmp, base, adapter, root / "calib.json", p.bench)
+        stages = build(tmp, base, adapter, root / "calib.json", p.bench, draft)
         tokenizer = load.tokenizer(base)
         final = out / "int4-openvino"  # where the IR lies once the directory is renamed
         models = {"base": (_hf_generator(base), _lm(base)),
@@ -209,13 +246,17 @@ def demo(workdir=None, params: DemoParams | None = None, force: bool = False, as
                   "merged INT4": (_ov_generator(tmp / "int4-openvino"), _lm(tmp / "int4-openvino"))}
         results = measure(models, tokenizer, prompts, p.samples, p.max_new_tokens, root / "heldout.json")
         report = table(results, prompts)
+        spec = draft_report(tmp / "int4-openvino", tmp / "draft-openvino", prompts, p.max_new_tokens) \
+            if draft is not None else None
+        if spec:
+            report += "\n\n" + _draft_line(spec)
         (tmp / "demo.md").write_text(report + "\n", encoding="utf-8")
         lora, int4 = results["base + LoRA"], results["merged INT4"]
         metrics = {"results": results, "seconds": round(time.time() - t0, 1),
                    "stage_seconds": stages["seconds"],
                    "int4_vs_lora_greedy": _ratio(int4["ratio_greedy"], lora["ratio_greedy"]),
                    "int4_vs_lora_sampled": _ratio(int4["ratio_sampled"], lora["ratio_sampled"]),
-                   "int4_vs_lora_follow": poems.kept(int4["follow"], lora["follow"])}
+                   "int4_vs_lora_follow": poems.kept(int4["follow"], lora["follow"]), "draft": spec}
         files.write_json(tmp / "demo.json", {**metrics, "prompts": list(prompts), "samples": p.samples,
                                              "temperature": TEMPERATURE, "top_p": TOP_P})
         files.write_manifest(tmp, "demo", {"prompts": list(prompts), **dataclasses.asdict(p)},
@@ -227,8 +268,8 @@ def demo(workdir=None, params: DemoParams | None = None, force: bool = False, as
                f"{_pct(lora['ratio_sampled'])} (base {_pct(results['base']['ratio_greedy'])}); "
                f"IR {final}, {metrics['seconds']:.0f} s")
     # The answers are in demo.md; the table printed last is the scores.
-    return {"output": str(out), **metrics, "report": table(results, prompts, answers=False),
-            "summary": summary}
+    scores = table(results, prompts, answers=False) + (f"\n\n{_draft_line(spec)}" if spec else "")
+    return {"output": str(out), **metrics, "report": scores, "summary": summary}
 
 
 def _follow(row) -> str:

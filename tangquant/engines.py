@@ -43,6 +43,7 @@ class Option:
     help: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+    needs: str | None = None   # another option this one means nothing without
 
     def check(self, value: str) -> str:
         text = str(value).strip()
@@ -121,6 +122,9 @@ class Engine:
             else:
                 raise EngineError(f"the {self.name} engine takes no option {key!r}; it takes "
                                   f"{self.accepted()}")
+        lone = [k for k in out if self.option(k) and self.option(k).needs not in (None, *out)]
+        if lone:
+            raise EngineError(f"option {lone[0]} needs {self.option(lone[0]).needs}=…")
         missing = [k for k in self.required if k not in out]
         if missing:
             raise EngineError(f"kind {self.name} needs {', '.join(f'{k}=…' for k in missing)}"
@@ -167,12 +171,18 @@ _LLAMACPP = (Option("repack", "bool", "llama.cpp's CPU weight repacking (use_ext
              Option("fa", "choice", "flash attention (llama.cpp -fa on|off|auto, or llama-bench's 1|0; "
                     "default auto)", choices=("auto", "on", "off", "1", "0")))
 
+# Speculative decoding (tangquant/draft.py checks the pair; the runners record the acceptance).
+_DRAFT = (Option("draft", "path", "a draft model with the target's tokenizer, in the same format "
+                 "(an IR for ov, a GGUF for llamacpp), for speculative decoding"),
+          Option("draft_tokens", "int", "tokens the draft proposes per target step (default 4)",
+                 minimum=1, needs="draft"))
+
 ENGINES: dict[str, Engine] = {e.name: e for e in (
     Engine("ov", "openvino-genai", ("ir",), "tangquant.measure.runners.ov:run",
            "tangquant.measure.roofline:ir_per_token",
            "an OpenVINO IR directory through openvino-genai (the merged INT4 model)",
-           options=_OV_RUNTIME, properties=True,
-           capabilities=frozenset({"stream", "multi_lora", "batching", "json_schema"}),
+           options=_OV_RUNTIME + _DRAFT, properties=True,
+           capabilities=frozenset({"stream", "multi_lora", "batching", "json_schema", "draft"}),
            chat="tangquant.generate:OVGenerator", serve="tangquant.server.runner:open_engine",
            tune_grid="tangquant.ov.options:tune_grid", tune_gate="tangquant.ov.gate:run"),
     Engine("ov+lora", "openvino-genai", ("ir",), "tangquant.measure.runners.ov:run",
@@ -197,8 +207,8 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
            "a GGUF file (or a directory holding one) through llama.cpp (llama-cpp-python's low-level "
            "API); repack=0|1 turns its CPU weight repacking (AMX's too) off or on, ctk/ctv set the KV "
            "cache types and fa flash attention (llama-bench's -ctk/-ctv/-fa; defaults as llama.cpp)",
-           options=_LLAMACPP,
-           capabilities=frozenset({"stream", "batching", "json_schema"}), extras=("llamacpp",),
+           options=_LLAMACPP + _DRAFT,
+           capabilities=frozenset({"stream", "batching", "json_schema", "draft"}), extras=("llamacpp",),
            chat="tangquant.generate:LlamaCppGenerator", serve="tangquant.server.llamacpp:open_engine",
            tune_grid="tangquant.gguf.options:tune_grid", tune_gate="tangquant.gguf.gate:run"),
     Engine("iklcpp", "ik_llama.cpp", ("gguf",), "tangquant.measure.runners.iklcpp:run",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tangquant import deploy, engines, load
+from tangquant import draft as drafts
 from tangquant.errors import EngineError, InputError, ParameterError
 from tangquant.gguf import options as llama_options
 from tangquant.gguf import text as llama_text
@@ -28,6 +29,8 @@ from tangquant.ov.ir import MODEL_XML, is_ir_dir
 logger = logging.getLogger(__name__)
 
 MAX_STOP = 4
+MAX_TOP_K = (1 << 31) - 1  # llama.cpp's top_k is a C int
+MAX_REPETITION_PENALTY = 10.0  # beyond any published setting; 1 is none
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class Sampling:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     ignore_eos: bool = False   # vLLM's extension; benchmarks use it for fixed-length replies
+    top_k: int | None = None   # 0: no limit
+    min_p: float | None = None
+    repetition_penalty: float | None = None  # Hugging Face's: over the prompt and the reply
 
     def __post_init__(self):
         _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens",
@@ -52,6 +58,11 @@ class Sampling:
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check(len(self.stop) <= MAX_STOP and all(self.stop), "stop",
                f"must be at most {MAX_STOP} non-empty strings")
+        _check(self.top_k is None or 0 <= self.top_k <= MAX_TOP_K, "top_k",
+               f"must be an integer in [0, {MAX_TOP_K}] (0: no limit), got {self.top_k}")
+        _check_range("min_p", self.min_p, 0.0, 1.0, high_open=True)  # genai's range; 1 is greedy
+        _check_range("repetition_penalty", self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY,
+                     low_open=True)
 
     @property
     def greedy(self) -> bool:
@@ -71,12 +82,14 @@ def _check(ok: bool, name: str, what: str) -> None:
         raise SamplingError(name, f"{name} {what}")
 
 
-def _check_range(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+def _check_range(name: str, value, low: float, high: float, low_open: bool = False,
+                 high_open: bool = False) -> None:
     if value is None:
         return
     too_low = value <= low if low_open else value < low
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-    _check(math.isfinite(value) and not too_low and value <= high, name,
+    too_high = value >= high if high_open else value > high
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    _check(math.isfinite(value) and not too_low and not too_high, name,
            f"must be a finite number in {interval}, got {value}")
 
 
@@ -135,22 +148,37 @@ def genai_config(base, sampling: Sampling, max_new_tokens: int | None = None):
         cfg.presence_penalty = sampling.presence_penalty
     if sampling.frequency_penalty is not None:
         cfg.frequency_penalty = sampling.frequency_penalty
+    if sampling.top_k is not None:
+        cfg.top_k = sampling.top_k  # genai's filter skips 0, as "no limit"
+    if sampling.min_p is not None:
+        cfg.min_p = sampling.min_p
+    if sampling.repetition_penalty is not None:
+        cfg.repetition_penalty = sampling.repetition_penalty
     cfg.ignore_eos = sampling.ignore_eos
     return cfg
 
 
 def open_generator(model_dir, adapter=None, allow_pickle: bool = False, device: str = "CPU",
-                   ov_config: dict | None = None):
+                   ov_config: dict | None = None, draft=None, draft_tokens: int | None = None):
     """A generator for ``model_dir`` in the engine its format has a chat entry for (the engines
     table): an OpenVINO IR through openvino-genai (``ov_config`` e.g. ``ov.ir.EXACT_CONFIG``), a
     GGUF through llama.cpp, a Hugging Face directory through transformers (fp32; ``adapter``);
     or, for a deployment directory (``tangquant tune --apply``), the engine, file and settings
-    it chose."""
+    it chose. ``draft``: a draft model in the same format with the same tokenizer (checked),
+    proposing ``draft_tokens`` per step."""
     engine, md, settings = open_model(model_dir, "chat", allow_pickle)
     if adapter:
         engine.require("adapter", "--adapter")
+    extra = {}
+    if draft_tokens is not None and not draft:
+        raise ParameterError("--draft-tokens needs --draft DIR")
+    if draft:
+        engine.require("draft", "--draft")
+        draft_md = load.inspect(draft, kinds=engine.models, what="draft")
+        drafts.check(md.path, draft_md.path)
+        extra = {"draft": draft_md.path, "draft_tokens": draft_tokens or drafts.DEFAULT_TOKENS}
     return engines.entry(engine.chat)(md, adapter=adapter, allow_pickle=allow_pickle, device=device,
-                                      ov_config=ov_config, **settings)
+                                      ov_config=ov_config, **settings, **extra)
 
 
 def open_model(model, use: str, allow_pickle: bool = False):
@@ -203,16 +231,25 @@ class _Streamer:
 
 class OVGenerator(_ContextCap):
     def __init__(self, md: load.ModelDir, device: str = "CPU", ov_config: dict | None = None,
-                 options: dict | None = None, threads: int | None = None, **_):
+                 options: dict | None = None, threads: int | None = None, draft=None,
+                 draft_tokens: int | None = None, **_):
         from tangquant.ov.options import pipeline_properties
 
         options = dict(options or {})
         props = {**pipeline_properties(options), **(ov_config or {})}
         if threads:
             props.setdefault("INFERENCE_NUM_THREADS", threads)
-        self.pipe = load.genai_pipeline(md, options.get("device", device), **props)
+        device = options.get("device", device)
+        if draft:
+            import openvino_genai
+
+            # The draft runs with the target's properties (precision, threads).
+            props["draft_model"] = openvino_genai.draft_model(str(draft), device, **(ov_config or {}))
+        self.pipe = load.genai_pipeline(md, device, **props)
         self.model_dir = md.path
         self.context = load.context_length(md.config)
+        self.draft_tokens = (draft_tokens or drafts.DEFAULT_TOKENS) if draft else None
+        self.speculation: dict | None = None  # the last reply's draft counts (None without a draft)
 
     def _prompt_tokens(self, messages: list[dict]) -> int:
         tokenizer = self.pipe.get_tokenizer()
@@ -225,6 +262,10 @@ class OVGenerator(_ContextCap):
         streamer = _Streamer()
         max_new = self._cap(self._prompt_tokens(messages), sampling)
         config = genai_config(self.pipe.get_generation_config(), sampling, max_new)
+        if self.draft_tokens:
+            if config.is_multinomial():
+                raise SamplingError("temperature", drafts.GREEDY_ONLY)
+            config.num_assistant_tokens = self.draft_tokens
         history = openvino_genai.ChatHistory(messages)
 
         def on_piece(piece: str):
@@ -232,10 +273,25 @@ class OVGenerator(_ContextCap):
             stop = streamer.stopped.is_set()
             return openvino_genai.StreamingStatus.STOP if stop else openvino_genai.StreamingStatus.RUNNING
 
-        yield from streamer.iterate(lambda: self.pipe.generate(history, config, on_piece))
+        def work():
+            self.speculation = speculation(self.pipe.generate(history, config, on_piece))
+
+        yield from streamer.iterate(work)
 
     def generate(self, messages: list[dict], sampling: Sampling = Sampling()) -> str:
         return "".join(self.stream(messages, sampling))
+
+
+def speculation(result) -> dict | None:
+    """A drafted openvino-genai result's counts: draft tokens offered and accepted, the target's
+    forward passes (its prefill included) and tokens generated; None for a plain one."""
+    sd = getattr(result, "extended_perf_metrics", None)
+    if sd is None or not hasattr(sd, "get_num_accepted_tokens"):
+        return None
+    main = sd.main_model_metrics
+    return {"drafted": int(sd.get_num_draft_tokens()), "accepted": int(sd.get_num_accepted_tokens()),
+            "target_passes": len(main.raw_metrics.m_durations),
+            "generated": int(main.get_num_generated_tokens())}
 
 
 class HFGenerator(_ContextCap):
@@ -251,12 +307,16 @@ class HFGenerator(_ContextCap):
 
     def _kwargs(self, sampling: Sampling, max_new: int | None) -> dict:
         kwargs = {"max_new_tokens": max_new} if max_new else {}
+        if sampling.repetition_penalty is not None:  # greedy decoding applies it too
+            kwargs["repetition_penalty"] = sampling.repetition_penalty
         if sampling.greedy:
-            return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+                    "min_p": None}
         if sampling.temperature is not None:
             kwargs.update(do_sample=True, temperature=sampling.temperature)
-        if sampling.top_p is not None:
-            kwargs["top_p"] = sampling.top_p
+        for name in ("top_p", "top_k", "min_p"):
+            if getattr(sampling, name) is not None:
+                kwargs[name] = getattr(sampling, name)
         return kwargs
 
     def stream(self, messages: list[dict], sampling: Sampling = Sampling()) -> Iterator[str]:
@@ -308,9 +368,13 @@ class LlamaCppGenerator(_ContextCap):
     templated and text decoded with the model's own tokenizer."""
 
     def __init__(self, md: load.ModelDir, options: dict | None = None, threads: int | None = None,
-                 **_):
+                 draft=None, **_):
         from tangquant import host
 
+        if draft:  # llama.cpp drafts in the bench (gguf/speculative.py), not in the child process
+            raise EngineError("--draft with a GGUF: llama.cpp's chat and server run without a draft "
+                              "here; draft with an IR pair, or measure a GGUF pair with `tangquant "
+                              "bench --candidate NAME=llamacpp:T.gguf,draft=D.gguf`")
         self.tokenizer = load.tokenizer(md)
         if not self.tokenizer.chat_template:
             raise InputError(f"the tokenizer of {md.path} has no chat template")

@@ -9,6 +9,13 @@ manifest, or the names, sizes and times of its files) equals the key recorded
 in ``workdir/pipeline.json`` when it was made. An output made from other inputs
 is replaced only with ``--force``.
 
+A ``draft:`` section (base, adapter, tokens, quant_recipe) adds a draft model for speculative
+decoding: merged (when it has an adapter), quantized and exported under ``workdir/draft`` with
+the target's settings, checked to share the target's tokenizer and chat template before any
+stage runs, and benched beside the target as ``draft=…,draft_tokens=K``. Its keys are the
+recipe keys ``draft_base``, ``draft_adapter``, ``draft_tokens`` and ``draft_quant_recipe``
+(flags ``--draft-base`` …, which override the section); any other key in it is refused.
+
 Example:
   tangquant run recipes/qwen1.5-7b-chat-tang.yaml
 """
@@ -23,7 +30,7 @@ import time
 import typing
 from pathlib import Path
 
-from tangquant import files, recipe
+from tangquant import draft, files, recipe
 from tangquant.bench import BenchRecipe, bench
 from tangquant.errors import OutputExistsError, RecipeError
 from tangquant.export import ExportParams, export
@@ -35,7 +42,7 @@ from tangquant.recipe import param
 logger = logging.getLogger(__name__)
 
 HELP = "run a pipeline recipe (merge → quantize → export → bench), skipping up-to-date stages"
-STAGES = ("merge", "quantize", "export", "bench")
+STAGES = ("merge", "quantize", "export", "draft-merge", "draft-quantize", "draft-export", "bench")
 STAMPS = "pipeline.json"
 
 
@@ -50,7 +57,16 @@ _OWN = [("base", str, param("", "full-precision base model directory")),
         ("quant_recipe", str | None, param(None, "the quantization recipe file (quant_* keys override it)")),
         ("bench", bool, param(True, "run the bench stage")),
         ("bench_baseline", str | None, param(None, "the seed's GPTQ base, benched with the adapter "
-                                                   "un-merged (torch-gptq+lora)"))]
+                                                   "un-merged (torch-gptq+lora)")),
+        # The draft: section's keys (see the module's docstring).
+        ("draft_base", str | None, param(None, "draft: the draft model's full-precision base (same "
+                                               "tokenizer and chat template as base)")),
+        ("draft_adapter", str | None, param(None, "draft: its LoRA adapter (none: the base as it is)")),
+        ("draft_tokens", int, param(draft.DEFAULT_TOKENS, "draft: tokens it proposes per step in the "
+                                                          "bench")),
+        ("draft_quant_recipe", str | None, param(None, "draft: its quantization recipe (default "
+                                                       "quant_recipe; quant_* keys apply too)"))]
+DRAFT_SECTION = ("base", "adapter", "tokens", "quant_recipe")
 
 
 def _prefixed_fields():
@@ -72,12 +88,12 @@ PARAMS = PipelineRecipe
 RECIPE_FLAG = False  # the recipe is the positional argument
 
 
-def stage_params(r, prefix: str, cls):
+def stage_params(r, prefix: str, cls, quant_recipe=None):
     """The stage's dataclass from the recipe's ``prefix`` keys (validated by the stage itself)."""
     values = {f.name: getattr(r, prefix + f.name) for f in dataclasses.fields(cls)
               if hasattr(r, prefix + f.name)}
     if cls is QuantRecipe:
-        return recipe.resolve(QuantRecipe, r.quant_recipe, values)
+        return recipe.resolve(QuantRecipe, quant_recipe or r.quant_recipe, values)
     return cls(**values)
 
 
@@ -117,7 +133,7 @@ def up_to_date(stage: str, out: Path, key: str, stamps: dict) -> bool:
         return False
     if stage != "bench":
         manifest = files.read_manifest(out) or {}
-        if manifest.get("stage") != stage:
+        if manifest.get("stage") != stage.removeprefix("draft-"):
             return False
     stamp = stamps.get(stage) or {}
     return stamp.get("key") == key and stamp.get("output_sha256") == files.sha256_file(marker)
@@ -131,26 +147,47 @@ def plan(r) -> list[tuple[str, Path, object, dict]]:
     stages = [("merge", merged, stage_params(r, "merge_", MergeParams), {"base": r.base, "adapter": r.adapter}),
               ("quantize", gptq, quant, {"model": merged, "calib": quant.calib}),
               ("export", ir, stage_params(r, "export_", ExportParams), {"model": gptq})]
+    stages += _draft_stages(r, work / "draft")
     if r.bench:
         bench_params = dataclasses.replace(stage_params(r, "bench_", BenchRecipe),
                                            candidates=tuple(_candidates(r, ir)))
-        stages.append(("bench", work / "bench", bench_params, {"model": ir, "baseline": r.bench_baseline}))
+        inputs = {"model": ir, "baseline": r.bench_baseline}
+        if r.draft_base:
+            inputs["draft"] = work / "draft" / "int4-openvino"
+        stages.append(("bench", work / "bench", bench_params, inputs))
     return stages
+
+
+def _draft_stages(r, root: Path) -> list:
+    """The draft's merge (when it has an adapter), quantize and export, with the target's settings."""
+    if not r.draft_base:
+        return []
+    quant = stage_params(r, "quant_", QuantRecipe, r.draft_quant_recipe)
+    model = root / "merged" if r.draft_adapter else Path(r.draft_base)
+    merge = [("draft-merge", model, stage_params(r, "merge_", MergeParams),
+              {"base": r.draft_base, "adapter": r.draft_adapter})] if r.draft_adapter else []
+    return merge + [("draft-quantize", root / "int4-gptq", quant, {"model": model, "calib": quant.calib}),
+                    ("draft-export", root / "int4-openvino", stage_params(r, "export_", ExportParams),
+                     {"model": root / "int4-gptq"})]
 
 
 def _candidates(r, ir: Path) -> list[str]:
     out = [f"merged-int4=ov:{ir}"]
+    if r.draft_base:
+        draft_ir = Path(r.workdir) / "draft" / "int4-openvino"
+        out.append(f"merged-int4+draft=ov:{ir},draft={draft_ir},draft_tokens={r.draft_tokens}")
     if r.bench_baseline:
         out.append(f"seed=torch-gptq+lora:{r.bench_baseline},adapter={r.adapter}")
     return out
 
 
 def _run_stage(stage: str, out: Path, params, inputs: dict, r, force: bool) -> dict:
-    if stage == "merge":
-        return merge(r.base, r.adapter, out, params, force=force)
-    if stage == "quantize":
+    kind = stage.removeprefix("draft-")  # the draft's stages are the target's, on its inputs
+    if kind == "merge":
+        return merge(inputs["base"], inputs["adapter"], out, params, force=force)
+    if kind == "quantize":
         return quantize(inputs["model"], out, params, force=force)
-    if stage == "export":
+    if kind == "export":
         return export(inputs["model"], out, params, force=force)
     if out.exists() and force:
         (out / "bench.jsonl").unlink(missing_ok=True)
@@ -178,11 +215,36 @@ def refuse_llamafactory(data: dict, path) -> None:
                       "(recipes/qwen1.5-7b-chat-tang.yaml is one)")
 
 
+def read_recipe(path) -> dict:
+    """The recipe's keys, its ``draft:`` section flattened to ``draft_*`` keys (others refused)."""
+    data = recipe.read_yaml(Path(path))
+    section = data.pop("draft", None)
+    if section is None:
+        return data
+    if not isinstance(section, dict):
+        raise RecipeError(f"{path}: 'draft' must be a mapping with keys {', '.join(DRAFT_SECTION)}")
+    unknown = sorted(str(k) for k in section if k not in DRAFT_SECTION)
+    if unknown:
+        raise RecipeError(f"{path}: unknown key(s) draft.{', draft.'.join(unknown)[:200]}; the draft "
+                          f"section takes {', '.join(DRAFT_SECTION)}")
+    for key, value in section.items():
+        if f"draft_{key}" in data:
+            raise RecipeError(f"{path}: draft.{key} and draft_{key} both given; keep one")
+        data[f"draft_{key}"] = value
+    return data
+
+
 def load_recipe(path, **overrides):
     """The pipeline recipe, every stage's parameters validated before any stage runs."""
     if isinstance(path, (str, Path)):
-        refuse_llamafactory(recipe.read_yaml(Path(path)), path)
-    r = recipe.resolve(PipelineRecipe, path, overrides)
+        data = read_recipe(path)  # flags override the recipe, its draft: section included
+        refuse_llamafactory(data, path)
+        data.update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items() if v is not None})
+        r = recipe.from_dict(PipelineRecipe, data, source=str(path))
+    else:
+        r = recipe.resolve(PipelineRecipe, path, overrides)
+    if isinstance(r.draft_tokens, bool) or r.draft_tokens < 1:
+        raise RecipeError(f"{path}: draft.tokens must be an integer >= 1, got {r.draft_tokens}")
     missing = [k for k in ("base", "adapter", "workdir") if not getattr(r, k)]
     if missing:
         raise RecipeError(f"{path}: the pipeline recipe needs {', '.join(missing)}")
@@ -207,6 +269,15 @@ def precheck(r) -> None:
     for data in (quant.calib, quant.eval_data):
         if data:
             calib.load_documents(data)
+    if r.draft_adapter and not r.draft_base:
+        raise RecipeError("draft.adapter needs draft.base (the draft's full-precision model)")
+    if r.draft_base:
+        draft_base = files.existing_dir(r.draft_base, "draft base model")
+        if r.draft_adapter:
+            files.existing_dir(r.draft_adapter, "draft adapter")
+        draft.check(base, draft_base)
+        check_model(stage_params(r, "quant_", QuantRecipe, r.draft_quant_recipe),
+                    checkpoint.load_config(draft_base))
     context = load.context_length(config)
     if r.bench and context and r.bench_prompt_tokens + r.bench_gen_tokens > context:
         raise RecipeError(f"bench_prompt_tokens + bench_gen_tokens ({r.bench_prompt_tokens} + "
@@ -224,15 +295,16 @@ def run_pipeline(path, force: bool = False, dry_run: bool = False, **overrides) 
     work = Path(r.workdir)
     stamps_path = work / STAMPS
     stamps = files.read_json(stamps_path, "pipeline stamps") if stamps_path.is_file() else {}
-    status, lines, t0, stale = {}, [], time.time(), False
+    status, lines, t0, rebuilt = {}, [], time.time(), set()
     for stage, out, params, inputs in plan(r):
         key = stage_key(stage, dataclasses.asdict(params), inputs)
-        # Once a stage is (to be) rebuilt, everything after it is too.
+        # Once a stage is (to be) rebuilt, every stage that reads its output is too.
+        stale = any(str(v) in rebuilt for v in inputs.values() if v is not None)
         if not stale and up_to_date(stage, out, key, stamps):
             status[stage] = "skipped"
             lines.append(f"{stage}: {out} is up to date; skipped")
             continue
-        stale = True
+        rebuilt.add(str(out))
         if dry_run:
             status[stage] = "planned"
             continue

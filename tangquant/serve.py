@@ -37,7 +37,7 @@ import logging
 import os
 from pathlib import Path
 
-from tangquant import engines, recipe
+from tangquant import draft, engines, load, recipe
 from tangquant.errors import ServeError
 from tangquant.generate import open_model
 from tangquant.server.config import API_KEY_ENV, ServeConfig
@@ -95,6 +95,11 @@ def _serving_engine(model, cfg: ServeConfig):
     engine, md, settings = open_model(model, "serve")
     if cfg.adapter:
         engine.require("multi_lora", "--adapter")
+    if cfg.draft:  # the draft in the model's format, with its tokenizer and chat template
+        engine.require("draft", "--draft")
+        if engine.name != "ov":  # llama.cpp drafts in the bench only (gguf/speculative.py)
+            raise ServeError(f"--draft: the server drafts with OpenVINO IRs only, not {engine.runtime}")
+        draft.check(md.path, load.inspect(cfg.draft, kinds=engine.models, what="draft").path)
     if engine.name == "ov" and settings:  # the OpenVINO factory takes them as --ov-config and flags
         cfg = ov_settings(cfg, settings)
         settings = {}

@@ -31,9 +31,15 @@ def test_traditional_ratio():
 def test_shipped_assets():
     paths = demo_paths()
     sizes = {p.name: p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()}
-    assert max(sizes.values()) < 25 * 10**6 and sum(sizes.values()) <= 20 * 10**6, sizes
-    weights = [p.name for p in ASSETS.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".safetensors")]
-    assert sorted(weights) == ["adapter_model.safetensors", "model.safetensors"]
+    # 20 MB for the poet, 9.1 MB for its draft (assets/demo/draft, the same tokenizer files)
+    assert max(sizes.values()) < 25 * 10**6 and sum(sizes.values()) <= 29.1 * 10**6, sizes
+    weights = [str(p.relative_to(ASSETS)) for p in ASSETS.rglob("*")
+               if p.suffix in (".bin", ".pt", ".pth", ".safetensors")]
+    assert sorted(weights) == ["adapter/adapter_model.safetensors", "base/model.safetensors",
+                               "draft/model.safetensors"]
+    from tangquant.draft import check
+
+    check(paths["base"], paths["draft"])  # the draft poet speaks the poet's tokens and template
     config = json.loads((paths["base"] / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["hidden_size"] % 128 == 0
     adapter = json.loads((paths["adapter"] / "adapter_config.json").read_text())
@@ -104,4 +110,6 @@ def test_demo_end_to_end(tmp_path):
         assert all(v > 1 for v in row["ppl"].values())
     assert (work / "int4-openvino" / "openvino_model.xml").is_file()
     assert (work / "int4-gptq" / "config.json").is_file() and (work / "demo.md").is_file()
+    draft = report["draft"]  # the shipped draft poet as the IR's draft: the same answers, fewer target steps
+    assert draft["identical"] == draft["prompts"] and draft["accepted"] > 0 and draft["tokens_per_step"] > 1
     assert main(["demo", "--workdir", str(work)]) == 2  # kept without --force

@@ -242,7 +242,7 @@ def test_bad_schemas_are_400s_and_never_break_the_batch(server):
     for payload, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                            ({"tool_choice": "auto"}, "tool_choice"),
                            ({"response_format": {"type": "xml"}}, "response_format"),
-                           ({"n": 3}, "n"), ({"logprobs": True}, "logprobs")):
+                           ({"n": 3}, "n"), ({"logprobs": True, "top_logprobs": 2}, "top_logprobs")):
         status, _, body = post_json(server, CHAT, {"messages": PROMPT, **payload})
         assert status == 400 and body["error"]["param"] == param, body
 

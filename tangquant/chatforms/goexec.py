@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 
-from tangquant.chatforms.gotemplate import (Action, Branch, Field, Func, Literal, Loop, Pipe, Struct,
+from tangquant.chatforms.gotemplate import (Action, Branch, Func, Literal, Loop, Pipe, Struct,
                                             TemplateError)
 
 

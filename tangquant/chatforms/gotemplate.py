@@ -16,7 +16,6 @@ Data: a ``dict`` is a Go map (a missing key gives nil, as ollama's ``missingkey=
 from __future__ import annotations
 
 import ast
-import json
 import re
 from dataclasses import dataclass, field
 

@@ -5,15 +5,19 @@ with ``n_seq_max`` sequences, each its own slice of the KV cache), says ``{"read
 reads requests from stdin and writes events to stdout, one JSON object a line:
 
 - in: ``{"op": "start", "id", "prompt": [ids], "max_new", "sampling": {...}, "stop_ids": [...],
-  "ignore_eos", "schema"}`` (``schema``: JSON-schema text the reply must follow),
+  "ignore_eos", "schema", "logprobs"}`` (``schema``: JSON-schema text the reply must follow;
+  ``logprobs``: how many most likely alternatives to give with each token's log-probability, or null),
   ``{"op": "cancel", "id"}``; end of input ends the process;
 - out: ``{"id", "queued": true}`` once its sampler is built (or ``{"id", "refused"}``: a schema
   llama.cpp's grammar cannot hold), ``{"id", "started": true}`` when a sequence takes it, ``{"id", "tokens": [...]}`` after each
-  step, and ``{"id", "done": "stop" | "length" | "cancelled", "error"}`` once.
+  step (with ``"logprobs": [[logprob, [[id, logprob], ...]], ...]`` when asked: the model's own
+  log-softmax, before penalties, temperature and filters, as vLLM reports it), and
+  ``{"id", "done": "stop" | "length" | "cancelled", "error"}`` once.
 
 Each step decodes one batch: the next token of every running sequence, then prompt chunks of new
 ones in what room ``n_batch`` leaves (llama-server's continuous batching, so a long prompt does not
-stall the others' decoding). Sampling is llama.cpp's own sampler chain per sequence.
+stall the others' decoding). Sampling is llama.cpp's own sampler chain per sequence, in the order
+openvino-genai, vLLM and transformers apply the same settings, so a request samples alike on either engine.
 Only the protocol goes to the real stdout: C code that prints writes to stderr instead.
 """
 
@@ -56,11 +60,15 @@ class _Seq:
     fed: int = 0                     # prompt tokens decoded so far
     made: list[int] = field(default_factory=list)
     index: int = -1                  # this step's output row in the batch, -1 when none
+    logprobs: int | None = None      # alternatives to report with each token's log-probability
 
 
-def sampler_chain(s: Session, sampling: dict, grammar: str | None, max_new: int):
-    """llama.cpp's sampler chain for one request (common/sampling.cpp's order), or None when
-    llama.cpp refuses the grammar."""
+def sampler_chain(s: Session, sampling: dict, grammar: str | None, max_new: int, prompt=()):
+    """llama.cpp's sampler chain for one request, or None when llama.cpp refuses the grammar.
+
+    The order is openvino-genai's and vLLM's (penalties, top_k, temperature, min_p, top_p), not
+    llama.cpp's common/sampling.cpp (top_p and min_p before temperature), so that a request's
+    settings mean the same on both of the server's engines."""
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
     if grammar:
         g = L.llama_sampler_init_grammar(s.vocab, grammar.encode(), b"root")
@@ -68,20 +76,18 @@ def sampler_chain(s: Session, sampling: dict, grammar: str | None, max_new: int)
             L.llama_sampler_free(chain)
             return None
         L.llama_sampler_chain_add(chain, g)
-    repeat = float(sampling.get("repetition_penalty") or 1.0)
-    freq, present = float(sampling.get("frequency_penalty") or 0), float(sampling.get("presence_penalty") or 0)
-    if repeat != 1.0 or freq or present:  # over every generated token
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(s.n_vocab, max_new + 1, repeat,
-                                                                         freq, present))
+    _penalties(chain, s, sampling, max_new, prompt)
     temperature = float(sampling.get("temperature") or 0)
     if temperature <= 0:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         return chain
     if sampling.get("top_k"):
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(int(sampling["top_k"])))
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(temperature))
+    if sampling.get("min_p"):
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(float(sampling["min_p"]), 1))
     if sampling.get("top_p") is not None and float(sampling["top_p"]) < 1:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(float(sampling["top_p"]), 1))
-    L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(temperature))
     seed = sampling.get("seed")
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(
         L.LLAMA_DEFAULT_SEED if seed is None else int(seed) % (1 << 32)))
@@ -139,6 +145,34 @@ def _depth(grammar: str) -> int:
     return deepest
 
 
+def _penalties(chain, s: Session, sampling: dict, max_new: int, prompt) -> None:
+    """The repetition penalty over the prompt and the reply (Hugging Face's, genai's and vLLM's
+    rule); presence and frequency penalties over the reply alone (OpenAI's): two of llama.cpp's
+    penalty samplers, since one counts a single window for all three."""
+    repeat = float(sampling.get("repetition_penalty") or 1.0)
+    if repeat != 1.0:
+        rep = L.llama_sampler_init_penalties(s.n_vocab, len(prompt) + max_new + 1, repeat, 0.0, 0.0)
+        for token in prompt:
+            L.llama_sampler_accept(rep, int(token))
+        L.llama_sampler_chain_add(chain, rep)
+    freq, present = float(sampling.get("frequency_penalty") or 0), float(sampling.get("presence_penalty") or 0)
+    if freq or present:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(s.n_vocab, max_new + 1, 1.0, freq,
+                                                                         present))
+
+
+def token_logprobs(logits, token: int, top: int) -> list:
+    """[the log-probability of ``token``, [[id, log-probability] of the ``top`` most likely]]
+    from one row of raw logits (log-softmax in float64)."""
+    row = np.asarray(logits, dtype=np.float64)
+    peak = row.max()
+    lse = peak + np.log(np.exp(row - peak).sum())
+    top = min(top, len(row))
+    best = np.argpartition(-row, top - 1)[:top] if top else np.empty(0, dtype=np.int64)
+    best = best[np.argsort(-row[best], kind="stable")]
+    return [float(row[token] - lse), [[int(i), float(row[i] - lse)] for i in best]]
+
+
 class Loop:
     """The scheduler: waiting requests, sequences in slots, one ``llama_decode`` per step."""
 
@@ -161,13 +195,14 @@ class Loop:
             if why:
                 self.send(id=msg["id"], refused=why)
                 return
-            smpl = sampler_chain(self.s, msg.get("sampling") or {}, grammar, int(msg["max_new"]))
+            smpl = sampler_chain(self.s, msg.get("sampling") or {}, grammar, int(msg["max_new"]), msg["prompt"])
             if smpl is None:
                 self.send(id=msg["id"], refused="llama.cpp cannot compile the grammar of this schema")
                 return
             self.send(id=msg["id"], queued=True)
             self.waiting.append(_Seq(msg["id"], [int(t) for t in msg["prompt"]], int(msg["max_new"]), smpl,
-                                     frozenset(msg.get("stop_ids") or ()), bool(msg.get("ignore_eos"))))
+                                     frozenset(msg.get("stop_ids") or ()), bool(msg.get("ignore_eos")),
+                                     logprobs=None if msg.get("logprobs") is None else int(msg["logprobs"])))
         elif msg.get("op") == "cancel":
             for seq in [q for q in self.waiting if q.id == msg["id"]]:
                 self.waiting.remove(seq)
@@ -223,7 +258,9 @@ class Loop:
             return
         for seq in list(self.running):
             if seq.index >= 0:
-                self._sampled(seq, int(L.llama_sampler_sample(seq.sampler, self.s.ctx, seq.index)))
+                logits = self._logits(seq.index) if seq.logprobs is not None else None
+                token = int(L.llama_sampler_sample(seq.sampler, self.s.ctx, seq.index))
+                self._sampled(seq, token, None if logits is None else token_logprobs(logits, token, seq.logprobs))
 
     def _add(self, b, n: int, seq: _Seq, tokens: list[int], pos: int, logits: bool) -> int:
         for i, t in enumerate(tokens):
@@ -234,9 +271,13 @@ class Loop:
             seq.index = n + len(tokens) - 1
         return n + len(tokens)
 
-    def _sampled(self, seq: _Seq, token: int) -> None:
+    def _logits(self, index: int) -> np.ndarray:
+        """A copy of the batch row's raw logits, taken before the samplers run."""
+        return np.ctypeslib.as_array(L.llama_get_logits_ith(self.s.ctx, index), shape=(self.s.n_vocab,)).copy()
+
+    def _sampled(self, seq: _Seq, token: int, logprobs: list | None = None) -> None:
         seq.made.append(token)
-        self.send(id=seq.id, tokens=[token])
+        self.send(id=seq.id, tokens=[token], **({"logprobs": [logprobs]} if logprobs is not None else {}))
         if not seq.ignore_eos and (self.s.eog(token) or token in seq.stop_ids):
             self.finish(seq, "stop")
         elif len(seq.made) >= seq.max_new:

@@ -63,10 +63,12 @@ class LlamaProcess:
     # -- requests ------------------------------------------------------------------------------
     def submit(self, prompt: list[int], max_new: int, handler: Callable[[dict], None],
                sampling: dict | None = None, stop_ids=(), ignore_eos: bool = False,
-               schema: str | None = None) -> int:
+               schema: str | None = None, logprobs: int | None = None) -> int:
+        """``logprobs``: None, or how many alternatives each ``tokens`` event's log-probabilities
+        carry (the child's ``logprobs`` field)."""
         msg = {"op": "start", "prompt": [int(t) for t in prompt], "max_new": int(max_new),
                "sampling": sampling or {}, "stop_ids": sorted(set(map(int, stop_ids))),
-               "ignore_eos": bool(ignore_eos), "schema": schema}
+               "ignore_eos": bool(ignore_eos), "schema": schema, "logprobs": logprobs}
         with self._cv:
             if self.broken:
                 raise LlamaProcessError(self.broken)

@@ -37,10 +37,16 @@ def sampler_settings(sampling, defaults: dict) -> dict:
     temperature = sampling.temperature
     if temperature is None:
         temperature = float(defaults.get("temperature", 1.0)) if defaults.get("do_sample") else 0.0
-    top_p = sampling.top_p if sampling.top_p is not None else defaults.get("top_p")
-    return {"temperature": temperature, "top_p": top_p, "top_k": defaults.get("top_k"),
-            "seed": sampling.seed, "repetition_penalty": defaults.get("repetition_penalty"),
+    settings = {name: _given(sampling, defaults, name)
+                for name in ("top_p", "top_k", "min_p", "repetition_penalty")}
+    return {"temperature": temperature, **settings, "seed": sampling.seed,
             "presence_penalty": sampling.presence_penalty, "frequency_penalty": sampling.frequency_penalty}
+
+
+def _given(sampling, defaults: dict, name: str):
+    """The request's value, else ``generation_config.json``'s (as openvino-genai reads it)."""
+    value = getattr(sampling, name)
+    return defaults.get(name) if value is None else value
 
 
 class TextStream:
@@ -99,3 +105,39 @@ class TextStream:
             if any(s.startswith(text[-n:]) for s in self.stop):
                 return n
         return 0
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (``bytes_to_unicode``), character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+
+
+def is_byte_level(tokenizer) -> bool:
+    """Whether a Hugging Face fast tokenizer decodes with GPT-2's byte-level alphabet (Qwen's does)."""
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    return "ByteLevel" in json.dumps(decoder)
+
+
+def token_bytes(tokenizer, ids, byte_level: bool = True) -> list[bytes]:
+    """Each token's own bytes through a Hugging Face fast tokenizer (a token may hold part of a
+    UTF-8 character): a byte-level BPE token's characters mapped back to bytes, an added token's
+    text as UTF-8, b"" for an id the tokenizer does not have (a model's padded rows). Without
+    ``byte_level`` (:func:`is_byte_level`), each token's decoded text."""
+    ids = [int(i) for i in ids]
+    if not byte_level:
+        return [tokenizer.decode([i]).encode("utf-8") if 0 <= i < len(tokenizer) else b"" for i in ids]
+    added = tokenizer.added_tokens_decoder
+    out = []
+    for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        if piece is None:
+            out.append(b"")
+        elif i in added or any(ch not in BYTE_LEVEL for ch in piece):
+            out.append(piece.encode("utf-8"))
+        else:
+            out.append(bytes(BYTE_LEVEL[ch] for ch in piece))
+    return out

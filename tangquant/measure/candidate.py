@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from tangquant import deploy, engines, load
+from tangquant import deploy, draft, engines, load
 from tangquant.errors import BenchError, EngineError
 from tangquant.files import existing_dir
 
@@ -81,4 +81,6 @@ def resolve(c: Candidate) -> Resolved:
     adapter = c.engine.adapter_option
     if adapter and c.options.get(adapter):
         existing_dir(c.options[adapter], "adapter")
+    if c.options.get("draft"):  # a draft in the kind's format, with the target's tokenizer
+        draft.check(md.path, load.inspect(c.options["draft"], kinds=c.engine.models, what="draft").path)
     return Resolved(c, Path(md.path), md.config)

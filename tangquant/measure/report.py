@@ -43,7 +43,20 @@ def markdown_table(rows: list[dict], p: int, n: int) -> str:
             f"{_pm(r['tg_tps'], r['tg_tps_std'], 2)} | {r['ttft_ms']:.1f} | {_ratio(r['ratio_pp'])} | "
             f"{_ratio(r['ratio_tg'])} | {human_size(r['peak_rss_bytes'])} | {human_size(r['size_bytes'])} | "
             f"{human_size(r['bytes_per_token'])} | {f'{roof:.1f}' if roof else '–'} | {pct} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _drafted(rows))
+
+
+def _drafted(rows: list[dict]) -> list[str]:
+    """Under the table, for each candidate with a draft: its acceptance and tokens per step."""
+    out = []
+    for r in rows:
+        if r["status"] == "ok" and r.get("draft_acceptance") is not None:
+            same = {True: "; greedy tokens identical to the target alone's",
+                    False: "; greedy tokens DIFFER from the target alone's"}.get(r.get("greedy_identical"), "")
+            out.append(f"- {r['name']} ({r['threads']} threads): draft K={r.get('draft_tokens')}, "
+                       f"{100 * r['draft_acceptance']:.1f}% of {r['drafted']} drafted tokens accepted, "
+                       f"{r['tokens_per_step']:.2f} tokens per target step{same}")
+    return [""] + out if out else []
 
 
 def append_jsonl(path: Path, records: list[dict]) -> None:

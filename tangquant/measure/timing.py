@@ -40,7 +40,20 @@ def summary(runs: list[dict], p: int) -> dict:
            "pp_tps_median": statistics.median(pp), "tg_tps_median": statistics.median(tg)}
     out["ttft_ms"], out["ttft_ms_std"] = ms("ttft_ms")
     out["tpot_ms"], out["tpot_ms_std"] = ms("tpot_ms")
+    if any("drafted" in r for r in runs):
+        out.update(speculation(runs))
     return out
+
+
+def speculation(runs: list[dict]) -> dict:
+    """A drafted candidate's acceptance (accepted / offered draft tokens) and tokens per target
+    step (generated tokens / target forward passes, the prefill included: 1.0 without a draft),
+    summed over ``runs``."""
+    drafted, accepted = (sum(r.get(k, 0) for r in runs) for k in ("drafted", "accepted"))
+    generated, passes = (sum(r.get(k, 0) for r in runs) for k in ("generated", "target_passes"))
+    return {"draft_acceptance": accepted / drafted if drafted else None,
+            "tokens_per_step": generated / passes if passes else None,
+            "drafted": drafted, "accepted": accepted}
 
 
 def repeat(once, spec: dict) -> tuple[list[dict], dict]:

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from tangquant.errors import InputError, short
 
 # Options of the ov kinds that are tangquant's own, not OpenVINO properties (engines.ENGINES).
-OWN_KEYS = ("device", "adapter", "alpha", "lora_mode", "dtype", "cache_size", "enable_prefix_caching")
+OWN_KEYS = ("device", "adapter", "alpha", "lora_mode", "dtype", "cache_size", "enable_prefix_caching",
+            "draft", "draft_tokens")
 # Options only openvino-genai reads (not CPU plugin properties; never written into runtime_options).
-GENAI_KEYS = ("ATTENTION_BACKEND", "cache_size", "enable_prefix_caching")
+GENAI_KEYS = ("ATTENTION_BACKEND", "cache_size", "enable_prefix_caching", "draft", "draft_tokens")
 SCHEDULER_KEYS = ("cache_size", "enable_prefix_caching")
 # The CPU plugin's defaults of these keys are read on the machine (a candidate equal to them is not run).
 DEFAULT_KEYS = ("KV_CACHE_PRECISION", "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION",
@@ -90,11 +91,14 @@ class Axis:
     needs_pa: bool = False     # scheduler settings exist only on the paged-attention backend
 
 
-AXES = ("kv", "dq", "precision", "attention", "threads", "scheduler")
+AXES = ("kv", "dq", "precision", "attention", "threads", "scheduler", "draft")
+DRAFT_TOKENS = (2, 3, 4, 5, 6, 8)  # K tried when tune is given a draft (off, the default, is {})
 
 
-def tune_grid(names: tuple[str, ...], threads: int, flags: set[str], cpus: int) -> list[Axis]:
-    """The documented grid (docs/commands.md#tune), restricted to ``names``."""
+def tune_grid(names: tuple[str, ...], threads: int, flags: set[str], cpus: int,
+              draft: str | None = None) -> list[Axis]:
+    """The documented grid (docs/commands.md#tune), restricted to ``names``; with a ``draft``
+    model, speculative decoding off (the default) or on with each K of ``DRAFT_TOKENS``."""
     precisions = [{"INFERENCE_PRECISION_HINT": "f32"}]
     if flags & {"avx512_bf16", "amx_bf16"}:
         precisions.append({"INFERENCE_PRECISION_HINT": "bf16"})
@@ -109,6 +113,9 @@ def tune_grid(names: tuple[str, ...], threads: int, flags: set[str], cpus: int) 
         "threads": Axis("threads", ({},) + tuple({"INFERENCE_NUM_THREADS": str(t)} for t in near)),
         "scheduler": Axis("scheduler", ({}, {"enable_prefix_caching": "false"}, {"cache_size": "1"}),
                           needs_pa=True),
+        # Speculative decoding runs on the paged-attention pipeline only (openvino-genai 2026.4).
+        "draft": Axis("draft", ({},) + tuple({"draft": str(draft), "draft_tokens": str(k)}
+                                             for k in (DRAFT_TOKENS if draft else ())), needs_pa=True),
     }
     return [axes[n] for n in names if n in axes]  # the names other engines sweep are theirs
 

@@ -10,4 +10,4 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
 def demo_paths(root: Path = ASSETS) -> dict[str, Path]:
     return {"base": root / "base", "adapter": root / "adapter", "card": root / "README.md",
-            "prompts": root / "prompts.json"}
+            "prompts": root / "prompts.json", "draft": root / "draft"}

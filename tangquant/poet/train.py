@@ -86,7 +86,7 @@ def batch_loss(model, ids, weight, amp_dtype):
     return (nll.float() * w).sum(), w.sum()
 
 
-def evaluate(model, sets: dict, amp_dtype, batch_size=256) -> dict:
+def evaluate(model, sets: dict, amp_dtype, batch_size=256, loss=batch_loss) -> dict:
     import torch
 
     model.eval()
@@ -95,7 +95,7 @@ def evaluate(model, sets: dict, amp_dtype, batch_size=256) -> dict:
         for name, split in sets.items():
             total = count = 0.0
             for idx in batches(split, batch_size, None, shuffle=False):
-                s, n = batch_loss(model, *collate(split, idx), amp_dtype)
+                s, n = loss(model, *collate(split, idx), amp_dtype)
                 total, count = total + s.item(), count + n.item()
             out[name] = total / max(count, 1.0)
     model.train()
@@ -121,12 +121,12 @@ class LoRALinear:
         return a, b
 
 
-def _sync(device) -> float:
+def _sync(device, clock=time.time) -> float:
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.time()
+    return clock()
 
 
 class Planner:
@@ -137,13 +137,14 @@ class Planner:
     once 80% of it has run; the final plan is logged and returned, so ``--*-steps`` reproduces it.
     """
 
-    def __init__(self, steps: int, seconds: float, device):
+    def __init__(self, steps: int, seconds: float, device, clock=time.time):
         self.asked = self.steps = steps
-        self.seconds, self.device, self.t0 = seconds, device, time.time()
+        self.clock = clock  # time.process_time caps CPU seconds on a shared machine
+        self.seconds, self.device, self.t0 = seconds, device, clock()
         self.mark, self.eval_seconds, self.evals = (0, self.t0), 0.0, 0
 
     def after_eval(self, step: int, eval_seconds: float, eval_every: int, log) -> None:
-        now = _sync(self.device)
+        now = _sync(self.device, self.clock)
         (start, then), self.mark = self.mark, (step, now)
         self.eval_seconds, self.evals = self.eval_seconds + eval_seconds, self.evals + 1
         if start == 0 or step > 0.8 * self.steps:
@@ -155,32 +156,34 @@ class Planner:
             log(f"{1 / per_step:.1f} steps/s with evaluations: {self.steps} steps planned")
 
 
-def train_phase(model, params, train, evals, key, args, steps, seconds, lr, log):
+def train_phase(model, params, train, evals, key, args, steps, seconds, lr, log, clock=time.time):
     """AdamW, warm-up then cosine over the planned steps; evaluate every ``eval_every`` steps; keep the best."""
     import torch
 
     fused = {"fused": True} if args.device.type == "cuda" else {}
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay, **fused)
-    plan = Planner(steps, seconds, args.device)
+    plan = Planner(steps, seconds, args.device, clock)
     warm = max(1, steps // 50)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, plan.steps) / plan.steps))))
     gen = torch.Generator().manual_seed(args.seed)
     best, best_state, bad, step = float("inf"), None, 0, 0
     history = []
+    # args.loss (the draft poet's distillation) replaces the answer-token NLL, in training and evaluation
+    loss, eval_batch = getattr(args, "loss", None) or batch_loss, getattr(args, "eval_batch_size", 256)
     while step < plan.steps:
         for idx in batches(train, args.batch_size, gen):
-            s, n = batch_loss(model, *collate(train, idx), args.amp)
+            s, n = loss(model, *collate(train, idx), args.amp)
             (s / n).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
             step += 1
-            done = step >= plan.steps or time.time() - plan.t0 > seconds
+            done = step >= plan.steps or clock() - plan.t0 > seconds
             if step % args.eval_every == 0 or done:
-                t_eval = time.time()
-                ev = evaluate(model, evals, args.amp)
+                t_eval = clock()
+                ev = evaluate(model, evals, args.amp, eval_batch, loss)
                 score = ev[key] if isinstance(key, str) else sum(ev[k] for k in key)
-                history.append({"step": step, "seconds": round(time.time() - plan.t0, 1),
+                history.append({"step": step, "seconds": round(clock() - plan.t0, 1),
                                 "train_loss": round((s / n).item(), 4), **{k: round(v, 4) for k, v in ev.items()}})
                 log(json.dumps(history[-1]))
                 if score < best - 1e-4:
@@ -192,11 +195,11 @@ def train_phase(model, params, train, evals, key, args, steps, seconds, lr, log)
                 if bad >= args.patience:
                     log(f"early stop at step {step}: held-out loss rose {bad} times")
                     done = True
-                plan.after_eval(step, time.time() - t_eval, args.eval_every, log)
+                plan.after_eval(step, clock() - t_eval, args.eval_every, log)
             if done:
                 step = plan.steps
                 break
-    return best_state, {"history": history, "planned_steps": plan.steps, "best": round(best, 4)}, time.time() - plan.t0
+    return best_state, {"history": history, "planned_steps": plan.steps, "best": round(best, 4)}, clock() - plan.t0
 
 
 def sample(model, data: Path, device, log) -> None:

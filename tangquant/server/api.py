@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from tangquant.server import structured
+from tangquant.server import logprobs as token_logprobs
+from tangquant.server import structured, tokens
 from tangquant.server.engine import Engine
 from tangquant.server.metrics import CONTENT_TYPE, CountRequests, Metrics
 from tangquant.server.protocol import LOOPBACK_HOSTS, HostGuard
@@ -100,6 +101,14 @@ class Api:
         check_key(request, self.api_key)
         return _json(self.model_card(self._known(request.path_params["model_id"])))
 
+    async def tokens(self, request):
+        """``/tokenize`` and ``/detokenize`` (:mod:`tangquant.server.tokens`)."""
+        check_key(request, self.api_key)
+        body = await read_body(request)
+        if (model := tokens.model_of(body)) is not None:
+            self._known(model)
+        return _json(await tokens.ROUTES[request.url.path](self.engine, body))
+
     async def prometheus(self, request):
         if not self.metrics_public:
             check_key(request, self.api_key)
@@ -116,6 +125,7 @@ class Api:
         body = await read_body(request)
         parse = chat_request if chat else completion_request
         req = parse(body, self.engine.max_tokens_limit)
+        self.engine.check_logprobs(req.logprobs, "top_logprobs" if chat else "logprobs")
         structured.refuse_tools(body)
         schema = structured.response_format(body)
         model = self._known(req.model) if req.model is not None else self.engine.name
@@ -126,7 +136,7 @@ class Api:
             n_prompt, max_new = await asyncio.to_thread(self.engine.plan, prompt, req.sampling)
             gen, future = await self.engine.start(prompt, req.sampling, max_new, deadline,
                                                   model=model, json_schema=schema,
-                                                  n_prompt=n_prompt)
+                                                  n_prompt=n_prompt, logprobs=req.logprobs)
         except BaseException:
             self.engine.release()
             raise
@@ -135,12 +145,17 @@ class Api:
         if req.stream:
 
             # The background task runs after the response ends, also after a disconnect.
-            return StreamingResponse(self._stream(req, chat, meta, gen, future),
+            return StreamingResponse(self._stream(req, chat, meta, gen, future,
+                                                  self._logprobs(req, chat)),
                                      media_type="text/event-stream", headers=SSE_HEADERS,
                                      background=BackgroundTask(gen.cancel.set))
-        return await self._whole(request, chat, meta, gen, future)
+        return await self._whole(request, chat, meta, gen, future, self._logprobs(req, chat))
 
-    async def _whole(self, request, chat: bool, meta: dict, gen, future):
+    def _logprobs(self, req: Request, chat: bool):
+        return (None if req.logprobs is None
+                else token_logprobs.formatter(chat, self.engine.token_bytes))
+
+    async def _whole(self, request, chat: bool, meta: dict, gen, future, logprobs=None):
         disconnected = asyncio.ensure_future(_wait_disconnect(request))
         try:
             timeout = max(0.0, gen.deadline - time.monotonic()) + 1.0
@@ -160,29 +175,32 @@ class Api:
                            type_="timeout_error")
         if result.error:
             raise ApiError(503, result.error, code="generation_failed", type_="server_error")
+        lp = await token_logprobs.Unsent(logprobs, gen.logprobs).take()
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text,
                                                "refusal": None},
-                      "logprobs": None, "finish_reason": result.finish_reason}
+                      "logprobs": lp, "finish_reason": result.finish_reason}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": result.text, "logprobs": None,
+            choice = {"index": 0, "text": result.text, "logprobs": lp,
                       "finish_reason": result.finish_reason}
             obj = "text_completion"
         return _json({**meta, "object": obj, "system_fingerprint": None, "choices": [choice],
                       "usage": _usage(result), "timings": _timings(result)})
 
-    async def _stream(self, req: Request, chat: bool, meta: dict, gen, future):
+    async def _stream(self, req: Request, chat: bool, meta: dict, gen, future, logprobs=None):
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if req.include_usage else {}
+        unsent = token_logprobs.Unsent(logprobs, gen.logprobs)
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> bytes:
+        def chunk(text: str | None, finish: str | None, first: bool = False,
+                  lp: dict | None = None) -> bytes:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else (
                     {"content": text} if text is not None else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None,
+                choice = {"index": 0, "text": text or "", "logprobs": lp,
                           "finish_reason": finish}
             return _sse({**meta, "object": obj, "system_fingerprint": None, "choices": [choice],
                          **extra})
@@ -193,8 +211,11 @@ class Api:
             async with asyncio.timeout(max(0.0, gen.deadline - time.monotonic()) + 1.0):
                 async for text in gen.texts():
                     if text:
-                        yield chunk(text, None)
+                        # this text's tokens (and those of a character still incomplete)
+                        yield chunk(text, None, lp=await unsent.take())
                 result = await future
+                if (lp := await unsent.take()) is not None:  # tokens that made no text (the end)
+                    yield chunk("", None, lp=lp)
             if gen.timed_out:
                 raise TimeoutError
             if result.error:
@@ -233,8 +254,8 @@ def _page(name: str) -> bytes:
 
 def create_app(engine: Engine, api_key: str | None = None, loopback_only: bool = True,
                metrics_public: bool = False, replica: str | None = None):
-    """The ASGI app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``,
-    ``/metrics``, ``/``.
+    """The ASGI app: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
+    ``/tokenize``, ``/detokenize``, ``/health``, ``/metrics``, ``/``.
 
     ``loopback_only`` refuses requests whose Host header is not a loopback name; ``replica``
     names this copy of the server in ``/health`` (Ray Serve runs several).
@@ -284,6 +305,8 @@ def create_app(engine: Engine, api_key: str | None = None, loopback_only: bool =
     app.add_route("/v1/models/{model_id:path}", api.model, methods=["GET"])
     app.add_route("/v1/chat/completions", api.chat, methods=["POST"])
     app.add_route("/v1/completions", api.completions, methods=["POST"])
+    for path in tokens.ROUTES:
+        app.add_route(path, api.tokens, methods=["POST"])
     app.add_route("/metrics", api.prometheus, methods=["GET"])
     if loopback_only:
         app.add_middleware(HostGuard, hosts=LOOPBACK_HOSTS)

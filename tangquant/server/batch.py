@@ -7,6 +7,11 @@ them incrementally per request and hands the text to the event loop. A request w
 or whose deadline passed is cancelled (``GenerationHandle.cancel()``); the
 pipeline drops it at the next step and frees its KV blocks.
 
+Speculative decoding (``--draft DIR``): the draft IR goes to the pipeline as openvino-genai's
+``draft_model`` (compiled with the model's plugin properties), and every request asks for
+``--draft-tokens`` per step (``num_assistant_tokens``); a step then gives a request up to K + 1
+tokens.
+
 LoRA adapters: openvino-genai 2026.4 applies an adapter to the whole pipeline
 (``step()`` ignores a request's ``GenerationConfig.adapters``; only ``generate()``
 sets them, and only on an idle pipeline). So the requests in the pipeline at any
@@ -31,6 +36,7 @@ import numpy as np
 import openvino as ov
 import openvino_genai
 
+from tangquant.draft import DEFAULT_TOKENS, GREEDY_ONLY
 from tangquant.errors import NumericalError
 from tangquant.generate import PROBE, Sampling
 from tangquant.load import model_config
@@ -92,6 +98,8 @@ class _Request:
     finish: str = "stop"
     handle: object = None
     streamer: object = None
+    logprobs: bool = False
+    gaps: list = field(default_factory=list)
 
 
 class BatchEngine(Engine):
@@ -103,6 +111,11 @@ class BatchEngine(Engine):
         for aname, (adapter, alpha) in adapters.items():
             self._adapter_configs[aname] = openvino_genai.AdapterConfig(adapter, alpha)
         self._properties = dict(properties)
+        self._draft_tokens = None
+        if cfg.draft:
+            self._properties["draft_model"] = openvino_genai.draft_model(
+                str(cfg.draft), cfg.device, **dict(properties))
+            self._draft_tokens = cfg.draft_tokens or DEFAULT_TOKENS
         if adapters:
             self._properties["adapters"] = openvino_genai.AdapterConfig(
                 [a for a, _ in adapters.values()])
@@ -135,6 +148,8 @@ class BatchEngine(Engine):
         config = self._pipe.get_config()
         config.max_new_tokens, config.do_sample, config.logprobs = 1, False, 1
         config.apply_chat_template = False
+        if self._draft_tokens:  # a pipeline with a draft model asks for its tokens per step
+            config.num_assistant_tokens = self._draft_tokens
         try:
             (result,) = self._pipe.generate([PROBE], [config])
             finite = all(math.isfinite(s) for s in result.m_scores)
@@ -162,9 +177,16 @@ class BatchEngine(Engine):
                 "scheduled": int(m.scheduled_requests)}
 
     async def start(self, prompt: str, sampling: Sampling, max_new: int, deadline: float,
-                    model: str | None = None, json_schema: str | None = None, n_prompt: int = 0):
+                    model: str | None = None, json_schema: str | None = None, n_prompt: int = 0,
+                    logprobs: int | None = None):
         loop = asyncio.get_running_loop()
-        config = self.generation_config(self._pipe.get_config(), sampling, max_new, json_schema)
+        config = self.generation_config(self._pipe.get_config(), sampling, max_new, json_schema,
+                                        logprobs)
+        if self._draft_tokens:
+            if config.is_multinomial():
+                raise ApiError(400, f"this server decodes with a draft model: {GREEDY_ONLY}; send "
+                               "\"temperature\": 0", param="temperature", code="invalid_value")
+            config.num_assistant_tokens = self._draft_tokens
         try:
             config.validate()
         except RuntimeError as exc:
@@ -177,7 +199,8 @@ class BatchEngine(Engine):
         adapter = None if model in (None, self.name) else model
         gen = Generation(loop, deadline)
         req = _Request(gen, prompt, config, adapter, loop.create_future(), loop,
-                       admitted=deadline - self.timeout, n_prompt=n_prompt)
+                       admitted=deadline - self.timeout, n_prompt=n_prompt,
+                       logprobs=logprobs is not None)
         with self._cv:
             self._waiting.append(req)
             self._cv.notify()
@@ -270,6 +293,11 @@ class BatchEngine(Engine):
                 for out in handle.read().values():
                     ids = list(out.generated_ids)
                     if ids:
+                        if req.last:
+                            req.gaps.append(now - req.last)
+                        if req.logprobs:
+                            req.gen.add_logprobs([(t, lp, ()) for t, lp in
+                                                  zip(ids, out.generated_log_probs)])
                         req.first = req.first or now
                         req.last = now
                         req.tokens += ids
@@ -310,7 +338,8 @@ class BatchEngine(Engine):
             prompt_tokens=req.n_prompt, completion_tokens=n, finish_reason=reason,
             queue_s=started - req.admitted, ttft_s=(req.first - started) if n else 0.0,
             tpot_s=(req.last - req.first) / (n - 1) if n > 1 else 0.0,
-            duration_s=time.monotonic() - started, model=req.adapter or self.name, error=error)
+            duration_s=time.monotonic() - started, model=req.adapter or self.name, error=error,
+            gaps=tuple(req.gaps))
         try:
             req.loop.call_soon_threadsafe(self._resolve, req, result)
         except RuntimeError:  # the event loop is already closed: nobody waits for it

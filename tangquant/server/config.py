@@ -60,6 +60,10 @@ class ServeConfig:
     ray_public_head: bool = param(False, "with --ray and no RAY_ADDRESS: let the local Ray instance "
                                   "listen on this node's network address (for other nodes to join) "
                                   "instead of loopback only; it still requires Ray's token")
+    draft: str | None = param(None, "a draft model for speculative decoding: an exported IR with the "
+                              "model's tokenizer and chat template (checked)", metavar="DIR")
+    draft_tokens: int | None = param(None, "tokens the --draft model proposes per step (default 4)",
+                                     metavar="K")
 
     def __post_init__(self):
         for name, low in (("max_num_seqs", 1), ("queue_size", 0), ("max_tokens_limit", 1),
@@ -76,6 +80,13 @@ class ServeConfig:
         require(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}")
         require(self.replicas == 1 or self.ray, "--replicas needs --ray")
         require(self.ray or not self.ray_public_head, "--ray-public-head needs --ray")
+        require(self.draft_tokens is None or (not isinstance(self.draft_tokens, bool)
+                                              and self.draft_tokens >= 1),
+                f"--draft-tokens must be an integer >= 1, got {self.draft_tokens}")
+        require(self.draft_tokens is None or self.draft, "--draft-tokens needs --draft DIR")
+        require(not (self.draft and self.engine == "pipelines"), "--draft needs --engine batch")
+        # openvino-genai applies an adapter to the whole pipeline; a draft would not see it.
+        require(not (self.draft and self.adapter), "--draft cannot be combined with --adapter")
         require(not (self.adapter and self.engine == "pipelines"),
                 "--adapter needs --engine batch")
         # Cached KV blocks of one adapter are wrong for another (LoRA changes k and v).

@@ -22,7 +22,7 @@ from pathlib import Path
 import openvino_genai
 
 from tangquant.files import human_size, read_manifest
-from tangquant.generate import Sampling, genai_config
+from tangquant.generate import MAX_TOP_K, Sampling, genai_config
 from tangquant.server.config import ServeConfig
 from tangquant.server.schema import ApiError
 from tangquant.server.sizing import kv_shape
@@ -45,6 +45,7 @@ class Result:
     duration_s: float
     model: str = ""
     error: str | None = None    # the engine could not finish it (e.g. out of KV cache)
+    gaps: tuple = ()            # seconds between successive steps that gave it tokens
 
 
 def _quantization(manifest: dict) -> str | None:
@@ -66,10 +67,17 @@ class Generation:
         self.deadline = deadline
         self.timed_out = False
         self._loop = loop
+        # (token id, log-probability, ((id, log-probability), ...) alternatives) per token, when
+        # the request asked; on the event loop, so entries come before the text pushed after them.
+        self.logprobs: list[tuple] = []
 
     def push(self, text: str | None) -> None:
         """Hand a chunk (or the end, ``None``) to the event loop; callable from any thread."""
         self._loop.call_soon_threadsafe(self.chunks.put_nowait, text)
+
+    def add_logprobs(self, entries: list[tuple]) -> None:
+        """Hand tokens' log-probabilities to the event loop; callable from any thread."""
+        self._loop.call_soon_threadsafe(self.logprobs.extend, entries)
 
     def should_stop(self) -> bool:
         if time.monotonic() > self.deadline:
@@ -82,7 +90,13 @@ class Generation:
 
 
 class Engine:
-    """The shared half of an engine; subclasses load the model and implement ``start``."""
+    """The shared half of an engine; subclasses load the model and implement ``start``.
+
+    ``max_top_logprobs``: the most alternatives the engine gives with a token's log-probability
+    (openvino-genai 2026.4 gives the chosen token's alone: 0), None when it gives none.
+    """
+
+    max_top_logprobs: int | None = 0
 
     def __init__(self, model_dir: Path, name: str, cfg: ServeConfig, properties: dict):
         self.model_dir, self.name, self.cfg = model_dir, name, cfg
@@ -91,6 +105,7 @@ class Engine:
         self.max_tokens_limit, self.timeout = cfg.max_tokens_limit, cfg.timeout
         # A tokenizer of its own: prompts are templated and counted off the generating thread.
         self.tokenizer, self.context_length = self._open_tokenizer(model_dir)
+        self._vocab_bytes: dict[int, bytes] | None = None
         self.adapter_names: tuple[str, ...] = ()
         self.defaults = None          # the model's GenerationConfig, set by the subclass
         self.admitted = 0
@@ -121,7 +136,9 @@ class Engine:
             "quantization": _quantization(manifest),
             "defaults": {"temperature": d.temperature if d.do_sample else 0.0,
                          "top_p": d.top_p, "max_tokens": min(d.max_new_tokens,
-                                                             self.max_tokens_limit)},
+                                                             self.max_tokens_limit),
+                         "top_k": d.top_k if 0 < d.top_k <= MAX_TOP_K else 0,
+                         "min_p": d.min_p, "repetition_penalty": d.repetition_penalty},
         }
 
     def running(self) -> int:
@@ -175,11 +192,50 @@ class Engine:
         self.release()
 
     # -- prompts -------------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
     def count_tokens(self, text: str) -> int:
         return int(self.tokenizer.encode(text).input_ids.get_shape()[1])
+
+    # -- tokens (/tokenize, /detokenize, logprobs) ----------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).input_ids
+        return [int(i) for i in ids.data[0]]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _vocabulary(self) -> dict[int, bytes]:
+        """id -> the token's bytes, read once (openvino-tokenizers' vocabulary maps bytes to ids)."""
+        if self._vocab_bytes is None:
+            self._vocab_bytes = {i: b for b, i in self.tokenizer.get_vocab().items()}
+        return self._vocab_bytes
+
+    def token_bytes(self, ids) -> list[bytes]:
+        """Each token's own bytes (a token may hold part of a UTF-8 character); b"" for an id
+        beyond the tokenizer's vocabulary (a model's padded rows)."""
+        vocab = self._vocabulary()
+        return [vocab.get(int(i), b"") for i in ids]
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids /detokenize takes: 0 .. vocab_size - 1."""
+        return len(self._vocabulary())
+
+    def check_logprobs(self, top: int | None, param: str) -> None:
+        """A 400 naming ``param`` for log-probabilities this engine cannot give."""
+        if top is None:
+            return
+        if self.max_top_logprobs is None:
+            raise ApiError(400, f"this server's engine ({self.cfg.engine}) gives no log-probabilities",
+                           "logprobs", "unsupported_value")
+        if top > self.max_top_logprobs:
+            raise ApiError(400, f"'{param}' must be at most {self.max_top_logprobs} on this server: "
+                           f"its engine gives {self._logprobs_what()}", param, "unsupported_value")
+
+    def _logprobs_what(self) -> str:
+        return "the chosen token's log-probability alone (openvino-genai 2026.4)"
 
     def plan(self, prompt: str, sampling: Sampling) -> tuple[int, int]:
         """Return (prompt tokens, max new tokens), refusing what does not fit the context."""
@@ -196,9 +252,11 @@ class Engine:
         return n_prompt, max_new
 
     def generation_config(self, base, sampling: Sampling, max_new: int,
-                          json_schema: str | None = None):
+                          json_schema: str | None = None, logprobs: int | None = None):
         cfg = genai_config(base, sampling, max_new)  # ``base`` is a copy of the defaults
         cfg.apply_chat_template = False  # the prompt is already templated
+        if logprobs is not None:
+            cfg.logprobs = 1  # genai 2026.4 returns the chosen token's alone, whatever the number
         if json_schema is not None:
             cfg.structured_output_config = openvino_genai.StructuredOutputConfig(
                 json_schema=json_schema)
@@ -206,9 +264,12 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------------------
     async def start(self, prompt: str, sampling: Sampling, max_new: int, deadline: float,
-                    model: str | None = None, json_schema: str | None = None, n_prompt: int = 0):
+                    model: str | None = None, json_schema: str | None = None, n_prompt: int = 0,
+                    logprobs: int | None = None):
         """Start generating; return the :class:`Generation` and an asyncio future of its
-        :class:`Result`. The place taken by :meth:`admit` is released when it ends."""
+        :class:`Result`. The place taken by :meth:`admit` is released when it ends.
+        ``logprobs`` (None: none) is how many alternatives come with each token's log-probability
+        in ``Generation.logprobs`` (:meth:`check_logprobs` has allowed it)."""
         raise NotImplementedError
 
     def close(self) -> None:

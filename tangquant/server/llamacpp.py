@@ -31,7 +31,7 @@ from tangquant.gguf.process import LlamaProcess, LlamaProcessError
 from tangquant.gguf.reader import require_finite
 from tangquant.server.config import ServeConfig
 from tangquant.server.engine import Engine, Generation, Result
-from tangquant.server.schema import ApiError
+from tangquant.server.schema import MAX_TOP_LOGPROBS, ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class _Request:
     cancelled: bool = False
     schema: bool = False
     queued: asyncio.Future | None = None   # None when the child built its sampler, else why not
+    gaps: list = dataclasses.field(default_factory=list)
 
 
 def _settle(future: asyncio.Future, value) -> None:
@@ -83,6 +84,8 @@ def open_engine(model_path, cfg: ServeConfig, name: str, options: dict | None = 
 
 
 class LlamaEngine(Engine):
+    max_top_logprobs = MAX_TOP_LOGPROBS  # the child has each step's logits
+
     def __init__(self, md: load.ModelDir, name: str, cfg: ServeConfig, options: dict,
                  threads: int | None):
         self.md = md
@@ -93,7 +96,9 @@ class LlamaEngine(Engine):
         self.defaults = SimpleNamespace(do_sample=bool(defaults.get("do_sample")),
                                         temperature=defaults.get("temperature", 1.0),
                                         top_p=defaults.get("top_p", 1.0),
-                                        max_new_tokens=defaults.get("max_new_tokens"))
+                                        max_new_tokens=defaults.get("max_new_tokens"),
+                                        top_k=defaults.get("top_k") or 0, min_p=defaults.get("min_p", 0.0),
+                                        repetition_penalty=defaults.get("repetition_penalty", 1.0))
         n_ctx = llama_options.context_for(md.config, md.path, cfg.max_num_seqs, options, cfg.cache_size)
         self.proc = LlamaProcess(md.path, threads or host.physical_cores(), options, n_ctx=n_ctx,
                                  n_seqs=cfg.max_num_seqs,
@@ -120,6 +125,7 @@ class LlamaEngine(Engine):
         tokenizer = load.tokenizer(self.md)
         if not tokenizer.chat_template:
             raise ServeError(f"the tokenizer of {self.md.path} has no chat template")
+        self._byte_level = llama_text.is_byte_level(tokenizer)
         return tokenizer, load.context_length(self.md.config)
 
     # -- what the API shows ------------------------------------------------------------------------
@@ -145,9 +151,10 @@ class LlamaEngine(Engine):
     # -- prompts -----------------------------------------------------------------------------------
     # One tokenizer for the handlers' threads and the reader's: Hugging Face's fast tokenizer may
     # change its truncation settings inside a call, which another thread's call must not meet.
-    def chat_prompt(self, messages: list[dict]) -> str:
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         with self._tok_lock:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
 
     def _encode(self, text: str) -> list[int]:
         with self._tok_lock:
@@ -160,9 +167,27 @@ class LlamaEngine(Engine):
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+    # -- tokens (/tokenize, /detokenize, logprobs): the same tokenizer --------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        with self._tok_lock:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def detokenize(self, ids: list[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_bytes(self, ids) -> list[bytes]:
+        # Lookups and decoding only: nothing that changes the tokenizer's settings, so no lock.
+        return llama_text.token_bytes(self.tokenizer, ids, self._byte_level)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
     # -- generation --------------------------------------------------------------------------------
     async def start(self, prompt: str, sampling: Sampling, max_new: int, deadline: float,
-                    model: str | None = None, json_schema: str | None = None, n_prompt: int = 0):
+                    model: str | None = None, json_schema: str | None = None, n_prompt: int = 0,
+                    logprobs: int | None = None):
         if json_schema is not None and sampling.ignore_eos:  # a finished grammar allows only EOS
             raise ApiError(400, "ignore_eos cannot be combined with response_format on the llamacpp "
                            "engine", "ignore_eos", "unsupported_value")
@@ -178,7 +203,7 @@ class LlamaEngine(Engine):
             try:
                 req.rid = self.proc.submit(ids, max_new, functools.partial(self._event, req),
                                            llama_text.sampler_settings(sampling, self.sampling_defaults),
-                                           self.eos, sampling.ignore_eos, json_schema)
+                                           self.eos, sampling.ignore_eos, json_schema, logprobs)
             except LlamaProcessError as exc:  # it died and could not load the model again
                 raise ApiError(503, str(exc), code="generation_failed", type_="server_error") from None
             self._requests[req.rid] = req
@@ -207,6 +232,11 @@ class LlamaEngine(Engine):
             return
         ids = msg.get("tokens") or []
         if ids and not req.text.stopped:
+            if req.last:
+                req.gaps.append(now - req.last)
+            if "logprobs" in msg:
+                req.gen.add_logprobs([(t, lp, tuple(map(tuple, top)))
+                                      for t, (lp, top) in zip(ids, msg["logprobs"])])
             req.first, req.last, req.tokens = req.first or now, now, req.tokens + len(ids)
             if piece := req.text.write(ids):
                 req.gen.push(piece)
@@ -227,7 +257,8 @@ class LlamaEngine(Engine):
                         finish_reason=reason, queue_s=started - req.admitted,
                         ttft_s=req.first - started if n else 0.0,
                         tpot_s=(req.last - req.first) / (n - 1) if n > 1 else 0.0,
-                        duration_s=now - started, model=self.name, error=msg.get("error"))
+                        duration_s=now - started, model=self.name, error=msg.get("error"),
+                        gaps=tuple(req.gaps))
         try:
             req.loop.call_soon_threadsafe(self._resolve, req, result)
         except RuntimeError:  # the event loop is closed: nobody waits for it

@@ -5,7 +5,8 @@ generated tokens, and TTFT / time-per-output-token / queue-wait histograms (per
 model name, base or adapter). Read from the engine at each scrape: queue depth,
 running sequences, KV cache use, and the refused, cancelled, timed-out and
 failed counts. Metric names follow vLLM's and llama.cpp's where one exists,
-under the ``tangquant_`` prefix.
+under the ``tangquant_`` prefix; :mod:`.metric_aliases` adds the same figures under vLLM's
+and llama-server's own names.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from tangquant.server.metric_aliases import PeerMetrics
+
 # Routes are labelled by their template; anything else is "other" (no label per bad URL).
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/",
+          "/tokenize", "/detokenize")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -73,6 +77,7 @@ class Metrics:
                                ("model",), buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(engine))
         engine.observers.append(self.observe)
+        engine.observers.append(PeerMetrics(self.registry, engine).observe)
 
     def observe(self, result, timed_out: bool) -> None:
         model = result.model

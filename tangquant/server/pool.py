@@ -22,6 +22,8 @@ from tangquant.server.schema import ApiError
 
 
 class PoolEngine(Engine):
+    max_top_logprobs = None  # LLMPipeline.generate gives a sequence's summed score, not tokens'
+
     def __init__(self, model_dir, name, cfg, properties: dict | None = None):
         super().__init__(model_dir, name, cfg, properties or {})
         self._pipes = [load.genai_pipeline(model_dir, cfg.device, **(properties or {}))
@@ -37,7 +39,8 @@ class PoolEngine(Engine):
         return self._running
 
     async def start(self, prompt: str, sampling: Sampling, max_new: int, deadline: float,
-                    model: str | None = None, json_schema: str | None = None, n_prompt: int = 0):
+                    model: str | None = None, json_schema: str | None = None, n_prompt: int = 0,
+                    logprobs: int | None = None):
         loop = asyncio.get_running_loop()
         if self._free is None:
             self._free = asyncio.Queue()

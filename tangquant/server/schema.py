@@ -23,6 +23,7 @@ from tangquant.recipe import INT_RANGES
 
 MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = 30.0
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -48,6 +49,7 @@ class Request:
     sampling: Sampling
     messages: list[dict] | None = None   # chat
     prompt: str | None = None            # completions
+    logprobs: int | None = None          # None: none asked; else how many alternatives per token
 
 
 def parse_body(raw: bytes) -> dict:
@@ -173,11 +175,15 @@ def _sampling(body: dict, max_tokens_limit: int, names=("max_tokens",)) -> Sampl
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ApiError(400, "'ignore_eos' must be a boolean", "ignore_eos", "invalid_type")
+    top_k = _integer(body, "top_k")
     try:
         return Sampling(max_new_tokens=max_tokens, temperature=_number(body, "temperature"),
                         top_p=_number(body, "top_p"), stop=tuple(stop), seed=_integer(body, "seed"),
                         presence_penalty=_number(body, "presence_penalty"),
-                        frequency_penalty=_number(body, "frequency_penalty"), ignore_eos=ignore_eos)
+                        frequency_penalty=_number(body, "frequency_penalty"), ignore_eos=ignore_eos,
+                        top_k=0 if top_k == -1 else top_k,  # vLLM's -1: no limit
+                        min_p=_number(body, "min_p"),
+                        repetition_penalty=_number(body, "repetition_penalty"))
     except SamplingError as exc:  # the same ranges as chat's flags, as OpenAI's 400
         raise ApiError(400, f"'{exc.param}' {str(exc).split(' ', 1)[1]}", exc.param,
                        "invalid_value") from None
@@ -202,8 +208,6 @@ def _common(body: dict) -> tuple[str | None, bool, bool]:
     n = _integer(body, "n")
     if n not in (None, 1):
         raise ApiError(400, "only n=1 is supported", "n", "unsupported_value")
-    if body.get("logprobs") not in (None, False, 0):
-        raise ApiError(400, "logprobs are not supported", "logprobs", "unsupported_value")
     return model, stream, include_usage
 
 
@@ -240,7 +244,8 @@ def chat_request(body: dict, max_tokens_limit: int) -> Request:
         clean.append({"role": ROLES[role], "content": _content(msg.get("content"),
                                                                f"{where}.content")})
     sampling = _sampling(body, max_tokens_limit, ("max_tokens", "max_completion_tokens"))
-    return Request(model, stream, include_usage, sampling, messages=clean)
+    return Request(model, stream, include_usage, sampling, messages=clean,
+                   logprobs=chat_logprobs(body))
 
 
 def completion_request(body: dict, max_tokens_limit: int) -> Request:
@@ -257,4 +262,24 @@ def completion_request(body: dict, max_tokens_limit: int) -> Request:
     if body.get("echo"):
         raise ApiError(400, "echo is not supported", "echo", "unsupported_value")
     return Request(model, stream, include_usage, _sampling(body, max_tokens_limit),
-                   prompt=prompt)
+                   prompt=prompt, logprobs=_top_count(body, "logprobs"))
+
+
+def _top_count(body: dict, name: str) -> int | None:
+    value = _integer(body, name)
+    if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'{name}' must be between 0 and {MAX_TOP_LOGPROBS}, got {value}", name,
+                       "invalid_value")
+    return value
+
+
+def chat_logprobs(body: dict) -> int | None:
+    """OpenAI's chat fields: ``logprobs`` (a boolean) and ``top_logprobs`` (0..20, only with
+    ``logprobs``); None when none are asked, else how many alternatives per token."""
+    asked = body.get("logprobs")
+    if asked is not None and not isinstance(asked, bool):
+        raise ApiError(400, "'logprobs' must be a boolean", "logprobs", "invalid_type")
+    top = _top_count(body, "top_logprobs")
+    if top is not None and not asked:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+    return (top or 0) if asked else None

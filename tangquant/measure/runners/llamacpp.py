@@ -72,6 +72,9 @@ def amx_plan(spec: dict, repack: bool, info: str) -> tuple[bool, dict]:
 
 
 def run(spec: dict) -> dict:
+    if (spec.get("options") or {}).get("draft"):  # speculative decoding: its own module
+        from tangquant.measure.runners import llamacpp_draft
+        return llamacpp_draft.run(spec)
     options, p, n = dict(spec.get("options") or {}), spec["prompt_tokens"], spec["gen_tokens"]
     require_finite(spec["path"])  # a NaN weight can give finite logits here (see the reader)
     info = system_info()
