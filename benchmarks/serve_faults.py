@@ -9,9 +9,17 @@ again, ``/health`` answers 200, a normal request succeeds, and the RSS is
 compared with its level before the storm.
 
 ``tests/test_serve_faults.py`` runs it on the tiny model; ``serve_load.py --faults``
-on the 0.5B shape (``storm_server``). Usage::
+on the 0.5B shape (``storm_server``).
+
+The mixed storm (``mixed_storm_server``, issue 30): good streams spread over the base and
+every ``--adapter``, half of them with a ``response_format`` schema, beside clients that send
+schemas the engine cannot compile and clients that hang up mid-stream. Every good stream must
+end complete (200, a finish reason, ``[DONE]``, no error event), every bad schema get its 400,
+the pipeline never be rebuilt, and the RSS come back to where it stood before the storm (after
+one small round of the same mix: KV cache, grammar compiler and adapters warmed). Usage::
 
     python benchmarks/serve_faults.py --ir DIR
+    python benchmarks/serve_faults.py --ir DIR --mixed --adapter a=DIR --adapter b=DIR
 """
 
 from __future__ import annotations
@@ -186,12 +194,149 @@ def storm_server(ir: Path, serve_args: tuple = (), stream_tokens: int = 200, **k
         proc.wait(timeout=60)
 
 
+# Schemas each engine refuses with a 400 before the request is queued (issue 30's probe cases).
+BAD_SCHEMAS = [False, {"type": "integer", "minimum": -10**20, "maximum": 10**20},
+               {"type": "integer", "minimum": 1.5}, {"type": "object", "properties": {"a": False},
+                                                     "required": ["a"]},
+               {"type": "string", "pattern": "(?=a)a"}]
+BAD_RAW = [b'{"type": "number", "minimum": NaN}', b'{"type": "integer", "maximum": Infinity}']
+GOOD_SCHEMA = {"type": "object", "properties": {"line": {"type": "string", "maxLength": 12}},
+               "required": ["line"]}
+
+
+def _chat(model: str | None, tokens: int, schema=None, stream: bool = True) -> dict:
+    body = {"messages": [{"role": "user", "content": "寫一首詩"}], "max_tokens": tokens,
+            "stream": stream, "temperature": 0}
+    if model is not None:
+        body["model"] = model
+    if schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    return body
+
+
+def _good(port: int, out: list, body: dict) -> None:
+    """A stream read to its end: ok when 200, a finish reason, [DONE] and no error event."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("POST", CHAT, json.dumps(body).encode(), HEADERS)
+    resp = conn.getresponse()
+    data = resp.read().decode("utf-8", "replace")
+    conn.close()
+    events = [json.loads(e[6:]) for e in data.split("\n\n") if e.startswith("data: {")]
+    finished = any(c.get("finish_reason") for e in events for c in e.get("choices", []))
+    errors = [e["error"]["message"] for e in events if "error" in e]
+    out.append("ok" if resp.status == 200 and finished and data.rstrip().endswith("data: [DONE]")
+               and not errors else f"{resp.status} {errors[:1] or data[-200:]}")
+
+
+def _bad_schema(port: int, out: list, i: int) -> None:
+    """A schema no engine compiles; NaN and Infinity sent as the bytes a client would send."""
+    if i % 2:
+        raw = BAD_RAW[i // 2 % len(BAD_RAW)].decode()
+        body = json.dumps(_chat(None, 8, "SCHEMA")).replace('"SCHEMA"', raw).encode()
+    else:
+        body = json.dumps(_chat(None, 8, BAD_SCHEMAS[i // 2 % len(BAD_SCHEMAS)])).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("POST", CHAT, body, HEADERS)
+    resp = conn.getresponse()
+    reply = json.loads(resp.read() or b"null")
+    conn.close()
+    out.append(resp.status if resp.status != 400 or reply["error"]["param"] == "response_format"
+               else f"400 on {reply['error']['param']}")
+
+
+def mixed_storm(port: int, rss, models: list[str], good: int = 24, bad: int = 12, hangups: int = 12,
+                tokens: int = 64) -> dict:
+    """The mixed storm against ``port``, after one small round of the same mix; see the module."""
+    def round_(n_good: int, n_bad: int, n_hang: int, health: list) -> dict:
+        results = {"good": [], "bad": [], "hangup": []}
+        threads = [threading.Thread(target=_good, args=(port, results["good"], _chat(
+            models[i % len(models)], tokens, GOOD_SCHEMA if i % 2 else None))) for i in range(n_good)]
+        threads += [threading.Thread(target=_bad_schema, args=(port, results["bad"], i)) for i in range(n_bad)]
+        threads += [threading.Thread(target=_abandon, args=(port, results["hangup"], 4 * tokens))
+                    for _ in range(n_hang)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            h0 = time.monotonic()
+            try:
+                ok = _get(port, "/health", timeout=60)[0] == 200
+            except OSError:
+                ok = False
+            health.append(time.monotonic() - h0 if ok else float("inf"))
+            time.sleep(0.1)
+        for t in threads:
+            t.join()
+        return results
+
+    rss_fresh = rss()
+    round_(len(models) * 2, 2, 2, [])  # every adapter, a schema compiled, a hang-up: warmed
+    before = _wait_idle(port)
+    rss_before = rss()
+    health: list = []
+    t0 = time.monotonic()
+    results = round_(good, bad, hangups, health)
+    storm_s = time.monotonic() - t0
+    after = _wait_idle(port)
+    rss_after = rss()
+    return {
+        "models": models, "good_streams": good, "bad_schemas": bad, "hangups": hangups,
+        "tokens": tokens, "storm_s": round(storm_s, 1),
+        "good_complete": results["good"].count("ok"), "good_failures": [r for r in results["good"] if r != "ok"],
+        "bad_statuses": sorted(set(map(str, results["bad"]))),
+        "hangup_statuses": sorted(set(map(str, results["hangup"]))),
+        "failed": after["failed"] - before["failed"], "cancelled": after["cancelled"] - before["cancelled"],
+        "pipeline_rebuilds": after.get("pipeline_rebuilds"),
+        "health_during_storm_max_s": round(max(health), 3) if health else None, "health_probes": len(health),
+        "rss_fresh_mib": round(rss_fresh / 2**20, 1), "rss_before_mib": round(rss_before / 2**20, 1),
+        "rss_after_mib": round(rss_after / 2**20, 1),
+        "rss_change": round(rss_after / rss_before - 1, 4), "loadavg": os.getloadavg(),
+    }
+
+
+def mixed_storm_server(model: Path, adapters: dict[str, Path] | None = None, serve_args: tuple = (),
+                       **kwargs) -> dict:
+    """Start `tangquant serve` on ``model`` with ``adapters`` (name -> folder), run the mixed
+    storm on the base and every adapter, stop it."""
+    import psutil
+
+    flags = [f for name, path in (adapters or {}).items() for f in ("--adapter", f"{name}={path}")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tangquant", "-q", "serve", "--model", str(model), "--port", "0",
+         "--max-num-seqs", "8", "--queue-size", "128", "--timeout", "300", *flags, *serve_args],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if "serving" not in line:
+            raise RuntimeError(f"server did not start: {line!r}")
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        server = psutil.Process(proc.pid)
+        name = line.split("serving ", 1)[1].split(",")[0].split(" at ")[0]
+
+        def rss() -> int:  # the server and its children (llama.cpp's process)
+            return sum(p.memory_info().rss for p in [server, *server.children(recursive=True)])
+
+        return mixed_storm(port, rss, [name, *(adapters or {})], **kwargs)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ir", required=True)
+    parser.add_argument("--mixed", action="store_true", help="the mixed storm (issue 30)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
+    parser.add_argument("--good", type=int, default=24)
+    parser.add_argument("--bad", type=int, default=12)
+    parser.add_argument("--hangups", type=int, default=12)
     parser.add_argument("serve_args", nargs="*", help="more `tangquant serve` flags (after --)")
     args = parser.parse_args()
-    out = storm_server(Path(args.ir), tuple(args.serve_args))
+    if args.mixed:
+        adapters = dict(a.split("=", 1) for a in args.adapter)
+        out = mixed_storm_server(Path(args.ir), adapters, tuple(args.serve_args), good=args.good,
+                                 bad=args.bad, hangups=args.hangups)
+    else:
+        out = storm_server(Path(args.ir), tuple(args.serve_args))
     out.update(ir=args.ir, serve_args=args.serve_args, command=" ".join(sys.argv),
                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     print(json.dumps(out, indent=2))

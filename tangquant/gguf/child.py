@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import select
 import sys
 import time
@@ -38,6 +39,13 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 from tangquant.gguf.runtime import Session, session_options, system_info
 
 IDLE_WAIT_S = 0.5
+# Bounds on a schema's grammar (see grammar_of): llama.cpp itself refuses repetitions past 2000
+# ("exceeds sane defaults") but crashes on nesting far deeper than that before it can say so.
+REPEATS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+MAX_REPEAT = 1000
+MAX_DEPTH = 2000
+MAX_GRAMMAR_BYTES = 1 << 20
+_COUNT = re.compile(r"\{[\d\s,]+\}")  # a regex quantifier {m}, {m,}, {m,n}
 
 
 @dataclass
@@ -86,6 +94,57 @@ def sampler_chain(s: Session, sampling: dict, grammar: str | None, max_new: int,
     return chain
 
 
+def grammar_of(schema: str) -> tuple[str | None, str | None]:
+    """(llama.cpp's grammar for a JSON schema, None) or (None, why not), before llama.cpp sees it.
+
+    llama-cpp-python's converter unrolls a repetition (``maxLength``, ``maxItems``, a pattern's
+    ``{m,n}``) into nested optional groups, and llama.cpp parses nested groups recursively: a
+    count of 10⁹ held the converter for minutes in 14 GB, 10⁵ crashed llama.cpp's parser (SIGSEGV,
+    ending every request of this process). Counts and nesting are bounded before either runs."""
+    stack = [json.loads(schema)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+            for key in REPEATS:  # bool is an int: "maxLength": true is the converter's to refuse
+                if isinstance(node.get(key), (int, float)) and node[key] > MAX_REPEAT:
+                    return None, f"{key} is more than llama.cpp's grammar takes ({MAX_REPEAT})"
+            pattern = node.get("pattern")
+            counts = re.findall(r"\d+", " ".join(_COUNT.findall(pattern))) if isinstance(pattern, str) else []
+            if any(len(n) > 6 or int(n) > MAX_REPEAT for n in counts):
+                return None, f"a pattern repeats more than llama.cpp's grammar takes ({MAX_REPEAT})"
+    try:  # llama-cpp-python's converter
+        grammar = json_schema_to_gbnf(schema)
+    except Exception as exc:  # the converter's own errors: a request error, not the process's
+        return None, f"cannot turn the schema into a grammar: {exc}"[:300]
+    if len(grammar) > MAX_GRAMMAR_BYTES or _depth(grammar) > MAX_DEPTH:
+        return None, "the schema's grammar is larger or nested deeper than llama.cpp's parser takes"
+    return grammar, None
+
+
+def _depth(grammar: str) -> int:
+    """The deepest nesting of groups in a GBNF text (quoted strings and [classes] skipped)."""
+    depth = deepest = 0
+    quote = None
+    chars = iter(grammar)
+    for c in chars:
+        if quote:
+            if c == "\\":
+                next(chars, None)
+            elif c == quote:
+                quote = None
+        elif c in "\"[":
+            quote = "]" if c == "[" else c
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+    return deepest
+
+
 def _penalties(chain, s: Session, sampling: dict, max_new: int, prompt) -> None:
     """The repetition penalty over the prompt and the reply (Hugging Face's, genai's and vLLM's
     rule); presence and frequency penalties over the reply alone (OpenAI's): two of llama.cpp's
@@ -132,10 +191,9 @@ class Loop:
         if msg.get("op") == "start":
             if not msg.get("prompt") or int(msg["max_new"]) < 1:
                 raise ValueError("a request needs a prompt and at least one new token")
-            try:  # a JSON schema becomes llama.cpp's grammar (llama-cpp-python's converter)
-                grammar = json_schema_to_gbnf(msg["schema"]) if msg.get("schema") else None
-            except Exception as exc:  # the converter's own errors: a request error, not the process's
-                self.send(id=msg["id"], refused=f"cannot turn the schema into a grammar: {exc}"[:300])
+            grammar, why = grammar_of(msg["schema"]) if msg.get("schema") else (None, None)
+            if why:
+                self.send(id=msg["id"], refused=why)
                 return
             smpl = sampler_chain(self.s, msg.get("sampling") or {}, grammar, int(msg["max_new"]), msg["prompt"])
             if smpl is None:
@@ -239,6 +297,16 @@ class Loop:
             self.out.flush()
 
 
+def probe_finite(s: Session, text: str | None) -> bool:
+    """Whether the logits of a probe prompt are all finite (True when there is no probe)."""
+    ids = s.tokenize(text) if text else []
+    if not ids:
+        return True
+    finite = bool(np.isfinite(s.decode(ids, 0)).all())
+    s.clear()
+    return finite
+
+
 def main(spec: dict, out) -> None:
     n_seqs = int(spec.get("n_seqs", 1))
     start = time.perf_counter()
@@ -246,7 +314,8 @@ def main(spec: dict, out) -> None:
                 n_batch=int(spec.get("n_batch", 512)), n_seq_max=n_seqs, **session_options(spec.get("options") or {}))
     out.write(json.dumps({"ready": True, "n_ctx_seq": int(L.llama_n_ctx_seq(s.ctx)), "n_seqs": n_seqs,
                           "n_vocab": s.n_vocab, "load_s": time.perf_counter() - start,
-                          "repacked_tensors": s.repacked(), "system_info": system_info()}) + "\n")
+                          "repacked_tensors": s.repacked(), "system_info": system_info(),
+                          "finite": probe_finite(s, spec.get("probe"))}) + "\n")
     out.flush()
     Loop(s, n_seqs, out).run()
 

@@ -40,15 +40,16 @@ class LlamaProcessError(TangquantError):
 class LlamaProcess:
     """One llama.cpp child with ``n_seqs`` sequences of ``n_ctx`` tokens each.
 
-    ``info`` is the child's ready message (``n_ctx_seq``: the context each sequence really got).
+    ``info`` is the child's ready message (``n_ctx_seq``: the context each sequence really got;
+    ``finite``: whether the logits of the ``probe`` prompt, decoded at load, were all finite).
     :meth:`submit` returns a request id; its handler receives the child's events (``queued`` or
     ``refused``, ``started``, ``tokens``, and last ``done`` with an ``error`` when it failed).
     """
 
     def __init__(self, path, threads: int | None = None, options: dict | None = None,
-                 n_ctx: int = 2048, n_seqs: int = 1, n_batch: int = 512):
+                 n_ctx: int = 2048, n_seqs: int = 1, n_batch: int = 512, probe: str | None = None):
         self.spec = {"path": str(path), "threads": threads, "options": dict(options or {}),
-                     "n_ctx": int(n_ctx), "n_seqs": int(n_seqs), "n_batch": int(n_batch)}
+                     "n_ctx": int(n_ctx), "n_seqs": int(n_seqs), "n_batch": int(n_batch), "probe": probe}
         self.restarts, self.broken = 0, None
         self._cv = threading.Condition()
         self._handlers: dict[int, Callable[[dict], None]] = {}

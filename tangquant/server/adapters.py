@@ -1,29 +1,28 @@
-"""peft LoRA adapters served on the base IR (``--adapter NAME=DIR``), checked before loading.
+"""peft LoRA adapters served on the base IR (``--adapter NAME=DIR``), read as ``merge`` reads them.
 
-openvino-genai reads only ``adapter_model.safetensors`` and ignores
-``adapter_config.json``, so the scale peft applies must be passed as the
-adapter's alpha: ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA). One
-alpha per adapter cannot express peft's per-module ``rank_pattern`` /
-``alpha_pattern``, and DoRA, trained token rows and ``modules_to_save`` are not
-a plain ``W + s*B@A``; such adapters are refused rather than served wrong. The
-tensors' names and shapes are checked against the base's ``config.json`` from
-the safetensors header (no tensor is loaded here), because genai would silently
-skip tensors that match nothing.
+Every adapter goes through merge's reader first (``tangquant.lora``): its files inside its
+folder after symlinks, its config a valid LoRA config with a finite alpha, the whole weights
+file parsed with every value finite, every tensor planned against the base's shapes (from its
+``config.json``: an IR holds no Hugging Face tensors). Then what openvino-genai adds:
+it reads only ``adapter_model.safetensors`` and ignores ``adapter_config.json``, so the scale
+peft applies must be passed as the adapter's alpha: ``lora_alpha / r`` (``lora_alpha /
+sqrt(r)`` with rsLoRA). One alpha per adapter cannot express peft's per-module
+``rank_pattern`` / ``alpha_pattern``, and DoRA, trained token rows and ``modules_to_save`` are
+not a plain ``W + s*B@A``; such adapters are refused rather than served wrong, and so are
+tensors genai would silently skip. Any refusal is one line naming the adapter.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import struct
 from pathlib import Path
 
 import openvino_genai
 
+from tangquant import lora
+from tangquant.errors import AdapterError, TangquantError, first_line
 from tangquant.load import model_config
-from tangquant.errors import AdapterError
-from tangquant.files import read_json
 
 WEIGHTS = "adapter_model.safetensors"
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
@@ -45,17 +44,19 @@ def _dims(cfg: dict) -> dict[str, tuple[int, int]]:
             "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
 
 
-def _header(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100 << 20:
-                raise ValueError("header too large")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError, struct.error) as exc:
-        raise AdapterError(f"{path} is not a readable safetensors file ({exc})") from None
-    header.pop("__metadata__", None)
-    return header
+def base_shapes(cfg: dict) -> dict:
+    """name -> (shape, dtype, file) of the base's tensors an adapter may touch, as ``lora.plan``
+    takes them from a checkpoint's headers (an IR has none: they follow from its config)."""
+    dims, shapes = _dims(cfg), {}
+    for i in range(int(cfg["num_hidden_layers"])):
+        for proj, (fan_in, fan_out) in dims.items():
+            part = "self_attn" if proj[0] in "qkvo" else "mlp"
+            shapes[f"model.layers.{i}.{part}.{proj}.weight"] = ((fan_out, fan_in), None, None)
+    embedding = ((int(cfg["vocab_size"]), int(cfg["hidden_size"])), None, None)
+    shapes["model.embed_tokens.weight"] = embedding
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = embedding
+    return shapes
 
 
 def scale(raw: dict, where: str) -> float:
@@ -73,29 +74,24 @@ def scale(raw: dict, where: str) -> float:
 
 
 def check(adir: Path, base_config: dict) -> float:
-    """Check ``adir`` against the base; return its scale."""
-    adir = Path(adir)
-    if not (adir / "adapter_config.json").is_file():
-        raise AdapterError(f"{adir} has no adapter_config.json; is it a peft adapter directory?")
-    raw = read_json(adir / "adapter_config.json", "adapter config")
+    """Check ``adir`` as merge would, then against what genai applies; return its scale."""
+    lcfg, raw = lora.adapter_config(adir)  # inside its folder, a valid LoRA config, a finite alpha
     alpha = scale(raw, str(adir))
-    if not (adir / WEIGHTS).is_file():
+    if not (Path(adir) / WEIGHTS).is_file():
         raise AdapterError(f"{adir} has no {WEIGHTS} (pickled adapters are not served)")
+    tensors, _ = lora.adapter_tensors(Path(adir), allow_pickle=False)  # all parsed, all finite
     dims, layers = _dims(base_config), int(base_config["num_hidden_layers"])
-    header = _header(adir / WEIGHTS)
-    if not header:
-        raise AdapterError(f"{adir / WEIGHTS} holds no tensors")
-    for name, info in header.items():
+    for name, t in tensors.items():
         m = _KEY.match(name)
-        if not m or m.group(3) not in dims or int(m.group(1)) >= layers:
+        if not m or m.group(3) not in dims or int(m.group(1)) >= layers:  # genai would skip it
             raise AdapterError(f"{adir}: tensor {name[:120]} matches no linear layer of the base "
                                f"({layers} layers of {', '.join(dims)})")
         fan_in, fan_out = dims[m.group(3)]
-        shape = info.get("shape", [])
         want = (raw["r"], fan_in) if m.group(4) == "A" else (fan_out, raw["r"])
-        if tuple(shape) != want:
-            raise AdapterError(f"{adir}: {name} is {shape}, but the base needs {list(want)}; "
+        if tuple(t.shape) != want:
+            raise AdapterError(f"{adir}: {name} is {list(t.shape)}, but the base needs {list(want)}; "
                                "the adapter was trained for another model")
+    lora.plan(base_config, lcfg, tensors, base_shapes(base_config))  # and everything merge checks
     return alpha
 
 
@@ -106,6 +102,9 @@ def load(specs: dict[str, str], model_dir: Path, taken: tuple[str, ...]) -> dict
     for name, path in specs.items():
         if name in taken:
             raise AdapterError(f"--adapter {name}: the name is already the base model's")
-        alpha = check(Path(path), base_config)
-        out[name] = (openvino_genai.Adapter(str(Path(path) / WEIGHTS)), alpha)
+        try:
+            alpha = check(Path(path), base_config)
+            out[name] = (openvino_genai.Adapter(str(Path(path) / WEIGHTS)), alpha)
+        except (TangquantError, RuntimeError) as exc:  # never the base model's fault
+            raise AdapterError(f"--adapter {name}={path}: {first_line(exc, 400)}") from None
     return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -36,9 +37,12 @@ import openvino as ov
 import openvino_genai
 
 from tangquant.draft import DEFAULT_TOKENS, GREEDY_ONLY
-from tangquant.generate import Sampling
+from tangquant.errors import NumericalError
+from tangquant.generate import PROBE, Sampling
+from tangquant.load import model_config
 from tangquant.server import sizing
 from tangquant.server.engine import FINISH, Engine, Generation, Result
+from tangquant.server.grammar import GrammarCheck
 from tangquant.server.schema import ApiError
 
 logger = logging.getLogger(__name__)
@@ -118,6 +122,9 @@ class BatchEngine(Engine):
         self.plan_ = sizing.plan(sizing.kv_shape(model_dir), *sizing.kv_element_bytes(
             cfg.device, properties), cfg, (model_dir / "openvino_model.bin").stat().st_size)
         self._pipe = self._build()
+        self._require_finite()
+        self._grammar = GrammarCheck(model_dir, int(model_config(model_dir)["vocab_size"]))
+        self.rebuilds = 0  # pipelines loaded anew after a failed step (never for one request)
         self.defaults = self._pipe.get_config()
         self._detok = self._pipe.get_tokenizer()
         self._ids = itertools.count()
@@ -135,9 +142,32 @@ class BatchEngine(Engine):
         return openvino_genai.ContinuousBatchingPipeline(
             str(self.model_dir), self.plan_.scheduler, self.cfg.device, self._properties)
 
+    def _require_finite(self) -> None:
+        """Refuse a model whose first step computes NaN or Inf logits (a probe prompt, one token
+        with its log-probability): it would answer every request with empty text or noise."""
+        config = self._pipe.get_config()
+        config.max_new_tokens, config.do_sample, config.logprobs = 1, False, 1
+        config.apply_chat_template = False
+        if self._draft_tokens:  # a pipeline with a draft model asks for its tokens per step
+            config.num_assistant_tokens = self._draft_tokens
+        try:
+            (result,) = self._pipe.generate([PROBE], [config])
+            finite = all(math.isfinite(s) for s in result.m_scores)
+        except RuntimeError as exc:  # genai's sampler checks the log-sum-exp it needs for logprobs
+            if "isnan" not in str(exc):
+                raise
+            finite = False
+        if not finite:
+            raise NumericalError(f"{self.model_dir} computes NaN or Inf logits at its first step "
+                                 "(a probe prompt at load): its weights are broken (a NaN scale or "
+                                 "norm?); export it again")
+
     # -- the event loop's side -------------------------------------------------------------------
     def running(self) -> int:
         return len(self._active)
+
+    def status(self) -> dict:
+        return {**super().status(), "pipeline_rebuilds": self.rebuilds}
 
     def cache_usage(self) -> dict:
         m = self._metrics
@@ -162,6 +192,10 @@ class BatchEngine(Engine):
         except RuntimeError as exc:
             raise ApiError(400, f"these generation settings are refused: "
                            f"{str(exc).strip().splitlines()[-1]}", code="invalid_value") from None
+        if json_schema is not None:  # compiled here, never first inside the shared step
+            refused = await asyncio.to_thread(self._grammar.refusal, json_schema)
+            if refused:
+                raise ApiError(400, f"response_format: {refused}", "response_format", "invalid_schema")
         adapter = None if model in (None, self.name) else model
         gen = Generation(loop, deadline)
         req = _Request(gen, prompt, config, adapter, loop.create_future(), loop,
@@ -288,6 +322,7 @@ class BatchEngine(Engine):
         for req in list(self._active):
             self._finish(req, "cancelled", error=f"the generation step failed: {first}")
         self._pipe = self._build()
+        self.rebuilds += 1
         self._detok = self._pipe.get_tokenizer()
         self._adapter = _UNKNOWN if self.adapter_names else None
 

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from tangquant import files, host, load
-from tangquant.errors import ServeError
-from tangquant.generate import Sampling
+from tangquant.errors import NumericalError, ServeError
+from tangquant.generate import PROBE, Sampling
 from tangquant.gguf import options as llama_options
 from tangquant.gguf import text as llama_text
 from tangquant.gguf.process import LlamaProcess, LlamaProcessError
+from tangquant.gguf.reader import require_finite
 from tangquant.server.config import ServeConfig
 from tangquant.server.engine import Engine, Generation, Result
 from tangquant.server.schema import MAX_TOP_LOGPROBS, ApiError
@@ -76,7 +77,10 @@ def refuse_settings(cfg: ServeConfig) -> None:
 def open_engine(model_path, cfg: ServeConfig, name: str, options: dict | None = None,
                 threads: int | None = None):
     refuse_settings(cfg)
-    return LlamaEngine(load.inspect(model_path, kinds=("gguf",)), name, cfg, dict(options or {}), threads)
+    md = load.inspect(model_path, kinds=("gguf",))
+    # A NaN weight can give finite logits (llama.cpp's 8-bit activations skip it): read them all.
+    require_finite(md.path)
+    return LlamaEngine(md, name, cfg, dict(options or {}), threads)
 
 
 class LlamaEngine(Engine):
@@ -98,7 +102,12 @@ class LlamaEngine(Engine):
         n_ctx = llama_options.context_for(md.config, md.path, cfg.max_num_seqs, options, cfg.cache_size)
         self.proc = LlamaProcess(md.path, threads or host.physical_cores(), options, n_ctx=n_ctx,
                                  n_seqs=cfg.max_num_seqs,
-                                 n_batch=max(cfg.max_num_batched_tokens or 512, cfg.max_num_seqs))
+                                 n_batch=max(cfg.max_num_batched_tokens or 512, cfg.max_num_seqs),
+                                 probe=PROBE)
+        if not self.proc.info.get("finite", True):
+            self.proc.close()
+            raise NumericalError(f"{md.path} computes NaN or Inf logits at its first step (a probe prompt "
+                                 "at load): its weights are broken; export it again")
         self.context_length = int(self.proc.info["n_ctx_seq"])
         self.kv_bytes = int(llama_options.kv_bytes_per_token(md.config, options)
                             * self.context_length * cfg.max_num_seqs)

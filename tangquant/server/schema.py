@@ -13,11 +13,13 @@ import asyncio
 import hashlib
 import hmac
 import json
+import sys
 from dataclasses import dataclass
 
 from starlette.requests import ClientDisconnect
 
 from tangquant.generate import MAX_STOP, Sampling, SamplingError
+from tangquant.recipe import INT_RANGES
 
 MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = 30.0
@@ -63,6 +65,9 @@ def parse_body(raw: bytes) -> dict:
         body = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except ValueError:  # Python's cap on the digits of an integer it reads (4300)
+        raise ApiError(400, "request body holds an integer too long to read (over "
+                       f"{sys.get_int_max_str_digits()} digits)", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     return body
@@ -91,7 +96,7 @@ async def read_body(request) -> dict:
         raise ApiError(415, "the body must be JSON, sent with 'Content-Type: application/json'",
                        code="unsupported_media_type")
     length = request.headers.get("content-length")
-    if length is not None and not length.isdigit():
+    if length is not None and not (length.isdigit() and len(length) <= 18):  # int() of 5000 digits
         raise ApiError(400, "invalid Content-Length header", code="invalid_request")
     if length is not None and int(length) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes",
@@ -131,6 +136,8 @@ def _number(body: dict, name: str):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"'{name}' must be a number", name, "invalid_type")
+    if isinstance(value, int) and abs(value) > 1.7e308:  # float() of it would overflow
+        raise ApiError(400, f"'{name}' must be a finite number", name, "invalid_value")
     return float(value)
 
 
@@ -138,6 +145,9 @@ def _integer(body: dict, name: str):
     value = body.get(name)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise ApiError(400, f"'{name}' must be an integer", name, "invalid_type")
+    low, high = INT_RANGES.get(name, INT_RANGES[None])
+    if value is not None and not low <= value <= high:  # the engines take C integers, no bignum
+        raise ApiError(400, f"'{name}' must be between {low} and {high}", name, "invalid_value")
     return value
 
 

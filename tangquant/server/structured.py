@@ -8,8 +8,11 @@ a 400 unless it stays inside a subset known to compile: a valid JSON Schema
 (``jsonschema``'s meta-schema check) using only the keywords below, local
 ``$ref``s that resolve, satisfiable bounds, and regular expressions without the
 constructs XGrammar's regex converter rejects (look-around, back-references,
-``\\p`` classes, inline groups). ``tests/test_serve_structured.py`` runs the
-accepted and refused cases through the real engine.
+``\\p`` classes, inline groups), finite numbers only (``NaN`` is not JSON: XGrammar's
+parser refuses the whole schema), and integer bounds that are whole and within int64.
+``tests/test_serve_engine.py`` runs the accepted and refused cases through the real engine.
+What passes here is then compiled by the engine itself before the request is queued
+(``server.grammar`` for OpenVINO, llama.cpp's grammar in its child process).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ KEYWORDS = ANNOTATIONS | {
     "pattern"}
 _BAD_REGEX = re.compile(r"\(\?[^:]|\\[1-9]|\\[pPkgQEAZzb]|[*+?}]\+")
 JSON_OBJECT = '{"type": "object"}'
+INT64 = (-(1 << 63), (1 << 63) - 1)  # XGrammar's integer bounds are C int64
 
 
 def _refuse(message: str):
@@ -58,12 +62,36 @@ def response_format(body: dict) -> str | None:
     text = json.dumps(spec["schema"], ensure_ascii=False)
     if len(text.encode("utf-8")) > MAX_SCHEMA_BYTES:
         _refuse(f"the schema is larger than {MAX_SCHEMA_BYTES} bytes")
+    check_numbers(spec["schema"])
     check_schema(spec["schema"])
     return text
 
 
+def check_numbers(schema) -> None:
+    """Every number in the schema finite (a bound, a const, an enum value, a default alike).
+
+    Python reads ``NaN``, ``Infinity`` and ``1e400`` from a request, and its JSON writer turns
+    them into ``NaN``/``Infinity``, which no JSON parser in an engine reads; an integer past a
+    double's range cannot be compared with one. Walked without recursion: the body may nest as
+    deep as the JSON reader allows."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, float) and not math.isfinite(node):
+            _refuse(f"the schema holds {node}, which is not a JSON number (NaN and infinities "
+                    "are not JSON)")
+        elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > 1.7e308:
+            _refuse("the schema holds an integer beyond the range of a double")
+
+
 def check_schema(schema) -> None:
     """Refuse (400) a schema outside the subset the engine compiles safely."""
+    if schema is False:
+        _refuse("the schema is false: no value matches it")
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -118,6 +146,8 @@ def _check_bounds(node: dict, types: set, where: str) -> None:
               default=-math.inf)
     high = min((v for v in (node.get("maximum"), node.get("exclusiveMaximum")) if v is not None),
                default=math.inf)
+    if "integer" in types:
+        _check_integer_bounds(node, where)
     if types == {"integer"} and low != -math.inf and high != math.inf:
         lo = math.floor(low) + 1 if "exclusiveMinimum" in node and low == node["exclusiveMinimum"] \
             else math.ceil(low)
@@ -129,6 +159,19 @@ def _check_bounds(node: dict, types: set, where: str) -> None:
         _refuse(f"{where}: the minimum is above the maximum")
     if node.get("minLength", 0) > node.get("maxLength", math.inf):
         _refuse(f"{where}: minLength is above maxLength")
+
+
+def _check_integer_bounds(node: dict, where: str) -> None:
+    """XGrammar writes an integer's bounds as C int64: whole numbers, within its range."""
+    for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        value = node.get(key)
+        if value is None:
+            continue
+        if value != math.floor(value):
+            _refuse(f"{where}: {key} of an integer must be a whole number, got {value}")
+        if not INT64[0] <= value <= INT64[1]:
+            _refuse(f"{where}: {key} of an integer must lie within the 64-bit range "
+                    f"[-2^63, 2^63-1]")
 
 
 def _check_counts(node: dict, where: str) -> None:
