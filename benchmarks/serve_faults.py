@@ -245,12 +245,13 @@ def _bad_schema(port: int, out: list, i: int) -> None:
 
 
 def mixed_storm(port: int, rss, models: list[str], good: int = 24, bad: int = 12, hangups: int = 12,
-                tokens: int = 64) -> dict:
-    """The mixed storm against ``port``, after one small round of the same mix; see the module."""
+                tokens: int = 64, schemas: bool = True) -> dict:
+    """The mixed storm against ``port``, after one small round of the same mix; see the module.
+    ``schemas``: every second good stream asks for a JSON schema."""
     def round_(n_good: int, n_bad: int, n_hang: int, health: list) -> dict:
         results = {"good": [], "bad": [], "hangup": []}
         threads = [threading.Thread(target=_good, args=(port, results["good"], _chat(
-            models[i % len(models)], tokens, GOOD_SCHEMA if i % 2 else None))) for i in range(n_good)]
+            models[i % len(models)], tokens, GOOD_SCHEMA if schemas and i % 2 else None))) for i in range(n_good)]
         threads += [threading.Thread(target=_bad_schema, args=(port, results["bad"], i)) for i in range(n_bad)]
         threads += [threading.Thread(target=_abandon, args=(port, results["hangup"], 4 * tokens))
                     for _ in range(n_hang)]
@@ -279,7 +280,7 @@ def mixed_storm(port: int, rss, models: list[str], good: int = 24, bad: int = 12
     after = _wait_idle(port)
     rss_after = rss()
     return {
-        "models": models, "good_streams": good, "bad_schemas": bad, "hangups": hangups,
+        "models": models, "good_streams": good, "good_schemas": schemas, "bad_schemas": bad, "hangups": hangups,
         "tokens": tokens, "storm_s": round(storm_s, 1),
         "good_complete": results["good"].count("ok"), "good_failures": [r for r in results["good"] if r != "ok"],
         "bad_statuses": sorted(set(map(str, results["bad"]))),
