@@ -316,3 +316,16 @@ def test_draft_options_are_rows_of_the_engines_table():
     assert axis.needs_pa and [v.get("draft_tokens") for v in axis.values[1:]] == ["2", "3", "4", "5", "6", "8"]
     runtime, caller = split_winner({"KV_CACHE_PRECISION": "u8", "draft": "d", "draft_tokens": "4"})
     assert runtime == {"KV_CACHE_PRECISION": "u8"} and caller == {"draft": "d", "draft_tokens": "4"}
+
+
+def test_chat_and_serve_refuse_a_gguf_draft_in_one_line(draft_pair, capsys):
+    """llama.cpp drafts in the bench only: chat and serve on a GGUF pair say so, never ignore it."""
+    if "gguf" not in draft_pair:
+        pytest.skip("llama-cpp-python is not installed")
+    gguf, draft = str(draft_pair["gguf"]), str(draft_pair["draft_gguf"])
+    rc = main(["chat", "--model", gguf, "--draft", draft, "--prompt", "x", "--temperature", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "run without a draft" in err[0] and "draft=" in err[0]
+    rc = main(["serve", "--model", gguf, "--draft", draft, "--port", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "OpenVINO IRs only" in err[0]
