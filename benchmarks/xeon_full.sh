@@ -135,7 +135,7 @@ setup() {
   install_ort
   ( build_llama; build_tools ) > "$out/build-llama.log" 2>&1 & local llama_pid=$!
   build_ik > "$out/build-ik.log" 2>&1 & local ik_pid=$!
-  model_shape gptq 7b || exit 8
+  model_shape gptq "$shape" || exit 8
   model_shape draft-gptq 0.5b
   # GGUF (needs llama.cpp for its load check) then the llama-quantize files of the same integers;
   # the IR beside it; ONNX Runtime GenAI after the IR (its staging copy and the IR's do not fit at once).

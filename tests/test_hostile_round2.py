@@ -57,9 +57,12 @@ def _data(tmp_path: Path) -> Path:
 
 
 def _child(argv, **env) -> subprocess.Popen:
-    """`tangquant ARGV` in its own session (a kill -9 of its group takes its workers too)."""
+    """`tangquant ARGV` in its own session (a kill -9 of its group takes its workers too), with
+    Ctrl-C's default action: pytest started in the background of a script inherits SIGINT ignored
+    (POSIX), and tangquant rightly keeps an ignored signal ignored."""
     return subprocess.Popen([sys.executable, "-m", "tangquant", *map(str, argv)], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **env}, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
