@@ -92,7 +92,7 @@ def ov_runs(paths: dict, prompts, ks, n: int, threads: int, config: dict) -> dic
     import openvino as ov
     import openvino_genai as genai
 
-    from tangquant.generate import speculation
+    from tangquant.generators import speculation
 
     props = {**config, "INFERENCE_NUM_THREADS": threads}
     plain = genai.LLMPipeline(str(paths["target_ir"]), "CPU", **props)

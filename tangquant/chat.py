@@ -25,8 +25,8 @@ from pathlib import Path
 from tangquant import recipe
 from tangquant.draft import GREEDY_ONLY
 from tangquant.errors import ParameterError, is_utf8
-from tangquant.generate import (Sampling, SamplingError, open_generator,
-                                require_finite_first_step)
+from tangquant.generate import Sampling, SamplingError, open_generator
+from tangquant.generators import require_finite_first_step
 from tangquant.recipe import param
 
 logger = logging.getLogger(__name__)

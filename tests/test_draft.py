@@ -113,7 +113,7 @@ def test_ov_greedy_is_identical_with_a_draft(draft_pair):
     import openvino as ov
     import openvino_genai as genai
 
-    from tangquant.generate import speculation
+    from tangquant.generators import speculation
 
     plain = open_generator(draft_pair["ir"], ov_config=EXACT_KV).pipe
     counts = {"drafted": 0, "accepted": 0}

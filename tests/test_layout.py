@@ -18,7 +18,7 @@ pytestmark = pytest.mark.fast
 PACKAGE = Path(__file__).resolve().parents[1] / "tangquant"
 COMMAND_MODULES = {module for _, module in COMMANDS} | {"tangquant.cli", "tangquant.__main__"}
 ENGINES = ("tangquant.quant", "tangquant.measure", "tangquant.server", "tangquant.poet")
-HUB = ("tangquant.load", "tangquant.generate")
+HUB = ("tangquant.load", "tangquant.generate", "tangquant.generators")
 FORMATS = ("tangquant.ov", "tangquant.gguf", "tangquant.ortgenai")
 NAMES = {4: "command", 3: "engine", 2: "hub", 1: "format", 0: "shared"}
 

@@ -20,7 +20,7 @@ import openvino as ov
 import openvino_genai as genai
 
 from tangquant.draft import DEFAULT_TOKENS
-from tangquant.generate import speculation
+from tangquant.generators import speculation
 from tangquant.host import peak_rss_bytes
 from tangquant.measure.timing import check_tokens, log, prompt_ids, summary
 from tangquant.ov.options import pipeline_properties
