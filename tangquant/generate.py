@@ -193,3 +193,6 @@ def open_model(model, use: str, allow_pickle: bool = False):
                          "deployment; make one with `tangquant export` (or `tangquant tune --apply`)")
     md = load.inspect(model, kinds=kinds, allow_pickle=allow_pickle)
     return engines.for_model(md.kind, use), md, {}
+
+
+PROBE = "写一首唐诗"  # the first step's prompt: any text the tokenizer takes

@@ -15,7 +15,7 @@ from typing import Iterator
 from tangquant import draft as drafts
 from tangquant import load
 from tangquant.errors import EngineError, InputError
-from tangquant.generate import Sampling, SamplingError, _ContextCap, genai_config
+from tangquant.generate import PROBE, Sampling, SamplingError, _ContextCap, genai_config
 from tangquant.gguf import options as llama_options
 from tangquant.gguf import text as llama_text
 from tangquant.gguf.process import LlamaProcess
@@ -242,7 +242,6 @@ class LlamaCppGenerator(_ContextCap):
         self.proc.close()
 
 
-PROBE = "写一首唐诗"  # the first step's prompt: any text the tokenizer takes
 
 
 def require_finite_first_step(generator, where) -> None:
