@@ -106,12 +106,15 @@ def test_a_bad_schema_fails_only_its_own_request(server):
     while _health(server)["running"] < STREAMS:
         assert time.monotonic() < end, "the streams did not start"
         time.sleep(0.02)
+    running = []
     for name, schema in {**BAD, **ENGINE_BAD[engine.status()["engine"]]}.items():
         status, _, body = post_json(server, CHAT, {"messages": MESSAGES, "max_tokens": 8,
                                                    "response_format": _fmt(schema)}, key=None)
         assert status == 400 and body["error"]["param"] == "response_format", (name, body)
-        _health(server)  # answered while the hostile request is refused
-    assert _health(server)["running"] >= 1, "the streams ended before the bad requests: nothing shown"
+        running.append(_health(server)["running"])  # answered while the hostile request is refused
+    # On a quiet machine the tiny model's streams may end before the last refusal; the first came
+    # while they ran, else the test showed nothing.
+    assert running[0] >= 1, "the streams ended before the bad requests: nothing shown"
     # A good schema still compiles and constrains (an enum: no room for a random model's whitespace).
     status, _, body = post_json(server, CHAT, {"messages": MESSAGES, "max_tokens": 40, "temperature": 0,
                                                "response_format": _fmt({"enum": ["李白", "杜甫"]})}, key=None)
