@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Speculative decoding on a lent Xeon (issue 28), after `benchmarks/xeon_full.sh build OUT 7b` made the 7B
+# Speculative decoding on a lent Xeon (issue 28), after `benchmarks/xeon_full.sh setup OUT` made the 7B
 # target (ir/, gguf/) in the work folder ($TQ_WORK, default /tmp/tq-work) and unpacked llama-cpp-python's
 # source to /tmp/lcp. Same conventions as xeon_full.sh: resumable steps, start in the background from a
 # copy of the checkout, poll, copy OUT back on every call. Random weights, speed only, at the 7B/0.5B shapes;
