@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS = HERE / "results" / "calib_bomb_memory.json"
+RESULTS = Path("tangquant-results") / "calib_bomb_memory.json"  # file a kept run under results/<date>-<machine>-<topic>/
 TOKENIZER = ROOT / "tangquant" / "assets" / "demo" / "base"
 LINE = "床前明月光疑是地上霜舉頭望明月低頭思故鄉"
 
@@ -84,6 +84,7 @@ def main() -> None:
               "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
               "tokens_used": args.tokens, "tokenizer": "the demo poet's (tangquant/assets/demo/base)",
               "rows": rows}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print("| file | mode | peak RSS | seconds |\n|---|---|---|---|")
     for r in rows:

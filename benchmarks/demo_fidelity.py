@@ -94,7 +94,7 @@ def follow_rows(models: dict, samples: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/demo_fidelity"))
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "demo_fidelity.json")
+    parser.add_argument("--results", type=Path, default=Path("tangquant-results") / "demo_fidelity.json")
     parser.add_argument("--samples", type=int, default=2, help="sampled answers per held-out prompt (seeds 0..)")
     args = parser.parse_args()
 

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's tangquant
 from tangquant.poet import shapes  # noqa: E402
 
-RESULTS = HERE / "results" / "export_size.jsonl"
+RESULTS = Path("tangquant-results") / "export_size.jsonl"  # file a kept run under results/<date>-<machine>-<topic>/
 NNCF_EXPORT = """
 import sys
 from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
@@ -97,6 +97,7 @@ def main(argv=None) -> int:
                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "host": host.record(), "command": " ".join([sys.executable, *sys.argv]), "loadavg_start": list(os.getloadavg()),
                   "genai_generate": _run_child([sys.executable, "-c", GENERATE, args.generate_only])}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with open(RESULTS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         print(record["genai_generate"]["output_tail"])

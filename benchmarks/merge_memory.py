@@ -7,7 +7,7 @@ its own process: through ``tangquant merge`` (streaming) and through peft
 ``save_pretrained``). The peak RSS of each child comes from ``os.wait4``
 (the child's own ``ru_maxrss``). Both merged checkpoints are compared tensor
 by tensor. One JSON line per shape goes to
-``benchmarks/results/merge_memory.jsonl`` (file a run you keep under
+``tangquant-results/merge_memory.jsonl`` in the working directory (file a run you keep under
 ``benchmarks/results/<date>-<machine>-<topic>/``; the 2026-11-28 records are in
 ``benchmarks/results/2026-11-28-2core-epyc-merge-memory/merge_memory.jsonl``); a table is printed.
 
@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's tangquant
 from tangquant.poet import shapes  # noqa: E402
 
-RESULTS = HERE / "results" / "merge_memory.jsonl"
+RESULTS = Path("tangquant-results") / "merge_memory.jsonl"
 PEFT_MERGE = """
 import sys, torch
 from peft import PeftModel

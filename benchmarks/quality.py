@@ -138,7 +138,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--tasks-exact", action="store_true")
     p.add_argument("--no-tasks", action="store_true", help="the KL block only")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "quality-demo-poet.json")
+    p.add_argument("--out", type=Path, default=Path("tangquant-results") / "quality-demo-poet.json")
     args = p.parse_args()
 
     from tangquant.cli import _configure_logging

@@ -84,7 +84,7 @@ def main() -> int:
     parser.add_argument("--eval-samples", type=int, default=0, help="held-out samples for the KLD")
     parser.add_argument("--note", default="", help="conditions of the run (load, sharing), recorded")
     parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "quantize_cost.jsonl")
+    parser.add_argument("--results", type=Path, default=Path("tangquant-results") / "quantize_cost.jsonl")
     args = parser.parse_args()
 
     import torch

@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--faults", action="store_true", help="also run the fault storm")
-    parser.add_argument("--output", default=str(HERE / "results" / "serve_load_engines.json"))
+    parser.add_argument("--output", default=str(Path("tangquant-results") / "serve_load_engines.json"))
     parser.add_argument("--screenshot", help="also save a PNG of the chat page here")
     parser.add_argument("--screenshot-ir", help="the IR the page serves for the screenshot "
                         "(default: the benchmark's)")
