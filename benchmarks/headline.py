@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tangquant.measure.report import add_ratios  # noqa: E402
 
 
 def newest_run(path: Path) -> list[dict]:
@@ -29,8 +34,8 @@ def where(r: dict) -> str:
 
 
 def table(rows: list[dict], ref: str) -> str:
-    base = next((r for r in rows if r["name"] == ref and r.get("status") == "ok"), None)
-    if base is None:
+    add_ratios(rows, ref)
+    if not any(r["name"] == ref and r.get("status") == "ok" for r in rows):
         raise SystemExit(f"no ok row named {ref}")
     p, n = rows[0]["flags"]["prompt_tokens"], rows[0]["flags"]["gen_tokens"]
     out = [f"| candidate | engine (model made by) | weights | pp{p} t/s | tg{n} t/s | pp × {ref} | tg × {ref} "
@@ -40,7 +45,7 @@ def table(rows: list[dict], ref: str) -> str:
             out.append(f"| {r['name']} | {r['kind']} | failed: {str(r.get('error', ''))[:120]} |" + " |" * 7)
             continue
         out.append(f"| {r['name']} | {r['kind']} ({r.get('origin', '?')}) | {where(r)} | {r['pp_tps']:.1f} "
-                   f"| {r['tg_tps']:.2f} | {r['pp_tps'] / base['pp_tps']:.2f}× | {r['tg_tps'] / base['tg_tps']:.2f}× "
+                   f"| {r['tg_tps']:.2f} | {r['ratio_pp']:.2f}× | {r['ratio_tg']:.2f}× "
                    f"| {r['ttft_ms']:.0f} | {r['peak_rss_bytes'] / 1e9:.2f} | {r.get('roofline_pct', float('nan')):.0f}% |")
     h = rows[0]["host"]
     out.append(f"\n{h['cpu']} (family {h.get('cpu_family')}, model {h.get('cpu_model_number')}), "

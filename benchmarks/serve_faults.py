@@ -25,6 +25,7 @@ one small round of the same mix: KV cache, grammar compiler and adapters warmed)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -162,22 +163,30 @@ def storm(port: int, rss, streams: int = 50, slow: int = 10, big: int = 10,
     }
 
 
-def storm_server(ir: Path, serve_args: tuple = (), stream_tokens: int = 200, **kwargs) -> dict:
-    """Start `tangquant serve` on ``ir`` (batch engine, 8 sequences, plus ``serve_args``),
-    storm it twice, stop it."""
+@contextlib.contextmanager
+def _serving(model: Path, flags: list[str]):
+    """`tangquant serve` on ``model`` with ``flags`` on a free port: (port, its psutil process, the
+    "serving …" line); stopped on the way out."""
     import psutil
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tangquant", "-q", "serve", "--model", str(ir), "--port", "0",
-         "--max-num-seqs", "8", "--queue-size", "64", "--max-tokens-limit", str(stream_tokens),
-         "--timeout", "300", *serve_args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tangquant", "-q", "serve", "--model", str(model),
+                             "--port", "0", *flags], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         if "serving" not in line:
             raise RuntimeError(f"server did not start: {line!r}")
-        port = int(line.split("http://127.0.0.1:")[1].split()[0])
-        server = psutil.Process(proc.pid)
+        yield int(line.split("http://127.0.0.1:")[1].split()[0]), psutil.Process(proc.pid), line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
+
+def storm_server(ir: Path, serve_args: tuple = (), stream_tokens: int = 200, **kwargs) -> dict:
+    """Start `tangquant serve` on ``ir`` (batch engine, 8 sequences, plus ``serve_args``),
+    storm it twice, stop it."""
+    flags = ["--max-num-seqs", "8", "--queue-size", "64", "--max-tokens-limit", str(stream_tokens),
+             "--timeout", "300", *serve_args]
+    with _serving(ir, flags) as (port, server, _):
         def run() -> dict:
             return storm(port, lambda: server.memory_info().rss, stream_tokens=stream_tokens,
                          **kwargs)
@@ -189,9 +198,6 @@ def storm_server(ir: Path, serve_args: tuple = (), stream_tokens: int = 200, **k
         return {**first, "second_storm": {k: second[k] for k in (
             "cancelled", "health_during_storm_max_s", "health_after", "normal_request_after",
             "rss_before_mib", "rss_after_mib")}}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 # Schemas each engine refuses with a 400 before the request is queued (issue 30's probe cases).
@@ -298,28 +304,15 @@ def mixed_storm_server(model: Path, adapters: dict[str, Path] | None = None, ser
                        **kwargs) -> dict:
     """Start `tangquant serve` on ``model`` with ``adapters`` (name -> folder), run the mixed
     storm on the base and every adapter, stop it."""
-    import psutil
-
     flags = [f for name, path in (adapters or {}).items() for f in ("--adapter", f"{name}={path}")]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tangquant", "-q", "serve", "--model", str(model), "--port", "0",
-         "--max-num-seqs", "8", "--queue-size", "128", "--timeout", "300", *flags, *serve_args],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        if "serving" not in line:
-            raise RuntimeError(f"server did not start: {line!r}")
-        port = int(line.split("http://127.0.0.1:")[1].split()[0])
-        server = psutil.Process(proc.pid)
+    with _serving(model, ["--max-num-seqs", "8", "--queue-size", "128", "--timeout", "300", *flags,
+                          *serve_args]) as (port, server, line):
         name = line.split("serving ", 1)[1].split(",")[0].split(" at ")[0]
 
         def rss() -> int:  # the server and its children (llama.cpp's process)
             return sum(p.memory_info().rss for p in [server, *server.children(recursive=True)])
 
         return mixed_storm(port, rss, [name, *(adapters or {})], **kwargs)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def main() -> None:

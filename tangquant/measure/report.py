@@ -16,10 +16,12 @@ def _ratio(x) -> str:
     return f"{x:.2f}×" if x is not None else "–"
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """Ratios of pp/tg against the first candidate that succeeded at the same thread count."""
+def add_ratios(rows: list[dict], reference: str | None = None) -> None:
+    """Ratios of pp/tg against the candidate named ``reference`` (default: the first) that
+    succeeded at the same thread count."""
     for row in rows:
-        ref = next((r for r in rows if r["threads"] == row["threads"] and r["status"] == "ok"), None)
+        ref = next((r for r in rows if r["threads"] == row["threads"] and r["status"] == "ok"
+                    and reference in (None, r["name"])), None)
         ok = ref is not None and row["status"] == "ok"
         row["ratio_pp"] = row["pp_tps"] / ref["pp_tps"] if ok else None
         row["ratio_tg"] = row["tg_tps"] / ref["tg_tps"] if ok else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import statistics
 import sys
+import time
 
 
 def log(msg: str) -> None:
@@ -73,3 +74,25 @@ def repeat(once, spec: dict) -> tuple[list[dict], dict]:
 def check_tokens(tokens, n: int) -> None:
     if len(tokens) != n:
         raise RuntimeError(f"produced {len(tokens)} of {n} tokens (empty or short output)")
+
+
+def greedy_run(prefill, step, n: int, check: bool) -> dict:
+    """One timed run: ``prefill()`` (TTFT: the prompt and the first token) then ``step(token, i)``
+    for the i-th single-token step until ``n`` tokens, each returning ``(token, finite)``; ``step``
+    returns None when the engine ends early. The warm-up (``check``) also refuses a short output or
+    non-finite logits."""
+    t0 = time.perf_counter()
+    token, finite = prefill()
+    t1 = time.perf_counter()
+    tokens, bad = [token], int(not finite)
+    while len(tokens) < n:
+        out = step(tokens[-1], len(tokens) - 1)
+        if out is None:
+            break
+        tokens.append(out[0])
+        bad += int(check and not out[1])
+    t2 = time.perf_counter()
+    check_tokens(tokens, n)
+    if check and bad:
+        raise RuntimeError(f"NaN/Inf logits at {bad} of {n} steps")
+    return {"ttft_ms": (t1 - t0) * 1000, "tpot_ms": (t2 - t1) * 1000 / max(1, n - 1), "tokens": tokens[:16]}

@@ -30,7 +30,8 @@ import numpy as np
 
 from tangquant import host
 from tangquant.engines import is_true
-from tangquant.measure.timing import check_tokens, prompt_ids, repeat, summary
+from tangquant.measure.runners.logits import pick
+from tangquant.measure.timing import greedy_run, prompt_ids, repeat, summary
 
 INSTALL = "sh .ci/install-iklcpp (it compiles ik-llama-cpp-python 0.1.5 natively into {path})"
 PATH = Path(os.environ.get("TANGQUANT_IKLCPP_PATH") or Path(sys.prefix) / "iklcpp")
@@ -147,20 +148,9 @@ def run(spec: dict) -> dict:
     def once(run: int, check: bool) -> dict:
         prompt = prompt_ids(spec["vocab"], p, run)
         s.clear()
-        t0 = time.perf_counter()
-        logits = s.decode(prompt, 0)
-        t1 = time.perf_counter()
-        tokens, bad = [int(np.argmax(logits))], int(not np.isfinite(logits).all())
-        for i in range(n - 1):
-            logits = s.decode([tokens[-1]], p + i)
-            bad += 0 if not check or np.isfinite(logits).all() else 1
-            tokens.append(int(np.argmax(logits)))
-        t2 = time.perf_counter()
-        check_tokens(tokens, n)
-        if check and bad:
-            raise RuntimeError(f"NaN/Inf logits at {bad} of {n} steps")
-        return {"ttft_ms": (t1 - t0) * 1000, "tpot_ms": (t2 - t1) * 1000 / max(1, n - 1),
-                "tokens": tokens[:16]}
+        # the prefill's logits are always checked; a step's only in the warm-up
+        return greedy_run(lambda: pick(s.decode(prompt, 0), True),
+                          lambda token, i: pick(s.decode([token], p + i), check), n, check)
 
     runs, checked = repeat(once, spec)
     s.close()

@@ -26,15 +26,14 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 from tangquant import files
 from tangquant.engines import is_true
 from tangquant.gguf import amx
 from tangquant.gguf.reader import require_finite
 from tangquant.gguf.runtime import Session, session_options, system_info
 from tangquant.host import peak_rss_bytes
-from tangquant.measure.timing import check_tokens, prompt_ids, repeat, summary
+from tangquant.measure.runners.logits import pick
+from tangquant.measure.timing import greedy_run, prompt_ids, repeat, summary
 
 PROBE_TIMEOUT_S = 900
 
@@ -95,21 +94,9 @@ def run(spec: dict) -> dict:
     def once(run: int, check: bool) -> dict:
         prompt = prompt_ids(spec["vocab"], p, run)
         s.clear()
-        t0 = time.perf_counter()
-        logits = s.decode(prompt, 0)
-        t1 = time.perf_counter()
-        tokens = [int(np.argmax(logits))]
-        bad = 0 if np.isfinite(logits).all() else 1
-        for i in range(n - 1):
-            logits = s.decode([tokens[-1]], p + i)
-            bad += 0 if not check or np.isfinite(logits).all() else 1
-            tokens.append(int(np.argmax(logits)))
-        t2 = time.perf_counter()
-        check_tokens(tokens, n)
-        if check and bad:
-            raise RuntimeError(f"NaN/Inf logits at {bad} of {n} steps")
-        return {"ttft_ms": (t1 - t0) * 1000, "tpot_ms": (t2 - t1) * 1000 / max(1, n - 1),
-                "tokens": tokens[:16]}
+        # the prefill's logits are always checked; a step's only in the warm-up
+        return greedy_run(lambda: pick(s.decode(prompt, 0), True),
+                          lambda token, i: pick(s.decode([token], p + i), check), n, check)
 
     runs, checked = repeat(once, spec)
     s.close()

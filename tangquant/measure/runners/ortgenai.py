@@ -14,7 +14,7 @@ import os
 import time
 
 from tangquant.host import peak_rss_bytes
-from tangquant.measure.timing import check_tokens, prompt_ids, repeat, summary
+from tangquant.measure.timing import greedy_run, prompt_ids, repeat, summary
 from tangquant.ortgenai import runtime
 
 
@@ -28,21 +28,13 @@ def run(spec: dict) -> dict:
     def once(run: int, check: bool) -> dict:
         gen = runtime.generator(model, p + n)
         prompt = prompt_ids(spec["vocab"], p, run)
-        t0 = time.perf_counter()
-        runtime.prefill(gen, prompt)
-        token, finite = runtime.step(gen, check)
-        t1 = time.perf_counter()
-        tokens, bad = [token], int(not finite)
-        while len(tokens) < n and not gen.is_done():
-            token, finite = runtime.step(gen, check)
-            tokens.append(token)
-            bad += not finite
-        t2 = time.perf_counter()
-        check_tokens(tokens, n)
-        if check and bad:
-            raise RuntimeError(f"NaN/Inf logits at {bad} of {n} steps")
-        return {"ttft_ms": (t1 - t0) * 1000, "tpot_ms": (t2 - t1) * 1000 / max(1, n - 1),
-                "tokens": tokens[:16]}
+
+        def first() -> tuple[int, bool]:
+            runtime.prefill(gen, prompt)
+            return runtime.step(gen, check)
+
+        return greedy_run(first, lambda token, i: None if gen.is_done() else runtime.step(gen, check),
+                          n, check)
 
     runs, checked = repeat(once, spec)
     return {**out, "runs": runs, **summary(runs, p), "warmup_tokens": checked["tokens"]}
