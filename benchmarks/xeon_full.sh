@@ -19,7 +19,7 @@
 # and copy OUT back from every call before anything can overrun it:
 #   rm -rf /tmp/tq-repo && cp -r . /tmp/tq-repo && (setsid bash /tmp/tq-repo/benchmarks/xeon_full.sh all \
 #     /tmp/xo >/dev/null 2>&1 &); for i in $(seq 54); do sleep 10; tar -czf $OUT/xo.tgz -C /tmp/xo .; done
-# Later calls (issued at once: the machine goes back ~30 s after a call) run the same loop. The bench
+# Later calls (issued at once: the machine goes back ~30 s after a call) run the same loop. The ORT export
 # waits for /tmp/tq-ort.ready (a later call installs the newest onnxruntime there) up to TQ_ORT_WAIT s.
 #
 # Carried (git-ignored; benchmarks/xeon_pack.sh makes them): .carry/xeon-site.tar.xz (OpenVINO,
@@ -130,25 +130,37 @@ c.update(num_hidden_layers=2, max_window_layers=2, tie_word_embeddings=False); s
   fi
 }
 
+wait_ort() {  # a later call installs the pinned onnxruntime to $ort_site.new and touches /tmp/tq-ort.ready
+  local wait_s="${TQ_ORT_WAIT:-240}"
+  while [ ! -e /tmp/tq-ort.ready ] && [ "$wait_s" -gt 0 ] && [ -z "${TQ_PYTHON:-}" ]; do sleep 5; wait_s=$((wait_s - 5)); done
+}
+
+disk_log() { while :; do echo "$(date -u +%H:%M:%S) $(df -BG --output=used,avail "$work" | tail -1)" >> "$out/disk.log"; sleep 20; done; }
+
 setup() {
   host_record
+  disk_log & local disk_pid=$!
   install_ort
   ( build_llama; build_tools ) > "$out/build-llama.log" 2>&1 & local llama_pid=$!
   build_ik > "$out/build-ik.log" 2>&1 & local ik_pid=$!
   model_shape gptq "$shape" || exit 8
   model_shape draft-gptq 0.5b
-  # GGUF (needs llama.cpp for its load check) then the llama-quantize files of the same integers;
-  # the IR beside it; ONNX Runtime GenAI after the IR (its staging copy and the IR's do not fit at once).
+  # Three branches at once (16 cores, 128 GB; one IR export peaks near 31 GB of disk with its fp16
+  # staging copy and trace, the rest together under 25 GB: `disk.log` records it): the GGUF (needs
+  # llama.cpp for its load check) then the llama-quantize files of the same integers; the IR; the
+  # ONNX Runtime GenAI export once a later call has installed its onnxruntime.
   ( while kill -0 "$llama_pid" 2>/dev/null; do sleep 2; done
     step gguf "${tq[@]}" export --model gptq --output gguf --format gguf
     step anchors "$py" -m tangquant.measure.anchor --from-gguf "$(ls gguf/*.gguf)" --output anchors --types q4_0,q4_k_m
     step draft-gguf "${tq[@]}" export --model draft-gptq --output draft-gguf --format gguf ) &
   local gguf_pid=$!
+  ( wait_ort && step ort "${tq[@]}" export --model gptq --output ort --format ortgenai ) &
+  local ort_pid=$!
   step ir "${tq[@]}" export --model gptq --output ir --format openvino
   step draft-ir "${tq[@]}" export --model draft-gptq --output draft-ir --format openvino
-  step ort "${tq[@]}" export --model gptq --output ort --format ortgenai
-  wait "$gguf_pid" "$ik_pid"
+  wait "$gguf_pid" "$ik_pid" "$ort_pid"
   du -sh "$work"/* 2>/dev/null; df -h "$work" | tail -1
+  kill "$disk_pid" 2>/dev/null
   stamp "setup done"; touch "$out/setup.done"
 }
 
@@ -169,14 +181,14 @@ run_bench() {
 }
 
 bench() {
-  local wait_s="${TQ_ORT_WAIT:-240}" q40 qkm gg
-  while [ ! -e /tmp/tq-ort.ready ] && [ "$wait_s" -gt 0 ] && [ -z "${TQ_PYTHON:-}" ]; do sleep 5; wait_s=$((wait_s - 5)); done
+  local q40 qkm gg
+  wait_ort
   gg="$(first gguf/*.gguf)"; q40="$(first anchors/*-Q4_0.gguf)"; qkm="$(first anchors/*-Q4_K_M.gguf)"
   # 30 minutes of machine for setup, two benches and the step costs: the candidates a Xeon user would
   # pick (llama.cpp's two common quantizations, ik_llama.cpp's recommended -rtr, ONNX Runtime GenAI) and
-  # tangquant's IR at defaults and with the decode-side setting of the fair-peer issue, its GGUF.
+  # tangquant's IR and GGUF. (The IR's DYNAMIC_QUANTIZATION_GROUP_SIZE=0 lost at 7B on both Xeons measured.)
   run_bench main 512 128 "${TQ_ROUNDS:-2}" \
-    tq-ir=ov:ir tq-ir-dq0=ov:ir,DYNAMIC_QUANTIZATION_GROUP_SIZE=0 "tq-gguf=llamacpp:$gg" \
+    tq-ir=ov:ir "tq-gguf=llamacpp:$gg" \
     "llama-Q4_0=llamacpp:$q40" "llama-Q4_K_M=llamacpp:$qkm" "ik-Q4_0-rtr=iklcpp:$q40,rtr=1" ort=ortgenai:ort
   stamp "bench main done"
 }
@@ -184,8 +196,8 @@ bench() {
 bench_short() {
   local gg q40
   gg="$(first gguf/*.gguf)"; q40="$(first anchors/*-Q4_0.gguf)"
-  run_bench short 32 256 "${TQ_ROUNDS:-2}" tq-ir-dq0=ov:ir,DYNAMIC_QUANTIZATION_GROUP_SIZE=0 \
-    "tq-gguf=llamacpp:$gg" "llama-Q4_0=llamacpp:$q40"
+  run_bench short 32 256 "${TQ_ROUNDS:-2}" tq-ir=ov:ir "tq-gguf=llamacpp:$gg" "llama-Q4_0=llamacpp:$q40" \
+    ort=ortgenai:ort
   [ -x "$tools/bin/llama-bench" ] && "$tools/bin/llama-bench" -m "$q40" -m "$gg" -t "$threads" -p 512 -n 128 \
     -r 2 -o md >> "$out/llama-bench.md" 2>&1
   stamp "bench done"
