@@ -28,7 +28,7 @@ CAPABILITIES = {
     "multi_lora": "support for several LoRA adapters on one base, chosen per request",
     "batching": "continuous batching of concurrent requests",
     "json_schema": "JSON-schema constrained output (response_format)",
-    "draft": "speculative decoding with a draft model",
+    "draft": "speculative decoding with a draft model in chat and serve",
 }
 _PROPERTY = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -103,6 +103,7 @@ class Engine:
     tune_grid: str | None = None        # (threads, flags) -> axes for `tangquant tune`
     tune_gate: str | None = None        # tune's fidelity worker: run(spec) -> KLD and greedy checks
     adapter_option: str | None = None   # the option naming a LoRA directory, if any
+    instead: tuple[tuple[str, str], ...] = ()  # (capability, what to do instead) for a refusal
     extras: tuple[str, ...] = field(default=())  # the pip extra(s) that install its runtime
 
     def option(self, key: str) -> Option | None:
@@ -142,8 +143,9 @@ class Engine:
     def require(self, capability: str, asked_by: str) -> None:
         """Refuse, in one line, a feature this engine lacks (never drop it silently)."""
         if capability not in self.capabilities:
+            hint = dict(self.instead).get(capability)
             raise EngineError(f"{asked_by}: the {self.name} engine ({self.runtime}) has no "
-                              f"{CAPABILITIES[capability]}")
+                              f"{CAPABILITIES[capability]}" + (f"; {hint}" if hint else ""))
 
 
 def entry(ref: str):
@@ -208,7 +210,9 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
            "API); repack=0|1 turns its CPU weight repacking (AMX's too) off or on, ctk/ctv set the KV "
            "cache types and fa flash attention (llama-bench's -ctk/-ctv/-fa; defaults as llama.cpp)",
            options=_LLAMACPP + _DRAFT,
-           capabilities=frozenset({"stream", "batching", "json_schema", "draft"}), extras=("llamacpp",),
+           capabilities=frozenset({"stream", "batching", "json_schema"}), extras=("llamacpp",),
+           instead=(("draft", "draft with an IR pair, or measure a GGUF pair with `tangquant bench "
+                              "--candidate NAME=llamacpp:T.gguf,draft=D.gguf`"),),
            chat="tangquant.generators:LlamaCppGenerator", serve="tangquant.server.llamacpp:open_engine",
            tune_grid="tangquant.gguf.options:tune_grid", tune_gate="tangquant.gguf.gate:run"),
     Engine("iklcpp", "ik_llama.cpp", ("gguf",), "tangquant.measure.runners.iklcpp:run",

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from tangquant import draft as drafts
 from tangquant import load
+from tangquant.engines import ENGINES
 from tangquant.errors import EngineError, InputError
 from tangquant.generate import PROBE, Sampling, SamplingError, _ContextCap, genai_config
 from tangquant.gguf import options as llama_options
@@ -195,9 +196,7 @@ class LlamaCppGenerator(_ContextCap):
         from tangquant import host
 
         if draft:  # llama.cpp drafts in the bench (gguf/speculative.py), not in the child process
-            raise EngineError("--draft with a GGUF: llama.cpp's chat and server run without a draft "
-                              "here; draft with an IR pair, or measure a GGUF pair with `tangquant "
-                              "bench --candidate NAME=llamacpp:T.gguf,draft=D.gguf`")
+            ENGINES["llamacpp"].require("draft", "--draft")
         self.tokenizer = load.tokenizer(md)
         if not self.tokenizer.chat_template:
             raise InputError(f"the tokenizer of {md.path} has no chat template")

@@ -97,8 +97,6 @@ def _serving_engine(model, cfg: ServeConfig):
         engine.require("multi_lora", "--adapter")
     if cfg.draft:  # the draft in the model's format, with its tokenizer and chat template
         engine.require("draft", "--draft")
-        if engine.name != "ov":  # llama.cpp drafts in the bench only (gguf/speculative.py)
-            raise ServeError(f"--draft: the server drafts with OpenVINO IRs only, not {engine.runtime}")
         draft.check(md.path, load.inspect(cfg.draft, kinds=engine.models, what="draft").path)
     if engine.name == "ov" and settings:  # the OpenVINO factory takes them as --ov-config and flags
         cfg = ov_settings(cfg, settings)

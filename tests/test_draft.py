@@ -304,12 +304,15 @@ def test_draft_options_are_rows_of_the_engines_table():
 
     for kind in ("ov", "llamacpp"):
         e = engines.get(kind)
-        assert e.has("draft") and e.check_options({"draft": "d", "draft_tokens": "3"})["draft_tokens"] == "3"
+        assert e.check_options({"draft": "d", "draft_tokens": "3"})["draft_tokens"] == "3"
         with pytest.raises(EngineError, match="option draft_tokens needs draft"):
             e.check_options({"draft_tokens": "3"})
         with pytest.raises(EngineError, match=">= 1"):
             e.check_options({"draft": "d", "draft_tokens": "0"})
-    assert not engines.get("torch").has("draft")
+    # chat and serve draft with openvino-genai; llama.cpp's draft= is the bench's, and the refusal says so
+    assert engines.get("ov").has("draft") and not engines.get("torch").has("draft")
+    with pytest.raises(EngineError, match="no speculative decoding .* in chat and serve; .*draft=D.gguf"):
+        engines.get("llamacpp").require("draft", "--draft")
     # tune's grid: the draft axis is empty without a draft, K values with one; never in runtime_options
     assert [a.values for a in tune_grid(("draft",), 4, set(), 4)] == [({},)]
     (axis,) = tune_grid(("draft",), 4, set(), 4, draft="d")
@@ -325,7 +328,7 @@ def test_chat_and_serve_refuse_a_gguf_draft_in_one_line(draft_pair, capsys):
     gguf, draft = str(draft_pair["gguf"]), str(draft_pair["draft_gguf"])
     rc = main(["chat", "--model", gguf, "--draft", draft, "--prompt", "x", "--temperature", "0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "run without a draft" in err[0] and "draft=" in err[0]
+    assert rc == 2 and len(err) == 1 and "no speculative decoding" in err[0] and "draft=" in err[0]
     rc = main(["serve", "--model", gguf, "--draft", draft, "--port", "0"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "OpenVINO IRs only" in err[0]
+    err2 = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err2 == err  # one refusal, from the engines table, for both commands
