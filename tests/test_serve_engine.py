@@ -99,6 +99,31 @@ def test_adapters_by_name_match_peft_and_differ_from_the_base(server, tiny_model
     assert len(set(texts.values())) == 3  # the base and each adapter differ
 
 
+def test_every_adapter_config_holds_every_adapter_so_switches_keep_the_lora_shapes(
+        qv_adapter_dir, second_adapter):
+    """An adapter switch changes alphas only, never which adapters (and so which LoRA ranks) the
+    pipeline holds: a config with the chosen adapter alone made genai 2026.4 reshape the LoRA states at
+    each switch, and the CPU plugin's next step crashed now and then (docs/guarantees.md). Both orders
+    of each name hold the same adapters, so genai sees a change of adapters at each switch and sets
+    every alpha (its check for a change of alphas alone reads only the last adapter's)."""
+    import openvino_genai
+
+    from tangquant.server.batch import adapter_configs
+
+    loaded = {name: (openvino_genai.Adapter(str(d / "adapter_model.safetensors")), alpha)
+              for name, d, alpha in (("tang", qv_adapter_dir, 2.0), ("rs", second_adapter, 3.0))}
+    configs = adapter_configs(loaded)
+    assert set(configs) == {None, "tang", "rs"}
+    for chosen, pair in configs.items():
+        first, second = ([alpha for _, alpha in c.get_adapters_and_alphas()] for c in pair)
+        assert len(pair) == 2 and first == second[::-1]  # the same adapters, in two orders
+        for config in pair:
+            assert len(config.get_adapters()) == 2
+            alphas = {name: config.get_alpha(a) for name, (a, _) in loaded.items()}
+            assert alphas == {name: (alpha if name == chosen else 0.0)
+                              for name, (_, alpha) in loaded.items()}, chosen
+
+
 def test_mixed_adapter_traffic_gives_each_request_its_own_model(server):
     """Concurrent requests for the base and two adapters: each reply equals the one the same
     request gets alone (the engine switches adapters between batches, never inside one)."""

@@ -102,14 +102,34 @@ class _Request:
     gaps: list = field(default_factory=list)
 
 
+def adapter_configs(adapters: dict) -> dict:
+    """For the base (None) and each adapter name, two genai configs holding every adapter, in two orders.
+
+    A config holding only the chosen adapter (none for the base) changes the LoRA states' rank at every
+    switch (genai 2026.4 concatenates the active adapters' A and B per layer, rank 0 for none); the CPU
+    plugin's next step then crashed now and then (segfault, heap corruption) when switches between the
+    base and adapters of different ranks and targets met schema-constrained batches. Holding every
+    adapter always keeps the states' shapes fixed: the chosen one gets its alpha, the others 0, which
+    adds exact zeros. The two orders make each switch a change of adapters to genai: its check for a
+    change of alphas alone compares only the last adapter's (``compare_configs``), and would miss the
+    rest.
+    """
+    items = list(adapters.items())
+    out = {}
+    for chosen in (None, *adapters):
+        out[chosen] = tuple(openvino_genai.AdapterConfig(
+            [(a, alpha if name == chosen else 0.0) for name, (a, alpha) in order])
+            for order in (items, items[::-1]))
+    return out
+
+
 class BatchEngine(Engine):
     def __init__(self, model_dir, name, cfg, properties: dict, adapters: dict):
         """``properties``: OpenVINO properties; ``adapters``: name -> (genai Adapter, alpha)."""
         super().__init__(model_dir, name, cfg, properties)
         self.adapter_names = tuple(adapters)
-        self._adapter_configs = {None: openvino_genai.AdapterConfig()}
-        for aname, (adapter, alpha) in adapters.items():
-            self._adapter_configs[aname] = openvino_genai.AdapterConfig(adapter, alpha)
+        self._adapter_configs = adapter_configs(adapters)
+        self._order = 0  # which of a name's two configs (adapter orders) the pipeline holds
         self._properties = dict(properties)
         self._draft_tokens = None
         if cfg.draft:
@@ -269,7 +289,8 @@ class BatchEngine(Engine):
         """A one-token ``generate()`` on the idle pipeline applies ``adapter`` to all of it."""
         config = self._pipe.get_config()
         config.max_new_tokens, config.do_sample = 1, False
-        config.adapters = self._adapter_configs[adapter]
+        self._order ^= 1  # the other order: genai sees new adapters and sets every state (see adapter_configs)
+        config.adapters = self._adapter_configs[adapter][self._order]
         token = max(0, self._detok.get_eos_token_id())
         self._pipe.generate([ov.Tensor(np.array([[token]], dtype=np.int64))], [config])
         logger.debug("adapter switched to %s", adapter or "none (the base)")
