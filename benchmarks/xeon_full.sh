@@ -7,10 +7,13 @@
 #                               the run-time probe allow it), llama.cpp's own tools (llama-bench,
 #                               llama-speculative-simple), ik_llama.cpp (native), ONNX Runtime GenAI;
 #                               the random 7B GPTQ checkpoint (shapes --gptq), its IR, its GGUF (q5_0
-#                               head, the export's default), llama-quantize Q4_0 and Q4_K_M of that
-#                               GGUF, its ONNX Runtime GenAI export; the 0.5B draft's IR and GGUF
+#                               head, the export's default), llama-quantize Q4_0 of that GGUF (and
+#                               Q4_K_M with TQ_KM=1), its ONNX Runtime GenAI export; the 0.5B draft's
+#                               IR and GGUF
 #   xeon_full.sh bench OUT      one `tangquant bench` run at -p 512 -n 128 over every candidate there
-#                               is, rounds interleaved; then the short-in/long-out workload (-p 32 -n 256)
+#                               is, rounds interleaved (one round when TQ_DEADLINE, the lease's end in
+#                               epoch seconds, comes too soon for two); then the short-in/long-out
+#                               workload (-p 32 -n 256)
 #   xeon_full.sh steps OUT      speculative decoding's step costs at 7B target / 0.5B draft
 #                               (benchmarks/draft_step_cost.py)
 #   xeon_full.sh status OUT     the log's tail and each step's wall time and peak RSS
