@@ -51,7 +51,7 @@ def table(rows: list[dict], ref: str) -> str:
     out.append(f"\n{h['cpu']} (family {h.get('cpu_family')}, model {h.get('cpu_model_number')}), "
                f"{h.get('physical_cores')} cores, L3 {h.get('l3_bytes', 0) / 2**20:.0f} MiB, {rows[0]['threads']} "
                f"threads; read roofline {rows[0]['bandwidth']['read_gbs']:.0f} GB/s; {rows[0]['date']}; "
-               + (f"{n} rounds interleaved, medians." if (n := rows[0]["flags"]["rounds"]) > 1
+               + (f"{rounds} rounds interleaved, medians." if (rounds := rows[0]["flags"]["rounds"]) > 1
                   else "one round: single values, not medians (noise not measured)."))
     return "\n".join(out)
 

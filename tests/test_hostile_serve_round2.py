@@ -259,8 +259,8 @@ def test_a_mixed_storm_ends_with_every_good_stream_complete(ir, qv_adapter_dir, 
     """Good streams on the base and two adapters, half of them with a JSON schema, bad schemas,
     hang-ups, at once: every good stream complete, every bad schema a 400, no rebuild, the RSS back
     within 5%. (Schema'd streams across switches between the base and adapters of different ranks
-    crashed openvino-genai 2026.4's step in 8 of 70 storms until every switch kept every adapter:
-    ``server.batch.adapter_configs``.)"""
+    crashed openvino-genai 2026.4's step in 8 of 70 runs of 200 streams until every switch kept
+    every adapter: ``server.batch.adapter_configs``.)"""
     import serve_faults
     from conftest import make_adapter
 

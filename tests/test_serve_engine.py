@@ -101,11 +101,11 @@ def test_adapters_by_name_match_peft_and_differ_from_the_base(server, tiny_model
 
 def test_every_adapter_config_holds_every_adapter_so_switches_keep_the_lora_shapes(
         qv_adapter_dir, second_adapter):
-    """An adapter switch changes alphas only, never which adapters (and so which LoRA ranks) the
-    pipeline holds: a config with the chosen adapter alone made genai 2026.4 reshape the LoRA states at
-    each switch, and the CPU plugin's next step crashed now and then (docs/guarantees.md). Both orders
-    of each name hold the same adapters, so genai sees a change of adapters at each switch and sets
-    every alpha (its check for a change of alphas alone reads only the last adapter's)."""
+    """An adapter switch never changes the set of adapters (and so the LoRA ranks) the pipeline
+    holds, only their alphas and order: a config with the chosen adapter alone made genai 2026.4
+    reshape the LoRA states at each switch, and the CPU plugin's next step crashed now and then
+    (docs/guarantees.md). The two orders make genai take each switch as new adapters and set every
+    alpha (its check for a change of alphas alone reads only the last adapter's)."""
     import openvino_genai
 
     from tangquant.server.batch import adapter_configs
