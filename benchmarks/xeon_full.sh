@@ -16,6 +16,11 @@
 #                               workload (-p 32 -n 256)
 #   xeon_full.sh steps OUT      speculative decoding's step costs at 7B target / 0.5B draft
 #                               (benchmarks/draft_step_cost.py)
+#   xeon_full.sh gptq OUT       the pipeline's own steps at full size: a random 7B bf16 model and q/v LoRA
+#                               (shapes), `tangquant merge` of them, then `tangquant quantize` with the
+#                               layer-wise GPTQ recipe and its calibration (128 x 512 tokens of the Tang
+#                               calibration split that `tangquant data` writes, carried as
+#                               .carry/calib/tang_calib.json or named by TQ_CALIB); alone on the machine
 #   xeon_full.sh status OUT     the log's tail and each step's wall time and peak RSS
 #
 # Start it from a copy of the checkout (a later call replaces the checkout), in its own session,
@@ -223,11 +228,24 @@ steps() {
   stamp "steps done"
 }
 
+gptq7() {
+  host_record
+  disk_log & local disk_pid=$!
+  step base7 "$py" -m tangquant.poet.shapes --shape "$shape" --output base7 --adapter lora7 || exit 8
+  step merged7 "${tq[@]}" merge --model base7 --adapter lora7 --output merged7 || exit 8
+  rm -rf base7  # the GPTQ reads the merged model only; its checkpoint needs the room
+  step gptq7 "${tq[@]}" quantize --model merged7 --output gptq7 \
+    --recipe "$repo/recipes/int4-gptq-g128-layerwise.yaml" --calib "${TQ_CALIB:-$repo/.carry/calib/tang_calib.json}"
+  kill "$disk_pid" 2>/dev/null
+  stamp "gptq done"; touch "$out/gptq.done"
+}
+
 case "$phase" in
   setup) setup ;;
+  gptq) gptq7 ;;
   bench) bench; bench_short ;;
   steps) steps ;;
   # what the headline needs first: a lease can end before the last phase
   all) setup; bench; steps; bench_short; stamp "all done"; touch "$out/all.done" ;;
-  *) echo "usage: xeon_full.sh all|setup|bench|steps|status OUT" >&2; exit 2 ;;
+  *) echo "usage: xeon_full.sh all|setup|bench|steps|gptq|status OUT" >&2; exit 2 ;;
 esac

@@ -8,9 +8,10 @@ driver throws away. That is about nine block forwards per sample per layer where
 partial forward per group: a profile of the default run on the demo poet put 73% of the time in
 those two forwards.
 
-Here each group runs the samples through the block only until every linear of the group has seen
-its input (a hook stops the forward there), INC's own ``GPTQ`` object accumulates the Hessian and
-runs ``fasterquant``, and INC's ``INCWeightOnlyLinear`` packs the integers exactly as INC's
+Here each group runs the samples through the block only until the group's input exists (a hook
+stops the forward before the group's first linear: the linears of a true-sequential group read one
+tensor, so one Hessian serves them all, and GPTQ needs no product of theirs), INC's own ``GPTQ``
+object accumulates the Hessian and runs ``fasterquant``, and INC's ``INCWeightOnlyLinear`` packs the integers exactly as INC's
 ``convert`` does (its step 2.6) and stands in for the linear in the later groups' forwards. The
 integers are INC's, bit for bit (tested against INC's whole-model run).
 """
@@ -41,8 +42,12 @@ def layer_config(config) -> dict:
             "static_groups": config.static_groups, "true_sequential": False, "perchannel": True}
 
 
-def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict) -> dict:
-    """{linear name: INC GPTQ object holding its Hessian} from one partial forward per sample."""
+def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shared: bool) -> dict:
+    """{linear name: INC GPTQ object holding its Hessian} from one partial forward per sample.
+
+    ``shared``: every linear of the group reads the same tensor (a true-sequential group), so one
+    Hessian serves them all and the forward stops *before* the group's first linear: GPTQ's
+    Hessian needs the inputs only, and their products are what the earlier passes wasted."""
     gptqs = {}
     for name in group:
         linear = block.get_submodule(name)
@@ -50,7 +55,11 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict) -> d
         gptqs[name].quantizer.configure(cfg)
     seen: set[str] = set()
 
-    def hook(name):
+    def before(_module, args):
+        gptqs[group[0]].add_batch(args[0].data, None)
+        raise _GroupDone
+
+    def after(name):
         def collect(_module, inp, out):
             gptqs[name].add_batch(inp[0].data, out.data)
             seen.add(name)
@@ -58,7 +67,8 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict) -> d
                 raise _GroupDone
         return collect
 
-    handles = [block.get_submodule(n).register_forward_hook(hook(n)) for n in group]
+    handles = ([block.get_submodule(group[0]).register_forward_pre_hook(before)] if shared else
+               [block.get_submodule(n).register_forward_hook(after(n)) for n in group])
     try:
         for h in hidden:
             seen.clear()
@@ -69,6 +79,9 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict) -> d
     finally:
         for handle in handles:
             handle.remove()
+    if shared:  # fasterquant edits its H in place: each linear gets its own copy
+        for name in group[1:]:
+            gptqs[name].H, gptqs[name].nsamples = gptqs[group[0]].H.clone(), gptqs[group[0]].nsamples
     return gptqs
 
 
@@ -100,11 +113,13 @@ def _replace(block, name: str, module) -> None:
 
 
 @torch.no_grad()
-def quantize_groups(block, groups: list[list[str]], hidden: list, kwargs_for, config) -> None:
+def quantize_groups(block, groups: list[list[str]], hidden: list, kwargs_for, config,
+                    shared: bool = False) -> None:
     """GPTQ every linear of ``block`` group by group, each group calibrated with the earlier
-    groups already quantized; the linears are replaced in place by INC's packed modules."""
+    groups already quantized; the linears are replaced in place by INC's packed modules.
+    ``shared``: each group's linears read one tensor (``layer_by_layer.sequential_groups``)."""
     cfg = layer_config(config)
     for group in groups:
-        gptqs = _hessians(block, group, hidden, kwargs_for, cfg)
+        gptqs = _hessians(block, group, hidden, kwargs_for, cfg, shared)
         for name in group:
             _replace(block, name, _packed(block.get_submodule(name), gptqs[name], cfg))

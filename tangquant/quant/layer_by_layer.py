@@ -144,7 +144,7 @@ def quantize_block(block, recipe: QuantRecipe, hidden: list, ctx: _Context, mode
     groups = (sequential_groups(block, hidden[0], ctx) if recipe.true_sequential
               else [_linears(block)])
     quantize_groups(block, groups, hidden, ctx.kwargs,
-                    inc_config(recipe, model_dir, true_sequential=False))
+                    inc_config(recipe, model_dir, true_sequential=False), shared=recipe.true_sequential)
     left = _linears(block)
     if left:
         raise QuantizationError(f"INC left {left[:3]} unquantized")
