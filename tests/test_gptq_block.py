@@ -30,8 +30,48 @@ def test_each_group_runs_the_block_once_per_sample_and_stops_before_its_linears(
         lambda *_: calls.__setitem__("down_proj done", calls["down_proj done"] + 1))
     with inc_workspace():
         out = lbl.quantize_block(block, QuantRecipe(group_size=32), hidden, ctx, Path(tiny_model_dir))
-    # sequential_groups' probe forward, then (q,k,v | o | gate,up | down): one pass per group
-    assert calls["layer"] == 1 + 4 * len(hidden)
-    assert calls["down_proj"] == 1 + len(hidden)  # the probe, then the down group's own pass only
-    assert calls["down_proj done"] == 1  # the probe's: the down group stopped at its input
+    # two probes (sequential_groups', the replay plan's), then (q,k,v | o | gate,up | down): one pass each
+    assert calls["layer"] == 2 + 4 * len(hidden)
+    assert calls["down_proj"] == 2 + len(hidden)  # the probes, then the down group's own pass only
+    assert calls["down_proj done"] == 2  # the probes': the down group stopped at its input
     assert not lbl._linears(out)
+
+
+def _quantized_layer(model_dir: Path, hidden: list, replay: bool, monkeypatch):
+    """Layer 0 quantized true-sequentially: (its state dict, how often its attention ran)."""
+    from tangquant.checkpoint import TensorReader
+    from tangquant.quant import gptq_block
+    from tangquant.quant import layer_by_layer as lbl
+    from tangquant.quant.inc import inc_workspace
+    from tangquant.quant.recipe import QuantRecipe
+
+    skeleton, rotary = lbl._skeleton(model_dir)
+    block = lbl._one_layer_model(lbl._load_layer(skeleton, TensorReader(model_dir), 0))
+    calls = []
+    block.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    with monkeypatch.context() as patch:
+        if not replay:
+            patch.setattr(gptq_block, "_replay_plan", lambda *_: {})
+        with inc_workspace():
+            out = lbl.quantize_block(block, QuantRecipe(group_size=32), hidden, lbl._Context(rotary), model_dir)
+    return out.state_dict(), len(calls)
+
+
+def test_the_later_groups_replay_the_attention_and_get_the_same_integers(tiny_model_dir, monkeypatch):
+    """After o_proj is quantized, gate/up and down need only o_proj applied to the attention output
+    the o group captured: the attention (q/k/v included) runs in the first two groups only, and
+    every integer and scale is what running the whole attention again gives."""
+    import torch
+
+    from tangquant.quant import layer_by_layer as lbl
+
+    torch.manual_seed(0)
+    width = lbl._skeleton(Path(tiny_model_dir))[0].config.hidden_size
+    hidden = [torch.randn(1, 24, width) for _ in range(3)]
+    replayed, attention_runs = _quantized_layer(Path(tiny_model_dir), hidden, True, monkeypatch)
+    again, attention_runs_again = _quantized_layer(Path(tiny_model_dir), hidden, False, monkeypatch)
+    assert attention_runs == 2 + 2 * len(hidden)  # two probes, the q/k/v and o groups
+    assert attention_runs_again == 1 + 4 * len(hidden)
+    assert replayed.keys() == again.keys() and any(k.endswith("qweight") for k in replayed)
+    for name, tensor in replayed.items():
+        assert torch.equal(tensor, again[name]), name

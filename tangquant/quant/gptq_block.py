@@ -42,12 +42,15 @@ def layer_config(config) -> dict:
             "static_groups": config.static_groups, "true_sequential": False, "perchannel": True}
 
 
-def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shared: bool) -> dict:
+def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shared: bool,
+              replays: list, keep: list | None = None) -> dict:
     """{linear name: INC GPTQ object holding its Hessian} from one partial forward per sample.
 
     ``shared``: every linear of the group reads the same tensor (a true-sequential group), so one
     Hessian serves them all and the forward stops *before* the group's first linear: GPTQ's
-    Hessian needs the inputs only, and their products are what the earlier passes wasted."""
+    Hessian needs the inputs only, and their products are what the earlier passes wasted.
+    ``keep`` collects the group's input of every sample (for a ``_Replay``); ``replays`` are told
+    which sample is running."""
     gptqs = {}
     for name in group:
         linear = block.get_submodule(name)
@@ -57,6 +60,8 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shar
 
     def before(_module, args):
         gptqs[group[0]].add_batch(args[0].data, None)
+        if keep is not None:
+            keep.append(args[0].data)
         raise _GroupDone
 
     def after(name):
@@ -70,7 +75,9 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shar
     handles = ([block.get_submodule(group[0]).register_forward_pre_hook(before)] if shared else
                [block.get_submodule(n).register_forward_hook(after(n)) for n in group])
     try:
-        for h in hidden:
+        for i, h in enumerate(hidden):
+            for replay in replays:
+                replay.index = i
             seen.clear()
             try:
                 block(h, **kwargs_for(h))
@@ -112,14 +119,80 @@ def _replace(block, name: str, module) -> None:
     setattr(block.get_submodule(parent), leaf, module)
 
 
+class _Replay(torch.nn.Module):
+    """Stands in, in the later groups' passes, for the module around a quantized one-linear group
+    (Qwen2's attention around o_proj): it applies that linear to the input the group's own pass
+    captured for the sample, so the later groups skip what comes before it (q/k/v and the
+    attention) and get, bit for bit, what the whole module gives."""
+
+    def __init__(self, linear, inputs: list, rest: int):
+        super().__init__()
+        self.linear, self.inputs, self.rest, self.index = linear, inputs, rest, 0
+
+    def forward(self, *_args, **_kwargs):
+        out = self.linear(self.inputs[self.index])
+        return out if self.rest < 0 else (out,) + (None,) * self.rest
+
+
+def _replayable(block, name: str, probe, kwargs) -> int | None:
+    """How the module around linear ``name`` returns the linear's output, seen on a probe: -1 as
+    it is, n as the first of a tuple with n Nones after it; None when it does anything else."""
+    parent = block.get_submodule(name.rpartition(".")[0])
+    seen = {}
+    handles = [block.get_submodule(name).register_forward_hook(lambda _m, _i, o: seen.setdefault("linear", o)),
+               parent.register_forward_hook(lambda _m, _i, o: seen.setdefault("parent", o))]
+    try:
+        block(probe, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out, linear = seen.get("parent"), seen.get("linear")
+    if linear is None or parent is block:
+        return None
+    if out is linear:
+        return -1
+    if isinstance(out, tuple) and out and out[0] is linear and all(x is None for x in out[1:]):
+        return len(out) - 1
+    return None
+
+
+def _replay_plan(block, groups: list[list[str]], probe, kwargs) -> dict[int, int]:
+    """{group index: its _Replay's tuple rest} for the one-linear groups whose module can be replayed
+    and holds no linear of a later group."""
+    plan = {}
+    for i, group in enumerate(groups[:-1]):
+        parent = group[0].rpartition(".")[0]
+        later = [n for g in groups[i + 1:] for n in g]
+        if len(group) == 1 and parent and not any(n.startswith(parent + ".") for n in later):
+            rest = _replayable(block, group[0], probe, kwargs)
+            if rest is not None:
+                plan[i] = rest
+    return plan
+
+
 @torch.no_grad()
 def quantize_groups(block, groups: list[list[str]], hidden: list, kwargs_for, config,
                     shared: bool = False) -> None:
     """GPTQ every linear of ``block`` group by group, each group calibrated with the earlier
     groups already quantized; the linears are replaced in place by INC's packed modules.
-    ``shared``: each group's linears read one tensor (``layer_by_layer.sequential_groups``)."""
+    ``shared``: each group's linears read one tensor (``layer_by_layer.sequential_groups``); then
+    a one-linear group's captured inputs replay its module for the later groups (``_Replay``)."""
     cfg = layer_config(config)
-    for group in groups:
-        gptqs = _hessians(block, group, hidden, kwargs_for, cfg, shared)
-        for name in group:
-            _replace(block, name, _packed(block.get_submodule(name), gptqs[name], cfg))
+    probe = hidden[0][:, :8]
+    plan = _replay_plan(block, groups, probe, kwargs_for(probe)) if shared and hidden else {}
+    swapped: list[tuple[str, torch.nn.Module]] = []  # (name, the module a _Replay stands in for)
+    replays: list[_Replay] = []
+    try:
+        for i, group in enumerate(groups):
+            keep = [] if i in plan else None
+            gptqs = _hessians(block, group, hidden, kwargs_for, cfg, shared, replays, keep)
+            for name in group:
+                _replace(block, name, _packed(block.get_submodule(name), gptqs[name], cfg))
+            if keep is not None:
+                parent = group[0].rpartition(".")[0]
+                swapped.append((parent, block.get_submodule(parent)))
+                replays.append(_Replay(block.get_submodule(group[0]), keep, plan[i]))
+                _replace(block, parent, replays[-1])
+    finally:
+        for parent, module in reversed(swapped):
+            _replace(block, parent, module)
