@@ -17,10 +17,10 @@
 #   xeon_full.sh steps OUT      speculative decoding's step costs at 7B target / 0.5B draft
 #                               (benchmarks/draft_step_cost.py)
 #   xeon_full.sh gptq OUT       the pipeline's own steps at full size: a random 7B bf16 model and q/v LoRA
-#                               (shapes), `tangquant merge` of them, then `tangquant quantize` with the
-#                               layer-wise GPTQ recipe and its calibration (128 x 512 tokens of the Tang
-#                               calibration split that `tangquant data` writes, carried as
-#                               .carry/calib/tang_calib.json or named by TQ_CALIB); alone on the machine
+#                               (shapes), `tangquant merge` of them and, beside it, `tangquant quantize`
+#                               of the model with the layer-wise GPTQ recipe and its calibration (128 x
+#                               512 tokens of the Tang calibration split that `tangquant data` writes,
+#                               carried as .carry/calib/tang_calib.json or named by TQ_CALIB)
 #   xeon_full.sh status OUT     the log's tail and each step's wall time and peak RSS
 #
 # Start it from a copy of the checkout (a later call replaces the checkout), in its own session,
@@ -232,10 +232,12 @@ gptq7() {
   host_record
   disk_log & local disk_pid=$!
   step base7 "$py" -m tangquant.poet.shapes --shape "$shape" --output base7 --adapter lora7 || exit 8
-  step merged7 "${tq[@]}" merge --model base7 --adapter lora7 --output merged7 || exit 8
-  rm -rf base7  # the GPTQ reads the merged model only; its checkpoint needs the room
-  step gptq7 "${tq[@]}" quantize --model merged7 --output gptq7 \
+  # The merge beside the GPTQ (a lease is short): the GPTQ reads the base, whose shapes are the merged
+  # model's; the merge's peak RSS is its own, its wall time and the GPTQ's first layer share the machine.
+  step merged7 "${tq[@]}" merge --model base7 --adapter lora7 --output merged7 & local merge_pid=$!
+  step gptq7 "${tq[@]}" quantize --model base7 --output gptq7 \
     --recipe "$repo/recipes/int4-gptq-g128-layerwise.yaml" --calib "${TQ_CALIB:-$repo/.carry/calib/tang_calib.json}"
+  wait "$merge_pid"
   kill "$disk_pid" 2>/dev/null
   stamp "gptq done"; touch "$out/gptq.done"
 }
