@@ -1,4 +1,4 @@
-"""GPTQ on one decoder layer: INC's GPTQ core, the block run only as far as each group needs.
+"""GPTQ on one decoder layer: INC's GPTQ core, the block run only up to each group's input.
 
 The layer-by-layer driver used to call INC's ``prepare``/``convert`` once per group of linears
 (true-sequential: q/k/v, o, gate/up, down). Each such call makes ``RAWGPTQuantizer`` capture the
@@ -10,8 +10,10 @@ those two forwards.
 
 Here each group runs the samples through the block only until the group's input exists (a hook
 stops the forward before the group's first linear: the linears of a true-sequential group read one
-tensor, so one Hessian serves them all, and GPTQ needs no product of theirs), INC's own ``GPTQ``
-object accumulates the Hessian and runs ``fasterquant``, and INC's ``INCWeightOnlyLinear`` packs the integers exactly as INC's
+tensor, so one Hessian serves them all, and GPTQ needs no product of theirs); once o_proj is
+quantized, the later groups replay the attention from the input the o group captured (``_Replay``)
+instead of running q/k/v and the attention again. INC's own ``GPTQ`` object accumulates the Hessian
+and runs ``fasterquant``, and INC's ``INCWeightOnlyLinear`` packs the integers exactly as INC's
 ``convert`` does (its step 2.6) and stands in for the linear in the later groups' forwards. The
 integers are INC's, bit for bit (tested against INC's whole-model run).
 """

@@ -15,7 +15,7 @@ already quantized. INC 3.10 also replaces the block's *input* hidden states
 with its output after every group (step 2.5 of
 ``RAWGPTQuantizer.execute_quantization`` sits inside the loop over groups), so
 here each group is calibrated on the layer's own cached inputs by INC's GPTQ
-core, the block run only as far as the group (``quant/gptq_block``).
+core, the block run only up to the group's input (``quant/gptq_block``).
 
 The fidelity report is computed in the same pass: held-out samples flow
 through the source layers and through the quantized layers side by side.
