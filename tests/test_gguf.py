@@ -127,7 +127,14 @@ def test_llama_cpp_logits_correlate_with_fp32_reference(gguf_export, gptq_dir, t
         ref = load.torch_model(gptq_dir)(input_ids=torch.tensor([ids])).logits[0].numpy()
     corr = [np.corrcoef(a, b)[0, 1] for a, b in zip(got, ref)]
     assert min(corr) >= 0.99, corr
-    assert float(np.mean(got.argmax(-1) == ref.argmax(-1))) >= 0.9
+    # Where the reference's top two are further apart than twice llama.cpp's largest logit error, the
+    # error cannot swap them: the same token there. (The tiny random model has near-ties elsewhere,
+    # and the GPTQ fixture's integers vary a little from run to run with two threads.)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decisive = top2[:, 1] - top2[:, 0] > 2 * np.abs(got - ref).max(-1)
+    assert decisive.sum() >= 5, "too few decisive positions for the check to mean anything"
+    assert (got.argmax(-1) == ref.argmax(-1))[decisive].all()
+    assert float(np.mean(got.argmax(-1) == ref.argmax(-1))) >= 0.75
 
 
 @pytest.mark.parametrize("fault", ["asym", "act-order"])
