@@ -180,8 +180,10 @@ def quantize_groups(block, groups: list[list[str]], hidden: list, kwargs_for, co
     ``shared``: each group's linears read one tensor (``layer_by_layer.sequential_groups``); then
     a one-linear group's captured inputs replay its module for the later groups (``_Replay``)."""
     cfg = layer_config(config)
-    probe = hidden[0][:, :8]
-    plan = _replay_plan(block, groups, probe, kwargs_for(probe)) if shared and hidden else {}
+    plan = {}
+    if shared and hidden:
+        probe = hidden[0][:, :8]
+        plan = _replay_plan(block, groups, probe, kwargs_for(probe))
     swapped: list[tuple[str, torch.nn.Module]] = []  # (name, the module a _Replay stands in for)
     replays: list[_Replay] = []
     try:

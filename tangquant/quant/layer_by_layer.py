@@ -75,8 +75,8 @@ class _OneLayer(torch.nn.Module):
     """One decoder layer as ``model.layers[0]``, where INC's GPTQ looks for the transformer stack.
 
     A class at module level: one defined inside a function per layer closed over its layer, and a
-    class lives in a reference cycle, so every quantized layer (its fp32 weights: 0.75 GiB at 7B)
-    stayed in memory until the cyclic collector ran — the peak RSS grew by about that per layer."""
+    class lives in a reference cycle, so every quantized layer (its fp32 weights) stayed in memory
+    until the cyclic collector ran, and the peak RSS grew by about a layer per layer."""
 
     def __init__(self, layer):
         super().__init__()
