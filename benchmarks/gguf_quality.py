@@ -16,6 +16,11 @@ model. Then
   template stored in the GGUF, greedy), and the IR through openvino-genai, with each one's
   traditional-character ratio (``measure.poems.traditional_ratio``).
 
+``--untie`` first rewrites the merged poet with an ``lm_head.weight`` of its own, a copy of its
+embedding table (the same model, the same logits): then the head type is the output head's
+alone, the embeddings stay at the export's q8_0, and llama-quantize treats the file as it treats
+Qwen1.5-7B's (untied: Q6_K head, Q4_0 embeddings), so the head is measured as it would be at 7B.
+
     PYTHONPATH=. python benchmarks/gguf_quality.py --workdir /tmp/gguf-quality --out FILE.json
 """
 
@@ -41,7 +46,25 @@ def tq_name(head: str) -> str:
     return f"tangquant GPTQ Q4_0, head {head}"
 
 
-def build(work: Path, heads: list[str]) -> dict:
+def untie(src: Path, dst: Path) -> None:
+    """``src`` (a tied model) with its own lm_head: the embedding table copied, the tie undone."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tensors = load_file(str(tmp / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+    config["tie_word_embeddings"] = False
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tmp.rename(dst)
+
+
+def build(work: Path, heads: list[str], untied: bool = False) -> dict:
     from tangquant.export import export
     from tangquant.merge import merge
     from tangquant.poet import ASSETS, demo_paths
@@ -50,8 +73,13 @@ def build(work: Path, heads: list[str]) -> dict:
     paths = demo_paths(ASSETS)
     if not (work / "merged").exists():
         merge(paths["base"], paths["adapter"], work / "merged", dtype="fp32")
+    merged = work / "merged"
+    if untied:
+        if not (work / "merged-untied").exists():
+            untie(merged, work / "merged-untied")
+        merged = work / "merged-untied"
     if not (work / "gptq").exists():
-        quantize(work / "merged", work / "gptq", ASSETS / "int4-gptq-g128.yaml", calib=str(ASSETS / "calib.json"))
+        quantize(merged, work / "gptq", ASSETS / "int4-gptq-g128.yaml", calib=str(ASSETS / "calib.json"))
     if not (work / "openvino").exists():
         export(work / "gptq", work / "openvino", format="openvino")
     built = {"paths": paths, "gptq": work / "gptq", "IR (openvino, int8 head)": work / "openvino"}
@@ -61,7 +89,7 @@ def build(work: Path, heads: list[str]) -> dict:
             export(work / "gptq", out, format="gguf", gguf_head=head)
         (built[tq_name(head)],) = out.glob("*.gguf")
     if not (work / "anchor").exists():
-        subprocess.run([sys.executable, "-m", "tangquant.measure.anchor", "--model", str(work / "merged"),
+        subprocess.run([sys.executable, "-m", "tangquant.measure.anchor", "--model", str(merged),
                         "--output", str(work / "anchor")], check=True, stderr=subprocess.DEVNULL)
     anchor = {p.stem.rsplit("-", 1)[1]: p for p in (work / "anchor").glob("*.gguf")}
     built.update({"llama-quantize Q4_0": anchor["Q4_0"], "llama-quantize Q4_K_M": anchor["Q4_K_M"],
@@ -126,6 +154,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)  # as benchmarks/quality.py
     ap.add_argument("--heads", default="q8_0,q5_0,q4_0", help="comma list of export --gguf-head types")
     ap.add_argument("--no-chat", action="store_true", help="skip the greedy chat answers")
+    ap.add_argument("--untie", action="store_true", help="measure the poet untied (its head a copy of its "
+                    "embeddings): the output head's type apart from the embeddings', as at 7B")
     args = ap.parse_args()
     from tangquant import load
     from tangquant.calib import eval_samples
@@ -136,7 +166,8 @@ def main() -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
-    built = build(work, heads)
+    built = build(work, heads, args.untie)
+    record["untied"] = args.untie
     paths = built["paths"]
     samples = eval_samples(paths["base"].parent / "heldout.json", load.tokenizer(paths["base"]),
                            args.num_samples, args.seq_len, 0)

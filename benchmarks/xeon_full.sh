@@ -2,20 +2,21 @@
 # The side-by-side run on a lent Xeon, every peer at its best, in one background chain that
 # survives the 10-minute calls of a machine given back ~30 s after the last one:
 #
-#   xeon_full.sh all OUT        setup, the main bench, the step costs, the short-in/long-out bench
+#   xeon_full.sh all OUT        setup, then the benches: the main one (-p 512 -n 128, every candidate), the
+#                               short-in/long-out one (-p 32 -n 256), the main one again while the lease
+#                               lasts, llama.cpp's own llama-bench; the speculative step costs with TQ_DRAFT=1
 #   xeon_full.sh setup OUT      builds and models: llama-cpp-python (native, AMX where the compiler and
 #                               the run-time probe allow it), llama.cpp's own tools (llama-bench,
 #                               llama-speculative-simple), ik_llama.cpp (native), ONNX Runtime GenAI;
-#                               the random 7B GPTQ checkpoint (shapes --gptq), its IR, its GGUF (q5_0
-#                               head, the export's default), llama-quantize Q4_0 of that GGUF (and
-#                               Q4_K_M with TQ_KM=1), its ONNX Runtime GenAI export; the 0.5B draft's
-#                               IR and GGUF
-#   xeon_full.sh bench OUT      one `tangquant bench` run at -p 512 -n 128 over every candidate there
-#                               is, rounds interleaved (one round when TQ_DEADLINE, the lease's end in
-#                               epoch seconds, comes too soon for two); then the short-in/long-out
-#                               workload (-p 32 -n 256)
+#                               the random 7B GPTQ checkpoint and a q/v LoRA of its shape (shapes), its IR,
+#                               its GGUF with the export's default q5_0 head and with a q4_0 head,
+#                               llama-quantize Q4_0 and Q4_K_M of that GGUF, its ONNX Runtime GenAI
+#                               export; with TQ_DRAFT=1 the 0.5B draft's IR and GGUF
+#   xeon_full.sh bench OUT      the benches of `all`, each one `tangquant bench` run over every candidate
+#                               whose model exists; TQ_DEADLINE (epoch seconds: the lease's end) drops a
+#                               bench that would not end by then (TQ_RUN_S seconds a candidate, ~50 at 7B)
 #   xeon_full.sh steps OUT      speculative decoding's step costs at 7B target / 0.5B draft
-#                               (benchmarks/draft_step_cost.py)
+#                               (benchmarks/draft_step_cost.py; needs TQ_DRAFT=1's setup)
 #   xeon_full.sh gptq OUT       the pipeline's own steps at full size: a random 7B bf16 model and q/v LoRA
 #                               (shapes), `tangquant merge` of them and, beside it, `tangquant quantize`
 #                               of the model with the layer-wise GPTQ recipe and its calibration (128 x
@@ -28,7 +29,8 @@
 #   rm -rf /tmp/tq-repo && cp -r . /tmp/tq-repo && (setsid bash /tmp/tq-repo/benchmarks/xeon_full.sh all \
 #     /tmp/xo >/dev/null 2>&1 &); for i in $(seq 54); do sleep 10; tar -czf $OUT/xo.tgz -C /tmp/xo .; done
 # Later calls (issued at once: the machine goes back ~30 s after a call) run the same loop. The ORT export
-# waits for /tmp/tq-ort.ready (a later call installs the newest onnxruntime there) up to TQ_ORT_WAIT s.
+# waits for /tmp/tq-ort.ready (a later call installs the newest onnxruntime there) up to TQ_ORT_WAIT s;
+# TQ_NO_ORT=1 leaves ONNX Runtime GenAI out (its export is the longest step: a short lease).
 #
 # Carried (git-ignored; benchmarks/xeon_pack.sh makes them): .carry/xeon-site.tar.xz (OpenVINO,
 # transformers, optimum-intel, nncf, INC, gguf, the seed's gptqmodel stack), .carry/llama-cpp-python-src.tar.xz
@@ -129,16 +131,18 @@ install_ort() {
     "$repo"/.carry/onnx_ir-*.whl "$repo"/.carry/flatbuffers-*.whl && stamp "onnxruntime-genai installed"
 }
 
-model_shape() {  # the GPTQ checkpoint of the shape (random integers, GPTQ layout)
-  if [ "$shape" = smoke ]; then
+model_shape() {  # the GPTQ checkpoint of the shape (random integers, GPTQ layout) and a q/v LoRA of it
+  if [ "$shape" = smoke ] || [ "$2" = smoke ]; then
     step "$1" "$py" -c "import sys; from tangquant.poet import shapes; c = shapes.qwen_config('0.5b');
-c.update(num_hidden_layers=2, max_window_layers=2, tie_word_embeddings=False); shapes.build_gptq(c, sys.argv[1])" "$1"
+c.update(num_hidden_layers=2, max_window_layers=2, tie_word_embeddings=False); shapes.build_gptq(c, sys.argv[1])
+shapes.build_adapter(sys.argv[1], sys.argv[2])" "$1" "$1-lora"
   else
-    step "$1" "$py" -m tangquant.poet.shapes --shape "$2" --gptq "$1"
+    step "$1" "$py" -m tangquant.poet.shapes --shape "$2" --gptq "$1" --adapter "$1-lora"
   fi
 }
 
 wait_ort() {  # a later call installs the pinned onnxruntime to $ort_site.new and touches /tmp/tq-ort.ready
+  [ -n "${TQ_NO_ORT:-}" ] && return 1
   local wait_s="${TQ_ORT_WAIT:-240}"
   while [ ! -e /tmp/tq-ort.ready ] && [ "$wait_s" -gt 0 ] && [ -z "${TQ_PYTHON:-}" ]; do sleep 5; wait_s=$((wait_s - 5)); done
 }
@@ -152,21 +156,25 @@ setup() {
   ( build_llama; build_tools ) > "$out/build-llama.log" 2>&1 & local llama_pid=$!
   build_ik > "$out/build-ik.log" 2>&1 & local ik_pid=$!
   model_shape gptq "$shape" || exit 8
-  model_shape draft-gptq 0.5b
-  # Three branches at once (16 cores, 128 GB; one IR export peaks near 31 GB of disk with its fp16
-  # staging copy and trace, the rest together under 25 GB: `disk.log` records it): the GGUF (needs
-  # llama.cpp for its load check) then the llama-quantize files of the same integers; the IR; the
-  # ONNX Runtime GenAI export once a later call has installed its onnxruntime.
-  ( while kill -0 "$llama_pid" 2>/dev/null; do sleep 2; done
-    step gguf "${tq[@]}" export --model gptq --output gguf --format gguf
-    step anchors "$py" -m tangquant.measure.anchor --from-gguf "$(ls gguf/*.gguf)" --output anchors --types "q4_0${TQ_KM:+,q4_k_m}"
-    step draft-gguf "${tq[@]}" export --model draft-gptq --output draft-gguf --format gguf ) &
+  [ -n "${TQ_DRAFT:-}" ] && model_shape draft-gptq 0.5b
+  # Four branches at once (16 cores, 128 GB; one IR export peaks near 31 GB of disk with its fp16
+  # staging copy and trace, the rest together under 30 GB: `disk.log` records it): the GGUF, then
+  # (once llama.cpp is built) the llama-quantize files of the same integers; the GGUF with a 4-bit
+  # head; the IR; the ONNX Runtime GenAI export once its onnxruntime is installed. The GGUF exports
+  # do not wait for llama.cpp: their llama.cpp load check is skipped (and says so) while it builds,
+  # the bench loads every file anyway.
+  ( step gguf "${tq[@]}" export --model gptq --output gguf --format gguf
+    while kill -0 "$llama_pid" 2>/dev/null; do sleep 2; done
+    step anchors "$py" -m tangquant.measure.anchor --from-gguf "$(ls gguf/*.gguf)" --output anchors --types q4_0,q4_k_m
+    [ -n "${TQ_DRAFT:-}" ] && step draft-gguf "${tq[@]}" export --model draft-gptq --output draft-gguf --format gguf ) &
   local gguf_pid=$!
+  ( step gguf-q4h "${tq[@]}" export --model gptq --output gguf-q4h --format gguf --gguf-head q4_0 ) &
+  local q4h_pid=$!
   ( wait_ort && step ort "${tq[@]}" export --model gptq --output ort --format ortgenai ) &
   local ort_pid=$!
   step ir "${tq[@]}" export --model gptq --output ir --format openvino
-  step draft-ir "${tq[@]}" export --model draft-gptq --output draft-ir --format openvino
-  wait "$gguf_pid" "$ik_pid" "$ort_pid"
+  [ -n "${TQ_DRAFT:-}" ] && step draft-ir "${tq[@]}" export --model draft-gptq --output draft-ir --format openvino
+  wait "$gguf_pid" "$q4h_pid" "$ik_pid" "$ort_pid"
   du -sh "$work"/* 2>/dev/null; df -h "$work" | tail -1
   kill "$disk_pid" 2>/dev/null
   stamp "setup done"; touch "$out/setup.done"
@@ -175,8 +183,9 @@ setup() {
 first() { local f; for f in "$@"; do [ -e "$f" ] && { echo "$f"; return; }; done; }
 
 # bench LABEL P N ROUNDS NAME=KIND:PATH...: one tangquant bench run over the candidates whose model exists.
-# With TQ_DEADLINE (epoch seconds: when the lease ends) a bench whose rounds would not end by then
-# (TQ_RUN_S seconds a candidate a round, ~50 at 7B on 16 cores) runs one round, and the log says so.
+# With TQ_DEADLINE (epoch seconds: when the lease ends) a bench that would not end by then (TQ_RUN_S
+# seconds a candidate a round, ~50 at 7B on 16 cores) is not started, and the log says so; the main
+# bench always runs, its candidates in order of importance (a lease's end keeps the records so far).
 run_bench() {
   local label="$1" p="$2" n="$3" rounds="$4"; shift 4
   local c=() cand path
@@ -184,9 +193,9 @@ run_bench() {
     path="${cand#*:}"; path="${path%%,*}"
     [ -e "$path" ] && c+=(--candidate "$cand") || stamp "bench $label: no $path, $cand left out"
   done
-  if [ "${TQ_DEADLINE:-0}" -gt 0 ] && [ "$rounds" -gt 1 ] \
+  if [ "${TQ_DEADLINE:-0}" -gt 0 ] && [ "$label" != main ] \
       && [ $(( $(date +%s) + ${#c[@]} / 2 * rounds * ${TQ_RUN_S:-50} )) -gt "$TQ_DEADLINE" ]; then
-    stamp "bench $label: $rounds rounds would end after the lease, 1 round"; rounds=1
+    stamp "bench $label: would end after the lease, not run"; return 0
   fi
   stamp "bench $label: ${c[*]}"
   "${tq[@]}" bench -p "$p" -n "$n" -r 1 --rounds "$rounds" -t "$threads" --force "${c[@]}" \
@@ -194,25 +203,29 @@ run_bench() {
   stamp "bench $label rc=$?"
 }
 
-bench() {
-  local q40 qkm gg
-  wait_ort
-  gg="$(first gguf/*.gguf)"; q40="$(first anchors/*-Q4_0.gguf)"; qkm="$(first anchors/*-Q4_K_M.gguf)"
-  # 30 minutes of machine for setup, two benches and the step costs: the candidates a Xeon user would
-  # pick (llama.cpp's two common quantizations, ik_llama.cpp's recommended -rtr, ONNX Runtime GenAI) and
-  # tangquant's IR and GGUF. (The IR's DYNAMIC_QUANTIZATION_GROUP_SIZE=0 lost at 7B on both Xeons measured;
-  # Q4_K_M, 0.75x Q4_0's decode on 2026-12-06's Emerald Rapids, joins with TQ_KM=1.)
-  run_bench main 512 128 "${TQ_ROUNDS:-2}" \
-    tq-ir=ov:ir "tq-gguf=llamacpp:$gg" "llama-Q4_0=llamacpp:$q40" \
-    ${TQ_KM:+"llama-Q4_K_M=llamacpp:$qkm"} "ik-Q4_0-rtr=iklcpp:$q40,rtr=1" ort=ortgenai:ort
-  stamp "bench main done"
+# The candidates a Xeon user would pick (llama.cpp's two common quantizations, ik_llama.cpp with its
+# recommended -rtr, ONNX Runtime GenAI) and tangquant's IR (merged; base + run-time LoRA) and GGUFs
+# (q5_0 head, the default; q4_0 head). The IR's DYNAMIC_QUANTIZATION_GROUP_SIZE=0 lost at 7B on both
+# Xeons measured on 2026-12-06, so the IR runs with its defaults.
+candidates() {
+  local gg q4h q40 qkm
+  gg="$(first gguf/*.gguf)"; q4h="$(first gguf-q4h/*.gguf)"
+  q40="$(first anchors/*-Q4_0.gguf)"; qkm="$(first anchors/*-Q4_K_M.gguf)"
+  echo "llama-Q4_0=llamacpp:$q40" "tq-gguf=llamacpp:$gg" tq-ir=ov:ir ort=ortgenai:ort "tq-gguf-q4h=llamacpp:$q4h"
+  [ "${1:-}" = short ] || echo "ik-Q4_0-rtr=iklcpp:$q40,rtr=1" "llama-Q4_K_M=llamacpp:$qkm" \
+    tq-ir+lora=ov+lora:ir,adapter=gptq-lora
 }
 
-bench_short() {
-  local gg q40
-  gg="$(first gguf/*.gguf)"; q40="$(first anchors/*-Q4_0.gguf)"
-  run_bench short 32 256 "${TQ_ROUNDS:-2}" tq-ir=ov:ir "tq-gguf=llamacpp:$gg" "llama-Q4_0=llamacpp:$q40" \
-    ort=ortgenai:ort
+bench() {
+  wait_ort
+  # TQ_NO_ORT=1 (a short lease): no ONNX Runtime GenAI export, the heaviest step of the setup
+  # shellcheck disable=SC2046
+  run_bench main 512 128 "${TQ_ROUNDS:-1}" $(candidates)
+  # shellcheck disable=SC2046
+  run_bench short 32 256 "${TQ_ROUNDS:-1}" $(candidates short)
+  # shellcheck disable=SC2046
+  run_bench main2 512 128 1 $(candidates)
+  local gg q40; gg="$(first gguf/*.gguf)"; q40="$(first anchors/*-Q4_0.gguf)"
   [ -x "$tools/bin/llama-bench" ] && "$tools/bin/llama-bench" -m "$q40" -m "$gg" -t "$threads" -p 512 -n 128 \
     -r 2 -o md >> "$out/llama-bench.md" 2>&1
   stamp "bench done"
@@ -245,9 +258,9 @@ gptq7() {
 case "$phase" in
   setup) setup ;;
   gptq) gptq7 ;;
-  bench) bench; bench_short ;;
+  bench) bench ;;
   steps) steps ;;
   # what the headline needs first: a lease can end before the last phase
-  all) setup; bench; steps; bench_short; stamp "all done"; touch "$out/all.done" ;;
+  all) setup; bench; [ -n "${TQ_DRAFT:-}" ] && steps; stamp "all done"; touch "$out/all.done" ;;
   *) echo "usage: xeon_full.sh all|setup|bench|steps|gptq|status OUT" >&2; exit 2 ;;
 esac
