@@ -21,7 +21,8 @@
 #                               (shapes), `tangquant merge` of them and, beside it, `tangquant quantize`
 #                               of the model with the layer-wise GPTQ recipe and its calibration (128 x
 #                               512 tokens of the Tang calibration split that `tangquant data` writes,
-#                               carried as .carry/calib/tang_calib.json or named by TQ_CALIB)
+#                               carried as .carry/calib/tang_calib.json or named by TQ_CALIB; more quantize
+#                               flags in TQ_GPTQ_ARGS, e.g. "--compute-dtype bf16")
 #   xeon_full.sh status OUT     the log's tail and each step's wall time and peak RSS
 #
 # Start it from a copy of the checkout (a later call replaces the checkout), in its own session,
@@ -30,7 +31,9 @@
 #     /tmp/xo >/dev/null 2>&1 &); for i in $(seq 54); do sleep 10; tar -czf $OUT/xo.tgz -C /tmp/xo .; done
 # Later calls (issued at once: the machine goes back ~30 s after a call) run the same loop. The ORT export
 # waits for /tmp/tq-ort.ready (a later call installs the newest onnxruntime there) up to TQ_ORT_WAIT s;
-# TQ_NO_ORT=1 leaves ONNX Runtime GenAI out (its export is the longest step: a short lease).
+# TQ_NO_ORT=1 leaves ONNX Runtime GenAI out (its export is the longest step: a short lease); TQ_LEAN=1
+# also ik_llama.cpp, Q4_K_M and ov+lora (tangquant's IR and GGUFs against llama.cpp Q4_0 only); TQ_GGUF_ONLY=1
+# also the IR (its export is the setup's longest step): the GGUFs against llama.cpp Q4_0.
 #
 # Carried (git-ignored; benchmarks/xeon_pack.sh makes them): .carry/xeon-site.tar.xz (OpenVINO,
 # transformers, optimum-intel, nncf, INC, gguf, the seed's gptqmodel stack), .carry/llama-cpp-python-src.tar.xz
@@ -154,7 +157,7 @@ setup() {
   disk_log & local disk_pid=$!
   install_ort
   ( build_llama; build_tools ) > "$out/build-llama.log" 2>&1 & local llama_pid=$!
-  build_ik > "$out/build-ik.log" 2>&1 & local ik_pid=$!
+  [ -z "${TQ_LEAN:-}" ] && { build_ik > "$out/build-ik.log" 2>&1 & }; local ik_pid=$!
   model_shape gptq "$shape" || exit 8
   [ -n "${TQ_DRAFT:-}" ] && model_shape draft-gptq 0.5b
   # Four branches at once (16 cores, 128 GB; one IR export peaks near 31 GB of disk with its fp16
@@ -163,16 +166,17 @@ setup() {
   # head; the IR; the ONNX Runtime GenAI export once its onnxruntime is installed. The GGUF exports
   # do not wait for llama.cpp: their llama.cpp load check is skipped (and says so) while it builds,
   # the bench loads every file anyway.
+  local types=q4_0,q4_k_m; [ -n "${TQ_LEAN:-}" ] && types=q4_0
   ( step gguf "${tq[@]}" export --model gptq --output gguf --format gguf
     while kill -0 "$llama_pid" 2>/dev/null; do sleep 2; done
-    step anchors "$py" -m tangquant.measure.anchor --from-gguf "$(ls gguf/*.gguf)" --output anchors --types q4_0,q4_k_m
+    step anchors "$py" -m tangquant.measure.anchor --from-gguf "$(ls gguf/*.gguf)" --output anchors --types "$types"
     [ -n "${TQ_DRAFT:-}" ] && step draft-gguf "${tq[@]}" export --model draft-gptq --output draft-gguf --format gguf ) &
   local gguf_pid=$!
   ( step gguf-q4h "${tq[@]}" export --model gptq --output gguf-q4h --format gguf --gguf-head q4_0 ) &
   local q4h_pid=$!
   ( wait_ort && step ort "${tq[@]}" export --model gptq --output ort --format ortgenai ) &
   local ort_pid=$!
-  step ir "${tq[@]}" export --model gptq --output ir --format openvino
+  [ -n "${TQ_GGUF_ONLY:-}" ] || step ir "${tq[@]}" export --model gptq --output ir --format openvino
   [ -n "${TQ_DRAFT:-}" ] && step draft-ir "${tq[@]}" export --model draft-gptq --output draft-ir --format openvino
   wait "$gguf_pid" "$q4h_pid" "$ik_pid" "$ort_pid"
   du -sh "$work"/* 2>/dev/null; df -h "$work" | tail -1
@@ -212,7 +216,7 @@ candidates() {
   gg="$(first gguf/*.gguf)"; q4h="$(first gguf-q4h/*.gguf)"
   q40="$(first anchors/*-Q4_0.gguf)"; qkm="$(first anchors/*-Q4_K_M.gguf)"
   echo "llama-Q4_0=llamacpp:$q40" "tq-gguf=llamacpp:$gg" tq-ir=ov:ir ort=ortgenai:ort "tq-gguf-q4h=llamacpp:$q4h"
-  [ "${1:-}" = short ] || echo "ik-Q4_0-rtr=iklcpp:$q40,rtr=1" "llama-Q4_K_M=llamacpp:$qkm" \
+  [ "${1:-}" = short ] || [ -n "${TQ_LEAN:-}" ] || echo "ik-Q4_0-rtr=iklcpp:$q40,rtr=1" "llama-Q4_K_M=llamacpp:$qkm" \
     tq-ir+lora=ov+lora:ir,adapter=gptq-lora
 }
 
@@ -249,7 +253,8 @@ gptq7() {
   # model's; the merge's peak RSS is its own, its wall time and the GPTQ's first layer share the machine.
   step merged7 "${tq[@]}" merge --model base7 --adapter lora7 --output merged7 & local merge_pid=$!
   step gptq7 "${tq[@]}" quantize --model base7 --output gptq7 \
-    --recipe "$repo/recipes/int4-gptq-g128-layerwise.yaml" --calib "${TQ_CALIB:-$repo/.carry/calib/tang_calib.json}"
+    --recipe "$repo/recipes/int4-gptq-g128-layerwise.yaml" --calib "${TQ_CALIB:-$repo/.carry/calib/tang_calib.json}" \
+    ${TQ_GPTQ_ARGS:-}
   wait "$merge_pid"
   kill "$disk_pid" 2>/dev/null
   stamp "gptq done"; touch "$out/gptq.done"

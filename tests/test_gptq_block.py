@@ -105,3 +105,34 @@ def test_the_layer_driver_leaves_no_layer_to_the_cycle_collector(tmp_path, tiny_
         gc.garbage.clear()
         gc.enable()
     assert left == []
+
+
+def test_a_bf16_calibration_forward_leaves_the_hessian_in_fp32(tiny_model_dir):
+    """compute_dtype bf16 runs the block's matmuls under a bf16 autocast; INC's Hessian update must
+    stay outside it: the o group's Hessian is exactly the fp32 2/n·ΣXᵀX of the inputs it captured
+    (a bf16 product would miss it by ~1e-3 relative), and those inputs did come from bf16 matmuls."""
+    import torch
+
+    from tangquant.checkpoint import TensorReader
+    from tangquant.quant import gptq_block
+    from tangquant.quant import layer_by_layer as lbl
+    from tangquant.quant.inc import inc_config, inc_workspace
+    from tangquant.quant.recipe import QuantRecipe
+
+    recipe = QuantRecipe(group_size=32, layer_wise=True, compute_dtype="bf16")
+    skeleton, rotary = lbl._skeleton(Path(tiny_model_dir))
+    ctx = lbl._Context(rotary)
+    block = lbl._one_layer_model(lbl._load_layer(skeleton, TensorReader(Path(tiny_model_dir)), 0))
+    torch.manual_seed(0)
+    hidden = [torch.randn(1, 24, skeleton.config.hidden_size) for _ in range(3)]
+    name = "model.layers.0.self_attn.o_proj"
+    with inc_workspace():
+        cfg = gptq_block.layer_config(inc_config(recipe, Path(tiny_model_dir), true_sequential=False))
+        kept = []
+        gptqs = gptq_block._hessians(block, [name], hidden, ctx.kwargs, cfg, True, [], kept,
+                                     lambda: lbl._calibration_dtype(recipe))
+    assert kept[0].dtype == torch.bfloat16  # the attention's output came from a bf16 matmul
+    x = torch.cat([k.reshape(-1, k.shape[-1]).double() for k in kept])
+    expected = 2 / len(kept) * x.T @ x
+    assert gptqs[name].H.dtype == torch.float32
+    torch.testing.assert_close(gptqs[name].H.double(), expected, rtol=1e-5, atol=1e-5)

@@ -199,7 +199,7 @@ def test_recipe_round_trip_and_flag_override(tmp_path):
     import dataclasses
 
     from tangquant import recipe as recipe_mod
-    from tangquant.errors import RecipeError
+    from tangquant.errors import ParameterError, RecipeError
     from tangquant.quant.recipe import QuantRecipe
 
     def resolve_recipe(path, **overrides):
@@ -223,6 +223,11 @@ def test_recipe_round_trip_and_flag_override(tmp_path):
         resolve_recipe(tmp_path / "sci.yaml")
     assert {f.name for f in dataclasses.fields(QuantRecipe)} >= {
         "bits", "group_size", "use_sym", "act_order", "percdamp", "block_size"}
+    # bf16 calibration forwards exist only in the layer-by-layer driver, for calibrated algorithms
+    assert resolve_recipe(root / "int4-gptq-g128-layerwise.yaml", compute_dtype="bf16").compute_dtype == "bf16"
+    for bad in ({"true_sequential": False}, {"algo": "rtn", "layer_wise": True}):
+        with pytest.raises(ParameterError, match="compute-dtype bf16"):
+            resolve_recipe(root / "int4-gptq-g128.yaml", compute_dtype="bf16", **bad)
 
 
 def test_resolved_recipe_is_saved_with_the_output(gptq_dir, calib_file):

@@ -20,10 +20,18 @@ integers are INC's, bit for bit (tested against INC's whole-model run).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from neural_compressor.torch.algorithms.weight_only.gptq import GPTQ
 from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
 from neural_compressor.torch.algorithms.weight_only.utility import quant_weight_w_scale
+
+
+def _fp32():
+    """Autocast off: a bf16 calibration forward (layer_by_layer's compute_dtype) must not reach
+    INC's Hessian update."""
+    return torch.autocast("cpu", enabled=False)
 
 
 class _GroupDone(Exception):
@@ -45,14 +53,15 @@ def layer_config(config) -> dict:
 
 
 def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shared: bool,
-              replays: list, keep: list | None = None) -> dict:
+              replays: list, keep: list | None = None, forward_context=contextlib.nullcontext) -> dict:
     """{linear name: INC GPTQ object holding its Hessian} from one partial forward per sample.
 
     ``shared``: every linear of the group reads the same tensor (a true-sequential group), so one
     Hessian serves them all and the forward stops *before* the group's first linear: GPTQ's
     Hessian needs the inputs only, and their products are what the earlier passes wasted.
     ``keep`` collects the group's input of every sample (for a ``_Replay``); ``replays`` are told
-    which sample is running."""
+    which sample is running. ``forward_context`` wraps the forwards (a bf16 autocast); the
+    Hessian updates run outside it, in fp32."""
     gptqs = {}
     for name in group:
         linear = block.get_submodule(name)
@@ -61,14 +70,16 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shar
     seen: set[str] = set()
 
     def before(_module, args):
-        gptqs[group[0]].add_batch(args[0].data, None)
+        with _fp32():
+            gptqs[group[0]].add_batch(args[0].data, None)
         if keep is not None:
             keep.append(args[0].data)
         raise _GroupDone
 
     def after(name):
         def collect(_module, inp, out):
-            gptqs[name].add_batch(inp[0].data, out.data)
+            with _fp32():
+                gptqs[name].add_batch(inp[0].data, out.data)
             seen.add(name)
             if len(seen) == len(group):
                 raise _GroupDone
@@ -77,14 +88,15 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shar
     handles = ([block.get_submodule(group[0]).register_forward_pre_hook(before)] if shared else
                [block.get_submodule(n).register_forward_hook(after(n)) for n in group])
     try:
-        for i, h in enumerate(hidden):
-            for replay in replays:
-                replay.index = i
-            seen.clear()
-            try:
-                block(h, **kwargs_for(h))
-            except _GroupDone:
-                pass
+        with forward_context():
+            for i, h in enumerate(hidden):
+                for replay in replays:
+                    replay.index = i
+                seen.clear()
+                try:
+                    block(h, **kwargs_for(h))
+                except _GroupDone:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
@@ -174,11 +186,12 @@ def _replay_plan(block, groups: list[list[str]], probe, kwargs) -> dict[int, int
 
 @torch.no_grad()
 def quantize_groups(block, groups: list[list[str]], hidden: list, kwargs_for, config,
-                    shared: bool = False) -> None:
+                    shared: bool = False, forward_context=contextlib.nullcontext) -> None:
     """GPTQ every linear of ``block`` group by group, each group calibrated with the earlier
     groups already quantized; the linears are replaced in place by INC's packed modules.
     ``shared``: each group's linears read one tensor (``layer_by_layer.sequential_groups``); then
-    a one-linear group's captured inputs replay its module for the later groups (``_Replay``)."""
+    a one-linear group's captured inputs replay its module for the later groups (``_Replay``).
+    ``forward_context`` wraps the calibration forwards only (``_hessians``)."""
     cfg = layer_config(config)
     plan = {}
     if shared and hidden:
@@ -189,7 +202,7 @@ def quantize_groups(block, groups: list[list[str]], hidden: list, kwargs_for, co
     try:
         for i, group in enumerate(groups):
             keep = [] if i in plan else None
-            gptqs = _hessians(block, group, hidden, kwargs_for, cfg, shared, replays, keep)
+            gptqs = _hessians(block, group, hidden, kwargs_for, cfg, shared, replays, keep, forward_context)
             for name in group:
                 _replace(block, name, _packed(block.get_submodule(name), gptqs[name], cfg))
             if keep is not None:

@@ -61,6 +61,12 @@ def _inc_errors_only():
         inc.removeFilter(errors)
 
 
+def _calibration_dtype(recipe: QuantRecipe):
+    """The calibration forwards' matmuls in bf16 when the recipe asks (autocast keeps norms,
+    softmax and the residual stream in fp32; INC's Hessian updates upcast their inputs)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.compute_dtype == "bf16")
+
+
 def _skeleton(model_dir: Path):
     """The model on the meta device (no memory) and a real rotary embedding."""
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
@@ -151,7 +157,8 @@ def quantize_block(block, recipe: QuantRecipe, hidden: list, ctx: _Context, mode
     groups = (sequential_groups(block, hidden[0], ctx) if recipe.true_sequential
               else [_linears(block)])
     quantize_groups(block, groups, hidden, ctx.kwargs,
-                    inc_config(recipe, model_dir, true_sequential=False), shared=recipe.true_sequential)
+                    inc_config(recipe, model_dir, true_sequential=False), shared=recipe.true_sequential,
+                    forward_context=lambda: _calibration_dtype(recipe))
     left = _linears(block)
     if left:
         raise QuantizationError(f"INC left {left[:3]} unquantized")
@@ -247,7 +254,8 @@ def run_layer_wise(model_dir: Path, out_dir: Path, recipe: QuantRecipe, samples:
             for k in totals:
                 totals[k] += written[k]
             block = _dequantized_block(block, written["packed"], recipe, fmt)
-            _advance(block, calib, ctx)
+            with _calibration_dtype(recipe):
+                _advance(block, calib, ctx)
             _advance(block, quant, ctx)
             skeleton.model.layers[i] = torch.nn.Identity()  # drop the layer's weights
             del block, written

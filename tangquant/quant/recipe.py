@@ -74,6 +74,10 @@ class QuantRecipe:
     seed: int = param(42, "seed for shuffling and splitting")
     layer_wise: bool = param(False, "bounded memory: quantize and write one decoder layer at a time "
                              "(gptq, rtn)")
+    compute_dtype: str = param("fp32", "the layer-by-layer driver's calibration forwards: bf16 runs their "
+                               "matmuls in bfloat16 (autocast; AMX or AVX512-BF16 where the CPU has them), as GPU "
+                               "GPTQ runs in fp16; weights, Hessians, GPTQ's solve and the fidelity report stay fp32",
+                               choices=("fp32", "bf16"))
     eval_data: str | None = param(None, "held-out data for the fidelity report (default: every 10th "
                                   "document of --calib, not used for calibration)")
     eval_samples: int = param(8, "fidelity samples (0 skips)")
@@ -99,6 +103,10 @@ class QuantRecipe:
         require(a.asymmetric or self.use_sym,
                 f"--algo {self.algo} writes AutoGPTQ v1, which cannot hold an asymmetric zero point of 0; "
                 "use --sym")
+        require(self.compute_dtype in ("fp32", "bf16"), f"compute_dtype must be fp32 or bf16, not "
+                f"{self.compute_dtype!r}")
+        require(self.compute_dtype == "fp32" or (self.layer_by_layer and a.needs_calib),
+                "--compute-dtype bf16 is for calibrated algorithms run layer by layer (gptq)")
         check_base_model_id(self.base_model_id)
 
     @property
@@ -128,8 +136,11 @@ def quantization_metadata(r: QuantRecipe) -> dict:
     """What ``config.json``'s quantization_config records beyond the GPTQ layout: whether the
     calibration was true-sequential (an algorithm without sequential groups never is) and who
     computed the integers."""
-    return {"true_sequential": r.true_sequential if r.algorithm.sequential else False,
+    meta = {"true_sequential": r.true_sequential if r.algorithm.sequential else False,
             "quantizer": f"intel-neural-compressor {r.algo}"}
+    if r.compute_dtype != "fp32":
+        meta["calibration_dtype"] = r.compute_dtype
+    return meta
 
 
 def check_model(r: QuantRecipe, config: dict) -> None:
