@@ -157,7 +157,8 @@ setup() {
   disk_log & local disk_pid=$!
   install_ort
   ( build_llama; build_tools ) > "$out/build-llama.log" 2>&1 & local llama_pid=$!
-  [ -z "${TQ_LEAN:-}" ] && { build_ik > "$out/build-ik.log" 2>&1 & }; local ik_pid=$!
+  local ik_pid=""
+  if [ -z "${TQ_LEAN:-}" ]; then build_ik > "$out/build-ik.log" 2>&1 & ik_pid=$!; fi
   model_shape gptq "$shape" || exit 8
   [ -n "${TQ_DRAFT:-}" ] && model_shape draft-gptq 0.5b
   # Four branches at once (16 cores, 128 GB; one IR export peaks near 31 GB of disk with its fp16
@@ -178,7 +179,7 @@ setup() {
   local ort_pid=$!
   [ -n "${TQ_GGUF_ONLY:-}" ] || step ir "${tq[@]}" export --model gptq --output ir --format openvino
   [ -n "${TQ_DRAFT:-}" ] && step draft-ir "${tq[@]}" export --model draft-gptq --output draft-ir --format openvino
-  wait "$gguf_pid" "$q4h_pid" "$ik_pid" "$ort_pid"
+  wait "$gguf_pid" "$q4h_pid" "$ort_pid" $ik_pid
   du -sh "$work"/* 2>/dev/null; df -h "$work" | tail -1
   kill "$disk_pid" 2>/dev/null
   stamp "setup done"; touch "$out/setup.done"
@@ -222,7 +223,6 @@ candidates() {
 
 bench() {
   wait_ort
-  # TQ_NO_ORT=1 (a short lease): no ONNX Runtime GenAI export, the heaviest step of the setup
   # shellcheck disable=SC2046
   run_bench main 512 128 "${TQ_ROUNDS:-1}" $(candidates)
   # shellcheck disable=SC2046

@@ -63,7 +63,7 @@ def _inc_errors_only():
 
 def _calibration_dtype(recipe: QuantRecipe):
     """The calibration forwards' matmuls in bf16 when the recipe asks (autocast keeps norms,
-    softmax and the residual stream in fp32; INC's Hessian updates upcast their inputs)."""
+    softmax and the residual stream in fp32; gptq_block runs INC's Hessian updates outside it)."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.compute_dtype == "bf16")
 
 

@@ -16,6 +16,7 @@ from tangquant.errors import QuantizationError
 from tangquant.recipe import param, require
 
 BUILTIN_SAMPLES = 16  # samples drawn from the built-in poems when no --calib is given
+COMPUTE_DTYPES = ("fp32", "bf16")  # the layer driver's calibration forwards
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class QuantRecipe:
     compute_dtype: str = param("fp32", "the layer-by-layer driver's calibration forwards: bf16 runs their "
                                "matmuls in bfloat16 (autocast; AMX or AVX512-BF16 where the CPU has them), as GPU "
                                "GPTQ runs in fp16; weights, Hessians, GPTQ's solve and the fidelity report stay fp32",
-                               choices=("fp32", "bf16"))
+                               choices=COMPUTE_DTYPES)
     eval_data: str | None = param(None, "held-out data for the fidelity report (default: every 10th "
                                   "document of --calib, not used for calibration)")
     eval_samples: int = param(8, "fidelity samples (0 skips)")
@@ -103,8 +104,8 @@ class QuantRecipe:
         require(a.asymmetric or self.use_sym,
                 f"--algo {self.algo} writes AutoGPTQ v1, which cannot hold an asymmetric zero point of 0; "
                 "use --sym")
-        require(self.compute_dtype in ("fp32", "bf16"), f"compute_dtype must be fp32 or bf16, not "
-                f"{self.compute_dtype!r}")
+        require(self.compute_dtype in COMPUTE_DTYPES, f"compute_dtype must be one of "
+                f"{', '.join(COMPUTE_DTYPES)}, not {self.compute_dtype!r}")
         require(self.compute_dtype == "fp32" or (self.layer_by_layer and a.needs_calib),
                 "--compute-dtype bf16 is for calibrated algorithms run layer by layer (gptq)")
         check_base_model_id(self.base_model_id)
