@@ -251,11 +251,12 @@ gptq7() {
   step base7 "$py" -m tangquant.poet.shapes --shape "$shape" --output base7 --adapter lora7 || exit 8
   # The merge beside the GPTQ (a lease is short): the GPTQ reads the base, whose shapes are the merged
   # model's; the merge's peak RSS is its own, its wall time and the GPTQ's first layer share the machine.
-  step merged7 "${tq[@]}" merge --model base7 --adapter lora7 --output merged7 & local merge_pid=$!
+  local merge_pid=""  # TQ_NO_MERGE=1: the GPTQ alone (its first layer's time not shared)
+  [ -n "${TQ_NO_MERGE:-}" ] || { step merged7 "${tq[@]}" merge --model base7 --adapter lora7 --output merged7 & merge_pid=$!; }
   step gptq7 "${tq[@]}" quantize --model base7 --output gptq7 \
     --recipe "$repo/recipes/int4-gptq-g128-layerwise.yaml" --calib "${TQ_CALIB:-$repo/.carry/calib/tang_calib.json}" \
     ${TQ_GPTQ_ARGS:-}
-  wait "$merge_pid"
+  [ -z "$merge_pid" ] || wait "$merge_pid"
   kill "$disk_pid" 2>/dev/null
   stamp "gptq done"; touch "$out/gptq.done"
 }

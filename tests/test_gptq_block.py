@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 
 def test_each_group_runs_the_block_once_per_sample_and_stops_before_its_linears(tiny_model_dir):
     """INC's own convert ran the whole block twice per sample for every group (its Hessian pass and
@@ -29,7 +31,7 @@ def test_each_group_runs_the_block_once_per_sample_and_stops_before_its_linears(
     layer.mlp.down_proj.register_forward_hook(
         lambda *_: calls.__setitem__("down_proj done", calls["down_proj done"] + 1))
     with inc_workspace():
-        out = lbl.quantize_block(block, QuantRecipe(group_size=32), hidden, ctx, Path(tiny_model_dir))
+        out, _ = lbl.quantize_block(block, QuantRecipe(group_size=32), hidden, ctx, Path(tiny_model_dir))
     # two probes (sequential_groups', the replay plan's), then (q,k,v | o | gate,up | down): one pass each
     assert calls["layer"] == 2 + 4 * len(hidden)
     assert calls["down_proj"] == 2 + len(hidden)  # the probes, then the down group's own pass only
@@ -53,7 +55,7 @@ def _quantized_layer(model_dir: Path, hidden: list, replay: bool, monkeypatch):
         if not replay:
             patch.setattr(gptq_block, "_replay_plan", lambda *_: {})
         with inc_workspace():
-            out = lbl.quantize_block(block, QuantRecipe(group_size=32), hidden, lbl._Context(rotary), model_dir)
+            out, _ = lbl.quantize_block(block, QuantRecipe(group_size=32), hidden, lbl._Context(rotary), model_dir)
     return out.state_dict(), len(calls)
 
 
@@ -136,3 +138,77 @@ def test_a_bf16_calibration_forward_leaves_the_hessian_in_fp32(tiny_model_dir):
     expected = 2 / len(kept) * x.T @ x
     assert gptqs[name].H.dtype == torch.float32
     torch.testing.assert_close(gptqs[name].H.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_groups_follow_the_inputs_not_reused_addresses(tiny_model_dir):
+    """q/k/v | o | gate,up | down, every time: compared by address alone, o_proj's freed input
+    came back as the post-attention norm's output now and then, and gate/up joined o_proj's group
+    (calibrated on the attention's output instead of their own input)."""
+    import torch
+
+    from tangquant.checkpoint import TensorReader
+    from tangquant.quant import layer_by_layer as lbl
+
+    skeleton, rotary = lbl._skeleton(Path(tiny_model_dir))
+    ctx = lbl._Context(rotary)
+    block = lbl._one_layer_model(lbl._load_layer(skeleton, TensorReader(Path(tiny_model_dir)), 0))
+    hidden = torch.randn(1, 24, skeleton.config.hidden_size)
+    want = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    for _ in range(40):
+        groups = lbl.sequential_groups(block, hidden, ctx)
+        assert [[n.rpartition(".")[2] for n in g] for g in groups] == want
+
+
+def test_act_order_runs_incs_own_fasterquant_on_a_copy_of_the_shared_hessian(tiny_model_dir):
+    """INC's fasterquant (act-order: not tangquant's) edits its Hessian in place, so each linear of a
+    shared group gets its own copy: q/k/v come out as with one Hessian each (not true-sequential)."""
+    import torch
+
+    from tangquant.checkpoint import TensorReader
+    from tangquant.quant import layer_by_layer as lbl
+    from tangquant.quant.inc import inc_workspace
+    from tangquant.quant.recipe import QuantRecipe
+
+    skeleton, rotary = lbl._skeleton(Path(tiny_model_dir))
+    torch.manual_seed(0)
+    hidden = [torch.randn(1, 24, skeleton.config.hidden_size) for _ in range(3)]
+    out = {}
+    for seq in (True, False):
+        block = lbl._one_layer_model(lbl._load_layer(lbl._skeleton(Path(tiny_model_dir))[0],
+                                                     TensorReader(Path(tiny_model_dir)), 0))
+        recipe = QuantRecipe(group_size=32, act_order=True, use_sym=False, true_sequential=seq)
+        with inc_workspace():
+            out[seq], _ = lbl.quantize_block(block, recipe, hidden, lbl._Context(rotary), Path(tiny_model_dir))
+    for name in ("q_proj", "k_proj", "v_proj"):
+        a, b = (out[s].model.layers[0].self_attn.get_submodule(name) for s in (True, False))
+        assert a.g_idx is not None and torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
+
+
+@pytest.mark.parametrize("sym,act_order", [(True, False), (False, False), (False, True)])
+def test_the_integers_at_hand_are_what_incs_unpack_and_recover_give(tiny_model_dir, sym, act_order):
+    """The writer takes the integers, zero points and scales the driver already has, and the
+    later groups' forwards the weight it sets: INC's unpack() and recover() give the same."""
+    import torch
+
+    from tangquant.checkpoint import TensorReader
+    from tangquant.quant import layer_by_layer as lbl
+    from tangquant.quant.inc import inc_workspace
+    from tangquant.quant.recipe import QuantRecipe
+    from tangquant.quant.writer import extract_layer
+
+    skeleton, rotary = lbl._skeleton(Path(tiny_model_dir))
+    block = lbl._one_layer_model(lbl._load_layer(skeleton, TensorReader(Path(tiny_model_dir)), 0))
+    torch.manual_seed(0)
+    hidden = [torch.randn(1, 24, skeleton.config.hidden_size) for _ in range(2)]
+    recipe = QuantRecipe(group_size=32, use_sym=sym, act_order=act_order)
+    with inc_workspace():
+        out, unpacked = lbl.quantize_block(block, recipe, hidden, lbl._Context(rotary), Path(tiny_model_dir))
+    assert len(unpacked) == 7
+    for name, parts in unpacked.items():
+        module = out.get_submodule(name)
+        incs = extract_layer(name, module, 4, 32, True)
+        ours = extract_layer(name, module, 4, 32, True, parts)
+        for key in ("q", "zeros", "scales", "g_idx", "bias"):
+            assert ours[key].dtype == incs[key].dtype and torch.equal(ours[key], incs[key]), (name, key)
+        if not name.endswith("down_proj"):  # the last group: never run again, never recovered
+            assert torch.equal(module.weight, module.recover().float()), name

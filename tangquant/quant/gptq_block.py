@@ -12,8 +12,9 @@ Here each group runs the samples through the block only until the group's input 
 stops the forward before the group's first linear: the linears of a true-sequential group read one
 tensor, so one Hessian serves them all, and GPTQ needs no product of theirs); once o_proj is
 quantized, the later groups replay the attention from the input the o group captured (``_Replay``)
-instead of running q/k/v and the attention again. INC's own ``GPTQ`` object accumulates the Hessian
-and runs ``fasterquant``, and INC's ``INCWeightOnlyLinear`` packs the integers exactly as INC's
+instead of running q/k/v and the attention again. INC's own ``GPTQ`` object accumulates the Hessian,
+``quant/fasterquant`` runs INC's ``fasterquant`` arithmetic (a group's linears stacked: one Hessian
+inverse, one column walk), and INC's ``INCWeightOnlyLinear`` packs the integers exactly as INC's
 ``convert`` does (its step 2.6) and stands in for the linear in the later groups' forwards. The
 integers are INC's, bit for bit (tested against INC's whole-model run).
 """
@@ -26,6 +27,8 @@ import torch
 from neural_compressor.torch.algorithms.weight_only.gptq import GPTQ
 from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
 from neural_compressor.torch.algorithms.weight_only.utility import quant_weight_w_scale
+
+from tangquant.quant.fasterquant import fasterquant, supported
 
 
 def _fp32():
@@ -62,11 +65,7 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shar
     ``keep`` collects the group's input of every sample (for a ``_Replay``); ``replays`` are told
     which sample is running. ``forward_context`` wraps the forwards (a bf16 autocast); the
     Hessian updates run outside it, in fp32."""
-    gptqs = {}
-    for name in group:
-        linear = block.get_submodule(name)
-        gptqs[name] = GPTQ(linear, linear.weight.data.clone(), "cpu")
-        gptqs[name].quantizer.configure(cfg)
+    gptqs = {name: _gptq(block.get_submodule(name), cfg) for name in (group[:1] if shared else group)}
     seen: set[str] = set()
 
     def before(_module, args):
@@ -100,20 +99,44 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shar
     finally:
         for handle in handles:
             handle.remove()
-    if shared:  # fasterquant edits its H in place: each linear gets its own copy
-        for name in group[1:]:
-            gptqs[name].H, gptqs[name].nsamples = gptqs[group[0]].H.clone(), gptqs[group[0]].nsamples
     return gptqs
 
 
-def _packed(linear, gptq, cfg: dict):
-    """INC's fasterquant on one linear, packed into INC's ``INCWeightOnlyLinear`` (INC's step 2.6)."""
-    scale, _, zero, q = gptq.fasterquant(
-        linear.weight.data.clone(), blocksize=cfg["block_size"], percdamp=cfg["percdamp"],
-        groupsize=cfg["group_size"], act_order=cfg["act_order"], hybrid_order=cfg["hybrid_order"],
-        fp8_aware=cfg["fp8_aware"], static_groups=cfg["static_groups"])
-    perm = gptq.perm if cfg["act_order"] else None
-    gptq.free()
+def _gptq(linear, cfg: dict, like=None):
+    """INC's GPTQ object for ``linear``; ``like``: one whose Hessian it gets a copy of."""
+    gptq = GPTQ(linear, linear.weight.data, "cpu")
+    gptq.quantizer.configure(cfg)
+    if like is not None:
+        gptq.H, gptq.nsamples = like.H.clone(), like.nsamples
+    return gptq
+
+
+def _solve(linears: list, gptqs: list, cfg: dict) -> list:
+    """[(scale, zero, Q dequantized, perm)] per linear. ``gptqs``: one INC GPTQ object per linear,
+    or one for all (a shared Hessian). tangquant's ``fasterquant`` (INC's arithmetic, bit for bit)
+    where it applies, the shared group's rows stacked into one call; INC's own otherwise."""
+    kw = {"blocksize": cfg["block_size"], "percdamp": cfg["percdamp"], "groupsize": cfg["group_size"]}
+    if supported(cfg):
+        if len(gptqs) == 1 and len(linears) > 1:
+            sizes = [lin.out_features for lin in linears]
+            scale, zero, q = fasterquant(gptqs[0], torch.cat([lin.weight.data for lin in linears]), **kw)
+            return list(zip(scale.split(sizes), zero.split(sizes), q.split(sizes), [None] * len(sizes)))
+        return [(*fasterquant(g, lin.weight.data.clone(), **kw), None) for lin, g in zip(linears, gptqs)]
+    if len(gptqs) == 1:  # INC's fasterquant edits its H in place: each linear gets its own copy
+        gptqs = [gptqs[0]] + [_gptq(lin, cfg, like=gptqs[0]) for lin in linears[1:]]
+    out = []
+    for lin, g in zip(linears, gptqs):
+        scale, _, zero, q = g.fasterquant(
+            lin.weight.data.clone(), act_order=cfg["act_order"], hybrid_order=cfg["hybrid_order"],
+            fp8_aware=cfg["fp8_aware"], static_groups=cfg["static_groups"], **kw)
+        out.append((scale, zero, q, g.perm if cfg["act_order"] else None))
+        g.free()
+    return out
+
+
+def _packed(linear, scale, zero, q, perm, cfg: dict, runs_again: bool = True):
+    """A solved linear packed into INC's ``INCWeightOnlyLinear`` (INC's step 2.6), and its unpacked
+    parts; ``runs_again``: a later group's forward runs it, so it gets its fp32 weight now."""
     zero = None if cfg["sym"] else zero.cpu()
     scale = scale.cpu()
     if perm is not None:
@@ -124,8 +147,44 @@ def _packed(linear, gptq, cfg: dict):
     module = INCWeightOnlyLinear(linear.in_features, linear.out_features, dtype=cfg["dtype"],
                                  bits=cfg["bits"], group_size=cfg["group_size"], zp=zero is not None,
                                  bias=linear.bias is not None, g_idx=perm is not None, device="cpu")
+    zeros = None if zero is None else zero.round().to(torch.int64)  # before pack: it edits zero in place
     module.pack(q.type(torch.int32), scale, zero, linear.bias, scale_bf16_to_fp8=None, g_idx=perm)
-    return module
+    parts = _unpacked(module, q, zeros, cfg)
+    if runs_again:
+        _recovered(module, parts)
+    return module, parts
+
+
+def _unpacked(module, q, zeros, cfg: dict) -> dict:
+    """What ``writer.extract_layer`` reads back through INC's ``unpack()`` (a numpy walk over the
+    packed columns), from the integers at hand: the unsigned integers (INC shifts a symmetric
+    layer's by 2^(bits-1) and stores that as its zero point), zero points and fp16 scales
+    [groups, out], each column's group."""
+    half = 2 ** (cfg["bits"] - 1)
+    if zeros is None:
+        q = q + half
+        zeros = torch.full(module.scales.shape, half, dtype=torch.int64)
+    else:
+        zeros = zeros.t().contiguous()
+    g_idx = (module.g_idx.to(torch.int64) if module.g_idx is not None
+             else torch.arange(module.in_features, dtype=torch.int64) // cfg["group_size"])
+    return {"q": q.to(torch.int64), "zeros": zeros, "scales": module.scales.contiguous(), "g_idx": g_idx}
+
+
+def _recovered(module, parts: dict) -> None:
+    """Give INC's module the fp32 weight its first forward would recover (INC's ``recover`` walks
+    the columns one by one): ((q - zero) as int8) x fp16 scale, in fp16, then fp32; the bias to
+    fp32 as that forward does."""
+    q, zeros, scales, g = parts["q"], parts["zeros"].t(), parts["scales"].t(), parts["g_idx"]
+    out, columns = q.shape
+    size = columns // zeros.shape[1]
+    if torch.equal(g, torch.arange(columns) // size):  # plain groups: broadcast, no gather
+        weight = ((q.view(out, -1, size) - zeros[..., None]).to(torch.int8) * scales[..., None]).view(out, columns)
+    else:
+        weight = (q - zeros[:, g]).to(torch.int8) * scales[:, g]
+    module.weight = weight.float()
+    if module.bias is not None:
+        module.bias = module.bias.float()
 
 
 def _replace(block, name: str, module) -> None:
@@ -186,12 +245,15 @@ def _replay_plan(block, groups: list[list[str]], probe, kwargs) -> dict[int, int
 
 @torch.no_grad()
 def quantize_groups(block, groups: list[list[str]], hidden: list, kwargs_for, config,
-                    shared: bool = False, forward_context=contextlib.nullcontext) -> None:
+                    shared: bool = False, forward_context=contextlib.nullcontext, timed=None) -> dict:
     """GPTQ every linear of ``block`` group by group, each group calibrated with the earlier
-    groups already quantized; the linears are replaced in place by INC's packed modules.
+    groups already quantized; the linears are replaced in place by INC's packed modules. Returns
+    {linear name: its unpacked integers, zero points, scales and groups} (``_unpacked``).
     ``shared``: each group's linears read one tensor (``layer_by_layer.sequential_groups``); then
     a one-linear group's captured inputs replay its module for the later groups (``_Replay``).
-    ``forward_context`` wraps the calibration forwards only (``_hessians``)."""
+    ``forward_context`` wraps the calibration forwards only (``_hessians``); ``timed(phase)``, a
+    context manager, clocks the forwards ("calibration") and ``fasterquant`` with the packing ("gptq")."""
+    timed = timed or (lambda _phase: contextlib.nullcontext())
     cfg = layer_config(config)
     plan = {}
     if shared and hidden:
@@ -199,12 +261,19 @@ def quantize_groups(block, groups: list[list[str]], hidden: list, kwargs_for, co
         plan = _replay_plan(block, groups, probe, kwargs_for(probe))
     swapped: list[tuple[str, torch.nn.Module]] = []  # (name, the module a _Replay stands in for)
     replays: list[_Replay] = []
+    unpacked: dict[str, dict] = {}
     try:
         for i, group in enumerate(groups):
             keep = [] if i in plan else None
-            gptqs = _hessians(block, group, hidden, kwargs_for, cfg, shared, replays, keep, forward_context)
-            for name in group:
-                _replace(block, name, _packed(block.get_submodule(name), gptqs[name], cfg))
+            with timed("calibration"):
+                gptqs = _hessians(block, group, hidden, kwargs_for, cfg, shared, replays, keep, forward_context)
+            with timed("gptq"):
+                linears = [block.get_submodule(name) for name in group]
+                solved = _solve(linears, list(gptqs.values()), cfg)
+                del gptqs
+                for name, linear, parts in zip(group, linears, solved):
+                    module, unpacked[name] = _packed(linear, *parts, cfg, runs_again=i < len(groups) - 1)
+                    _replace(block, name, module)
             if keep is not None:
                 parent = group[0].rpartition(".")[0]
                 swapped.append((parent, block.get_submodule(parent)))
@@ -213,3 +282,4 @@ def quantize_groups(block, groups: list[list[str]], hidden: list, kwargs_for, co
     finally:
         for parent, module in reversed(swapped):
             _replace(block, parent, module)
+    return unpacked

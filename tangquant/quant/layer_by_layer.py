@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tangquant.checkpoint import ShardWriter, TensorReader
 from tangquant.errors import QuantizationError
 from tangquant.gptq import unpack_layer
+from tangquant.quant.clock import PhaseClock
 from tangquant.quant.fidelity import streamed_fidelity
 from tangquant.quant.gptq_block import quantize_groups
 from tangquant.quant.inc import inc_config, inc_workspace
@@ -128,10 +129,14 @@ def _linears(module) -> list[str]:
 
 
 def sequential_groups(block, hidden, ctx: _Context) -> list[list[str]]:
-    """The block's linears grouped by shared input, in call order (q,k,v | o | gate,up | down)."""
-    calls: list[tuple[str, int]] = []
+    """The block's linears grouped by shared input, in call order (q,k,v | o | gate,up | down).
+
+    Each input is held until the grouping is done: compared by address only, a freed input's
+    memory could come back as the next linear's (o_proj's input freed, the post-attention norm's
+    output of the same size allocated there) and join two groups with different inputs."""
+    calls: list[tuple[str, torch.Tensor]] = []
     handles = [block.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: calls.append((n, args[0].data_ptr()))) for n in _linears(block)]
+        lambda _m, args, n=n: calls.append((n, args[0]))) for n in _linears(block)]
     try:
         with torch.no_grad():
             short = hidden[:, :8]
@@ -141,28 +146,32 @@ def sequential_groups(block, hidden, ctx: _Context) -> list[list[str]]:
             h.remove()
     groups: list[list[str]] = []
     last = None
-    for name, ptr in calls:
-        if groups and ptr == last:
+    for name, x in calls:
+        if groups and last is not None and x.data_ptr() == last.data_ptr() and x.shape == last.shape:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last = ptr
+        last = x
     return groups
 
 
-def quantize_block(block, recipe: QuantRecipe, hidden: list, ctx: _Context, model_dir: Path):
-    """Quantize every linear of a one-layer model with INC; return the converted model."""
+def quantize_block(block, recipe: QuantRecipe, hidden: list, ctx: _Context, model_dir: Path,
+                   timed=None) -> tuple[torch.nn.Module, dict]:
+    """Quantize every linear of a one-layer model with INC: (the converted model, {linear name: its
+    unpacked integers} where the GPTQ path has them, else empty: ``_write_layer`` unpacks INC's).
+    ``timed(phase)`` clocks the calibration forwards and GPTQ proper (``PhaseClock``)."""
     if not recipe.algorithm.needs_calib:
-        return convert(prepare(block, inc_config(recipe, model_dir, true_sequential=False)))
+        with timed("quantize") if timed else contextlib.nullcontext():
+            return convert(prepare(block, inc_config(recipe, model_dir, true_sequential=False))), {}
     groups = (sequential_groups(block, hidden[0], ctx) if recipe.true_sequential
               else [_linears(block)])
-    quantize_groups(block, groups, hidden, ctx.kwargs,
-                    inc_config(recipe, model_dir, true_sequential=False), shared=recipe.true_sequential,
-                    forward_context=lambda: _calibration_dtype(recipe))
+    unpacked = quantize_groups(block, groups, hidden, ctx.kwargs,
+                               inc_config(recipe, model_dir, true_sequential=False), shared=recipe.true_sequential,
+                               forward_context=lambda: _calibration_dtype(recipe), timed=timed)
     left = _linears(block)
     if left:
         raise QuantizationError(f"INC left {left[:3]} unquantized")
-    return block
+    return block, unpacked
 
 
 def _advance(block, hidden: list, ctx: _Context) -> None:
@@ -184,8 +193,6 @@ def _embed(source, samples, as_written: bool = False) -> list:
 
 def _dequantized_block(block, packed_by_name: dict, recipe: QuantRecipe, fmt: int):
     """The block as the checkpoint holds it: dequantized linears, fp16-rounded norms."""
-
-
     for param in block.parameters():
         param.data = param.data.to(torch.float16).float()
 
@@ -203,10 +210,10 @@ def _dequantized_block(block, packed_by_name: dict, recipe: QuantRecipe, fmt: in
     return block
 
 
-def _write_layer(writer, block, index: int, source, recipe: QuantRecipe, fmt: int) -> dict:
-    """Write one quantized layer (packed linears, fp16 norms); return {wrapper name: packed}."""
-
-
+def _write_layer(writer, block, index: int, source, recipe: QuantRecipe, fmt: int,
+                 unpacked: dict | None = None) -> dict:
+    """Write one quantized layer (packed linears, fp16 norms); return {wrapper name: packed}.
+    ``unpacked``: {wrapper name: the linear's integers} that quantize_block already has."""
     prefix = f"model.layers.{index}."
     wrapped = "model.layers.0."
     packed_by_name, stats = {}, {"weights": 0, "bytes": 0}
@@ -215,7 +222,7 @@ def _write_layer(writer, block, index: int, source, recipe: QuantRecipe, fmt: in
         if name.startswith(wrapped) and isinstance(module, INCWeightOnlyLinear):
             real = prefix + name[len(wrapped):]
             packed, n = pack_module(real, module, recipe.bits, recipe.group_size,
-                                    f"{real}.bias" in source.where, fmt)
+                                    f"{real}.bias" in source.where, fmt, (unpacked or {}).get(name))
             for suffix, tensor in packed.items():
                 writer.add(f"{real}.{suffix}", tensor)
             packed_by_name[name] = packed
@@ -231,8 +238,6 @@ def _write_layer(writer, block, index: int, source, recipe: QuantRecipe, fmt: in
 def run_layer_wise(model_dir: Path, out_dir: Path, recipe: QuantRecipe, samples: list, held: list,
                    fmt: int) -> tuple[dict, dict | None]:
     """Quantize and write ``model_dir`` layer by layer; return (counts, fidelity or None)."""
-
-
     torch.manual_seed(recipe.seed)
     source = TensorReader(Path(model_dir))
     skeleton, rotary = _skeleton(Path(model_dir))
@@ -244,25 +249,34 @@ def run_layer_wise(model_dir: Path, out_dir: Path, recipe: QuantRecipe, samples:
     writer = ShardWriter(out_dir, max_shard_bytes=10**9,
                          metadata={"quantized_by": "tangquant (Intel neural-compressor)"})
     totals = {"weights": 0, "bytes": 0, "layers": 0}
+    clock = PhaseClock()
     n_layers = len(skeleton.model.layers)
     with inc_workspace(), _inc_errors_only():
-        for i in tqdm(range(n_layers), desc=f"{recipe.algo} layer by layer", unit="layer"):
-            block = _one_layer_model(_load_layer(skeleton, source, i))
-            _advance(block, ref, ctx)  # the source model's stream, before quantization
-            block = quantize_block(block, recipe, calib, ctx, Path(model_dir))
-            written = _write_layer(writer, block, i, source, recipe, fmt)
+        bar = tqdm(range(n_layers), desc=f"{recipe.algo} layer by layer", unit="layer")
+        for i in bar:
+            with clock("load"):
+                block = _one_layer_model(_load_layer(skeleton, source, i))
+            with clock("held-out"):
+                _advance(block, ref, ctx)  # the source model's stream, before quantization
+            block, unpacked = quantize_block(block, recipe, calib, ctx, Path(model_dir), clock)
+            with clock("write"):
+                written = _write_layer(writer, block, i, source, recipe, fmt, unpacked)
             for k in totals:
                 totals[k] += written[k]
-            block = _dequantized_block(block, written["packed"], recipe, fmt)
-            with _calibration_dtype(recipe):
-                _advance(block, calib, ctx)
-            _advance(block, quant, ctx)
+            with clock("advance"):
+                block = _dequantized_block(block, written["packed"], recipe, fmt)
+                with _calibration_dtype(recipe):
+                    _advance(block, calib, ctx)
+            with clock("held-out"):
+                _advance(block, quant, ctx)
             skeleton.model.layers[i] = torch.nn.Identity()  # drop the layer's weights
             del block, written
-    for name in source.names():
-        if not name.startswith("model.layers."):
-            writer.add(name, as_written(source.get(name)))
-    files = writer.close()
-    calib.clear()
-    fidelity = streamed_fidelity(source, skeleton, ref, quant, held) if held else None
-    return counts(totals["layers"], totals["weights"], totals["bytes"], files), fidelity
+            bar.set_postfix_str(clock.next_layer(), refresh=False)
+    with clock("end"):
+        for name in source.names():
+            if not name.startswith("model.layers."):
+                writer.add(name, as_written(source.get(name)))
+        files = writer.close()
+        calib.clear()
+        fidelity = streamed_fidelity(source, skeleton, ref, quant, held) if held else None
+    return {**counts(totals["layers"], totals["weights"], totals["bytes"], files), **clock.report()}, fidelity

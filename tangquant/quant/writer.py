@@ -24,13 +24,18 @@ from tangquant.gptq import pack_layer
 logger = logging.getLogger(__name__)
 
 
-def extract_layer(name: str, module, bits: int, group_size: int, has_bias: bool) -> dict:
-    """(q [out, in], zeros [groups, out], scales [groups, out], g_idx [in], bias) of one INC layer."""
+def extract_layer(name: str, module, bits: int, group_size: int, has_bias: bool,
+                  unpacked: dict | None = None) -> dict:
+    """(q [out, in], zeros [groups, out], scales [groups, out], g_idx [in], bias) of one INC layer;
+    ``unpacked``: those (bias aside) as the GPTQ layer driver already has them, instead of INC's
+    ``unpack()`` (``gptq_block._unpacked``, tested equal)."""
     if not isinstance(module, INCWeightOnlyLinear):
         raise QuantizationError(f"INC left {name} unquantized ({type(module).__name__})")
     if not module.use_optimum_format or module.bits != bits or "int" not in module.dtype:
         raise QuantizationError(f"{name}: INC produced {module.dtype}{module.bits} "
                                 f"(optimum format {module.use_optimum_format}), expected int{bits}")
+    if unpacked is not None:
+        return {**unpacked, "bias": module.bias if has_bias else None}
     p = module.unpack()
     q = p["int_weight"].to(torch.int64)
     # INC's unpack maps a stored zero point of 2^bits (zp 0 after its -1/+1) back to 0.
@@ -47,9 +52,9 @@ def extract_layer(name: str, module, bits: int, group_size: int, has_bias: bool)
 
 
 def pack_module(name: str, module, bits: int, group_size: int, has_bias: bool,
-                format_version: int) -> tuple[dict, int]:
+                format_version: int, unpacked: dict | None = None) -> tuple[dict, int]:
     """(GPTQ tensors {qweight, qzeros, scales, g_idx[, bias]}, weight count) of one INC layer."""
-    parts = extract_layer(name, module, bits, group_size, has_bias)
+    parts = extract_layer(name, module, bits, group_size, has_bias, unpacked)
     packed = pack_layer(parts["q"], parts["zeros"], parts["scales"], parts["g_idx"], bits,
                         bias=parts["bias"], format_version=format_version)
     return packed, parts["q"].numel()

@@ -1,0 +1,38 @@
+"""Where a long quantization's time goes, phase by phase and layer by layer."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+
+
+class PhaseClock:
+    """Wall seconds per phase of the layer loop, summed over layers, and each layer's total: where
+    a long run's time goes (the progress bar shows the last layer's split, the metrics the sums)."""
+
+    def __init__(self):
+        self.total: Counter = Counter()
+        self.layer: Counter = Counter()
+        self.layers: list[float] = []
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.layer[phase] += time.perf_counter() - t0
+
+    def next_layer(self) -> str:
+        """Close the layer: fold it into the totals; return its split for the progress bar."""
+        self.total.update(self.layer)
+        self.layers.append(round(sum(self.layer.values()), 1))
+        split = " ".join(f"{k} {v:.0f}s" for k, v in self.layer.items())
+        self.layer = Counter()
+        return split
+
+    def report(self) -> dict:
+        """The sums, phases outside the layer loop (the LM head and fidelity: "end") included."""
+        return {"phase_seconds": {k: round(v, 1) for k, v in (self.total + self.layer).items()},
+                "layer_seconds": self.layers}
