@@ -23,7 +23,8 @@
 #                               512 tokens of the Tang calibration split that `tangquant data` writes,
 #                               carried as .carry/calib/tang_calib.json or named by TQ_CALIB; more quantize
 #                               flags in TQ_GPTQ_ARGS, e.g. "--compute-dtype bf16")
-#   xeon_full.sh status OUT     the log's tail and each step's wall time and peak RSS
+#   xeon_full.sh status OUT     the log's tail and each step's wall time and peak RSS (the GPTQ's RSS every
+#                               10 s in OUT/rss.log: a lease can end it first)
 #
 # Start it from a copy of the checkout (a later call replaces the checkout), in its own session,
 # and copy OUT back from every call before anything can overrun it:
@@ -151,6 +152,10 @@ wait_ort() {  # a later call installs the pinned onnxruntime to $ort_site.new an
 }
 
 disk_log() { while :; do echo "$(date -u +%H:%M:%S) $(df -BG --output=used,avail "$work" | tail -1)" >> "$out/disk.log"; sleep 20; done; }
+# rss_log PATTERN: the resident memory (KiB) of the processes whose command line has PATTERN, every 10 s
+# (a lease can end a run before its step's peak RSS is recorded).
+rss_log() { while :; do ps -eo rss=,etimes=,args= | grep -F -- "$1" | grep -v grep \
+  | grep -v steps.jsonl | awk -v t="$(date -u +%H:%M:%S)" '{print t, $1, $2}' >> "$out/rss.log"; sleep 10; done; }
 
 setup() {
   host_record
@@ -248,6 +253,7 @@ steps() {
 gptq7() {
   host_record
   disk_log & local disk_pid=$!
+  rss_log "tangquant.cli quantize" & local rss_pid=$!
   step base7 "$py" -m tangquant.poet.shapes --shape "$shape" --output base7 --adapter lora7 || exit 8
   # The merge beside the GPTQ (a lease is short): the GPTQ reads the base, whose shapes are the merged
   # model's; the merge's peak RSS is its own, its wall time and the GPTQ's first layer share the machine.
@@ -257,7 +263,7 @@ gptq7() {
     --recipe "$repo/recipes/int4-gptq-g128-layerwise.yaml" --calib "${TQ_CALIB:-$repo/.carry/calib/tang_calib.json}" \
     ${TQ_GPTQ_ARGS:-}
   [ -z "$merge_pid" ] || wait "$merge_pid"
-  kill "$disk_pid" 2>/dev/null
+  kill "$disk_pid" "$rss_pid" 2>/dev/null
   stamp "gptq done"; touch "$out/gptq.done"
 }
 

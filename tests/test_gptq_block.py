@@ -112,7 +112,8 @@ def test_the_layer_driver_leaves_no_layer_to_the_cycle_collector(tmp_path, tiny_
 def test_a_bf16_calibration_forward_leaves_the_hessian_in_fp32(tiny_model_dir):
     """compute_dtype bf16 runs the block's matmuls under a bf16 autocast; INC's Hessian update must
     stay outside it: the o group's Hessian is exactly the fp32 2/n·ΣXᵀX of the inputs it captured
-    (a bf16 product would miss it by ~1e-3 relative), and those inputs did come from bf16 matmuls."""
+    (a bf16 product would miss it by ~1e-3 relative), and those inputs did come from bf16 matmuls;
+    the buffered update gives what INC's add_batch gives."""
     import torch
 
     from tangquant.checkpoint import TensorReader
@@ -138,6 +139,10 @@ def test_a_bf16_calibration_forward_leaves_the_hessian_in_fp32(tiny_model_dir):
     expected = 2 / len(kept) * x.T @ x
     assert gptqs[name].H.dtype == torch.float32
     torch.testing.assert_close(gptqs[name].H.double(), expected, rtol=1e-5, atol=1e-5)
+    incs = gptq_block._gptq(block.get_submodule(name), cfg)  # and INC's own add_batch, bit for bit
+    for k in kept:
+        incs.add_batch(k, None)
+    assert torch.equal(incs.H, gptqs[name].H)
 
 
 def test_the_groups_follow_the_inputs_not_reused_addresses(tiny_model_dir):
