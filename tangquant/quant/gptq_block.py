@@ -189,14 +189,16 @@ def _unpacked(module, q, zeros, cfg: dict) -> dict:
         zeros = zeros.t().contiguous()
     g_idx = (module.g_idx.to(torch.int64) if module.g_idx is not None
              else torch.arange(module.in_features, dtype=torch.int64) // cfg["group_size"])
-    return {"q": q.to(torch.int64), "zeros": zeros, "scales": module.scales.contiguous(), "g_idx": g_idx}
+    # uint8 until written: a 7B layer's integers as int64 are 1.6 GB (extract_layer widens them one linear at a time)
+    return {"q": q.to(torch.uint8), "zeros": zeros, "scales": module.scales.contiguous(), "g_idx": g_idx}
 
 
 def _recovered(module, parts: dict) -> None:
     """Give INC's module the fp32 weight its first forward would recover (INC's ``recover`` walks
     the columns one by one): ((q - zero) as int8) x fp16 scale, in fp16, then fp32; the bias to
     fp32 as that forward does."""
-    q, zeros, scales, g = parts["q"], parts["zeros"].t(), parts["scales"].t(), parts["g_idx"]
+    q, zeros = parts["q"].to(torch.int16), parts["zeros"].t().to(torch.int16)
+    scales, g = parts["scales"].t(), parts["g_idx"]
     out, columns = q.shape
     size = columns // zeros.shape[1]
     if torch.equal(g, torch.arange(columns) // size):  # plain groups: broadcast, no gather

@@ -270,7 +270,7 @@ def run_layer_wise(model_dir: Path, out_dir: Path, recipe: QuantRecipe, samples:
             with clock("held-out"):
                 _advance(block, quant, ctx)
             skeleton.model.layers[i] = torch.nn.Identity()  # drop the layer's weights
-            del block, written
+            del block, written, unpacked
             bar.set_postfix_str(clock.next_layer(), refresh=False)
     with clock("end"):
         for name in source.names():

@@ -35,7 +35,7 @@ def extract_layer(name: str, module, bits: int, group_size: int, has_bias: bool,
         raise QuantizationError(f"{name}: INC produced {module.dtype}{module.bits} "
                                 f"(optimum format {module.use_optimum_format}), expected int{bits}")
     if unpacked is not None:
-        return {**unpacked, "bias": module.bias if has_bias else None}
+        return {**unpacked, "q": unpacked["q"].to(torch.int64), "bias": module.bias if has_bias else None}
     p = module.unpack()
     q = p["int_weight"].to(torch.int64)
     # INC's unpack maps a stored zero point of 2^bits (zp 0 after its -1/+1) back to 0.
