@@ -13,7 +13,7 @@ stops the forward before the group's first linear: the linears of a true-sequent
 tensor, so one Hessian serves them all, and GPTQ needs no product of theirs); once o_proj is
 quantized, the later groups replay the attention from the input the o group captured (``_Replay``)
 instead of running q/k/v and the attention again. INC's own ``GPTQ`` object holds the Hessian
-(accumulated with its ``add_batch`` arithmetic into a reused product buffer, ``_add_batch``),
+(accumulated with its ``add_batch`` arithmetic into a reused product buffer, ``fasterquant.add_batch``),
 ``quant/fasterquant`` runs INC's ``fasterquant`` arithmetic (a group's linears stacked: one Hessian
 inverse, one column walk), and INC's ``INCWeightOnlyLinear`` packs the integers exactly as INC's
 ``convert`` does (its step 2.6) and stands in for the linear in the later groups' forwards. The
@@ -23,14 +23,13 @@ integers are INC's, bit for bit (tested against INC's whole-model run).
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from neural_compressor.torch.algorithms.weight_only.gptq import GPTQ
 from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
 from neural_compressor.torch.algorithms.weight_only.utility import quant_weight_w_scale
 
-from tangquant.quant.fasterquant import fasterquant, supported
+from tangquant.quant.fasterquant import add_batch, fasterquant, supported
 
 
 def _fp32():
@@ -73,7 +72,7 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shar
 
     def before(_module, args):
         with _fp32():
-            _add_batch(gptqs[group[0]], args[0].data, products)
+            add_batch(gptqs[group[0]], args[0].data, products)
         if keep is not None:
             keep.append(args[0].data)
         raise _GroupDone
@@ -81,7 +80,7 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shar
     def after(name):
         def collect(_module, inp, out):
             with _fp32():
-                _add_batch(gptqs[name], inp[0].data, products)
+                add_batch(gptqs[name], inp[0].data, products)
             seen.add(name)
             if len(seen) == len(group):
                 raise _GroupDone
@@ -103,24 +102,6 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shar
         for handle in handles:
             handle.remove()
     return gptqs
-
-
-def _add_batch(gptq, inp, products: dict) -> None:
-    """INC's ``GPTQ.add_batch`` for a linear's input, the same operations in the same order, with
-    XᵀX written into a buffer reused from sample to sample (``products``, by width): a fresh
-    Hessian-sized product per sample is a fresh mapping to fault in (485 MB at 7B's down_proj)."""
-    if inp.dim() == 2:
-        inp = inp.unsqueeze(0)
-    n = inp.shape[0]
-    inp = inp.reshape(-1, inp.shape[-1]).t()
-    gptq.H *= gptq.nsamples / (gptq.nsamples + n)
-    gptq.nsamples += n
-    inp = math.sqrt(2 / gptq.nsamples) * inp.float()
-    width = inp.shape[0]
-    if width not in products:
-        products[width] = torch.empty(width, width)
-    torch.matmul(inp, inp.t(), out=products[width])
-    gptq.H += products[width]
 
 
 def _gptq(linear, cfg: dict, like=None):
