@@ -15,13 +15,12 @@ import json
 import time
 
 import torch
-from neural_compressor.torch.algorithms.weight_only.gptq import GPTQ
 from neural_compressor.torch.quantization import GPTQConfig
 
 from tangquant.host import record as host_record
 from tangquant.poet.shapes import qwen_config
 from tangquant.quant.fasterquant import fasterquant
-from tangquant.quant.gptq_block import layer_config
+from tangquant.quant.gptq_block import _gptq, layer_config
 
 
 def _groups(config: dict) -> dict[str, list[tuple[int, int]]]:
@@ -31,18 +30,17 @@ def _groups(config: dict) -> dict[str, list[tuple[int, int]]]:
     return {"q,k,v": [(h, h), (kv, h), (kv, h)], "o": [(h, h)], "gate,up": [(i, h), (i, h)], "down": [(h, i)]}
 
 
-def _hessian(columns: int, tokens: int) -> tuple[torch.Tensor, int]:
-    g = GPTQ(torch.nn.Linear(columns, 1, bias=False), torch.empty(1, columns), "cpu")
+def _hessian(columns: int, tokens: int, cfg: dict):
+    """An INC GPTQ object holding the Hessian of ``tokens`` random inputs of width ``columns``."""
+    g = _gptq(torch.nn.Linear(columns, 1, bias=False), cfg)
     for _ in range(max(1, tokens // 512)):
         g.add_batch(torch.randn(1, 512, columns) * torch.rand(columns) * 3, None)
-    return g.H, g.nsamples
-
-
-def _gptq(H, n, cfg, columns):
-    g = GPTQ(torch.nn.Linear(columns, 1, bias=False), torch.empty(1, columns), "cpu")
-    g.quantizer.configure(cfg)
-    g.H, g.nsamples = H.clone(), n
     return g
+
+
+def _copy(hessian, cfg: dict):
+    """A fresh GPTQ object with a copy of ``hessian``'s Hessian (fasterquant consumes its own)."""
+    return _gptq(torch.nn.Linear(hessian.columns, 1, bias=False), cfg, like=hessian)
 
 
 def run(shape: str, block_size: int, group_size: int, tokens: int) -> list[dict]:
@@ -52,13 +50,13 @@ def run(shape: str, block_size: int, group_size: int, tokens: int) -> list[dict]
     for name, linears in _groups(qwen_config(shape)).items():
         torch.manual_seed(0)
         columns = linears[0][1]
-        H, n = _hessian(columns, tokens)
+        hessian = _hessian(columns, tokens, cfg)
         weights = [torch.randn(o, i) * 0.02 for o, i in linears]
         t0 = time.perf_counter()
-        inc = [_gptq(H, n, cfg, columns).fasterquant(w.clone(), **kw) for w in weights]
+        inc = [_copy(hessian, cfg).fasterquant(w.clone(), **kw) for w in weights]
         t_inc = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ours = fasterquant(_gptq(H, n, cfg, columns), torch.cat(weights), **kw)
+        ours = fasterquant(_copy(hessian, cfg), torch.cat(weights), **kw)
         t_ours = time.perf_counter() - t0
         equal = (torch.equal(torch.cat([r[3] for r in inc]), ours[2])
                  and torch.equal(torch.cat([r[0] for r in inc]), ours[0]))

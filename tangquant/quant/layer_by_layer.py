@@ -147,7 +147,7 @@ def sequential_groups(block, hidden, ctx: _Context) -> list[list[str]]:
     groups: list[list[str]] = []
     last = None
     for name, x in calls:
-        if groups and last is not None and x.data_ptr() == last.data_ptr() and x.shape == last.shape:
+        if groups and x.data_ptr() == last.data_ptr() and x.shape == last.shape:
             groups[-1].append(name)
         else:
             groups.append([name])
@@ -210,8 +210,7 @@ def _dequantized_block(block, packed_by_name: dict, recipe: QuantRecipe, fmt: in
     return block
 
 
-def _write_layer(writer, block, index: int, source, recipe: QuantRecipe, fmt: int,
-                 unpacked: dict | None = None) -> dict:
+def _write_layer(writer, block, index: int, source, recipe: QuantRecipe, fmt: int, unpacked: dict) -> dict:
     """Write one quantized layer (packed linears, fp16 norms); return {wrapper name: packed}.
     ``unpacked``: {wrapper name: the linear's integers} that quantize_block already has."""
     prefix = f"model.layers.{index}."
@@ -222,7 +221,7 @@ def _write_layer(writer, block, index: int, source, recipe: QuantRecipe, fmt: in
         if name.startswith(wrapped) and isinstance(module, INCWeightOnlyLinear):
             real = prefix + name[len(wrapped):]
             packed, n = pack_module(real, module, recipe.bits, recipe.group_size,
-                                    f"{real}.bias" in source.where, fmt, (unpacked or {}).get(name))
+                                    f"{real}.bias" in source.where, fmt, unpacked.get(name))
             for suffix, tensor in packed.items():
                 writer.add(f"{real}.{suffix}", tensor)
             packed_by_name[name] = packed
