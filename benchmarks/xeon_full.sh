@@ -250,8 +250,20 @@ steps() {
   stamp "steps done"
 }
 
+# Which oneDNN kernels run --compute-dtype bf16's Hessian update (calibration.add_samples: an fp32 matmul
+# in bf16 fpmath mode) and a bf16 linear of the calibration forwards: on AMX they name amx, elsewhere
+# oneDNN keeps fp32 for the first.
+fpmath_probe() {
+  ONEDNN_VERBOSE=1 "$py" -c 'import types, torch; from tangquant.quant.calibration import add_samples
+g = types.SimpleNamespace(H=torch.zeros(1024, 1024), nsamples=0)
+add_samples(g, [torch.randn(1, 4096, 1024)], {})
+with torch.autocast("cpu", dtype=torch.bfloat16): torch.nn.Linear(1024, 2048)(torch.randn(512, 1024))
+print("torch threads", torch.get_num_threads())' 2>&1 | grep -E "exec|isa|threads" > "$out/onednn-fpmath.txt"
+}
+
 gptq7() {
   host_record
+  fpmath_probe
   disk_log & local disk_pid=$!
   rss_log "tangquant.cli quantize" & local rss_pid=$!
   step base7 "$py" -m tangquant.poet.shapes --shape "$shape" --output base7 --adapter lora7 || exit 8

@@ -68,3 +68,24 @@ def test_act_order_is_left_to_inc():
     from tangquant.quant.gptq_block import layer_config
 
     assert not supported(layer_config(GPTQConfig(bits=4, group_size=32, act_order=True)))
+
+
+def test_a_phase_inside_another_takes_its_time_out_of_it():
+    """The Hessian updates run inside the calibration forwards' hooks: clocked as their own phase,
+    their seconds leave "calibration", and the layer's phases still add up to its wall time."""
+    import time
+
+    from tangquant.quant.clock import PhaseClock
+
+    clock = PhaseClock()
+    t0 = time.perf_counter()
+    with clock("calibration"):
+        time.sleep(0.05)
+        with clock("hessians"):
+            time.sleep(0.1)
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    clock.next_layer()
+    seconds = clock.report()["phase_seconds"]
+    assert 0.09 <= seconds["hessians"] < 0.15 and 0.09 <= seconds["calibration"] < 0.15
+    assert abs(sum(clock.total.values()) - wall) < 0.01

@@ -74,7 +74,7 @@ def test_the_later_groups_replay_the_attention_and_get_the_same_integers(tiny_mo
     again, attention_runs_again = _quantized_layer(Path(tiny_model_dir), hidden, False, monkeypatch)
     assert attention_runs == 2 + 2 * len(hidden)  # two probes, the q/k/v and o groups
     assert attention_runs_again == 1 + 4 * len(hidden)
-    assert replayed.keys() == again.keys() and any(k.endswith("qweight") for k in replayed)
+    assert replayed.keys() == again.keys() and any(k.endswith("scales") for k in replayed)
     for name, tensor in replayed.items():
         assert torch.equal(tensor, again[name]), name
 
@@ -109,11 +109,8 @@ def test_the_layer_driver_leaves_no_layer_to_the_cycle_collector(tmp_path, tiny_
     assert left == []
 
 
-def test_a_bf16_calibration_forward_leaves_the_hessian_in_fp32(tiny_model_dir):
-    """compute_dtype bf16 runs the block's matmuls under a bf16 autocast; INC's Hessian update must
-    stay outside it: the o group's Hessian is exactly the fp32 2/n·ΣXᵀX of the inputs it captured
-    (a bf16 product would miss it by ~1e-3 relative), and those inputs did come from bf16 matmuls;
-    the buffered update gives what INC's add_batch gives."""
+def _o_group_hessian(model_dir: Path, bf16: bool, n: int):
+    """(the o group's GPTQ object, the inputs it captured) from n samples of 24 tokens."""
     import torch
 
     from tangquant.checkpoint import TensorReader
@@ -122,27 +119,55 @@ def test_a_bf16_calibration_forward_leaves_the_hessian_in_fp32(tiny_model_dir):
     from tangquant.quant.inc import inc_config, inc_workspace
     from tangquant.quant.recipe import QuantRecipe
 
-    recipe = QuantRecipe(group_size=32, layer_wise=True, compute_dtype="bf16")
-    skeleton, rotary = lbl._skeleton(Path(tiny_model_dir))
+    recipe = QuantRecipe(group_size=32, layer_wise=True, compute_dtype="bf16" if bf16 else "fp32")
+    skeleton, rotary = lbl._skeleton(model_dir)
     ctx = lbl._Context(rotary)
-    block = lbl._one_layer_model(lbl._load_layer(skeleton, TensorReader(Path(tiny_model_dir)), 0))
+    block = lbl._one_layer_model(lbl._load_layer(skeleton, TensorReader(model_dir), 0))
     torch.manual_seed(0)
-    hidden = [torch.randn(1, 24, skeleton.config.hidden_size) for _ in range(3)]
+    hidden = [torch.randn(1, 24, skeleton.config.hidden_size) for _ in range(n)]
     name = "model.layers.0.self_attn.o_proj"
     with inc_workspace():
-        cfg = gptq_block.layer_config(inc_config(recipe, Path(tiny_model_dir), true_sequential=False))
+        cfg = gptq_block.layer_config(inc_config(recipe, model_dir, true_sequential=False))
         kept = []
-        gptqs = gptq_block._hessians(block, [name], hidden, ctx.kwargs, cfg, True, [], kept,
-                                     lambda: lbl._calibration_dtype(recipe))
-    assert kept[0].dtype == torch.bfloat16  # the attention's output came from a bf16 matmul
+        gptqs = gptq_block._hessians(block, [name], hidden, ctx.kwargs, cfg, True, [], kept, bf16)
+    return gptqs[name], kept, cfg
+
+
+def test_the_fp32_hessian_is_incs_bit_for_bit(tiny_model_dir):
+    """The default (fp32) calibration feeds each sample to INC's update as INC does: the buffered
+    product gives INC's own add_batch's Hessian bit for bit."""
+    import torch
+
+    from tangquant.quant import gptq_block
+
+    gptq, kept, cfg = _o_group_hessian(Path(tiny_model_dir), False, 3)
+    assert kept[0].dtype == torch.float32
+    inc = gptq_block._gptq(gptq.layer, cfg)
+    for k in kept:
+        inc.add_batch(k, None)
+    assert gptq.nsamples == inc.nsamples == 3
+    assert torch.equal(inc.H, gptq.H)
+
+
+def test_a_bf16_calibration_gives_the_hessian_of_its_inputs_from_bf16_products(tiny_model_dir, monkeypatch):
+    """compute_dtype bf16: the forwards' matmuls in bf16 (the attention's output the o group reads
+    comes from one), the Hessian fed BATCH_TOKENS at a time with bf16 products and fp32 sums:
+    2/n·ΣXᵀX over every sample (none left in a partial batch), in fp32, within bf16's rounding of
+    the operands; oneDNN's matmul precision is back to what it was."""
+    import torch
+
+    from tangquant.quant import calibration
+
+    monkeypatch.setattr(calibration, "BATCH_TOKENS", 2 * 24)  # 5 samples: two full batches and one left over
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    gptq, kept, _ = _o_group_hessian(Path(tiny_model_dir), True, 5)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert kept[0].dtype == torch.bfloat16
     x = torch.cat([k.reshape(-1, k.shape[-1]).double() for k in kept])
     expected = 2 / len(kept) * x.T @ x
-    assert gptqs[name].H.dtype == torch.float32
-    torch.testing.assert_close(gptqs[name].H.double(), expected, rtol=1e-5, atol=1e-5)
-    incs = gptq_block._gptq(block.get_submodule(name), cfg)  # and INC's own add_batch, bit for bit
-    for k in kept:
-        incs.add_batch(k, None)
-    assert torch.equal(incs.H, gptqs[name].H)
+    assert gptq.H.dtype == torch.float32 and gptq.nsamples == 5
+    scale = expected.abs().max()
+    assert (gptq.H.double() - expected).abs().max() / scale < 2 ** -7  # bf16 operands: 8 significant bits
 
 
 def test_the_groups_follow_the_inputs_not_reused_addresses(tiny_model_dir):
@@ -192,7 +217,9 @@ def test_act_order_runs_incs_own_fasterquant_on_a_copy_of_the_shared_hessian(tin
 @pytest.mark.parametrize("sym,act_order", [(True, False), (False, False), (False, True)])
 def test_the_integers_at_hand_are_what_incs_unpack_and_recover_give(tiny_model_dir, sym, act_order):
     """The writer takes the integers, zero points and scales the driver already has, and the
-    later groups' forwards the weight it sets: INC's unpack() and recover() give the same."""
+    later groups' forwards the weight it sets: INC's pack() then unpack() and recover() of them
+    give the same (plain groups skip INC's pack: the driver never reads its qweight, and they have
+    none left to read unset; act-order's keeps INC's own)."""
     import torch
 
     from tangquant.checkpoint import TensorReader
@@ -211,9 +238,28 @@ def test_the_integers_at_hand_are_what_incs_unpack_and_recover_give(tiny_model_d
     assert len(unpacked) == 7
     for name, parts in unpacked.items():
         module = out.get_submodule(name)
-        incs = extract_layer(name, module, 4, 32, True)
+        assert hasattr(module, "qweight") == act_order, name
+        inc = module if act_order else _inc_packed(module, parts, sym)
+        incs = extract_layer(name, inc, 4, 32, True)
         ours = extract_layer(name, module, 4, 32, True, parts)
-        for key in ("q", "zeros", "scales", "g_idx", "bias"):
+        for key in ("q", "zeros", "scales", "g_idx"):
             assert ours[key].dtype == incs[key].dtype and torch.equal(ours[key], incs[key]), (name, key)
+        assert (ours["bias"] is None) == (incs["bias"] is None), name
+        if ours["bias"] is not None:
+            assert torch.equal(ours["bias"].half(), incs["bias"].half()), name
         if not name.endswith("down_proj"):  # the last group: never run again, never recovered
-            assert torch.equal(module.weight, module.recover().float()), name
+            assert torch.equal(module.weight, inc.recover().float()), name
+
+
+def _inc_packed(module, parts: dict, sym: bool):
+    """INC's own module packed, by INC's pack(), with the integers, zero points and scales of
+    ``parts`` (signed integers for a symmetric layer, as INC's GPTQ gives them)."""
+    import torch
+    from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
+
+    inc = INCWeightOnlyLinear(module.in_features, module.out_features, dtype="int", bits=4, group_size=32,
+                              zp=not sym, bias=module.bias is not None, g_idx=False, device="cpu")
+    ints = parts["q"].to(torch.int32) - (8 if sym else 0)
+    zero = None if sym else parts["zeros"].t().float()
+    inc.pack(ints, parts["scales"].t().float(), zero, module.bias, scale_bf16_to_fp8=None, g_idx=None)
+    return inc

@@ -15,14 +15,27 @@ class PhaseClock:
         self.total: Counter = Counter()
         self.layer: Counter = Counter()
         self.layers: list[float] = []
+        self._open: list[list] = []  # [phase, since]: the innermost phase runs, the outer ones wait
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
-        t0 = time.perf_counter()
+        """Clock ``phase``; a phase opened inside another takes its seconds out of the outer one
+        (the Hessian updates inside the calibration forwards), so the phases add up to the wall."""
+        self._pause()
+        self._open.append([phase, time.perf_counter()])
         try:
             yield
         finally:
-            self.layer[phase] += time.perf_counter() - t0
+            self._pause()
+            self._open.pop()
+            if self._open:
+                self._open[-1][1] = time.perf_counter()
+
+    def _pause(self) -> None:
+        if self._open:
+            now = time.perf_counter()
+            self.layer[self._open[-1][0]] += now - self._open[-1][1]
+            self._open[-1][1] = now
 
     def next_layer(self) -> str:
         """Close the layer: fold it into the totals; return its split for the progress bar."""

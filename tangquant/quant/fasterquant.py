@@ -13,13 +13,10 @@ Every value is computed by the same operation on the same operands as in INC (a 
 element by one element, a difference, INC's own quantizer), so the integers and scales are INC's
 bit for bit (``tests/test_fasterquant.py`` compares them with INC's ``fasterquant``). The
 variants this does not cover (act-order, hybrid order, static groups, fp8-aware, non-integer
-types) run INC's own. ``add_batch``, INC's Hessian update, writes each sample's XᵀX into one reused
-buffer instead of a fresh Hessian-sized tensor (equal to INC's bit for bit, ``tests/test_gptq_block.py``).
+types) run INC's own. The Hessians it takes are built in ``quant/calibration``.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -82,21 +79,3 @@ def fasterquant(gptq, W: torch.Tensor, blocksize: int, percdamp: float, groupsiz
         scale.append(quantizer.scale)
         zero.append(quantizer.zero)
     return torch.cat(scale, dim=1), torch.cat(zero, dim=1), Q
-
-
-def add_batch(gptq, inp, products: dict) -> None:
-    """INC's ``GPTQ.add_batch`` for a linear's input, the same operations in the same order, with
-    XᵀX written into a buffer reused from sample to sample (``products``, by width): a fresh
-    Hessian-sized product per sample is a fresh mapping to fault in (485 MB at 7B's down_proj)."""
-    if inp.dim() == 2:
-        inp = inp.unsqueeze(0)
-    n = inp.shape[0]
-    inp = inp.reshape(-1, inp.shape[-1]).t()
-    gptq.H *= gptq.nsamples / (gptq.nsamples + n)
-    gptq.nsamples += n
-    inp = math.sqrt(2 / gptq.nsamples) * inp.float()
-    width = inp.shape[0]
-    if width not in products:
-        products[width] = torch.empty(width, width)
-    torch.matmul(inp, inp.t(), out=products[width])
-    gptq.H += products[width]

@@ -13,7 +13,7 @@ stops the forward before the group's first linear: the linears of a true-sequent
 tensor, so one Hessian serves them all, and GPTQ needs no product of theirs); once o_proj is
 quantized, the later groups replay the attention from the input the o group captured (``_Replay``)
 instead of running q/k/v and the attention again. INC's own ``GPTQ`` object holds the Hessian
-(accumulated with its ``add_batch`` arithmetic into a reused product buffer, ``fasterquant.add_batch``),
+(fed by ``quant/calibration``: INC's ``add_batch`` arithmetic, or bf16 products with ``--compute-dtype bf16``),
 ``quant/fasterquant`` runs INC's ``fasterquant`` arithmetic (a group's linears stacked: one Hessian
 inverse, one column walk), and INC's ``INCWeightOnlyLinear`` packs the integers exactly as INC's
 ``convert`` does (its step 2.6) and stands in for the linear in the later groups' forwards. The
@@ -22,20 +22,13 @@ integers are INC's, bit for bit (tested against INC's whole-model run).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from neural_compressor.torch.algorithms.weight_only.gptq import GPTQ
 from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
 from neural_compressor.torch.algorithms.weight_only.utility import quant_weight_w_scale
 
-from tangquant.quant.fasterquant import add_batch, fasterquant, supported
-
-
-def _fp32():
-    """Autocast off: a bf16 calibration forward (layer_by_layer's compute_dtype) must not reach
-    INC's Hessian update."""
-    return torch.autocast("cpu", enabled=False)
+from tangquant.quant.calibration import Feed, calibration_autocast, untimed
+from tangquant.quant.fasterquant import fasterquant, supported
 
 
 class _GroupDone(Exception):
@@ -57,30 +50,28 @@ def layer_config(config) -> dict:
 
 
 def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shared: bool,
-              replays: list, keep: list | None = None, forward_context=contextlib.nullcontext) -> dict:
+              replays: list, keep: list | None = None, bf16: bool = False, timed=None) -> dict:
     """{linear name: INC GPTQ object holding its Hessian} from one partial forward per sample.
 
     ``shared``: every linear of the group reads the same tensor (a true-sequential group), so one
     Hessian serves them all and the forward stops *before* the group's first linear: GPTQ's
     Hessian needs the inputs only, and their products are what the earlier passes wasted.
     ``keep`` collects the group's input of every sample (for a ``_Replay``); ``replays`` are told
-    which sample is running. ``forward_context`` wraps the forwards (a bf16 autocast); the
-    Hessian updates run outside it, in fp32."""
+    which sample is running. ``bf16``: the forwards under a bf16 autocast, the Hessians fed by
+    ``calibration.Feed``'s bf16 products. ``timed(phase)`` clocks the Hessian updates ("hessians")."""
     gptqs = {name: _gptq(block.get_submodule(name), cfg) for name in (group[:1] if shared else group)}
     seen: set[str] = set()
-    products: dict[int, torch.Tensor] = {}
+    feed = Feed(bf16, timed or untimed)
 
     def before(_module, args):
-        with _fp32():
-            add_batch(gptqs[group[0]], args[0].data, products)
+        feed(gptqs[group[0]], args[0].data)
         if keep is not None:
             keep.append(args[0].data)
         raise _GroupDone
 
     def after(name):
         def collect(_module, inp, out):
-            with _fp32():
-                add_batch(gptqs[name], inp[0].data, products)
+            feed(gptqs[name], inp[0].data)
             seen.add(name)
             if len(seen) == len(group):
                 raise _GroupDone
@@ -89,7 +80,7 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shar
     handles = ([block.get_submodule(group[0]).register_forward_pre_hook(before)] if shared else
                [block.get_submodule(n).register_forward_hook(after(n)) for n in group])
     try:
-        with forward_context():
+        with calibration_autocast(bf16):
             for i, h in enumerate(hidden):
                 for replay in replays:
                     replay.index = i
@@ -101,6 +92,7 @@ def _hessians(block, group: list[str], hidden: list, kwargs_for, cfg: dict, shar
     finally:
         for handle in handles:
             handle.remove()
+    feed.flush()
     return gptqs
 
 
@@ -137,8 +129,9 @@ def _solve(linears: list, gptqs: list, cfg: dict) -> list:
 
 
 def _packed(linear, scale, zero, q, perm, cfg: dict, runs_again: bool = True):
-    """A solved linear packed into INC's ``INCWeightOnlyLinear`` (INC's step 2.6), and its unpacked
-    parts; ``runs_again``: a later group's forward runs it, so it gets its fp32 weight now."""
+    """A solved linear as INC's ``INCWeightOnlyLinear`` (INC's step 2.6), and its unpacked parts;
+    ``runs_again``: a later group's forward runs it, so it gets its fp32 weight now. Plain groups
+    skip INC's packing of the integers (``_stored``); act-order, INC's own solve, keeps it."""
     zero = None if cfg["sym"] else zero.cpu()
     scale = scale.cpu()
     if perm is not None:
@@ -150,11 +143,26 @@ def _packed(linear, scale, zero, q, perm, cfg: dict, runs_again: bool = True):
                                  bits=cfg["bits"], group_size=cfg["group_size"], zp=zero is not None,
                                  bias=linear.bias is not None, g_idx=perm is not None, device="cpu")
     zeros = None if zero is None else zero.round().to(torch.int64)  # before pack: it edits zero in place
-    module.pack(q.type(torch.int32), scale, zero, linear.bias, scale_bf16_to_fp8=None, g_idx=perm)
+    if perm is None:
+        _stored(module, scale, linear.bias)
+    else:
+        module.pack(q.type(torch.int32), scale, zero, linear.bias, scale_bf16_to_fp8=None, g_idx=perm)
     parts = _unpacked(module, q, zeros, cfg)
     if runs_again:
         _recovered(module, parts)
     return module, parts
+
+
+def _stored(module, scale, bias) -> None:
+    """What INC's ``pack`` leaves in a module that tangquant reads (the scales in fp16 as [groups,
+    out], the bias in fp16), without its bit-packing of the integers: a single-threaded walk over
+    every weight whose ``qweight`` nothing here reads (the writer packs ``_unpacked``'s integers
+    itself, the later groups' forwards use ``_recovered``'s weight). ``qweight`` and ``qzeros`` go,
+    so that nothing can read them unset."""
+    module.scales = scale.to(module.float_type).t().contiguous()
+    if bias is not None:
+        module.bias = bias.to(module.float_type)
+    del module.qweight, module.qzeros
 
 
 def _unpacked(module, q, zeros, cfg: dict) -> dict:
@@ -186,7 +194,7 @@ def _recovered(module, parts: dict) -> None:
         weight = ((q.view(out, -1, size) - zeros[..., None]).to(torch.int8) * scales[..., None]).view(out, columns)
     else:
         weight = (q - zeros[:, g]).to(torch.int8) * scales[:, g]
-    module.weight = weight.float()
+    module.weight = torch.nn.Parameter(weight.float())  # a leaf that requires grad: _dequantized_block says why
     if module.bias is not None:
         module.bias = module.bias.float()
 
@@ -249,15 +257,16 @@ def _replay_plan(block, groups: list[list[str]], probe, kwargs) -> dict[int, int
 
 @torch.no_grad()
 def quantize_groups(block, groups: list[list[str]], hidden: list, kwargs_for, config,
-                    shared: bool = False, forward_context=contextlib.nullcontext, timed=None) -> dict:
+                    shared: bool = False, bf16: bool = False, timed=None) -> dict:
     """GPTQ every linear of ``block`` group by group, each group calibrated with the earlier
     groups already quantized; the linears are replaced in place by INC's packed modules. Returns
     {linear name: its unpacked integers, zero points, scales and groups} (``_unpacked``).
     ``shared``: each group's linears read one tensor (``layer_by_layer.sequential_groups``); then
     a one-linear group's captured inputs replay its module for the later groups (``_Replay``).
-    ``forward_context`` wraps the calibration forwards only (``_hessians``); ``timed(phase)``, a
-    context manager, clocks the forwards ("calibration") and ``fasterquant`` with the packing ("gptq")."""
-    timed = timed or (lambda _phase: contextlib.nullcontext())
+    ``bf16``: the calibration forwards in bf16 and the Hessians from bf16 products (``calibration.Feed``);
+    ``timed(phase)``, a context manager, clocks the forwards ("calibration"), the Hessian updates
+    within them ("hessians") and ``fasterquant`` with the packing ("gptq")."""
+    timed = timed or untimed
     cfg = layer_config(config)
     plan = {}
     if shared and hidden:
@@ -270,7 +279,7 @@ def quantize_groups(block, groups: list[list[str]], hidden: list, kwargs_for, co
         for i, group in enumerate(groups):
             keep = [] if i in plan else None
             with timed("calibration"):
-                gptqs = _hessians(block, group, hidden, kwargs_for, cfg, shared, replays, keep, forward_context)
+                gptqs = _hessians(block, group, hidden, kwargs_for, cfg, shared, replays, keep, bf16, timed)
             with timed("gptq"):
                 linears = [block.get_submodule(name) for name in group]
                 solved = _solve(linears, list(gptqs.values()), cfg)

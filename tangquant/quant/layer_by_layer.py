@@ -38,6 +38,7 @@ from tangquant.errors import QuantizationError
 from tangquant.gptq import unpack_layer
 from tangquant.quant.clock import PhaseClock
 from tangquant.quant.fidelity import streamed_fidelity
+from tangquant.quant.calibration import calibration_autocast
 from tangquant.quant.gptq_block import quantize_groups
 from tangquant.quant.inc import inc_config, inc_workspace
 from tangquant.quant.recipe import QuantRecipe
@@ -60,12 +61,6 @@ def _inc_errors_only():
         yield
     finally:
         inc.removeFilter(errors)
-
-
-def _calibration_dtype(recipe: QuantRecipe):
-    """The calibration forwards' matmuls in bf16 when the recipe asks (autocast keeps norms,
-    softmax and the residual stream in fp32; gptq_block runs INC's Hessian updates outside it)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.compute_dtype == "bf16")
 
 
 def _skeleton(model_dir: Path):
@@ -167,7 +162,7 @@ def quantize_block(block, recipe: QuantRecipe, hidden: list, ctx: _Context, mode
               else [_linears(block)])
     unpacked = quantize_groups(block, groups, hidden, ctx.kwargs,
                                inc_config(recipe, model_dir, true_sequential=False), shared=recipe.true_sequential,
-                               forward_context=lambda: _calibration_dtype(recipe), timed=timed)
+                               bf16=recipe.compute_dtype == "bf16", timed=timed)
     left = _linears(block)
     if left:
         raise QuantizationError(f"INC left {left[:3]} unquantized")
@@ -202,9 +197,11 @@ def _dequantized_block(block, packed_by_name: dict, recipe: QuantRecipe, fmt: in
         bias = packed.get("bias")
         lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
                               device="meta")
-        lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+        # requires_grad (the forwards run under no_grad): autocast keeps its bf16 copy of a weight for
+        # the whole calibration stream only for a leaf that requires grad, else it casts it per sample
+        lin.weight = torch.nn.Parameter(weight)
         if bias is not None:
-            lin.bias = torch.nn.Parameter(bias.float(), requires_grad=False)
+            lin.bias = torch.nn.Parameter(bias.float())
         parent, _, leaf = name.rpartition(".")
         setattr(block.get_submodule(parent), leaf, lin)
     return block
@@ -264,7 +261,7 @@ def run_layer_wise(model_dir: Path, out_dir: Path, recipe: QuantRecipe, samples:
                 totals[k] += written[k]
             with clock("advance"):
                 block = _dequantized_block(block, written["packed"], recipe, fmt)
-                with _calibration_dtype(recipe):
+                with calibration_autocast(recipe.compute_dtype == "bf16"):
                     _advance(block, calib, ctx)
             with clock("held-out"):
                 _advance(block, quant, ctx)

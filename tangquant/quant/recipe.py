@@ -75,9 +75,10 @@ class QuantRecipe:
     seed: int = param(42, "seed for shuffling and splitting")
     layer_wise: bool = param(False, "bounded memory: quantize and write one decoder layer at a time "
                              "(gptq, rtn)")
-    compute_dtype: str = param("fp32", "the layer-by-layer driver's calibration forwards: bf16 runs their "
+    compute_dtype: str = param("fp32", "the layer-by-layer driver's calibration: bf16 runs the forwards' "
                                "matmuls in bfloat16 (autocast; AMX or AVX512-BF16 where the CPU has them), as GPU "
-                               "GPTQ runs in fp16; weights, Hessians, GPTQ's solve and the fidelity report stay fp32",
+                               "GPTQ runs in fp16, and the Hessians' XᵀX from bf16 products with fp32 sums (on AMX); "
+                               "weights, GPTQ's solve and the fidelity report stay fp32",
                                choices=COMPUTE_DTYPES)
     eval_data: str | None = param(None, "held-out data for the fidelity report (default: every 10th "
                                   "document of --calib, not used for calibration)")
