@@ -23,6 +23,9 @@
 #                               512 tokens of the Tang calibration split that `tangquant data` writes,
 #                               carried as .carry/calib/tang_calib.json or named by TQ_CALIB; more quantize
 #                               flags in TQ_GPTQ_ARGS, e.g. "--compute-dtype bf16")
+#   xeon_full.sh gptqprof OUT   one 7B-width GPTQ layer (a 1-layer cut, the recipe's 128 x 512 calibration
+#                               tokens, --compute-dtype bf16) under torch's profiler: each phase's top operators
+#                               (benchmarks/gptq_profile.py; OUT/gptq-profile/profile.{json,txt}), a few minutes
 #   xeon_full.sh status OUT     the log's tail and each step's wall time and peak RSS (the GPTQ's RSS every
 #                               10 s in OUT/rss.log: a lease can end it first)
 #
@@ -279,12 +282,22 @@ gptq7() {
   stamp "gptq done"; touch "$out/gptq.done"
 }
 
+gptqprof() {
+  host_record
+  fpmath_probe
+  step gptq-profile "$py" "$repo/benchmarks/gptq_profile.py" --out "$work/gptq-profile" --shape "$shape" --layers 1 \
+    --num-samples 128 --compute-dtype bf16 --calib "${TQ_CALIB:-$repo/.carry/calib/tang_calib.json}"
+  mkdir -p "$out/gptq-profile" && cp "$work"/gptq-profile/profile.* "$out/gptq-profile/"
+  stamp "gptqprof done"
+}
+
 case "$phase" in
   setup) setup ;;
   gptq) gptq7 ;;
+  gptqprof) gptqprof ;;
   bench) bench ;;
   steps) steps ;;
   # what the headline needs first: a lease can end before the last phase
   all) setup; bench; [ -n "${TQ_DRAFT:-}" ] && steps; stamp "all done"; touch "$out/all.done" ;;
-  *) echo "usage: xeon_full.sh all|setup|bench|steps|gptq|status OUT" >&2; exit 2 ;;
+  *) echo "usage: xeon_full.sh all|setup|bench|steps|gptq|gptqprof|status OUT" >&2; exit 2 ;;
 esac

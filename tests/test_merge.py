@@ -336,6 +336,24 @@ def test_shapes_match_qwen15_parameter_counts():
     assert cfg["vocab_size"] == 151936 and cfg["rope_theta"] == 1e6 and not cfg["tie_word_embeddings"]
 
 
+def test_a_cut_of_a_shape_keeps_its_widths_and_only_its_first_layers(tmp_path):
+    """``--layers N``: the shape's widths and vocabulary with N decoder layers (a per-layer benchmark's
+    model), a config transformers reads as such."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    shapes = _shapes_module()
+    out = shapes.build_shape("0.5b", tmp_path / "cut", layers=1)
+    config = AutoConfig.from_pretrained(out)
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (1, 1024, 2816)
+    assert json.loads((out / "config.json").read_text())["max_window_layers"] == 1
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        layers = {k.split(".")[2] for k in f.keys() if k.startswith("model.layers.")}
+    assert layers == {"0"}
+
+
 def test_shapes_streamed_safetensors_and_adapter(tmp_path, tiny_model_dir):
     import torch
     from safetensors import safe_open

@@ -190,13 +190,16 @@ def _readme(out_dir: Path, what: str) -> None:
 
 
 def build_shape(shape: str, out_dir, seed: int = 0, dtype: str = "bf16",
-                max_shard_bytes: int = MAX_SHARD_BYTES, std: float = 0.02) -> Path:
-    """Write a random-weight Qwen1.5-{shape}-Chat model directory; return its path."""
+                max_shard_bytes: int = MAX_SHARD_BYTES, std: float = 0.02, layers: int | None = None) -> Path:
+    """Write a random-weight Qwen1.5-{shape}-Chat model directory; return its path. ``layers``: only
+    that many decoder layers (a cut of the shape: every width true, for per-layer measurements)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = qwen_config(shape)
+    if layers is not None:
+        config.update(num_hidden_layers=layers, max_window_layers=min(layers, config["max_window_layers"]))
     config["torch_dtype"] = _DTYPES[dtype][0]
     config["tangquant_random_weights"] = MARKER
     _save_tokenizer(out_dir, config)
@@ -313,6 +316,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gptq", help="also write a random symmetric INT4 g128 GPTQ checkpoint here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bf16", choices=tuple(_DTYPES))
+    parser.add_argument("--layers", type=int, help="--output with only this many decoder layers (a cut)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if not (args.output or args.adapter or args.gptq):
@@ -321,7 +325,7 @@ def main(argv=None) -> int:
         if Path(d).exists() and any(Path(d).iterdir()):
             parser.error(f"{d} exists and is not empty")
     if args.output:
-        build_shape(args.shape, args.output, seed=args.seed, dtype=args.dtype)
+        build_shape(args.shape, args.output, seed=args.seed, dtype=args.dtype, layers=args.layers)
         print(f"model: {args.output} ({MARKER})")
     if args.adapter:
         build_adapter(args.output or args.shape, args.adapter, seed=args.seed)

@@ -6,6 +6,8 @@ import contextlib
 import time
 from collections import Counter
 
+import torch
+
 
 class PhaseClock:
     """Wall seconds per phase of the layer loop, summed over layers, and each layer's total: where
@@ -24,7 +26,8 @@ class PhaseClock:
         self._pause()
         self._open.append([phase, time.perf_counter()])
         try:
-            yield
+            with torch.profiler.record_function(f"phase:{phase}"):  # for benchmarks/gptq_profile.py
+                yield
         finally:
             self._pause()
             self._open.pop()
