@@ -176,14 +176,11 @@ def _advance(block, hidden: list, ctx: _Context) -> None:
             hidden[i] = block(h, **ctx.kwargs(h))
 
 
-def _embed(source, samples, as_written: bool = False) -> list:
-    """Input hidden states; ``as_written`` rounds the embeddings to the checkpoint's fp16."""
-    weight = source.get("model.embed_tokens.weight")
-    if as_written:
-        weight = weight.to(torch.float16)
-    out = [weight[s].float().unsqueeze(0) for s in samples]
-    del weight
-    return out
+def _embed(weight, samples, as_written: bool = False) -> list:
+    """Input hidden states from the embedding matrix; ``as_written`` rounds them to the checkpoint's
+    fp16 (row by row: the same values as rounding the matrix, without a copy of it)."""
+    rows = (weight[s] for s in samples)
+    return [(r.to(torch.float16) if as_written else r).float().unsqueeze(0) for r in rows]
 
 
 def _dequantized_block(block, packed_by_name: dict, recipe: QuantRecipe, fmt: int):
@@ -238,9 +235,11 @@ def run_layer_wise(model_dir: Path, out_dir: Path, recipe: QuantRecipe, samples:
     source = TensorReader(Path(model_dir))
     skeleton, rotary = _skeleton(Path(model_dir))
     ctx = _Context(rotary)
-    calib = _embed(source, samples) if recipe.algorithm.needs_calib else []
-    ref = _embed(source, held)
-    quant = _embed(source, held, as_written=True)
+    embedding = source.get("model.embed_tokens.weight")  # read (and finite-checked) once: 622 M values at 7B
+    calib = _embed(embedding, samples) if recipe.algorithm.needs_calib else []
+    ref = _embed(embedding, held)
+    quant = _embed(embedding, held, as_written=True)
+    del embedding
     # 1 GB shards: the writer holds a shard's tensors until it is full, and memory is the point.
     writer = ShardWriter(out_dir, max_shard_bytes=10**9,
                          metadata={"quantized_by": "tangquant (Intel neural-compressor)"})
