@@ -148,12 +148,23 @@ def require_finite(tensor, name: str, where, fix: str = "the file is corrupt: ma
     """The one finite-check of every reader and writer: NaN or Inf in a float tensor is an error."""
     import torch
 
-    if not tensor.is_floating_point() or tensor.numel() == 0:
+    if not tensor.is_floating_point() or tensor.numel() == 0 or _all_finite(tensor):
         return
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        bad = int(finite.numel() - finite.sum())
-        raise NumericalError(f"{name} in {where} holds {bad} NaN or Inf value(s); {fix}")
+    bad = int(tensor.numel() - torch.isfinite(tensor.float()).sum())
+    raise NumericalError(f"{name} in {where} holds {bad} NaN or Inf value(s); {fix}")
+
+
+def _all_finite(tensor) -> bool:
+    """Whether every value is finite, from the tensor's least and greatest (NaN propagates to both,
+    an infinity is one of them): one reduction, where ``isfinite(t).all()`` builds several
+    tensor-sized temporaries — every weight of every model read or written passes here."""
+    import torch
+
+    try:
+        low, high = torch.aminmax(tensor)
+    except (RuntimeError, NotImplementedError):  # a dtype aminmax lacks (float8): its values in fp32
+        low, high = torch.aminmax(tensor.float())
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def write_config(out_dir: Path, config: dict, dtype: str, quantization_config: dict | None = None,
