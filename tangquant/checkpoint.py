@@ -150,7 +150,8 @@ def require_finite(tensor, name: str, where, fix: str = "the file is corrupt: ma
 
     if not tensor.is_floating_point() or tensor.numel() == 0 or _all_finite(tensor):
         return
-    bad = int(tensor.numel() - torch.isfinite(tensor.float()).sum())
+    exact = tensor if tensor.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16) else tensor.float()
+    bad = int(tensor.numel() - torch.isfinite(exact).sum())
     raise NumericalError(f"{name} in {where} holds {bad} NaN or Inf value(s); {fix}")
 
 

@@ -25,10 +25,6 @@ def calibration_autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
-def untimed(_phase: str):
-    return contextlib.nullcontext()
-
-
 def _fp32():
     """Autocast off: a bf16 calibration forward must not reach the Hessian update (autocast would
     round its sums, not only its operands, to bf16)."""
@@ -77,11 +73,16 @@ def add_batch(gptq, inp, products: dict) -> None:
     gptq.H *= gptq.nsamples / (gptq.nsamples + n)
     gptq.nsamples += n
     inp = math.sqrt(2 / gptq.nsamples) * inp.float()
-    width = inp.shape[0]
+    product = _buffer(products, inp.shape[0])
+    torch.matmul(inp, inp.t(), out=product)
+    gptq.H += product
+
+
+def _buffer(products: dict, width: int) -> torch.Tensor:
+    """The XᵀX buffer of this width, made once (``products``: by width, for one group's pass)."""
     if width not in products:
         products[width] = torch.empty(width, width)
-    torch.matmul(inp, inp.t(), out=products[width])
-    gptq.H += products[width]
+    return products[width]
 
 
 @contextlib.contextmanager
@@ -104,11 +105,9 @@ def add_samples(gptq, inputs: list, products: dict) -> None:
     plain matmul with bf16 products (``bf16_products``) into a buffer reused by width (a plain
     product is what oneDNN runs on AMX; the scaled, accumulating form is left to torch)."""
     x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]).float()
-    width = x.shape[1]
-    if width not in products:
-        products[width] = torch.empty(width, width)
+    product = _buffer(products, x.shape[1])
     with bf16_products():
-        torch.matmul(x.t(), x, out=products[width])
+        torch.matmul(x.t(), x, out=product)
     total = gptq.nsamples + len(inputs)
-    gptq.H.mul_(gptq.nsamples / total).add_(products[width], alpha=2 / total)
+    gptq.H.mul_(gptq.nsamples / total).add_(product, alpha=2 / total)
     gptq.nsamples = total

@@ -9,6 +9,11 @@ from collections import Counter
 import torch
 
 
+def untimed(_phase: str):
+    """A clock that keeps no time (the stage functions' default)."""
+    return contextlib.nullcontext()
+
+
 class PhaseClock:
     """Wall seconds per phase of the layer loop, summed over layers, and each layer's total: where
     a long run's time goes (the progress bar shows the last layer's split, the metrics the sums)."""

@@ -1,4 +1,4 @@
-"""INC's GPTQ ``fasterquant`` and ``add_batch``: the same operations, laid out for a CPU.
+"""INC's GPTQ ``fasterquant``: the same operations, laid out for a CPU.
 
 INC 3.10's ``GPTQ.fasterquant`` walks a block of columns one column at a time and updates the
 block's remaining columns after each: with the weight row-major every step reads and writes

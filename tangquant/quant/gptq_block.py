@@ -27,7 +27,8 @@ from neural_compressor.torch.algorithms.weight_only.gptq import GPTQ
 from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
 from neural_compressor.torch.algorithms.weight_only.utility import quant_weight_w_scale
 
-from tangquant.quant.calibration import Feed, calibration_autocast, untimed
+from tangquant.quant.calibration import Feed, calibration_autocast
+from tangquant.quant.clock import untimed
 from tangquant.quant.fasterquant import fasterquant, supported
 
 

@@ -36,9 +36,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tangquant.checkpoint import ShardWriter, TensorReader
 from tangquant.errors import QuantizationError
 from tangquant.gptq import unpack_layer
-from tangquant.quant.clock import PhaseClock
-from tangquant.quant.fidelity import streamed_fidelity
 from tangquant.quant.calibration import calibration_autocast
+from tangquant.quant.clock import PhaseClock, untimed
+from tangquant.quant.fidelity import streamed_fidelity
 from tangquant.quant.gptq_block import quantize_groups
 from tangquant.quant.inc import inc_config, inc_workspace
 from tangquant.quant.recipe import QuantRecipe
@@ -155,8 +155,9 @@ def quantize_block(block, recipe: QuantRecipe, hidden: list, ctx: _Context, mode
     """Quantize every linear of a one-layer model with INC: (the converted model, {linear name: its
     unpacked integers} where the GPTQ path has them, else empty: ``_write_layer`` unpacks INC's).
     ``timed(phase)`` clocks the calibration forwards and GPTQ proper (``PhaseClock``)."""
+    timed = timed or untimed
     if not recipe.algorithm.needs_calib:
-        with timed("quantize") if timed else contextlib.nullcontext():
+        with timed("quantize"):
             return convert(prepare(block, inc_config(recipe, model_dir, true_sequential=False))), {}
     groups = (sequential_groups(block, hidden[0], ctx) if recipe.true_sequential
               else [_linears(block)])
